@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs everything the tests and benchmarks use, on Debian 12 as root.
+set -euo pipefail
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps.sh: run as root (it uses apt-get)" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# libnbd-bin: nbdinfo, nbdsh, nbdcopy; python3-libnbd: the nbd module for the Python checks;
+# nbdfuse + fuse3 + e2fsprogs + util-linux (losetup, mount): ext4 on an export;
+# qemu-utils: qemu-io, qemu-img, qemu-nbd; nbdkit and fio: load and benchmark references.
+apt-get install -y -qq libnbd-bin python3-libnbd nbdfuse fuse3 e2fsprogs util-linux mount \
+    qemu-utils nbdkit fio procps >/dev/null
+echo "install-test-deps.sh: test dependencies installed"

@@ -1,0 +1,119 @@
+//! `redun`: the admin command-line interface of redun.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use redun_tracker::admin::{self, AdminRequest, TrackerStatus};
+use redun_tracker::config::DEFAULT_ADMIN_SOCKET;
+
+/// redun: continuous block replication and disaster recovery for Linux servers.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the state of the daemons and their volumes.
+    Status {
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The tracker's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+        tracker_socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Status {
+            json,
+            tracker_socket,
+        } => status(json, &tracker_socket),
+    }
+}
+
+/// A daemon's status as the CLI reports it: running with its answer, or why not.
+fn tracker_status(socket: &Path) -> Result<TrackerStatus, String> {
+    match admin::request(socket, &AdminRequest::Status) {
+        Ok(r) if r.ok => r
+            .status
+            .ok_or_else(|| "the tracker answered without a status".to_string()),
+        Ok(r) => Err(r.error.unwrap_or_else(|| "unknown error".into())),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Err(format!(
+                "not running (no daemon answers on {})",
+                socket.display()
+            ))
+        }
+        Err(e) => Err(format!("cannot query {}: {e}", socket.display())),
+    }
+}
+
+fn status(json: bool, socket: &Path) -> ExitCode {
+    let st = tracker_status(socket);
+    if json {
+        let v = match &st {
+            Ok(s) => serde_json::json!({ "tracker": { "running": true, "status": s } }),
+            Err(e) => serde_json::json!({ "tracker": { "running": false, "error": e } }),
+        };
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    match st {
+        Err(e) => println!("tracker: {e}"),
+        Ok(s) => {
+            println!(
+                "tracker: running pid={} version={} uptime={}s listen={}",
+                s.pid,
+                s.version,
+                s.uptime_seconds,
+                s.listen.join(",")
+            );
+            println!(
+                "{:<16} {:>12} {:<6} {:>5} {:>10} {:>10} {:>12} {:>12} {:>7}",
+                "VOLUME", "SIZE", "ENGINE", "CONNS", "READS", "WRITES", "READ", "WRITTEN", "ERRORS"
+            );
+            for v in &s.volumes {
+                println!(
+                    "{:<16} {:>12} {:<6} {:>5} {:>10} {:>10} {:>12} {:>12} {:>7}",
+                    v.name,
+                    human(v.size),
+                    v.engine,
+                    v.connections,
+                    v.reads,
+                    v.writes,
+                    human(v.bytes_read),
+                    human(v.bytes_written),
+                    v.errors
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

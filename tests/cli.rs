@@ -1,0 +1,171 @@
+//! The `redun` CLI and the tracker's flags, config file and start-up errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn status_reports_volumes_and_a_stopped_daemon() {
+    let t = Tracker::start("sync", 16 << 20);
+    let s = t.status_json();
+    let st = &s["tracker"]["status"];
+    assert_eq!(s["tracker"]["running"], true, "{s}");
+    assert_eq!(st["daemon"], "tracker");
+    assert_eq!(st["volumes"][0]["name"], EXPORT);
+    assert_eq!(st["volumes"][0]["size"], 16 << 20);
+    assert_eq!(st["volumes"][0]["engine"], "sync");
+    for key in [
+        "reads",
+        "writes",
+        "bytes_read",
+        "bytes_written",
+        "errors",
+        "connections",
+    ] {
+        assert!(st["volumes"][0][key].is_u64(), "{key} missing: {s}");
+    }
+    let table = run(Command::new(bin("redun"))
+        .args(["status", "--tracker-socket"])
+        .arg(&t.admin));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("tracker: running"), "{table}");
+    assert!(
+        table.contains("disk") && table.contains("16.0 MiB"),
+        "{table}"
+    );
+
+    let gone = t.dir.path().join("nobody.sock");
+    let out = run(Command::new(bin("redun"))
+        .args(["status", "--json", "--tracker-socket"])
+        .arg(&gone));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tracker"]["running"], false);
+    assert!(
+        v["tracker"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not running"),
+        "{v}"
+    );
+}
+
+fn tracker_fails(args: &[&str]) -> String {
+    let out = Command::new(bin("redun-tracker"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn bad_flags_and_config_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("a.sock");
+    let admin = admin.to_str().unwrap();
+    let e = tracker_fails(&["--volume", "novalue", "--admin-socket", admin]);
+    assert!(e.contains("NAME=PATH"), "{e}");
+    let e = tracker_fails(&["--volume", "v=/nonexistent/x.img", "--admin-socket", admin]);
+    assert!(
+        e.contains("/nonexistent/x.img") && e.contains("\"v\""),
+        "{e}"
+    );
+    let e = tracker_fails(&["--admin-socket", admin]);
+    assert!(e.contains("no volumes"), "{e}");
+    let e = tracker_fails(&[
+        "--volume",
+        "v=/dev/null",
+        "--backend",
+        "turbo",
+        "--admin-socket",
+        admin,
+    ]);
+    assert!(e.contains("turbo"), "{e}");
+    let img = dir.path().join("x.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let vol = format!("v={}", img.display());
+    let e = tracker_fails(&[
+        "--volume",
+        &vol,
+        "--listen",
+        "nowhere",
+        "--admin-socket",
+        admin,
+    ]);
+    assert!(e.contains("nowhere"), "{e}");
+    let empty = dir.path().join("empty.img");
+    std::fs::File::create(&empty).unwrap();
+    let e = tracker_fails(&[
+        "--volume",
+        &format!("v={}", empty.display()),
+        "--admin-socket",
+        admin,
+    ]);
+    assert!(e.contains("is empty"), "{e}");
+    let cfg = dir.path().join("redun.toml");
+    std::fs::write(&cfg, "[tracker]\nlisten_on = [\"x\"]\n").unwrap();
+    let e = tracker_fails(&["--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("listen_on") && e.contains("redun.toml"), "{e}");
+}
+
+#[test]
+fn config_file_alone_starts_the_tracker() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let admin = dir.path().join("admin.sock");
+    let cfg = dir.path().join("redun.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tracker]\nlisten = [\"unix:{}\"]\nadmin_socket = \"{}\"\nbackend = \"sync\"\n\n\
+             [[volume]]\nname = \"cfgvol\"\npath = \"{}\"\n",
+            sock.display(),
+            admin.display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin("redun-tracker"))
+        .arg("--config")
+        .arg(&cfg)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !admin.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracker did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = run(Command::new(bin("redun"))
+        .args(["status", "--json", "--tracker-socket"])
+        .arg(&admin));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["tracker"]["status"]["volumes"][0]["name"], "cfgvol",
+        "{v}"
+    );
+    assert_eq!(
+        v["tracker"]["status"]["volumes"][0]["engine"], "sync",
+        "{v}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_timeout(&mut child, std::time::Duration::from_secs(20)).expect("exit");
+    assert!(st.success());
+    assert!(!admin.exists(), "admin socket left behind");
+}

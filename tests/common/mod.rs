@@ -1,0 +1,226 @@
+//! Test harness: starts the real `redun-tracker` binary on a temporary sparse image and runs
+//! real NBD clients against it. Every process a test starts is stopped by its PID when the
+//! guard drops; temporary files live in a `TempDir`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Directory of the built binaries: `REDUN_BIN_DIR`, else the profile directory this test
+/// binary was built into (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("REDUN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace), \
+         or set REDUN_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// Fails with an actionable message when a client tool is missing.
+pub fn require(tool: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{tool} is not installed: run scripts/install-test-deps.sh"
+    );
+}
+
+/// Runs a command with /usr/bin first in PATH (libnbd's Python lives there, not in pyenv)
+/// and panics with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .env(
+            "PATH",
+            format!(
+                "/usr/bin:/usr/sbin:/sbin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn sh(script: &str) -> Output {
+    run(Command::new("bash").arg("-c").arg(script))
+}
+
+pub const EXPORT: &str = "disk";
+pub const BACKENDS: [&str; 2] = ["uring", "sync"];
+
+/// A running tracker serving one sparse image over a Unix socket.
+#[derive(Debug)]
+pub struct Tracker {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub sock: PathBuf,
+    pub admin: PathBuf,
+    pub log: PathBuf,
+    pub tcp: Option<String>,
+}
+
+impl Tracker {
+    /// Starts a tracker on a new sparse image of `size` bytes with `backend`.
+    pub fn start(backend: &str, size: u64) -> Tracker {
+        Self::start_with(backend, size, &[])
+    }
+
+    pub fn start_with(backend: &str, size: u64, extra: &[&str]) -> Tracker {
+        let dir = tempfile::Builder::new()
+            .prefix("redun-test-")
+            .tempdir_in(std::env::var_os("REDUN_TEST_TMP").unwrap_or_else(|| "/tmp".into()))
+            .unwrap();
+        let image = dir.path().join("disk.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(size).unwrap();
+        drop(f);
+        let mut t = Tracker {
+            child: None,
+            image,
+            sock: dir.path().join("nbd.sock"),
+            admin: dir.path().join("admin.sock"),
+            log: dir.path().join("tracker.log"),
+            dir,
+            tcp: None,
+        };
+        t.spawn(backend, extra);
+        t
+    }
+
+    /// (Re)starts the process on the existing image.
+    pub fn spawn(&mut self, backend: &str, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(bin("redun-tracker"));
+        cmd.arg("--volume")
+            .arg(format!("{EXPORT}={}", self.image.display()))
+            .arg("--listen")
+            .arg(format!("unix:{}", self.sock.display()))
+            .arg("--admin-socket")
+            .arg(&self.admin)
+            .arg("--backend")
+            .arg(backend)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn redun-tracker"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("redun-tracker exited early with {st}:\n{}", self.log_text());
+            }
+            if self.admin.exists() && self.sock.exists() {
+                if let Some(l) = self.log_text().lines().find(|l| l.contains("ready:")) {
+                    self.tcp = l
+                        .split(", ")
+                        .map(|s| s.trim())
+                        .find(|s| s.starts_with("127.0.0.1:"))
+                        .map(String::from);
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redun-tracker did not become ready:\n{}", self.log_text());
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///{EXPORT}?socket={}", self.sock.display())
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.as_ref().unwrap().id()).unwrap())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = kill(
+            Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            Signal::SIGTERM,
+        );
+        wait_timeout(&mut child, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("tracker ignored SIGTERM:\n{}", self.log_text()))
+    }
+
+    /// `redun status --json` against this tracker.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = run(Command::new(bin("redun"))
+            .args(["status", "--json", "--tracker-socket"])
+            .arg(&self.admin));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + t;
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Python from Debian (it has libnbd's `nbd` module), running a script of tests/scripts.
+pub fn python(script: &str, args: &[&str]) -> Output {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/scripts")
+        .join(script);
+    run(Command::new("/usr/bin/python3").arg(path).args(args))
+}

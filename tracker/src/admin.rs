@@ -1,0 +1,281 @@
+//! The admin socket: newline-delimited JSON requests and responses on a Unix socket.
+//!
+//! The socket file is created mode 0600 and every peer's credentials are checked: only root
+//! or the daemon's own user may talk to it. One request per line, one response per line; a
+//! malformed line gets an error response and the connection stays usable. The message types
+//! are public so that the `redun` CLI speaks the same language (documented in
+//! docs/PROTOCOL.md).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64 * 1024;
+
+/// A request to a daemon's admin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum AdminRequest {
+    Status,
+}
+
+/// Per-volume status of the tracker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub path: String,
+    pub size: u64,
+    pub engine: String,
+    pub connections: u64,
+    pub total_connections: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub zeroes: u64,
+    pub errors: u64,
+}
+
+/// The tracker's answer to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackerStatus {
+    pub daemon: String,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub listen: Vec<String>,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// A response line: `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<TrackerStatus>,
+}
+
+impl AdminResponse {
+    pub fn error(msg: impl Into<String>) -> Self {
+        AdminResponse {
+            ok: false,
+            error: Some(msg.into()),
+            status: None,
+        }
+    }
+}
+
+/// What answers requests.
+pub type Handler = Arc<dyn Fn(AdminRequest) -> AdminResponse + Send + Sync>;
+
+/// A running admin socket; dropping it stops the listener and removes the socket file.
+#[derive(Debug)]
+pub struct AdminServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Why the admin socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot open admin socket {path}: {source} (choose another path with --admin-socket)")]
+pub struct AdminBindError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl AdminServer {
+    pub fn bind(path: &Path, handler: Handler) -> Result<AdminServer, AdminBindError> {
+        let err = |source| AdminBindError {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another daemon is answering on it",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || accept_loop(listener, handler, &s))
+            .map_err(err)?;
+        info!("admin socket on {}", path.display());
+        Ok(AdminServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, handler: Handler, stop: &AtomicBool) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    while !stop.load(Ordering::SeqCst) {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(200u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                warn!("admin poll failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        if !peer_allowed(&stream) {
+            let mut s = &stream;
+            let _ = writeln!(
+                s,
+                "{}",
+                serde_json::to_string(&AdminResponse::error(
+                    "Permission denied: the admin socket is for root or the daemon's user"
+                ))
+                .unwrap_or_default()
+            );
+            continue;
+        }
+        let h = handler.clone();
+        let _ = thread::Builder::new()
+            .name("admin-conn".into())
+            .spawn(move || {
+                if let Err(e) = serve(stream, &h) {
+                    debug!("admin connection ended: {e}");
+                }
+            });
+    }
+}
+
+fn peer_allowed(stream: &UnixStream) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    match getsockopt(stream, PeerCredentials) {
+        Ok(c) => c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw(),
+        Err(_) => false,
+    }
+}
+
+fn serve(stream: UnixStream, handler: &Handler) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        let n = reader.by_ref().take(MAX_LINE).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !line.ends_with('\n') && n as u64 >= MAX_LINE {
+            let resp = AdminResponse::error(format!("Request longer than {MAX_LINE} bytes"));
+            writeln!(writer, "{}", serde_json::to_string(&resp)?)?;
+            return Ok(());
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let resp = match serde_json::from_str::<AdminRequest>(line) {
+            Ok(req) => handler(req),
+            Err(e) => AdminResponse::error(format!(
+                "Bad request {line:?}: {e}; send e.g. {{\"cmd\":\"status\"}}"
+            )),
+        };
+        writeln!(writer, "{}", serde_json::to_string(&resp)?)?;
+    }
+}
+
+/// Client side: sends one request and reads one response.
+pub fn request(socket: &Path, req: &AdminRequest) -> io::Result<AdminResponse> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = &stream;
+    writeln!(w, "{}", serde_json::to_string(req)?)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad response from {}: {e}", socket.display()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_and_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let handler: Handler = Arc::new(|_req| AdminResponse {
+            ok: true,
+            error: None,
+            status: Some(TrackerStatus {
+                daemon: "tracker".into(),
+                version: "t".into(),
+                pid: 1,
+                uptime_seconds: 0,
+                listen: vec![],
+                volumes: vec![],
+            }),
+        });
+        let srv = AdminServer::bind(&path, handler).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let r = request(&path, &AdminRequest::Status).unwrap();
+        assert!(r.ok);
+        let s = UnixStream::connect(&path).unwrap();
+        let mut w = &s;
+        writeln!(w, "not json").unwrap();
+        writeln!(w, "{{\"cmd\":\"status\"}}").unwrap();
+        let mut rd = BufReader::new(&s);
+        let mut l1 = String::new();
+        rd.read_line(&mut l1).unwrap();
+        assert!(
+            l1.contains("\"ok\":false") && l1.contains("Bad request"),
+            "{l1}"
+        );
+        let mut l2 = String::new();
+        rd.read_line(&mut l2).unwrap();
+        assert!(l2.contains("\"ok\":true"), "{l2}");
+        drop(srv);
+        assert!(!path.exists());
+    }
+}

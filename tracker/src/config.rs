@@ -1,0 +1,208 @@
+//! The tracker's settings: command-line flags over the `[tracker]` and `[[volume]]` sections
+//! of the TOML config file (`/etc/redun/redun.toml` by convention, `--config FILE`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::io::EngineChoice;
+use crate::nbd::ListenAddr;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/redun/tracker.sock";
+
+/// The whole config file. Sections of the other daemons are accepted and ignored here.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub tracker: TrackerSection,
+    #[serde(default)]
+    pub volume: Vec<VolumeEntry>,
+    #[serde(default)]
+    pub shipper: Option<toml::Table>,
+    #[serde(default)]
+    pub target: Option<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackerSection {
+    pub listen: Option<Vec<String>>,
+    pub admin_socket: Option<PathBuf>,
+    pub backend: Option<EngineChoice>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeEntry {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Settings after merging flags and file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerConfig {
+    pub volumes: Vec<VolumeEntry>,
+    pub listen: Vec<ListenAddr>,
+    pub admin_socket: PathBuf,
+    pub backend: EngineChoice,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Parses `NAME=PATH` of `--volume`.
+pub fn parse_volume_flag(s: &str) -> Result<VolumeEntry, String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--volume {s:?}: expected NAME=PATH, e.g. db=/dev/sdb"))?;
+    Ok(VolumeEntry {
+        name: name.to_string(),
+        path: PathBuf::from(path),
+    })
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "volume name {name:?} is invalid: use 1 to 64 characters of A-Z a-z 0-9 - _ ."
+        ))
+    }
+}
+
+/// Merges flags over the file: flag volumes add to the file's, other flags replace.
+pub fn merge(
+    file: ConfigFile,
+    volumes: Vec<VolumeEntry>,
+    listen: Vec<String>,
+    admin_socket: Option<PathBuf>,
+    backend: Option<EngineChoice>,
+) -> Result<TrackerConfig, ConfigError> {
+    let mut all = file.volume;
+    all.extend(volumes);
+    if all.is_empty() {
+        return Err(ConfigError::Invalid(
+            "no volumes: give --volume NAME=PATH or [[volume]] entries in the config file".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for v in &all {
+        check_name(&v.name).map_err(ConfigError::Invalid)?;
+        if !seen.insert(v.name.clone()) {
+            return Err(ConfigError::Invalid(format!(
+                "volume {:?} is defined twice",
+                v.name
+            )));
+        }
+    }
+    let listen = if !listen.is_empty() {
+        listen
+    } else {
+        file.tracker
+            .listen
+            .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
+    };
+    let listen = listen
+        .iter()
+        .map(|l| {
+            l.parse::<ListenAddr>()
+                .map_err(|e| ConfigError::Invalid(format!("listen address: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TrackerConfig {
+        volumes: all,
+        listen,
+        admin_socket: admin_socket
+            .or(file.tracker.admin_socket)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+        backend: backend
+            .or(file.tracker.backend)
+            .unwrap_or(EngineChoice::Auto),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_flags_merge() {
+        let f: ConfigFile = toml::from_str(
+            r#"
+            [tracker]
+            listen = ["unix:/tmp/a.sock"]
+            backend = "sync"
+            [[volume]]
+            name = "db"
+            path = "/tmp/db.img"
+            [shipper]
+            anything = 1
+            "#,
+        )
+        .unwrap();
+        let c = merge(
+            f,
+            vec![parse_volume_flag("x=/tmp/x").unwrap()],
+            vec![],
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.backend, EngineChoice::Sync);
+        assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/a.sock".into())]);
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = toml::from_str::<ConfigFile>("[tracker]\nlisten_addr = 1\n").unwrap_err();
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+        let e = toml::from_str::<ConfigFile>("[tracker]\nbackend = \"fast\"\n").unwrap_err();
+        assert!(e.to_string().contains("fast"), "{e}");
+        let dup = vec![
+            parse_volume_flag("a=/x").unwrap(),
+            parse_volume_flag("a=/y").unwrap(),
+        ];
+        let e = merge(ConfigFile::default(), dup, vec![], None, None).unwrap_err();
+        assert!(e.to_string().contains("\"a\" is defined twice"), "{e}");
+        assert!(parse_volume_flag("nopath").is_err());
+        let e = merge(ConfigFile::default(), vec![], vec![], None, None).unwrap_err();
+        assert!(e.to_string().contains("--volume"), "{e}");
+        let bad = vec![parse_volume_flag("a b=/x").unwrap()];
+        assert!(merge(ConfigFile::default(), bad, vec![], None, None).is_err());
+    }
+}

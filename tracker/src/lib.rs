@@ -1,0 +1,14 @@
+//! redun tracker: a userspace NBD server in front of each protected volume.
+//!
+//! - [`nbd`]: our NBD protocol implementation, generic over a block backend;
+//! - [`io`]: the backing file / block device backend with its io_uring and synchronous
+//!   engines (the only `unsafe` code is in [`io::uring`]);
+//! - [`admin`]: the admin socket protocol, shared with the `redun` CLI;
+//! - [`config`]: flags and the TOML config file.
+
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod io;
+pub mod nbd;

@@ -1,0 +1,168 @@
+//! `redun-tracker`: serves each protected volume over NBD.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use log::{error, info, warn};
+use nix::sys::signal::{SigSet, Signal};
+
+use redun_tracker::admin::{AdminRequest, AdminResponse, AdminServer, TrackerStatus, VolumeStatus};
+use redun_tracker::config::{self, ConfigFile};
+use redun_tracker::io::{Engine, EngineChoice, FileBackend};
+use redun_tracker::nbd::{Exports, Listener, Server};
+
+/// How long a stop waits for connections to finish their in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// redun tracker: serves protected volumes over NBD and (soon) records every write.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Serve PATH (regular file or block device) as export NAME; repeatable.
+    #[arg(long = "volume", value_name = "NAME=PATH", value_parser = config::parse_volume_flag)]
+    volumes: Vec<config::VolumeEntry>,
+    /// Listen on HOST:PORT or unix:/path; repeatable [default: 127.0.0.1:10809].
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Admin socket path [default: /run/redun/tracker.sock].
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// I/O engine: uring, sync, or auto (uring when the kernel allows it) [default: auto].
+    #[arg(long, value_name = "ENGINE")]
+    backend: Option<EngineChoice>,
+    /// TOML config file with the same settings ([tracker] and [[volume]] sections).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("redun-tracker: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let file = match &args.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
+    };
+    let cfg = config::merge(
+        file,
+        args.volumes,
+        args.listen,
+        args.admin_socket,
+        args.backend,
+    )?;
+    let engine = Engine::resolve(cfg.backend)?;
+
+    let mut list = Vec::new();
+    for v in &cfg.volumes {
+        let b =
+            FileBackend::open(&v.path, engine).with_context(|| format!("volume {:?}", v.name))?;
+        info!(
+            "volume {} on {} size={} engine={}",
+            v.name,
+            v.path.display(),
+            redun_tracker::nbd::BlockBackend::size(&b),
+            engine.name()
+        );
+        list.push((v.name.clone(), b));
+    }
+    let server = Server::new(Exports::new(list));
+
+    // Block the stop signals before any thread exists so that every thread inherits the
+    // mask and only the main thread receives them, through sigwait.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().context("blocking SIGTERM/SIGINT")?;
+
+    let mut listen_names = Vec::new();
+    let mut accept_threads = Vec::new();
+    for addr in &cfg.listen {
+        let l = Listener::bind(addr).with_context(|| {
+            format!(
+                "cannot listen on {addr} (is another server using it? choose another with --listen)"
+            )
+        })?;
+        listen_names.push(l.local_addr());
+        accept_threads.push(server.spawn_listener(l)?);
+    }
+
+    let started = Instant::now();
+    let status_server = server.clone();
+    let listen_for_status = listen_names.clone();
+    let handler = Arc::new(move |req: AdminRequest| match req {
+        AdminRequest::Status => AdminResponse {
+            ok: true,
+            error: None,
+            status: Some(status(&status_server, &listen_for_status, started)),
+        },
+    });
+    let admin = AdminServer::bind(&cfg.admin_socket, handler)?;
+    info!(
+        "redun-tracker ready: {} volume(s), listening on {}",
+        cfg.volumes.len(),
+        listen_names.join(", ")
+    );
+
+    let sig = signals.wait().context("waiting for a signal")?;
+    info!("{sig:?} received: finishing in-flight requests");
+    let clean = server.shutdown(SHUTDOWN_GRACE);
+    for t in accept_threads {
+        let _ = t.join();
+    }
+    drop(admin);
+    if clean {
+        info!("redun-tracker stopped");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        warn!("redun-tracker stopped with connections still busy after {SHUTDOWN_GRACE:?}");
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn status(server: &Server<FileBackend>, listen: &[String], started: Instant) -> TrackerStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    let volumes = server
+        .exports()
+        .iter()
+        .map(|e| {
+            let s = &e.stats;
+            VolumeStatus {
+                name: e.name.clone(),
+                path: e.backend.path().display().to_string(),
+                size: redun_tracker::nbd::BlockBackend::size(&e.backend),
+                engine: e.backend.engine().name().to_string(),
+                connections: s.connections.load(Relaxed),
+                total_connections: s.total_connections.load(Relaxed),
+                reads: s.reads.load(Relaxed),
+                writes: s.writes.load(Relaxed),
+                bytes_read: s.bytes_read.load(Relaxed),
+                bytes_written: s.bytes_written.load(Relaxed),
+                flushes: s.flushes.load(Relaxed),
+                trims: s.trims.load(Relaxed),
+                zeroes: s.zeroes.load(Relaxed),
+                errors: s.errors.load(Relaxed),
+            }
+        })
+        .collect();
+    TrackerStatus {
+        daemon: "tracker".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        uptime_seconds: started.elapsed().as_secs(),
+        listen: listen.to_vec(),
+        volumes,
+    }
+}
