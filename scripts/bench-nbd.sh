@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# NBD server benchmark: fio's nbd engine against redun-tracker, qemu-nbd (default cache) and
+# nbdkit's file plugin, one after the other on the same backing file, in one run:
+#   4 KiB random write, iodepth 16 | 4 KiB random read, iodepth 16 | 1 MiB sequential write, iodepth 4
+# Prints IOPS, MiB/s, p99 completion latency, and redun's ratio to each reference.
+# Usage: scripts/bench-nbd.sh [SECONDS per job, default 20]   (BENCH_BACKEND=uring|sync)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runtime="${1:-20}"
+backend="${BENCH_BACKEND:-uring}"
+for t in fio qemu-nbd nbdkit python3; do
+    command -v "$t" >/dev/null || { echo "bench: $t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
+done
+cargo build --release --workspace >/dev/null 2>&1 || cargo build --release --workspace
+bin=$PWD/target/release
+
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/redun-bench.XXXXXX")
+pid=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+img=$work/backing.img
+# A fully allocated 1 GiB file whose first 256 MiB hold data, so reads see real data.
+fallocate -l 1G "$img"
+dd if=/dev/urandom of="$img" bs=1M count=256 conv=notrunc,fsync status=none
+
+port=$((20000 + RANDOM % 20000))
+wait_port() {
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "bench: nothing listens on port $1" >&2; return 1
+}
+
+jobs=("randwrite 4k 16" "randread 4k 16" "write 1m 4")
+run_server() { # name uri
+    local name=$1 uri=$2 j rw bs qd
+    for j in "${jobs[@]}"; do
+        read -r rw bs qd <<<"$j"
+        fio --name="$rw" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+            --size=256m --time_based --runtime="$runtime" --output-format=json \
+            >"$work/$name-$rw.json"
+    done
+}
+
+echo "bench: ${runtime}s per job, redun backend=$backend, backing file on $(df --output=fstype "$work" | tail -1)" >&2
+"$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$port" \
+    --admin-socket "$work/admin.sock" --backend "$backend" 2>"$work/redun.log" &
+pid=$!; wait_port "$port"
+run_server redun "nbd://127.0.0.1:$port/bench"
+kill "$pid"; wait "$pid" || true; pid=
+
+port=$((port + 1))
+qemu-nbd -f raw -b 127.0.0.1 -p "$port" -x bench -t "$img" &
+pid=$!; wait_port "$port"
+run_server qemu-nbd "nbd://127.0.0.1:$port/bench"
+kill "$pid"; wait "$pid" || true; pid=
+
+port=$((port + 1))
+nbdkit -f -i 127.0.0.1 -p "$port" file "$img" &
+pid=$!; wait_port "$port"
+run_server nbdkit "nbd://127.0.0.1:$port/"
+kill "$pid"; wait "$pid" || true; pid=
+
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+jobs = [("randwrite", "write", "4k randwrite qd16"), ("randread", "read", "4k randread qd16"),
+        ("write", "write", "1M seqwrite qd4")]
+servers = ["redun", "qemu-nbd", "nbdkit"]
+def stats(server, job, side):
+    j = json.load(open(f"{work}/{server}-{job}.json"))["jobs"][0][side]
+    p99 = j["clat_ns"]["percentile"].get("99.000000", 0) / 1000
+    return j["iops"], j["bw_bytes"] / 2**20, p99
+print(f"{'job':<18} {'server':<9} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}   redun/qemu-nbd  redun/nbdkit")
+for job, side, label in jobs:
+    r = stats("redun", job, side)
+    for s in servers:
+        iops, mib, p99 = stats(s, job, side)
+        ratio = ""
+        if s == "redun":
+            q, k = stats("qemu-nbd", job, side), stats("nbdkit", job, side)
+            ratio = f"   {r[0] / q[0]:>12.2f}x  {r[0] / k[0]:>10.2f}x"
+        print(f"{label:<18} {s:<9} {iops:>10.0f} {mib:>9.1f} {p99:>9.0f}{ratio}")
+PY
