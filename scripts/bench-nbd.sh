@@ -42,7 +42,7 @@ run_server() { # name uri
         read -r rw bs qd <<<"$j"
         fio --name="$rw" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
             --size=256m --time_based --runtime="$runtime" --output-format=json \
-            >"$work/$name-$rw.json"
+            --output="$work/$name-$rw.json" >/dev/null
     done
 }
 

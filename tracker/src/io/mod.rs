@@ -153,7 +153,7 @@ impl FileBackend {
 /// A connection's queue on a [`FileBackend`].
 #[derive(Debug)]
 pub enum FileQueue {
-    Uring(uring::UringQueue),
+    Uring(Box<uring::UringQueue>),
     Sync(SyncQueue),
 }
 
@@ -168,6 +168,12 @@ impl IoQueue for FileQueue {
         match self {
             FileQueue::Uring(q) => q.kick(),
             FileQueue::Sync(q) => q.kick(),
+        }
+    }
+    fn wait_readable(&mut self, input: Option<std::os::fd::BorrowedFd<'_>>) {
+        match self {
+            FileQueue::Uring(q) => q.wait_readable(input),
+            FileQueue::Sync(q) => q.wait_readable(input),
         }
     }
     fn drain(&mut self) {
@@ -209,7 +215,9 @@ impl BlockBackend for FileBackend {
 
     fn open_queue(&self, sink: Arc<dyn CompletionSink>) -> io::Result<FileQueue> {
         Ok(match self.engine {
-            Engine::Uring => FileQueue::Uring(uring::UringQueue::new(self.file.clone(), sink)?),
+            Engine::Uring => {
+                FileQueue::Uring(Box::new(uring::UringQueue::new(self.file.clone(), sink)?))
+            }
             Engine::Sync => FileQueue::Sync(SyncQueue {
                 file: self.file.clone(),
                 sink,
@@ -257,6 +265,9 @@ impl IoQueue for SyncQueue {
     }
 
     fn kick(&mut self) {}
+
+    /// Requests complete inline: nothing is ever pending here.
+    fn wait_readable(&mut self, _input: Option<std::os::fd::BorrowedFd<'_>>) {}
 
     fn drain(&mut self) {}
 }

@@ -1,26 +1,28 @@
-//! io_uring engine: one ring per NBD connection. Every `unsafe` block of redun lives here.
+//! io_uring engine: one ring per NBD connection, driven by that connection's thread. Every
+//! `unsafe` block of redun lives here.
 //!
 //! # Ownership contract
 //! Each submitted request is a [`Pending`] stored in the queue's slab; the SQE's `user_data`
 //! is the slab index. The slab owns the request's buffer from submission until the kernel
-//! posts the matching CQE, and a slot is only freed by the completion thread after that CQE
-//! was reaped. Buffers are `Vec<u8>` whose heap storage never moves while the `Pending` sits in
-//! the slab (the `Vec` itself may move with the slab, its allocation does not). Requests are
-//! never cancelled: dropping a queue first waits for every in-flight request to complete
-//! ([`IoQueue::drain`]), then posts a NOP carrying [`EXIT`] that stops the completion thread.
+//! posts the matching CQE, and a slot is only freed after that CQE was reaped. Buffers are
+//! `Vec<u8>` whose heap storage never moves while the `Pending` sits in the slab (the `Vec`
+//! itself may move when the slab grows, its allocation does not). Requests are never
+//! cancelled: dropping a queue first waits for every in-flight request to complete
+//! ([`IoQueue::drain`]), so no buffer is freed while the kernel may still use it.
 //!
-//! # Threads
-//! The connection's reader thread pushes SQEs (under the `state` mutex) and submits them in
-//! batches ([`IoQueue::kick`]); a dedicated completion thread waits for CQEs, resubmits short
-//! transfers and the durability step of FUA trims and zeroes, and hands finished requests to
-//! the [`CompletionSink`]. Only the completion thread touches the completion queue; the
-//! submission queue is only touched with the `state` mutex held.
+//! # Driving
+//! The connection's thread pushes SQEs ([`IoQueue::submit`]), submits them in batches
+//! ([`IoQueue::kick`]) and reaps completions itself: right after each batch (page-cache hits
+//! complete inline) and, while requests are in flight and no input is buffered, in
+//! `io_uring_enter` with a POLL_ADD on the client socket in the ring, so one wait covers both
+//! ([`IoQueue::wait_readable`]). Short transfers and
+//! the durability step of FUA trims and zeroes are resubmitted from the reaping code.
+//! No other thread touches the ring, so the SQ and CQ are used through `&mut IoUring`.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 
 use io_uring::{IoUring, opcode, squeue, types};
 use log::{error, warn};
@@ -32,22 +34,19 @@ use crate::nbd::{CompletionSink, IoOp, IoQueue, IoRequest, Token};
 /// and the CQ (twice as big) never does either.
 const RING_ENTRIES: u32 = 128;
 const MAX_INFLIGHT: usize = RING_ENTRIES as usize;
-/// `user_data` of the NOP that stops the completion thread.
-const EXIT: u64 = u64::MAX;
+/// `user_data` of the POLL_ADD that watches the client socket.
+const POLL_INPUT: u64 = u64::MAX;
 
 /// Returns an error if io_uring cannot be used here (for example
 /// `kernel.io_uring_disabled=2`, or a seccomp policy).
 pub fn probe() -> io::Result<()> {
-    let ring = IoUring::new(4)?;
+    let mut ring = IoUring::new(4)?;
     let nop = opcode::Nop::new().build().user_data(1);
     // SAFETY: a NOP references no memory.
-    unsafe { ring.submission_shared().push(&nop) }
+    unsafe { ring.submission().push(&nop) }
         .map_err(|_| io::Error::other("io_uring submission queue full"))?;
     ring.submit_and_wait(1)?;
-    // SAFETY: this thread is the only user of this ring.
-    let res = unsafe { ring.completion_shared() }
-        .next()
-        .map(|c| c.result());
+    let res = ring.completion().next().map(|c| c.result());
     match res {
         Some(r) if r >= 0 => Ok(()),
         Some(r) => Err(io::Error::from_raw_os_error(-r)),
@@ -82,76 +81,25 @@ struct Pending {
     fua: bool,
 }
 
-#[derive(Debug, Default)]
-struct State {
+/// The io_uring queue of one connection.
+pub struct UringQueue {
+    ring: IoUring,
+    file: Arc<File>,
     slab: Vec<Option<Pending>>,
     free: Vec<usize>,
     inflight: usize,
-}
-
-impl State {
-    fn insert(&mut self, p: Pending) -> usize {
-        self.inflight += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.slab[i] = Some(p);
-                i
-            }
-            None => {
-                self.slab.push(Some(p));
-                self.slab.len() - 1
-            }
-        }
-    }
-
-    /// Frees slot `i`. `inflight` drops only once the completion has been delivered, so that
-    /// [`IoQueue::drain`] returns after every reply is in the sink.
-    fn remove(&mut self, i: usize) -> Option<Pending> {
-        let p = self.slab.get_mut(i)?.take()?;
-        self.free.push(i);
-        Some(p)
-    }
-}
-
-struct Shared {
-    ring: IoUring,
-    file: Arc<File>,
-    state: Mutex<State>,
-    /// Signalled whenever `inflight` drops.
-    idle: Condvar,
     sink: Arc<dyn CompletionSink>,
-}
-
-/// The io_uring queue of one connection.
-pub struct UringQueue {
-    shared: Arc<Shared>,
-    completer: Option<JoinHandle<()>>,
+    /// A POLL_ADD on the client socket is in the ring.
+    poll_armed: bool,
+    /// That poll has fired since `wait_readable` began.
+    input_ready: bool,
 }
 
 impl std::fmt::Debug for UringQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringQueue").finish_non_exhaustive()
-    }
-}
-
-impl UringQueue {
-    pub fn new(file: Arc<File>, sink: Arc<dyn CompletionSink>) -> io::Result<UringQueue> {
-        let ring = IoUring::new(RING_ENTRIES)?;
-        let shared = Arc::new(Shared {
-            ring,
-            file,
-            state: Mutex::new(State::default()),
-            idle: Condvar::new(),
-            sink,
-        });
-        let s = shared.clone();
-        let completer = thread::Builder::new()
-            .name("uring-cq".into())
-            .spawn(move || completion_loop(&s))?;
-        Ok(UringQueue {
-            shared,
-            completer: Some(completer),
-        })
+        f.debug_struct("UringQueue")
+            .field("inflight", &self.inflight)
+            .finish_non_exhaustive()
     }
 }
 
@@ -199,30 +147,91 @@ fn sqe(p: &mut Pending, fd: types::Fd, idx: usize) -> squeue::Entry {
     e.user_data(idx as u64)
 }
 
-impl Shared {
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.file.as_raw_fd())
+impl UringQueue {
+    pub fn new(file: Arc<File>, sink: Arc<dyn CompletionSink>) -> io::Result<UringQueue> {
+        Ok(UringQueue {
+            ring: IoUring::new(RING_ENTRIES)?,
+            file,
+            slab: Vec::with_capacity(MAX_INFLIGHT),
+            free: Vec::new(),
+            inflight: 0,
+            sink,
+            poll_armed: false,
+            input_ready: false,
+        })
     }
 
     /// Pushes the SQE for slot `idx`, submitting to make room if the SQ is full.
-    /// Must be called with the state lock held (`st`).
-    fn push(&self, st: &mut State, idx: usize) {
-        let fd = self.fd();
-        let entry = match st.slab[idx].as_mut() {
+    fn push(&mut self, idx: usize) {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let entry = match self.slab[idx].as_mut() {
             Some(p) => sqe(p, fd, idx),
             None => return,
         };
         loop {
-            // SAFETY: the SQ is only touched with the state lock held, which the caller holds.
-            // The entry's buffer is owned by slot `idx` until its CQE is reaped (module doc).
-            let pushed = unsafe { self.ring.submission_shared().push(&entry) };
-            if pushed.is_ok() {
+            // SAFETY: the entry's buffer is owned by slot `idx` until its CQE is reaped
+            // (module doc); `fd` stays open as long as `self.file`.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
             if let Err(e) = self.ring.submit() {
                 warn!("io_uring submit failed while the SQ was full: {e}");
             }
         }
+    }
+
+    /// Delivers every completion already posted; returns how many requests finished.
+    fn reap(&mut self) -> usize {
+        let mut finished = 0;
+        let mut resubmit = false;
+        loop {
+            let Some(cqe) = self.ring.completion().next() else {
+                break;
+            };
+            if cqe.user_data() == POLL_INPUT {
+                self.poll_armed = false;
+                self.input_ready = true;
+                continue;
+            }
+            let idx = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
+            let Some(p) = self.slab.get_mut(idx).and_then(|s| s.as_mut()) else {
+                error!("io_uring completion for unknown slot {}", cqe.user_data());
+                continue;
+            };
+            match on_cqe(p, cqe.result(), &self.file) {
+                After::Resubmit => {
+                    self.push(idx);
+                    resubmit = true;
+                }
+                After::Finish(r) => {
+                    if let Some(p) = self.slab[idx].take() {
+                        self.free.push(idx);
+                        self.inflight -= 1;
+                        finished += 1;
+                        self.sink.complete(p.token, r);
+                    }
+                }
+            }
+        }
+        if resubmit {
+            if let Err(e) = self.ring.submit() {
+                error!("io_uring submit failed: {e}");
+            }
+        }
+        if finished > 0 {
+            self.sink.flush();
+        }
+        finished
+    }
+
+    /// Blocks until at least one completion is posted, then delivers what is there.
+    fn wait_one(&mut self) {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => error!("io_uring wait failed: {e}"),
+        }
+        self.reap();
     }
 }
 
@@ -257,20 +266,14 @@ impl IoQueue for UringQueue {
             IoOp::Cache { offset, len } => (Stage::Cache, Vec::new(), offset, len, false),
         };
         if len == 0 && !matches!(stage, Stage::Flush) {
-            self.shared.sink.complete(req.token, Ok(Vec::new()));
+            self.sink.complete(req.token, Ok(Vec::new()));
             return;
         }
-        let mut st = self.shared.state.lock().unwrap();
-        while st.inflight >= MAX_INFLIGHT {
-            // Back-pressure: let the device catch up before reading more requests.
-            drop(st);
-            self.kick();
-            st = self.shared.state.lock().unwrap();
-            if st.inflight >= MAX_INFLIGHT {
-                st = self.shared.idle.wait(st).unwrap();
-            }
+        // Back-pressure: let the device catch up before taking more.
+        while self.inflight >= MAX_INFLIGHT {
+            self.wait_one();
         }
-        let idx = st.insert(Pending {
+        let p = Pending {
             token: req.token,
             stage,
             buf,
@@ -278,41 +281,68 @@ impl IoQueue for UringQueue {
             len,
             done: 0,
             fua,
-        });
-        self.shared.push(&mut st, idx);
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(p);
+                i
+            }
+            None => {
+                self.slab.push(Some(p));
+                self.slab.len() - 1
+            }
+        };
+        self.inflight += 1;
+        self.push(idx);
     }
 
     fn kick(&mut self) {
-        if let Err(e) = self.shared.ring.submit() {
+        if let Err(e) = self.ring.submit() {
             error!("io_uring submit failed: {e}");
+        }
+        self.reap();
+    }
+
+    fn wait_readable(&mut self, input: Option<BorrowedFd<'_>>) {
+        let Some(input) = input else {
+            return;
+        };
+        // The socket is watched by the ring itself, so one io_uring_enter waits for both.
+        self.input_ready = false;
+        while self.inflight > 0 && !self.input_ready {
+            if !self.poll_armed {
+                let poll = opcode::PollAdd::new(types::Fd(input.as_raw_fd()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(POLL_INPUT);
+                loop {
+                    // SAFETY: POLL_ADD references no memory; the kernel holds its own
+                    // reference to the socket's file while the poll is armed.
+                    if unsafe { self.ring.submission().push(&poll) }.is_ok() {
+                        break;
+                    }
+                    let _ = self.ring.submit();
+                }
+                self.poll_armed = true;
+            }
+            self.wait_one();
         }
     }
 
     fn drain(&mut self) {
-        self.kick();
-        let st = self.shared.state.lock().unwrap();
-        let _st = self.shared.idle.wait_while(st, |s| s.inflight > 0).unwrap();
+        if let Err(e) = self.ring.submit() {
+            error!("io_uring submit failed: {e}");
+        }
+        self.reap();
+        while self.inflight > 0 {
+            self.wait_one();
+        }
     }
 }
 
 impl Drop for UringQueue {
     fn drop(&mut self) {
+        // The kernel may still write into buffers the slab owns: never free them early.
         self.drain();
-        {
-            let _st = self.shared.state.lock().unwrap();
-            let nop = opcode::Nop::new().build().user_data(EXIT);
-            loop {
-                // SAFETY: SQ touched under the state lock; a NOP references no memory.
-                if unsafe { self.shared.ring.submission_shared().push(&nop) }.is_ok() {
-                    break;
-                }
-                let _ = self.shared.ring.submit();
-            }
-        }
-        let _ = self.shared.ring.submit();
-        if let Some(h) = self.completer.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -332,7 +362,7 @@ fn on_cqe(p: &mut Pending, res: i32, file: &File) -> After {
             // Trim is a hint, caching is advisory.
             (Stage::Trim, libc::EOPNOTSUPP) | (Stage::Cache, _) => finish_or_sync(p),
             // No fast zeroing here: the synchronous path knows the fallbacks. Rare (tmpfs
-            // without ZERO_RANGE, old filesystems), so it runs on the completion thread.
+            // without ZERO_RANGE, old filesystems), so it runs inline.
             (
                 Stage::Zero {
                     may_trim,
@@ -370,64 +400,4 @@ fn finish_or_sync(p: &mut Pending) -> After {
         return After::Resubmit;
     }
     After::Finish(Ok(Vec::new()))
-}
-
-fn completion_loop(shared: &Shared) {
-    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize * 2);
-    let mut finished: Vec<(Token, io::Result<Vec<u8>>)> = Vec::new();
-    loop {
-        match shared.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => {
-                error!("io_uring wait failed, completion thread stops: {e}");
-                return;
-            }
-        }
-        {
-            // SAFETY: this thread is the only consumer of the completion queue.
-            let cq = unsafe { shared.ring.completion_shared() };
-            cqes.extend(cq.map(|c| (c.user_data(), c.result())));
-        }
-        if cqes.is_empty() {
-            continue;
-        }
-        let mut exit = false;
-        {
-            let mut st = shared.state.lock().unwrap();
-            for (ud, res) in cqes.drain(..) {
-                if ud == EXIT {
-                    exit = true;
-                    continue;
-                }
-                let idx = usize::try_from(ud).unwrap_or(usize::MAX);
-                let Some(p) = st.slab.get_mut(idx).and_then(|s| s.as_mut()) else {
-                    error!("io_uring completion for unknown slot {ud}");
-                    continue;
-                };
-                match on_cqe(p, res, &shared.file) {
-                    After::Resubmit => shared.push(&mut st, idx),
-                    After::Finish(r) => {
-                        if let Some(p) = st.remove(idx) {
-                            finished.push((p.token, r));
-                        }
-                    }
-                }
-            }
-        }
-        let _ = shared.ring.submit();
-        let n = finished.len();
-        for (token, r) in finished.drain(..) {
-            shared.sink.complete(token, r);
-        }
-        shared.sink.flush();
-        if n > 0 {
-            shared.state.lock().unwrap().inflight -= n;
-            shared.idle.notify_all();
-        }
-        if exit {
-            return;
-        }
-    }
 }

@@ -9,6 +9,7 @@
 //! the [`CompletionSink`] it was opened with.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 /// What a backend can do; the server turns this into transmission flags.
@@ -85,13 +86,18 @@ pub trait CompletionSink: Send + Sync {
     fn flush(&self);
 }
 
-/// A per-connection submission queue.
+/// A per-connection submission queue, driven by the connection's thread.
 pub trait IoQueue: Send {
     /// Starts `req`; its completion goes to the sink, possibly before this returns. May
     /// block while the queue is at its in-flight limit (back-pressure).
     fn submit(&mut self, req: IoRequest);
-    /// Hands submissions batched so far to the device.
+    /// Hands submissions batched so far to the device and delivers the completions that are
+    /// already available.
     fn kick(&mut self);
+    /// Called when the connection has no buffered input: delivers completions as they
+    /// arrive until `input` is readable (or nothing is in flight). Queues whose completions
+    /// arrive on their own (or inline) need not wait.
+    fn wait_readable(&mut self, input: Option<BorrowedFd<'_>>);
     /// Returns once every submitted request has completed.
     fn drain(&mut self);
 }

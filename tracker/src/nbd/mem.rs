@@ -63,6 +63,9 @@ impl IoQueue for MemQueue {
         self.sink.complete(req.token, r);
     }
     fn kick(&mut self) {}
+
+    /// Requests complete inline: nothing is ever pending here.
+    fn wait_readable(&mut self, _input: Option<std::os::fd::BorrowedFd<'_>>) {}
     fn drain(&mut self) {}
 }
 

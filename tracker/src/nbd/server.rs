@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -217,6 +217,15 @@ impl Stream {
     }
 }
 
+impl From<Stream> for OwnedFd {
+    fn from(s: Stream) -> OwnedFd {
+        match s {
+            Stream::Tcp(s) => s.into(),
+            Stream::Unix(s) => s.into(),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -365,8 +374,9 @@ impl<B: BlockBackend> Server<B> {
             }
         };
         let _ = reader.get_ref().set_read_timeout(None);
+        let input = reader.get_ref().try_clone().ok().map(OwnedFd::from);
         let close = move || closer.shutdown(Shutdown::Both);
-        if let Err(e) = serve_transmission(negotiated, reader, writer, Box::new(close)) {
+        if let Err(e) = serve_transmission(negotiated, reader, writer, input, Box::new(close)) {
             debug!("nbd connection ended: {e}");
         }
     }
@@ -400,6 +410,7 @@ pub fn serve_transmission<B, R, W>(
     neg: Negotiated<B>,
     mut reader: BufReader<R>,
     writer: W,
+    input: Option<OwnedFd>,
     close: Box<dyn Fn() + Send + Sync>,
 ) -> io::Result<()>
 where
@@ -425,7 +436,7 @@ where
     });
     let result = match export.backend.open_queue(sink.clone()) {
         Ok(mut queue) => {
-            let r = request_loop(&neg, &mut reader, &mut queue, &sink);
+            let r = request_loop(&neg, &mut reader, input.as_ref(), &mut queue, &sink);
             queue.drain();
             sink.flush();
             r
@@ -442,6 +453,7 @@ where
 fn request_loop<B: BlockBackend, R: Read, W: Write + Send + 'static>(
     neg: &Negotiated<B>,
     reader: &mut BufReader<R>,
+    input: Option<&OwnedFd>,
     queue: &mut B::Queue,
     sink: &Arc<ConnWriter<B, W>>,
 ) -> io::Result<()> {
@@ -453,6 +465,7 @@ fn request_loop<B: BlockBackend, R: Read, W: Write + Send + 'static>(
         if reader.buffer().is_empty() {
             queue.kick();
             sink.flush();
+            queue.wait_readable(input.map(|f| f.as_fd()));
         }
         let mut hdr = [0u8; REQUEST_LEN];
         match reader.read_exact(&mut hdr) {
@@ -847,7 +860,7 @@ pub fn serve_in_memory<B: BlockBackend, W: Write + Send + 'static>(
 ) -> io::Result<()> {
     let mut reader = BufReader::new(input);
     match negotiate(exports, &mut reader, &mut output) {
-        Ok(Some(neg)) => serve_transmission(neg, reader, output, Box::new(|| {})),
+        Ok(Some(neg)) => serve_transmission(neg, reader, output, None, Box::new(|| {})),
         Ok(None) | Err(_) => Ok(()),
     }
 }
