@@ -36,34 +36,35 @@ wait_port() {
 }
 
 jobs=("randwrite 4k 16" "randread 4k 16" "write 1m 4")
-run_server() { # name uri
-    local name=$1 uri=$2 j rw bs qd
-    for j in "${jobs[@]}"; do
-        read -r rw bs qd <<<"$j"
-        fio --name="$rw" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-            --size=256m --time_based --runtime="$runtime" --output-format=json \
-            --output="$work/$name-$rw.json" >/dev/null
-    done
+start_server() { # name port
+    case $1 in
+    redun) "$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$2" \
+        --admin-socket "$work/admin.sock" --backend "$backend" 2>>"$work/redun.log" & ;;
+    qemu-nbd) qemu-nbd -f raw -b 127.0.0.1 -p "$2" -x bench -t "$img" & ;;
+    nbdkit) nbdkit -f -i 127.0.0.1 -p "$2" --exportname=bench file "$img" & ;;
+    esac
+    pid=$!
+    wait_port "$2"
+}
+stop_server() {
+    kill "$pid"; wait "$pid" || true; pid=
+    # Write back what this server dirtied so that it does not slow down the next one.
+    sync
 }
 
 echo "bench: ${runtime}s per job, redun backend=$backend, backing file on $(df --output=fstype "$work" | tail -1)" >&2
-"$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$port" \
-    --admin-socket "$work/admin.sock" --backend "$backend" 2>"$work/redun.log" &
-pid=$!; wait_port "$port"
-run_server redun "nbd://127.0.0.1:$port/bench"
-kill "$pid"; wait "$pid" || true; pid=
-
-port=$((port + 1))
-qemu-nbd -f raw -b 127.0.0.1 -p "$port" -x bench -t "$img" &
-pid=$!; wait_port "$port"
-run_server qemu-nbd "nbd://127.0.0.1:$port/bench"
-kill "$pid"; wait "$pid" || true; pid=
-
-port=$((port + 1))
-nbdkit -f -i 127.0.0.1 -p "$port" file "$img" &
-pid=$!; wait_port "$port"
-run_server nbdkit "nbd://127.0.0.1:$port/"
-kill "$pid"; wait "$pid" || true; pid=
+# Job by job, the three servers back to back, so that they see the same machine state.
+for j in "${jobs[@]}"; do
+    read -r rw bs qd <<<"$j"
+    for name in redun qemu-nbd nbdkit; do
+        port=$((port + 1))
+        start_server "$name" "$port"
+        fio --name="$rw" --ioengine=nbd --uri="nbd://127.0.0.1:$port/bench" --rw="$rw" --bs="$bs" \
+            --iodepth="$qd" --size=256m --time_based --runtime="$runtime" --output-format=json \
+            --output="$work/$name-$rw.json" >/dev/null
+        stop_server
+    done
+done
 
 python3 - "$work" <<'PY'
 import json, sys
