@@ -38,25 +38,39 @@ fn main() -> ExitCode {
     }
 }
 
-/// A daemon's status as the CLI reports it: running with its answer, or why not.
-fn tracker_status(socket: &Path) -> Result<TrackerStatus, String> {
+/// A daemon as the CLI sees it.
+enum Daemon {
+    /// It answered.
+    Up(TrackerStatus),
+    /// It answered with an error (e.g. permission denied).
+    Refused(String),
+    /// Nothing answered, or the socket could not be reached.
+    Down(String),
+}
+
+fn tracker_status(socket: &Path) -> Daemon {
     match admin::request(socket, &AdminRequest::Status) {
-        Ok(r) if r.ok => r
-            .status
-            .ok_or_else(|| "the tracker answered without a status".to_string()),
-        Ok(r) => Err(r.error.unwrap_or_else(|| "unknown error".into())),
+        Ok(r) if r.ok => match r.status {
+            Some(s) => Daemon::Up(s),
+            None => Daemon::Refused("the tracker answered without a status".into()),
+        },
+        Ok(r) => Daemon::Refused(r.error.unwrap_or_else(|| "unknown error".into())),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            Err(format!(
+            Daemon::Down(format!(
                 "not running (no daemon answers on {})",
                 socket.display()
             ))
         }
-        Err(e) => Err(format!("cannot query {}: {e}", socket.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Daemon::Down(format!(
+            "cannot open {}: permission denied (the admin socket is for root or the daemon's user)",
+            socket.display()
+        )),
+        Err(e) => Daemon::Down(format!("cannot query {}: {e}", socket.display())),
     }
 }
 
@@ -64,15 +78,17 @@ fn status(json: bool, socket: &Path) -> ExitCode {
     let st = tracker_status(socket);
     if json {
         let v = match &st {
-            Ok(s) => serde_json::json!({ "tracker": { "running": true, "status": s } }),
-            Err(e) => serde_json::json!({ "tracker": { "running": false, "error": e } }),
+            Daemon::Up(s) => serde_json::json!({ "tracker": { "running": true, "status": s } }),
+            Daemon::Refused(e) => serde_json::json!({ "tracker": { "running": true, "error": e } }),
+            Daemon::Down(e) => serde_json::json!({ "tracker": { "running": false, "error": e } }),
         };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
     match st {
-        Err(e) => println!("tracker: {e}"),
-        Ok(s) => {
+        Daemon::Down(e) => println!("tracker: {e}"),
+        Daemon::Refused(e) => println!("tracker: running, but refused: {e}"),
+        Daemon::Up(s) => {
             println!(
                 "tracker: running pid={} version={} uptime={}s listen={}",
                 s.pid,

@@ -162,10 +162,57 @@ fn config_file_alone_starts_the_tracker() {
     );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
     let st = wait_timeout(&mut child, std::time::Duration::from_secs(20)).expect("exit");
     assert!(st.success());
     assert!(!admin.exists(), "admin socket left behind");
+}
+
+#[test]
+fn admin_socket_refuses_other_users() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("REDUN_SKIP_PRIVILEGED").is_some(),
+            "needs root to act as another user; set REDUN_SKIP_PRIVILEGED=1 to skip it explicitly"
+        );
+        eprintln!("SKIPPED: admin socket permissions need root");
+        return;
+    }
+    require("setpriv");
+    let t = Tracker::start("sync", 1 << 20);
+    let as_nobody = |socket: &std::path::Path| {
+        let out = run(Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin("redun"))
+            .args(["status", "--json", "--tracker-socket"])
+            .arg(socket));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // The socket is mode 0600: another user cannot even connect.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&t.admin).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let v = as_nobody(&t.admin);
+    assert!(
+        v["tracker"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("permission denied"),
+        "{v}"
+    );
+    // Even with the mode opened up by mistake, the peer credentials check refuses.
+    std::fs::set_permissions(&t.admin, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let v = as_nobody(&t.admin);
+    assert_eq!(v["tracker"]["running"], true, "{v}");
+    assert!(
+        v["tracker"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{v}"
+    );
+    assert!(v["tracker"].get("status").is_none(), "{v}");
 }

@@ -217,10 +217,19 @@ impl Drop for Tracker {
     }
 }
 
-/// Python from Debian (it has libnbd's `nbd` module), running a script of tests/scripts.
+/// Runs a script of tests/scripts in `nbdsh` (libnbd's Python shell; `-n`: the script makes
+/// its own handles) with `args` as `sys.argv[1..]`.
 pub fn python(script: &str, args: &[&str]) -> Output {
+    require("nbdsh");
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/scripts")
         .join(script);
-    run(Command::new("/usr/bin/python3").arg(path).args(args))
+    let argv: Vec<String> = std::iter::once(path.display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+    let code = format!(
+        "import sys; sys.argv = {}; exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'))",
+        serde_json::to_string(&argv).unwrap()
+    );
+    run(Command::new("nbdsh").arg("-n").arg("-c").arg(code))
 }

@@ -2,7 +2,7 @@
 the server closes. Prints "acked N" for every write acknowledged, fails if any write was
 answered with an error reply (a stopping tracker may close, never fail a write).
 
-Usage: /usr/bin/python3 inflight_sigterm.py URI PID IMAGE
+Usage: nbdsh -n -c "import sys; sys.argv = [...]; exec(...)", or /usr/bin/python3 inflight_sigterm.py URI PID IMAGE
 """
 import errno
 import os

@@ -1,6 +1,6 @@
 """NBD conformance checks with libnbd against a running redun export.
 
-Usage: /usr/bin/python3 nbd_conformance.py URI
+Usage: nbdsh -n -c "import sys; sys.argv = [...]; exec(...)", or /usr/bin/python3 nbd_conformance.py URI
 Exits non-zero (AssertionError or nbd.Error) on the first violation.
 """
 import errno
@@ -60,7 +60,7 @@ assert h.pread(999, 12345) == odd
 h.pwrite(b"x", size - 1)
 assert h.pread(1, size - 1) == b"x"
 
-# Block status: 1 MiB holds data, 100 MiB was never written (a hole reading as zero).
+# Block status: 1 MiB holds data, 700 MiB was never written (a hole reading as zero).
 seen = []
 def extents(metacontext, offset, entries, err):
     assert metacontext == nbd.CONTEXT_BASE_ALLOCATION, metacontext

@@ -1,7 +1,7 @@
 """Option-level NBD checks with libnbd: LIST, INFO, GO, ABORT, meta contexts, and
 connections without structured replies or without NO_ZEROES.
 
-Usage: /usr/bin/python3 nbd_options.py SOCKET EXPORT
+Usage: nbdsh -n -c "import sys; sys.argv = [...]; exec(...)", or /usr/bin/python3 nbd_options.py SOCKET EXPORT
 """
 import errno
 import sys

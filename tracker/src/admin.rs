@@ -160,23 +160,20 @@ fn accept_loop(listener: UnixListener, handler: Handler, stop: &AtomicBool) {
         let Ok((stream, _)) = listener.accept() else {
             continue;
         };
-        if !peer_allowed(&stream) {
-            let mut s = &stream;
-            let _ = writeln!(
-                s,
-                "{}",
-                serde_json::to_string(&AdminResponse::error(
-                    "Permission denied: the admin socket is for root or the daemon's user"
-                ))
-                .unwrap_or_default()
-            );
-            continue;
-        }
-        let h = handler.clone();
+        let allowed = peer_allowed(&stream);
+        let h: Handler = if allowed {
+            handler.clone()
+        } else {
+            Arc::new(|_| {
+                AdminResponse::error(
+                    "Permission denied: the admin socket is for root or the daemon's user",
+                )
+            })
+        };
         let _ = thread::Builder::new()
             .name("admin-conn".into())
             .spawn(move || {
-                if let Err(e) = serve(stream, &h) {
+                if let Err(e) = serve(stream, &h, allowed) {
                     debug!("admin connection ended: {e}");
                 }
             });
@@ -191,7 +188,9 @@ fn peer_allowed(stream: &UnixStream) -> bool {
     }
 }
 
-fn serve(stream: UnixStream, handler: &Handler) -> io::Result<()> {
+/// Answers requests until the peer closes; a peer that is not `allowed` gets one (refusing)
+/// answer and is disconnected.
+fn serve(stream: UnixStream, handler: &Handler, allowed: bool) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -217,6 +216,9 @@ fn serve(stream: UnixStream, handler: &Handler) -> io::Result<()> {
             )),
         };
         writeln!(writer, "{}", serde_json::to_string(&resp)?)?;
+        if !allowed {
+            return Ok(());
+        }
     }
 }
 
