@@ -192,21 +192,9 @@ impl BlockBackend for FileBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: false,
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            cache: true,
-            // One file, one page cache: fdatasync on any connection covers every write that
-            // any connection had acknowledged.
-            multi_conn: true,
-            min_block: 1,
-            preferred_block: 4096,
-            max_block: MAX_REQUEST,
-        }
+        // One file, one page cache: fdatasync on any connection covers every write that any
+        // connection had acknowledged, so CAN_MULTI_CONN holds.
+        Capabilities::full(MAX_REQUEST)
     }
 
     fn description(&self) -> String {

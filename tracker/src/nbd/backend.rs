@@ -29,6 +29,26 @@ pub struct Capabilities {
     pub max_block: u32,
 }
 
+impl Capabilities {
+    /// A writable export that supports every command, byte-granular, with the given maximum
+    /// request size. `multi_conn` must only be kept when every connection shares one cache.
+    pub fn full(max_block: u32) -> Capabilities {
+        Capabilities {
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block,
+        }
+    }
+}
+
 /// Opaque identity of a request, handed back unchanged with its completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {

@@ -77,19 +77,8 @@ impl BlockBackend for MemBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: false,
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            cache: true,
-            multi_conn: true,
-            min_block: 1,
-            preferred_block: 4096,
-            max_block: self.max_block,
-        }
+        // One shared buffer: every connection sees every completed write.
+        Capabilities::full(self.max_block)
     }
 
     fn description(&self) -> String {
