@@ -40,8 +40,8 @@ start_server() { # name port
     case $1 in
     redun) "$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$2" \
         --admin-socket "$work/admin.sock" --backend "$backend" 2>>"$work/redun.log" & ;;
-    qemu-nbd) qemu-nbd -f raw -b 127.0.0.1 -p "$2" -x bench -t "$img" & ;;
-    nbdkit) nbdkit -f -i 127.0.0.1 -p "$2" --exportname=bench file "$img" & ;;
+    qemu-nbd) qemu-nbd -f raw -b 127.0.0.1 -p "$2" -x bench -t "$img" 2>>"$work/qemu-nbd.log" & ;;
+    nbdkit) nbdkit -f -i 127.0.0.1 -p "$2" --exportname=bench file "$img" 2>>"$work/nbdkit.log" & ;;
     esac
     pid=$!
     wait_port "$2"
