@@ -23,7 +23,7 @@ trap 'rm -f "$log"' EXIT
 cargo test --release --workspace -- --test-threads=2 2>&1 | tee "$log"
 
 echo "== fuzz"
-bash scripts/fuzz.sh "${REDUN_FUZZ_SECONDS:-30}"
+bash scripts/fuzz.sh "${REDUN_FUZZ_SECONDS:-20}"
 
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { print "tests: " p " passed, " f " failed" }' "$log"

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use redun_tracker::admin::{self, AdminRequest, TrackerStatus};
 use redun_tracker::config::DEFAULT_ADMIN_SOCKET;
 
+mod journal;
+
 /// redun: continuous block replication and disaster recovery for Linux servers.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -26,6 +28,37 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
         tracker_socket: PathBuf,
     },
+    /// Inspect and replay journal files (read-only on the journal).
+    #[command(subcommand)]
+    Journal(JournalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum JournalCommand {
+    /// List the superblock and every record of the chain.
+    Dump {
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the chain; exit 1 and name the offset and sequence number of any damage.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the journal's records, in order, onto a copy of an image.
+    Replay {
+        /// The image the journal's records apply to (not modified).
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        journal: PathBuf,
+        /// Where to write the result.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +68,13 @@ fn main() -> ExitCode {
             json,
             tracker_socket,
         } => status(json, &tracker_socket),
+        Command::Journal(cmd) => match journal::run(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("redun journal: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -11,4 +11,5 @@
 pub mod admin;
 pub mod config;
 pub mod io;
+pub mod journal;
 pub mod nbd;

@@ -1,0 +1,590 @@
+//! The per-volume ring journal: every write the tracker acknowledges, in order, until the
+//! shipper has it durable on the target. Format in [`format`] and docs/FORMAT.md.
+//!
+//! The tracker appends at the head; the space from the tail to the head holds unreleased
+//! records and is never overwritten. Releasing moves the tail forward and is made durable in
+//! the superblock before the space is reused, so that recovery, which scans from the durable
+//! tail, always starts at a record of the current chain.
+//!
+//! Recovery ([`Journal::open`]) walks the chain from the tail: each record must sit in the
+//! expected lap, carry the next sequence number, an epoch no older than its predecessor's,
+//! and a matching checksum. The first record that fails ends the chain; why it failed
+//! decides, under the [`Policy`], whether that is a normal end (zero-filled or stale space, a
+//! torn record at the head) or corruption.
+
+pub mod format;
+pub mod inspect;
+
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
+
+use log::{info, warn};
+
+use format::*;
+
+/// Where the journal lives: a file or a raw partition, or a test double that can crash.
+pub trait Store {
+    /// Usable size in bytes.
+    fn size(&self) -> io::Result<u64>;
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    fn write_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl Store for File {
+    fn size(&self) -> io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = self;
+        f.seek(SeekFrom::End(0))
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+
+    fn write_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let mut slices = &mut slices[..];
+        let mut off = off;
+        while !slices.is_empty() {
+            let n = nix::sys::uio::pwritev(self, slices, i64::try_from(off).unwrap_or(i64::MAX))?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            off += n as u64;
+            IoSlice::advance_slices(&mut slices, n);
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+}
+
+/// How recovery treats a chain that ends in damage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Any damage (anything but zero-filled or stale space where the chain ends) refuses to
+    /// open: for inspection tools and tests.
+    Strict,
+    /// A damaged record where the chain ends is treated as torn and cut off (logged). This is
+    /// what the tracker uses: after a crash the last records may be half written.
+    TolerateTornTail,
+}
+
+/// Journal errors. Corruption is told apart from I/O errors.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("Journal I/O error")]
+    Io(#[from] io::Error),
+    #[error("Journal corrupt at file offset {offset}: {reason}")]
+    Corruption { offset: u64, reason: String },
+    #[error("Journal full: {needed} bytes needed, {free} free of {capacity}")]
+    Full {
+        needed: u64,
+        free: u64,
+        capacity: u64,
+    },
+    #[error("Journal file too small: {size} bytes, at least {min} needed")]
+    TooSmall { size: u64, min: u64 },
+    #[error("Record too large: {0} bytes of payload")]
+    TooLarge(usize),
+}
+
+/// One record read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Logical position.
+    pub pos: u64,
+    pub header: RecordHeader,
+    pub payload: Vec<u8>,
+}
+
+/// Where and why a chain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainEnd {
+    /// Logical position where the next record was expected.
+    pub pos: u64,
+    /// File offset of that position.
+    pub file_offset: u64,
+    /// Sequence number that was expected there.
+    pub seq: u64,
+    pub why: Invalid,
+}
+
+impl ChainEnd {
+    /// Space that was never written in this lap or epoch: a normal end.
+    pub fn is_clean(&self) -> bool {
+        matches!(
+            self.why,
+            Invalid::Zeroed
+                | Invalid::StaleLap { .. }
+                | Invalid::StaleEpoch { .. }
+                | Invalid::StaleSeq { .. }
+        )
+    }
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The superblock said the journal was closed cleanly.
+    pub was_clean: bool,
+    pub records: u64,
+    pub tail_seq: u64,
+    /// Next sequence number to write.
+    pub next_seq: u64,
+    pub end: ChainEnd,
+}
+
+/// Walks the chain of records from a known-good position.
+#[derive(Debug)]
+pub struct Scanner<'a, S: Store> {
+    store: &'a S,
+    capacity: u64,
+    salt: u64,
+    max_epoch: u32,
+    pos: u64,
+    seq: u64,
+    epoch: u32,
+    /// Stop before this logical position (the tail plus the capacity).
+    limit: u64,
+    end: Option<ChainEnd>,
+}
+
+/// The lap of a logical position. Laps wrap at 2^32: a record 2^32 laps old cannot still be
+/// in the ring.
+pub fn lap_of(pos: u64, capacity: u64) -> u32 {
+    let [a, b, c, d, ..] = (pos / capacity).to_le_bytes();
+    u32::from_le_bytes([a, b, c, d])
+}
+
+impl<'a, S: Store> Scanner<'a, S> {
+    pub fn new(store: &'a S, sb: &Superblock, pos: u64, seq: u64) -> Self {
+        Scanner {
+            store,
+            capacity: sb.capacity,
+            salt: sb.salt,
+            max_epoch: sb.epoch,
+            pos,
+            seq,
+            epoch: 0,
+            limit: pos + sb.capacity,
+            end: None,
+        }
+    }
+
+    /// Why and where the chain ended, once [`Scanner::next_record`] returned `None`.
+    pub fn end(&self) -> Option<&ChainEnd> {
+        self.end.as_ref()
+    }
+
+    /// Position and sequence number after the last record returned.
+    pub fn position(&self) -> (u64, u64) {
+        (self.pos, self.seq)
+    }
+
+    fn stop(&mut self, why: Invalid) -> Option<io::Result<Record>> {
+        self.end = Some(ChainEnd {
+            pos: self.pos,
+            file_offset: RING_OFFSET + self.pos % self.capacity,
+            seq: self.seq,
+            why,
+        });
+        None
+    }
+
+    /// The next valid record, `None` at the end of the chain, `Some(Err)` on I/O errors.
+    pub fn next_record(&mut self) -> Option<io::Result<Record>> {
+        loop {
+            if self.end.is_some() {
+                return None;
+            }
+            let phys = self.pos % self.capacity;
+            let room = self.capacity - phys;
+            if room < RECORD_HEADER_LEN as u64 {
+                self.pos += room;
+                continue;
+            }
+            if self.pos + RECORD_HEADER_LEN as u64 > self.limit {
+                return self.stop(Invalid::Zeroed);
+            }
+            let mut hb = [0u8; RECORD_HEADER_LEN];
+            if let Err(e) = self.store.read_at(&mut hb, RING_OFFSET + phys) {
+                return Some(Err(e));
+            }
+            let lap = lap_of(self.pos, self.capacity);
+            let h = match RecordHeader::decode(&hb, lap, room) {
+                Ok(h) => h,
+                Err(why) => return self.stop(why),
+            };
+            if h.epoch < self.epoch || h.epoch > self.max_epoch {
+                return self.stop(Invalid::StaleEpoch {
+                    found: h.epoch,
+                    expected: self.epoch,
+                });
+            }
+            let mut payload = vec![0u8; h.payload_len as usize];
+            if let Err(e) = self
+                .store
+                .read_at(&mut payload, RING_OFFSET + phys + RECORD_HEADER_LEN as u64)
+            {
+                return Some(Err(e));
+            }
+            if let Err(why) = h.verify(&payload, self.salt) {
+                return self.stop(why);
+            }
+            if h.seq != self.seq {
+                // A valid record of this lap and epoch with another number: left over from a
+                // chain that was cut off and then partly overwritten.
+                return self.stop(Invalid::StaleSeq {
+                    found: h.seq,
+                    expected: self.seq,
+                });
+            }
+            let size = record_size(h.payload_len);
+            if h.kind == Kind::Pad {
+                if u64::from(h.length) != room {
+                    return self.stop(Invalid::BadLength(h.length));
+                }
+                self.epoch = h.epoch;
+                self.pos += room;
+                continue;
+            }
+            if self.pos + size > self.limit {
+                return self.stop(Invalid::BadLength(h.payload_len));
+            }
+            let rec = Record {
+                pos: self.pos,
+                header: h,
+                payload,
+            };
+            self.epoch = h.epoch;
+            self.pos += size;
+            self.seq += 1;
+            return Some(Ok(rec));
+        }
+    }
+}
+
+/// Reads the newest valid superblock.
+pub fn read_superblock<S: Store>(store: &S) -> Result<Superblock, JournalError> {
+    let mut best: Option<Superblock> = None;
+    let mut errors = Vec::new();
+    for slot in 0..2u64 {
+        let mut b = [0u8; SUPERBLOCK_LEN];
+        store.read_at(&mut b, slot * SUPERBLOCK_SLOT)?;
+        match Superblock::decode(&b) {
+            Ok(sb) if best.is_none_or(|b| sb.update > b.update) => best = Some(sb),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("slot {slot}: {e}")),
+        }
+    }
+    best.ok_or_else(|| JournalError::Corruption {
+        offset: 0,
+        reason: format!("no valid superblock ({})", errors.join("; ")),
+    })
+}
+
+/// The writer side of a journal, owned by the tracker.
+#[derive(Debug)]
+pub struct Journal<S: Store> {
+    store: S,
+    sb: Superblock,
+    head_pos: u64,
+    next_seq: u64,
+}
+
+fn random_salt() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(f) = File::open("/dev/urandom") {
+        let _ = f.read_exact_at(&mut b, 0);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() ^ u64::from(d.subsec_nanos()) << 20)
+        .unwrap_or(0);
+    u64::from_le_bytes(b) ^ t.rotate_left(17) ^ u64::from(std::process::id())
+}
+
+impl<S: Store> Journal<S> {
+    /// Formats `store` as an empty journal for a volume.
+    pub fn create(
+        store: S,
+        volume_uuid: [u8; 16],
+        volume_size: u64,
+    ) -> Result<Journal<S>, JournalError> {
+        let size = store.size()?;
+        if size < MIN_FILE_SIZE {
+            return Err(JournalError::TooSmall {
+                size,
+                min: MIN_FILE_SIZE,
+            });
+        }
+        let capacity = (size - RING_OFFSET) / RING_ALIGN * RING_ALIGN;
+        let sb = Superblock {
+            update: 0,
+            volume_uuid,
+            volume_size,
+            ring_offset: RING_OFFSET,
+            capacity,
+            tail_pos: 0,
+            tail_seq: 1,
+            head_pos: 0,
+            head_seq: 1,
+            // Open for writing from the start: only `close` marks it clean.
+            clean: false,
+            epoch: 0,
+            salt: random_salt(),
+        };
+        let mut j = Journal {
+            store,
+            sb,
+            head_pos: 0,
+            next_seq: 1,
+        };
+        // Both slots, so that no superblock of an earlier journal in this file survives.
+        j.write_superblock()?;
+        j.write_superblock()?;
+        Ok(j)
+    }
+
+    /// Opens a journal, recovering its chain of records.
+    pub fn open(store: S, policy: Policy) -> Result<(Journal<S>, Recovery), JournalError> {
+        let sb = read_superblock(&store)?;
+        let mut scan = Scanner::new(&store, &sb, sb.tail_pos, sb.tail_seq);
+        let mut records = 0u64;
+        while let Some(r) = scan.next_record() {
+            r?;
+            records += 1;
+        }
+        let end = scan.end().cloned().expect("scan ended");
+        let (head_pos, next_seq) = scan.position();
+        let expected_head = sb.clean.then_some((sb.head_pos, sb.head_seq));
+        let consistent = expected_head.is_none_or(|h| h == (head_pos, next_seq));
+        // After a clean close the head is known and whatever follows it does not matter.
+        let fine = if sb.clean { consistent } else { end.is_clean() };
+        if !fine {
+            let reason = if consistent {
+                format!("record seq {} {}", end.seq, end.why)
+            } else {
+                format!(
+                    "closed cleanly at seq {} but the chain ends at seq {}: {}",
+                    sb.head_seq, next_seq, end.why
+                )
+            };
+            if policy == Policy::Strict {
+                return Err(JournalError::Corruption {
+                    offset: end.file_offset,
+                    reason,
+                });
+            }
+            warn!(
+                "journal: cutting the chain at seq={} off={}: {}",
+                end.seq, end.file_offset, end.why
+            );
+        }
+        let recovery = Recovery {
+            was_clean: sb.clean,
+            records,
+            tail_seq: sb.tail_seq,
+            next_seq,
+            end,
+        };
+        let mut j = Journal {
+            store,
+            sb,
+            head_pos,
+            next_seq,
+        };
+        // From now on the journal is open: a crash must be seen as one. After an unclean
+        // stop, records beyond the recovered head may be valid leftovers: a new epoch makes
+        // sure none of them is ever taken for a successor of what we write next.
+        j.sb.clean = false;
+        if !recovery.was_clean {
+            j.sb.epoch += 1;
+        }
+        j.write_superblock()?;
+        info!(
+            "journal: opened tail_seq={} next_seq={} records={} clean={} epoch={}",
+            recovery.tail_seq, next_seq, records, recovery.was_clean, j.sb.epoch
+        );
+        Ok((j, recovery))
+    }
+
+    fn write_superblock(&mut self) -> Result<(), JournalError> {
+        self.sb.update += 1;
+        let slot = self.sb.update % 2;
+        self.store
+            .write_at(&[&self.sb.encode()], slot * SUPERBLOCK_SLOT)?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.sb.capacity
+    }
+
+    /// Bytes held by unreleased records.
+    pub fn used(&self) -> u64 {
+        self.head_pos - self.sb.tail_pos
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn tail_seq(&self) -> u64 {
+        self.sb.tail_seq
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Appends a record and returns its sequence number. The record is durable after the
+    /// next [`Journal::sync`].
+    pub fn append(
+        &mut self,
+        kind: Kind,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<u64, JournalError> {
+        assert!(kind != Kind::Pad, "pads are the journal's own business");
+        let payload_len =
+            u32::try_from(payload.len()).map_err(|_| JournalError::TooLarge(payload.len()))?;
+        if payload_len > MAX_PAYLOAD {
+            return Err(JournalError::TooLarge(payload.len()));
+        }
+        let cap = self.sb.capacity;
+        let size = record_size(payload_len);
+        let room = cap - self.head_pos % cap;
+        let skip = if size > room { room } else { 0 };
+        let free = cap - self.used();
+        if skip + size > free {
+            return Err(JournalError::Full {
+                needed: skip + size,
+                free,
+                capacity: cap,
+            });
+        }
+        let epoch = self.sb.epoch;
+        let salt = self.sb.salt;
+        if skip > 0 {
+            if skip >= RECORD_HEADER_LEN as u64 {
+                let lap = lap_of(self.head_pos, cap);
+                let len = u32::try_from(skip).expect("room fits in u32 when a record does not");
+                let pad =
+                    RecordHeader::new(Kind::Pad, self.next_seq, 0, len, &[], lap, epoch, salt);
+                self.store
+                    .write_at(&[&pad.encode()], RING_OFFSET + self.head_pos % cap)?;
+            }
+            self.head_pos += skip;
+        }
+        let lap = lap_of(self.head_pos, cap);
+        let h = RecordHeader::new(
+            kind,
+            self.next_seq,
+            offset,
+            length,
+            payload,
+            lap,
+            epoch,
+            salt,
+        );
+        // At most 7 bytes of padding.
+        let fill = usize::try_from(size).expect("record fits in memory")
+            - RECORD_HEADER_LEN
+            - payload.len();
+        // Zero the header slot after the record too (when it is free and inside the ring), so
+        // that a chain ends on zeroes rather than on leftover bytes of an earlier lap.
+        let next = self.head_pos + size;
+        let zero_next = cap - next % cap >= RECORD_HEADER_LEN as u64
+            && next % cap != 0
+            && self.used() + size + RECORD_HEADER_LEN as u64 <= cap;
+        const ZEROS: [u8; RECORD_HEADER_LEN] = [0; RECORD_HEADER_LEN];
+        let trailer: &[u8] = if zero_next { &ZEROS } else { &[] };
+        self.store.write_at(
+            &[&h.encode(), payload, &ZEROS[..fill], trailer],
+            RING_OFFSET + self.head_pos % cap,
+        )?;
+        self.head_pos += size;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&self) -> Result<(), JournalError> {
+        self.store.sync()?;
+        Ok(())
+    }
+
+    /// Releases every record with a sequence number up to `seq`: their space may be reused.
+    /// The new tail is durable when this returns.
+    pub fn release(&mut self, seq: u64) -> Result<(), JournalError> {
+        if seq < self.sb.tail_seq {
+            return Ok(());
+        }
+        let upto = seq.min(self.next_seq - 1);
+        let mut scan = Scanner::new(&self.store, &self.sb, self.sb.tail_pos, self.sb.tail_seq);
+        while scan.position().1 <= upto {
+            match scan.next_record() {
+                Some(r) => {
+                    r?;
+                }
+                None => {
+                    let end = scan.end().cloned().expect("scan ended");
+                    return Err(JournalError::Corruption {
+                        offset: end.file_offset,
+                        reason: format!(
+                            "releasing through seq {upto}: seq {} {}",
+                            end.seq, end.why
+                        ),
+                    });
+                }
+            }
+        }
+        let (pos, next) = scan.position();
+        self.sb.tail_pos = pos;
+        self.sb.tail_seq = next;
+        // The records being released must be durable before the superblock says they are
+        // gone, or a crash could leave a tail pointing past records that never hit the disk.
+        self.store.sync()?;
+        self.write_superblock()
+    }
+
+    /// Records from `seq` (at least the tail) to the head.
+    pub fn read_from(&self, seq: u64) -> Result<Vec<Record>, JournalError> {
+        let mut scan = Scanner::new(&self.store, &self.sb, self.sb.tail_pos, self.sb.tail_seq);
+        let mut out = Vec::new();
+        while let Some(r) = scan.next_record() {
+            let r = r?;
+            if r.header.seq >= seq {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Syncs, marks the journal closed cleanly, and hands back its store.
+    pub fn close(mut self) -> Result<S, JournalError> {
+        self.store.sync()?;
+        self.sb.clean = true;
+        self.sb.head_pos = self.head_pos;
+        self.sb.head_seq = self.next_seq;
+        self.write_superblock()?;
+        Ok(self.store)
+    }
+}
+
+#[cfg(test)]
+mod tests;
