@@ -140,18 +140,28 @@ impl Tracker {
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        let readies = self.ready_lines().len();
         self.child = Some(cmd.spawn().expect("spawn redun-tracker"));
-        self.wait_ready();
+        self.wait_ready(readies);
     }
 
-    fn wait_ready(&mut self) {
+    fn ready_lines(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("ready:"))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Waits for the ready line of this run (the log keeps those of earlier runs).
+    fn wait_ready(&mut self, earlier: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("redun-tracker exited early with {st}:\n{}", self.log_text());
             }
             if self.admin.exists() && self.sock.exists() {
-                if let Some(l) = self.log_text().lines().find(|l| l.contains("ready:")) {
+                if let Some(l) = self.ready_lines().get(earlier) {
                     self.tcp = l
                         .split(", ")
                         .map(|s| s.trim())

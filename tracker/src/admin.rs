@@ -46,6 +46,16 @@ pub struct VolumeStatus {
     pub trims: u64,
     pub zeroes: u64,
     pub errors: u64,
+    /// `protected`, `resync-required` or `untracked`.
+    pub state: crate::track::TrackState,
+    /// Bytes inside dirty regions (changes not in the journal).
+    pub dirty_bytes: u64,
+    /// The first dirty ranges as `[offset, length]`, merged (at most 256).
+    #[serde(default)]
+    pub dirty_ranges: Vec<(u64, u64)>,
+    /// The volume's journal, when changes are tracked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<crate::track::JournalStatus>,
 }
 
 /// The tracker's answer to `status`.

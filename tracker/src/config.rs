@@ -32,6 +32,12 @@ pub struct TrackerSection {
     pub listen: Option<Vec<String>>,
     pub admin_socket: Option<PathBuf>,
     pub backend: Option<EngineChoice>,
+    /// One journal file per volume in this directory; no journaling without it (for now).
+    pub journal_dir: Option<PathBuf>,
+    /// Size of each journal, e.g. "1G".
+    pub journal_size: Option<String>,
+    /// Never journal (benchmarks only).
+    pub no_journal: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -48,6 +54,20 @@ pub struct TrackerConfig {
     pub listen: Vec<ListenAddr>,
     pub admin_socket: PathBuf,
     pub backend: EngineChoice,
+    /// Where journals live; `None` when changes are not tracked.
+    pub journal_dir: Option<PathBuf>,
+    pub journal_size: u64,
+}
+
+/// Default size of a volume's journal.
+pub const DEFAULT_JOURNAL_SIZE: u64 = 1 << 30;
+
+/// Journal flags, merged like the others.
+#[derive(Debug, Clone, Default)]
+pub struct JournalFlags {
+    pub dir: Option<PathBuf>,
+    pub size: Option<u64>,
+    pub disabled: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +130,7 @@ pub fn merge(
     listen: Vec<String>,
     admin_socket: Option<PathBuf>,
     backend: Option<EngineChoice>,
+    journal: JournalFlags,
 ) -> Result<TrackerConfig, ConfigError> {
     let mut all = file.volume;
     all.extend(volumes);
@@ -142,7 +163,21 @@ pub fn merge(
                 .map_err(|e| ConfigError::Invalid(format!("listen address: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let journal_size = match (journal.size, &file.tracker.journal_size) {
+        (Some(s), _) => s,
+        (None, Some(s)) => crate::track::parse_size(s)
+            .map_err(|e| ConfigError::Invalid(format!("tracker.journal_size: {e}")))?,
+        (None, None) => DEFAULT_JOURNAL_SIZE,
+    };
+    let disabled = journal.disabled || file.tracker.no_journal.unwrap_or(false);
+    let journal_dir = if disabled {
+        None
+    } else {
+        journal.dir.or(file.tracker.journal_dir)
+    };
     Ok(TrackerConfig {
+        journal_dir,
+        journal_size,
         volumes: all,
         listen,
         admin_socket: admin_socket
@@ -165,6 +200,8 @@ mod tests {
             [tracker]
             listen = ["unix:/tmp/a.sock"]
             backend = "sync"
+            journal_dir = "/var/lib/redun/journal"
+            journal_size = "256M"
             [[volume]]
             name = "db"
             path = "/tmp/db.img"
@@ -179,9 +216,27 @@ mod tests {
             vec![],
             None,
             None,
+            JournalFlags::default(),
         )
         .unwrap();
         assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.journal_dir, Some(PathBuf::from("/var/lib/redun/journal")));
+        assert_eq!(c.journal_size, 256 << 20);
+        let off = JournalFlags {
+            disabled: true,
+            ..JournalFlags::default()
+        };
+        let f2: ConfigFile = toml::from_str("[tracker]\njournal_dir = \"/j\"\n").unwrap();
+        let c2 = merge(
+            f2,
+            vec![parse_volume_flag("x=/x").unwrap()],
+            vec![],
+            None,
+            None,
+            off,
+        )
+        .unwrap();
+        assert_eq!(c2.journal_dir, None);
         assert_eq!(c.backend, EngineChoice::Sync);
         assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/a.sock".into())]);
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
@@ -197,12 +252,38 @@ mod tests {
             parse_volume_flag("a=/x").unwrap(),
             parse_volume_flag("a=/y").unwrap(),
         ];
-        let e = merge(ConfigFile::default(), dup, vec![], None, None).unwrap_err();
+        let e = merge(
+            ConfigFile::default(),
+            dup,
+            vec![],
+            None,
+            None,
+            JournalFlags::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("\"a\" is defined twice"), "{e}");
         assert!(parse_volume_flag("nopath").is_err());
-        let e = merge(ConfigFile::default(), vec![], vec![], None, None).unwrap_err();
+        let e = merge(
+            ConfigFile::default(),
+            vec![],
+            vec![],
+            None,
+            None,
+            JournalFlags::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("--volume"), "{e}");
         let bad = vec![parse_volume_flag("a b=/x").unwrap()];
-        assert!(merge(ConfigFile::default(), bad, vec![], None, None).is_err());
+        assert!(
+            merge(
+                ConfigFile::default(),
+                bad,
+                vec![],
+                None,
+                None,
+                JournalFlags::default()
+            )
+            .is_err()
+        );
     }
 }

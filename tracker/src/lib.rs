@@ -13,3 +13,4 @@ pub mod config;
 pub mod io;
 pub mod journal;
 pub mod nbd;
+pub mod track;

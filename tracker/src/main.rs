@@ -14,6 +14,7 @@ use redun_tracker::admin::{AdminRequest, AdminResponse, AdminServer, TrackerStat
 use redun_tracker::config::{self, ConfigFile};
 use redun_tracker::io::{Engine, EngineChoice, FileBackend};
 use redun_tracker::nbd::{Exports, Listener, Server};
+use redun_tracker::track::{ChangeLog, TrackState};
 
 /// How long a stop waits for connections to finish their in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -37,6 +38,15 @@ struct Args {
     /// TOML config file with the same settings ([tracker] and [[volume]] sections).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Journal every change of each volume in DIR/NAME.journal.
+    #[arg(long, value_name = "DIR")]
+    journal_dir: Option<PathBuf>,
+    /// Size of each journal (created preallocated), e.g. 1G [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = redun_tracker::track::parse_size)]
+    journal_size: Option<u64>,
+    /// Do not journal (benchmarks only): changes are not tracked.
+    #[arg(long)]
+    no_journal: bool,
 }
 
 fn main() -> ExitCode {
@@ -56,19 +66,37 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(p) => ConfigFile::load(p)?,
         None => ConfigFile::default(),
     };
+    let journal = config::JournalFlags {
+        dir: args.journal_dir,
+        size: args.journal_size,
+        disabled: args.no_journal,
+    };
     let cfg = config::merge(
         file,
         args.volumes,
         args.listen,
         args.admin_socket,
         args.backend,
+        journal,
     )?;
     let engine = Engine::resolve(cfg.backend)?;
 
     let mut list = Vec::new();
     for v in &cfg.volumes {
-        let b =
+        let mut b =
             FileBackend::open(&v.path, engine).with_context(|| format!("volume {:?}", v.name))?;
+        match &cfg.journal_dir {
+            Some(dir) => {
+                let size = redun_tracker::nbd::BlockBackend::size(&b);
+                let log = ChangeLog::open_or_create(dir, &v.name, cfg.journal_size, size)
+                    .with_context(|| format!("volume {:?}", v.name))?;
+                b = b.with_log(Arc::new(log));
+            }
+            None => warn!(
+                "volume {}: changes are not journaled (no --journal-dir)",
+                v.name
+            ),
+        }
         info!(
             "volume {} on {} size={} engine={}",
             v.name,
@@ -123,6 +151,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         let _ = t.join();
     }
     drop(admin);
+    for e in server.exports().iter() {
+        if let Some(log) = e.backend.log() {
+            log.close();
+        }
+    }
     if clean {
         info!("redun-tracker stopped");
         Ok(ExitCode::SUCCESS)
@@ -154,6 +187,14 @@ fn status(server: &Server<FileBackend>, listen: &[String], started: Instant) -> 
                 trims: s.trims.load(Relaxed),
                 zeroes: s.zeroes.load(Relaxed),
                 errors: s.errors.load(Relaxed),
+                state: e.backend.log().map_or(TrackState::Untracked, |l| l.state()),
+                dirty_bytes: e.backend.log().map_or(0, |l| l.dirty_bytes()),
+                dirty_ranges: e.backend.log().map_or(Vec::new(), |l| {
+                    let mut r = l.dirty_ranges();
+                    r.truncate(256);
+                    r
+                }),
+                journal: e.backend.log().and_then(|l| l.status()),
             }
         })
         .collect();

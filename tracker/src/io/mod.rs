@@ -19,6 +19,7 @@ use std::sync::Arc;
 use log::warn;
 
 use crate::nbd::{BlockBackend, Capabilities, CompletionSink, Extent, IoOp, IoQueue, IoRequest};
+use crate::track::ChangeLog;
 
 /// Largest request payload we accept (and advertise as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 << 20;
@@ -91,6 +92,7 @@ pub struct FileBackend {
     size: u64,
     regular: bool,
     engine: Engine,
+    log: Option<Arc<ChangeLog>>,
 }
 
 /// Why a backing path cannot be served.
@@ -138,7 +140,18 @@ impl FileBackend {
             size,
             regular,
             engine,
+            log: None,
         })
+    }
+
+    /// Records every change in `log` from now on.
+    pub fn with_log(mut self, log: Arc<ChangeLog>) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    pub fn log(&self) -> Option<&Arc<ChangeLog>> {
+        self.log.as_ref()
     }
 
     pub fn path(&self) -> &Path {
@@ -203,11 +216,14 @@ impl BlockBackend for FileBackend {
 
     fn open_queue(&self, sink: Arc<dyn CompletionSink>) -> io::Result<FileQueue> {
         Ok(match self.engine {
-            Engine::Uring => {
-                FileQueue::Uring(Box::new(uring::UringQueue::new(self.file.clone(), sink)?))
-            }
+            Engine::Uring => FileQueue::Uring(Box::new(uring::UringQueue::new(
+                self.file.clone(),
+                self.log.clone(),
+                sink,
+            )?)),
             Engine::Sync => FileQueue::Sync(SyncQueue {
                 file: self.file.clone(),
+                log: self.log.clone(),
                 sink,
             }),
         })
@@ -221,6 +237,7 @@ impl BlockBackend for FileBackend {
 /// The synchronous engine: each request runs to completion on the reader thread.
 pub struct SyncQueue {
     file: Arc<File>,
+    log: Option<Arc<ChangeLog>>,
     sink: Arc<dyn CompletionSink>,
 }
 
@@ -233,6 +250,23 @@ impl std::fmt::Debug for SyncQueue {
 impl IoQueue for SyncQueue {
     fn submit(&mut self, req: IoRequest) {
         let f = &*self.file;
+        if let Some(log) = &self.log {
+            let tracked = match &req.op {
+                op if op.is_mutation() => Some(log.apply(f, op).and_then(|()| {
+                    if op.fua() {
+                        f.sync_data()?;
+                        log.sync()?;
+                    }
+                    Ok(Vec::new())
+                })),
+                IoOp::Flush => Some(f.sync_data().and_then(|()| log.sync()).map(|()| Vec::new())),
+                _ => None,
+            };
+            if let Some(r) = tracked {
+                self.sink.complete(req.token, r);
+                return;
+            }
+        }
         let r = match req.op {
             IoOp::Read { offset, len } => ops::read_at(f, offset, len),
             IoOp::Write { offset, data, fua } => {

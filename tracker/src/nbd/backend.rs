@@ -93,6 +93,26 @@ pub enum IoOp {
     },
 }
 
+impl IoOp {
+    /// Write, trim or zero: the operations that change the volume.
+    pub fn is_mutation(&self) -> bool {
+        matches!(
+            self,
+            IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. }
+        )
+    }
+
+    /// The FUA flag of a mutation.
+    pub fn fua(&self) -> bool {
+        match self {
+            IoOp::Write { fua, .. } | IoOp::Trim { fua, .. } | IoOp::WriteZeroes { fua, .. } => {
+                *fua
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct IoRequest {
     pub token: Token,
