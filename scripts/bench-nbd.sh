@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# NBD server benchmark: fio's nbd engine against redun-tracker, qemu-nbd (default cache) and
-# nbdkit's file plugin, one after the other on the same backing file, in one run:
+# NBD server benchmark: fio's nbd engine against redun-tracker with its journal (on the same
+# disk as the backing file) and without (--no-journal), qemu-nbd (default cache) and nbdkit's
+# file plugin, one after the other on the same backing file, in one run:
 #   4 KiB random write, iodepth 16 | 4 KiB random read, iodepth 16 | 1 MiB sequential write, iodepth 4
-# Prints IOPS, MiB/s, p99 completion latency, and redun's ratio to each reference.
-# Usage: scripts/bench-nbd.sh [SECONDS per job, default 20]   (BENCH_BACKEND=uring|sync)
+# Reads run SECONDS; writes write BENCH_WRITE_SIZE (default 3g) so that the journal, which
+# nobody releases yet, never fills up during a job. Prints IOPS, MiB/s, p99 completion latency,
+# redun's ratios to each reference, and the tracker's resident memory with a 2 TiB volume.
+# Usage: scripts/bench-nbd.sh [SECONDS, default 20]   (BENCH_BACKEND=uring|sync)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime="${1:-20}"
+write_size="${BENCH_WRITE_SIZE:-3g}"
 backend="${BENCH_BACKEND:-uring}"
 for t in fio qemu-nbd nbdkit python3; do
     command -v "$t" >/dev/null || { echo "bench: $t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
@@ -36,10 +40,16 @@ wait_port() {
 }
 
 jobs=("randwrite 4k 16" "randread 4k 16" "write 1m 4")
+servers=(redun-journal redun qemu-nbd nbdkit)
 start_server() { # name port
     case $1 in
+    redun-journal)
+        rm -rf "$work/journal"
+        "$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$2" \
+            --admin-socket "$work/admin.sock" --backend "$backend" \
+            --journal-dir "$work/journal" --journal-size 4G 2>>"$work/redun.log" & ;;
     redun) "$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$2" \
-        --admin-socket "$work/admin.sock" --backend "$backend" 2>>"$work/redun.log" & ;;
+        --admin-socket "$work/admin.sock" --backend "$backend" --no-journal 2>>"$work/redun.log" & ;;
     qemu-nbd) qemu-nbd -f raw -b 127.0.0.1 -p "$2" -x bench -t "$img" 2>>"$work/qemu-nbd.log" & ;;
     nbdkit) nbdkit -f -i 127.0.0.1 -p "$2" --exportname=bench file "$img" 2>>"$work/nbdkit.log" & ;;
     esac
@@ -52,38 +62,57 @@ stop_server() {
     sync
 }
 
-echo "bench: ${runtime}s per job, redun backend=$backend, backing file on $(df --output=fstype "$work" | tail -1)" >&2
-# Job by job, the three servers back to back, so that they see the same machine state.
+echo "bench: reads ${runtime}s, writes $write_size per job, redun backend=$backend, backing file on $(df --output=fstype "$work" | tail -1)" >&2
+# Job by job, the servers back to back, so that they see the same machine state.
 for j in "${jobs[@]}"; do
     read -r rw bs qd <<<"$j"
-    for name in redun qemu-nbd nbdkit; do
+    if [ "$rw" = randread ]; then amount=(--time_based --runtime="$runtime"); else amount=(--io_size="$write_size"); fi
+    for name in "${servers[@]}"; do
         port=$((port + 1))
         start_server "$name" "$port"
         fio --name="$rw" --ioengine=nbd --uri="nbd://127.0.0.1:$port/bench" --rw="$rw" --bs="$bs" \
-            --iodepth="$qd" --size=256m --time_based --runtime="$runtime" --output-format=json \
+            --iodepth="$qd" --size=256m "${amount[@]}" --output-format=json \
             --output="$work/$name-$rw.json" >/dev/null
+        if [ "$name" = redun-journal ]; then
+            state=$("$bin/redun" status --json --tracker-socket "$work/admin.sock" |
+                python3 -c 'import json,sys; print(json.load(sys.stdin)["tracker"]["status"]["volumes"][0]["state"])')
+            [ "$state" = protected ] || echo "bench: WARNING: journaled volume is $state after $rw" >&2
+        fi
         stop_server
     done
 done
+
+# Resident memory of a tracker serving a 2 TiB sparse volume with its journal.
+truncate -s 2T "$work/big.img"
+port=$((port + 1))
+"$bin/redun-tracker" --volume big="$work/big.img" --listen "127.0.0.1:$port" \
+    --admin-socket "$work/admin.sock" --journal-dir "$work/journal-big" --journal-size 64M 2>>"$work/redun.log" &
+pid=$!; wait_port "$port"
+rss_kib=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+kill "$pid"; wait "$pid" || true; pid=
+echo "$rss_kib" >"$work/rss"
 
 python3 - "$work" <<'PY'
 import json, sys
 work = sys.argv[1]
 jobs = [("randwrite", "write", "4k randwrite qd16"), ("randread", "read", "4k randread qd16"),
         ("write", "write", "1M seqwrite qd4")]
-servers = ["redun", "qemu-nbd", "nbdkit"]
+servers = ["redun-journal", "redun", "qemu-nbd", "nbdkit"]
 def stats(server, job, side):
     j = json.load(open(f"{work}/{server}-{job}.json"))["jobs"][0][side]
     p99 = j["clat_ns"]["percentile"].get("99.000000", 0) / 1000
     return j["iops"], j["bw_bytes"] / 2**20, p99
-print(f"{'job':<18} {'server':<9} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}   redun/qemu-nbd  redun/nbdkit")
+print(f"{'job':<18} {'server':<14} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}  {'/qemu-nbd':>9} {'/nbdkit':>8} {'/untracked':>10}")
 for job, side, label in jobs:
-    r = stats("redun", job, side)
+    ref = {s: stats(s, job, side)[0] for s in servers}
     for s in servers:
         iops, mib, p99 = stats(s, job, side)
         ratio = ""
-        if s == "redun":
-            q, k = stats("qemu-nbd", job, side), stats("nbdkit", job, side)
-            ratio = f"   {r[0] / q[0]:>12.2f}x  {r[0] / k[0]:>10.2f}x"
-        print(f"{label:<18} {s:<9} {iops:>10.0f} {mib:>9.1f} {p99:>9.0f}{ratio}")
+        if s.startswith("redun"):
+            ratio = f"  {iops / ref['qemu-nbd']:>8.2f}x {iops / ref['nbdkit']:>7.2f}x"
+            if s == "redun-journal":
+                ratio += f" {iops / ref['redun']:>9.2f}x"
+        print(f"{label:<18} {s:<14} {iops:>10.0f} {mib:>9.1f} {p99:>9.0f}{ratio}")
+rss = int(open(f"{work}/rss").read())
+print(f"redun-tracker resident memory, 2 TiB volume with a journal: {rss / 1024:.1f} MiB")
 PY

@@ -587,4 +587,6 @@ impl<S: Store> Journal<S> {
 }
 
 #[cfg(test)]
+pub(crate) mod crash_store;
+#[cfg(test)]
 mod tests;

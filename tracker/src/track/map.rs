@@ -1,0 +1,560 @@
+//! The region map of a volume (`NAME.map` beside its journal): the activity log of hot
+//! extents and the persistent dirty-region bitmap. Format in docs/FORMAT.md ("Region map").
+//!
+//! Invariant J rests here. Before the first change into a cold extent, the extent is marked hot
+//! and the mark is made durable; an extent only cools after the journal records of every change
+//! into it are durable and its dirty bits are on disk. So after any crash, a byte on the backing
+//! device that the durable journal does not explain lies in a hot extent or a dirty region, and
+//! opening the map after an unclean stop turns every hot extent into dirty regions.
+
+use std::collections::VecDeque;
+use std::io;
+
+use log::warn;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::journal::Store;
+
+pub const MAP_MAGIC: [u8; 8] = *b"\x89RDM\r\n\x1a\n";
+pub const MAP_VERSION: u32 = 1;
+const HEADER_LEN: usize = 64;
+const HEADER_SLOT: u64 = 4096;
+const PAGE: u64 = 4096;
+/// Size of a hot extent (the activity log's unit).
+pub const DEFAULT_EXTENT: u64 = 4 << 20;
+/// Most extents kept hot at once.
+pub const DEFAULT_MAX_HOT: usize = 256;
+
+const _: () = assert!(HEADER_LEN as u64 <= HEADER_SLOT);
+
+/// Map geometry and flags, the first 64 bytes of the file:
+///
+/// | off | size | field |
+/// | --- | --- | --- |
+/// | 0 | 8 | magic `\x89RDM\r\n\x1a\n` |
+/// | 8 | 4 | version (1) |
+/// | 12 | 4 | flags: bit 0 = closed cleanly |
+/// | 16 | 8 | volume size |
+/// | 24 | 8 | region size (dirty bitmap unit) |
+/// | 32 | 8 | extent size (activity log unit) |
+/// | 40 | 16 | reserved (zero) |
+/// | 56 | 8 | xxh3-64 of bytes 0..56 |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    clean: bool,
+    volume_size: u64,
+    region: u64,
+    extent: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&MAP_MAGIC);
+        b[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&u32::from(self.clean).to_le_bytes());
+        b[16..24].copy_from_slice(&self.volume_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.region.to_le_bytes());
+        b[32..40].copy_from_slice(&self.extent.to_le_bytes());
+        let sum = xxh3_64(&b[0..56]);
+        b[56..64].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, String> {
+        if b[0..8] != MAP_MAGIC {
+            return Err("not a redun region map (bad magic)".into());
+        }
+        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if version != MAP_VERSION {
+            return Err(format!("unsupported region map version {version}"));
+        }
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        if xxh3_64(&b[0..56]) != u64_at(56) {
+            return Err("region map header checksum mismatch".into());
+        }
+        let h = Header {
+            clean: b[12] & 1 != 0,
+            volume_size: u64_at(16),
+            region: u64_at(24),
+            extent: u64_at(32),
+        };
+        if h.region == 0 || h.extent == 0 || h.extent % h.region != 0 {
+            return Err("region map header has an impossible geometry".into());
+        }
+        Ok(h)
+    }
+}
+
+/// A bitmap stored in whole pages of the map file.
+#[derive(Debug, Clone)]
+struct Bits {
+    words: Vec<u64>,
+    /// File offset of the first page.
+    at: u64,
+    count: u64,
+}
+
+impl Bits {
+    fn new(bits: u64, at: u64) -> Bits {
+        Bits {
+            words: vec![0; usize::try_from(bits.div_ceil(64)).expect("bitmap fits in memory")],
+            at,
+            count: 0,
+        }
+    }
+
+    fn bytes_on_disk(&self) -> u64 {
+        (self.words.len() as u64 * 8).next_multiple_of(PAGE)
+    }
+
+    fn get(&self, i: u64) -> bool {
+        usize::try_from(i / 64)
+            .ok()
+            .and_then(|w| self.words.get(w))
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Sets bit `i`; true if it was clear.
+    fn set(&mut self, i: u64) -> bool {
+        let Some(w) = usize::try_from(i / 64)
+            .ok()
+            .and_then(|w| self.words.get_mut(w))
+        else {
+            return false;
+        };
+        let was = *w & (1 << (i % 64)) != 0;
+        *w |= 1 << (i % 64);
+        if !was {
+            self.count += 1;
+        }
+        !was
+    }
+
+    fn clear(&mut self, i: u64) {
+        if let Some(w) = usize::try_from(i / 64)
+            .ok()
+            .and_then(|w| self.words.get_mut(w))
+        {
+            if *w & (1 << (i % 64)) != 0 {
+                *w &= !(1 << (i % 64));
+                self.count -= 1;
+            }
+        }
+    }
+
+    /// The page (index) holding bit `i`.
+    fn page_of(i: u64) -> u64 {
+        i / (PAGE * 8)
+    }
+
+    fn page_bytes(&self, page: u64) -> Vec<u8> {
+        let words_per_page = usize::try_from(PAGE / 8).expect("small");
+        let start = usize::try_from(page).expect("page index fits") * words_per_page;
+        let mut out = vec![0u8; usize::try_from(PAGE).expect("small")];
+        for (k, w) in self
+            .words
+            .iter()
+            .skip(start)
+            .take(words_per_page)
+            .enumerate()
+        {
+            out[k * 8..k * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    fn write_page<S: Store>(&self, store: &S, page: u64) -> io::Result<()> {
+        store.write_at(&[&self.page_bytes(page)], self.at + page * PAGE)
+    }
+
+    fn write_all<S: Store>(&self, store: &S) -> io::Result<()> {
+        let pages = self.bytes_on_disk() / PAGE;
+        for p in 0..pages {
+            self.write_page(store, p)?;
+        }
+        Ok(())
+    }
+
+    fn read_all<S: Store>(&mut self, store: &S) -> io::Result<()> {
+        let mut buf = vec![0u8; usize::try_from(self.bytes_on_disk()).expect("fits")];
+        store.read_at(&mut buf, self.at)?;
+        self.count = 0;
+        for (k, w) in self.words.iter_mut().enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&buf[k * 8..k * 8 + 8]);
+            *w = u64::from_le_bytes(a);
+            self.count += u64::from(w.count_ones());
+        }
+        Ok(())
+    }
+}
+
+/// The activity log and dirty bitmap of one volume.
+#[derive(Debug)]
+pub struct RegionMap<S: Store> {
+    store: S,
+    header: Header,
+    hot: Bits,
+    dirty: Bits,
+    /// Hot extents, least recently made hot first.
+    lru: VecDeque<u64>,
+    max_hot: usize,
+}
+
+/// What opening a map found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapRecovery {
+    pub was_clean: bool,
+    /// Hot extents turned into dirty regions because the last stop was unclean.
+    pub hot_extents: u64,
+}
+
+impl<S: Store> RegionMap<S> {
+    /// Size of the map file for a volume.
+    pub fn file_size(volume_size: u64, region: u64, extent: u64) -> u64 {
+        let hot = Bits::new(volume_size.div_ceil(extent), 0).bytes_on_disk();
+        let dirty = Bits::new(volume_size.div_ceil(region), 0).bytes_on_disk();
+        HEADER_SLOT + hot + dirty
+    }
+
+    fn layout(header: Header) -> (Bits, Bits) {
+        let hot = Bits::new(header.volume_size.div_ceil(header.extent), HEADER_SLOT);
+        let dirty_at = HEADER_SLOT + hot.bytes_on_disk();
+        let dirty = Bits::new(header.volume_size.div_ceil(header.region), dirty_at);
+        (hot, dirty)
+    }
+
+    /// Writes an empty map (nothing hot, nothing dirty) on a store of
+    /// [`RegionMap::file_size`] bytes.
+    pub fn create(store: S, volume_size: u64, region: u64, extent: u64) -> io::Result<Self> {
+        let header = Header {
+            clean: false,
+            volume_size,
+            region,
+            extent,
+        };
+        let (hot, dirty) = Self::layout(header);
+        hot.write_all(&store)?;
+        dirty.write_all(&store)?;
+        store.write_at(&[&header.encode()], 0)?;
+        store.sync()?;
+        Ok(RegionMap {
+            store,
+            header,
+            hot,
+            dirty,
+            lru: VecDeque::new(),
+            max_hot: DEFAULT_MAX_HOT,
+        })
+    }
+
+    /// Opens a map. After an unclean stop every hot extent becomes dirty (made durable
+    /// before this returns), and the map is marked open.
+    pub fn open(store: S, volume_size: u64) -> Result<(Self, MapRecovery), String> {
+        let mut hb = [0u8; HEADER_LEN];
+        store.read_at(&mut hb, 0).map_err(|e| e.to_string())?;
+        let header = Header::decode(&hb)?;
+        if header.volume_size != volume_size {
+            return Err(format!(
+                "region map is for a volume of {} bytes, not {volume_size}",
+                header.volume_size
+            ));
+        }
+        let (mut hot, mut dirty) = Self::layout(header);
+        hot.read_all(&store).map_err(|e| e.to_string())?;
+        dirty.read_all(&store).map_err(|e| e.to_string())?;
+        let rec = MapRecovery {
+            was_clean: header.clean,
+            hot_extents: if header.clean { 0 } else { hot.count },
+        };
+        let mut map = RegionMap {
+            store,
+            header: Header {
+                clean: false,
+                ..header
+            },
+            hot,
+            dirty,
+            lru: VecDeque::new(),
+            max_hot: DEFAULT_MAX_HOT,
+        };
+        if !header.clean && map.hot.count > 0 {
+            warn!(
+                "region map: unclean stop, {} hot extents become dirty",
+                map.hot.count
+            );
+            let per = header.extent / header.region;
+            let extents = volume_size.div_ceil(header.extent);
+            for e in 0..extents {
+                if map.hot.get(e) {
+                    for r in e * per..((e + 1) * per).min(volume_size.div_ceil(header.region)) {
+                        map.dirty.set(r);
+                    }
+                }
+            }
+        }
+        // Persist the dirty regions, then forget the hot extents: from here on the map
+        // describes this run.
+        map.dirty.write_all(&map.store).map_err(|e| e.to_string())?;
+        map.store.sync().map_err(|e| e.to_string())?;
+        for e in 0..volume_size.div_ceil(header.extent) {
+            map.hot.clear(e);
+        }
+        map.hot.write_all(&map.store).map_err(|e| e.to_string())?;
+        map.store
+            .write_at(&[&map.header.encode()], 0)
+            .map_err(|e| e.to_string())?;
+        map.store.sync().map_err(|e| e.to_string())?;
+        Ok((map, rec))
+    }
+
+    pub fn set_max_hot(&mut self, n: usize) {
+        self.max_hot = n.max(1);
+    }
+
+    pub fn hot_extents(&self) -> u64 {
+        self.hot.count
+    }
+
+    /// Makes every extent that `[offset, offset+len)` touches hot, durably, before a change
+    /// goes there. `sync_all` is called (once) before cooling extents to make room: it must
+    /// make every journal record appended so far, and every change applied to the backing
+    /// device so far, durable, so that the cooled extents hold nothing the durable journal
+    /// does not explain.
+    pub fn prepare(
+        &mut self,
+        offset: u64,
+        len: u64,
+        sync_all: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / self.header.extent;
+        let last = (offset + len - 1) / self.header.extent;
+        let cold: Vec<u64> = (first..=last).filter(|&e| !self.hot.get(e)).collect();
+        if cold.is_empty() {
+            return Ok(());
+        }
+        let needed = self.lru.len() + cold.len();
+        if needed > self.max_hot {
+            self.cool(needed - self.max_hot, &(first..=last), sync_all)?;
+        }
+        let mut pages = Vec::new();
+        for &e in &cold {
+            self.hot.set(e);
+            self.lru.push_back(e);
+            let p = Bits::page_of(e);
+            if !pages.contains(&p) {
+                pages.push(p);
+            }
+        }
+        for p in pages {
+            self.hot.write_page(&self.store, p)?;
+        }
+        self.store.sync()
+    }
+
+    /// Cools the `n` least recently heated extents (not those in `keep`).
+    fn cool(
+        &mut self,
+        n: usize,
+        keep: &std::ops::RangeInclusive<u64>,
+        sync_all: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        // Every change into these extents must be durable on both sides and explained by the
+        // durable journal, or by durable dirty bits, before the extents stop being hot.
+        sync_all()?;
+        let mut victims = Vec::new();
+        let mut kept = VecDeque::new();
+        while victims.len() < n {
+            let Some(e) = self.lru.pop_front() else {
+                break;
+            };
+            if keep.contains(&e) {
+                kept.push_back(e);
+            } else {
+                victims.push(e);
+            }
+        }
+        while let Some(e) = kept.pop_back() {
+            self.lru.push_front(e);
+        }
+        let per = self.header.extent / self.header.region;
+        let mut dirty_pages = Vec::new();
+        for &e in &victims {
+            for r in e * per..(e + 1) * per {
+                let p = Bits::page_of(r);
+                if !dirty_pages.contains(&p) {
+                    dirty_pages.push(p);
+                }
+            }
+        }
+        for p in dirty_pages {
+            self.dirty.write_page(&self.store, p)?;
+        }
+        self.store.sync()?;
+        let mut hot_pages = Vec::new();
+        for &e in &victims {
+            self.hot.clear(e);
+            let p = Bits::page_of(e);
+            if !hot_pages.contains(&p) {
+                hot_pages.push(p);
+            }
+        }
+        for p in hot_pages {
+            self.hot.write_page(&self.store, p)?;
+        }
+        // Not synced: an extent that stays marked hot after a crash is merely resynced.
+        Ok(())
+    }
+
+    /// Marks regions dirty (in memory; durable before their extent cools, or at close).
+    pub fn mark_dirty(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / self.header.region;
+        let last =
+            (offset + len - 1).min(self.header.volume_size.saturating_sub(1)) / self.header.region;
+        for r in first..=last {
+            self.dirty.set(r);
+        }
+    }
+
+    pub fn mark_all_dirty(&mut self) {
+        self.mark_dirty(0, self.header.volume_size);
+    }
+
+    pub fn is_dirty(&self, offset: u64) -> bool {
+        self.dirty.get(offset / self.header.region)
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        (self.dirty.count * self.header.region).min(self.header.volume_size)
+    }
+
+    pub fn region(&self) -> u64 {
+        self.header.region
+    }
+
+    /// Dirty ranges as (offset, length), merged.
+    pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let region = self.header.region;
+        let size = self.header.volume_size;
+        for (w, &word) in self.dirty.words.iter().enumerate() {
+            if word == 0 {
+                continue;
+            }
+            for b in 0..64u64 {
+                if word & (1 << b) == 0 {
+                    continue;
+                }
+                let start = (w as u64 * 64 + b) * region;
+                if start >= size {
+                    break;
+                }
+                let len = region.min(size - start);
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == start => last.1 += len,
+                    _ => out.push((start, len)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Durable dirty bits and an empty activity log, then the clean flag. The caller must
+    /// have made the journal durable first.
+    pub fn close(mut self) -> io::Result<S> {
+        self.dirty.write_all(&self.store)?;
+        for e in self.lru.drain(..) {
+            self.hot.clear(e);
+        }
+        self.hot.write_all(&self.store)?;
+        self.store.sync()?;
+        self.header.clean = true;
+        self.store.write_at(&[&self.header.encode()], 0)?;
+        self.store.sync()?;
+        Ok(self.store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::crash_store::CrashStore;
+
+    const VOL: u64 = 64 << 20;
+
+    fn new_map() -> RegionMap<CrashStore> {
+        let size = RegionMap::<CrashStore>::file_size(VOL, 64 << 10, 4 << 20);
+        let size = usize::try_from(size).unwrap();
+        RegionMap::create(CrashStore::new(size), VOL, 64 << 10, 4 << 20).unwrap()
+    }
+
+    #[test]
+    fn hot_extents_become_dirty_after_an_unclean_stop_only() {
+        let mut m = new_map();
+        let mut syncs = 0;
+        m.prepare(5 << 20, 4096, &mut || {
+            syncs += 1;
+            Ok(())
+        })
+        .unwrap();
+        m.prepare((8 << 20) - 10, 20, &mut || Ok(())).unwrap();
+        assert_eq!(m.hot_extents(), 2);
+        assert_eq!(syncs, 0, "no cooling below the limit");
+        // Unclean: reopen what is on disk now.
+        let (m2, rec) = RegionMap::open(CrashStore::from_image(m.store.image()), VOL).unwrap();
+        assert_eq!(rec.hot_extents, 2);
+        assert_eq!(m2.dirty_ranges(), vec![(4 << 20, 8 << 20)]);
+        assert_eq!(m2.hot_extents(), 0);
+        // Clean: nothing dirty.
+        let store = m.close().unwrap();
+        let (m3, rec) = RegionMap::open(store, VOL).unwrap();
+        assert!(rec.was_clean && m3.dirty_bytes() == 0);
+    }
+
+    #[test]
+    fn cooling_syncs_first_and_keeps_the_limit() {
+        let mut m = new_map();
+        m.set_max_hot(2);
+        let mut syncs = 0;
+        for e in 0..6u64 {
+            m.prepare(e << 22, 1, &mut || {
+                syncs += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert!(m.hot_extents() <= 2);
+        }
+        assert_eq!(syncs, 4);
+        m.mark_dirty(100, 1);
+        let (m2, _) = RegionMap::open(CrashStore::from_image(m.store.image()), VOL).unwrap();
+        // Region 0 was dirtied after extent 0 cooled: only persisted at close, but the two
+        // extents still hot at the crash are dirty.
+        assert_eq!(m2.dirty_ranges(), vec![(4 << 22, 2 << 22)]);
+        let store = m.close().unwrap();
+        let (m3, _) = RegionMap::open(store, VOL).unwrap();
+        assert_eq!(m3.dirty_ranges(), vec![(0, 64 << 10)]);
+    }
+
+    #[test]
+    fn damaged_or_foreign_maps_are_refused() {
+        let m = new_map();
+        let img = m.store.image();
+        let mut bad = img.clone();
+        bad[20] ^= 1;
+        let e = RegionMap::open(CrashStore::from_image(bad), VOL).unwrap_err();
+        assert!(e.contains("checksum"), "{e}");
+        let e = RegionMap::open(CrashStore::from_image(img), VOL * 2).unwrap_err();
+        assert!(e.contains("volume of"), "{e}");
+    }
+}
