@@ -24,12 +24,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::io::ops;
 use crate::journal::format::{Kind, MIN_FILE_SIZE};
+use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Policy, Store};
 use crate::nbd::IoOp;
 
 pub mod map;
 
 use map::RegionMap;
+
+/// How many appends may pass between two looks at the release file.
+const RELEASE_CHECK_EVERY: u32 = 1024;
+/// The same once the journal is half full.
+const RELEASE_CHECK_PRESSED: u32 = 32;
 
 /// Default size of a volume's dirty region.
 pub const DEFAULT_REGION: u64 = 64 * 1024;
@@ -64,6 +70,8 @@ struct State {
     /// The journal stopped taking records (full or failed) until a resync.
     overflowed: bool,
     map: Option<RegionMap<File>>,
+    /// Appends since the release file was last looked at.
+    since_release_check: u32,
 }
 
 /// The change log of one volume.
@@ -267,6 +275,12 @@ impl ChangeLog {
         };
         let sync_file = journal.store().try_clone().map_err(|e| jerr(e.into()))?;
         let overflowed = map.dirty_bytes() > 0;
+        let mut journal = journal;
+        if let Some(seq) = read_release(&path).map_err(|e| jerr(e.into()))? {
+            if seq >= journal.tail_seq() {
+                journal.release(seq).map_err(jerr)?;
+            }
+        }
         Ok(ChangeLog {
             path,
             map_path,
@@ -274,6 +288,7 @@ impl ChangeLog {
                 journal: Some(journal),
                 overflowed,
                 map: Some(map),
+                since_release_check: 0,
             }),
             sync_file,
         })
@@ -301,6 +316,17 @@ impl ChangeLog {
         };
         let mut st = self.state.lock().unwrap();
         let st = &mut *st;
+        st.since_release_check += 1;
+        let nearly_full = st
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.used() + u64::from(len) + 4096 > j.capacity() / 2);
+        let due = st.since_release_check >= RELEASE_CHECK_EVERY
+            || nearly_full && !st.overflowed && st.since_release_check >= RELEASE_CHECK_PRESSED;
+        if due {
+            st.since_release_check = 0;
+            self.absorb_release(st.journal.as_mut());
+        }
         let sync_file = &self.sync_file;
         let mut change = Change {
             journal: st.journal.as_mut(),
@@ -330,6 +356,26 @@ impl ChangeLog {
                 _ => Ok(()),
             },
         )
+    }
+
+    /// Moves the journal's tail to what the reader released (see
+    /// [`crate::journal::reader`]).
+    fn absorb_release(&self, journal: Option<&mut Journal<File>>) {
+        let Some(j) = journal else {
+            return;
+        };
+        match read_release(&self.path) {
+            Ok(Some(seq)) if seq >= j.tail_seq() => {
+                if let Err(e) = j.release(seq) {
+                    error!(
+                        "journal {}: cannot release through seq {seq}: {e}",
+                        self.path.display()
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!("journal {}: {e}; not releasing", self.path.display()),
+        }
     }
 
     /// Makes every record appended so far durable. Does not take the lock.

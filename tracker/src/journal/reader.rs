@@ -1,0 +1,195 @@
+//! The reader side of a journal, for another process (the shipper): follow the chain from a
+//! sequence number, wait for new records without polling, and release what has been shipped.
+//!
+//! Releasing is a small file beside the journal, `NAME.journal.release`, replaced atomically
+//! (write a temporary file, sync, rename, sync the directory). The tracker reads it when it
+//! needs room and at start-up, and moves the journal's tail; both processes can restart at any
+//! time without losing the position.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::format::Superblock;
+use super::{JournalError, Record, Scanner, read_superblock};
+
+const RELEASE_MAGIC: [u8; 8] = *b"RDNREL1\0";
+const RELEASE_LEN: usize = 24;
+
+/// Where the release position of the journal at `journal` lives.
+pub fn release_path(journal: &Path) -> PathBuf {
+    let mut p = journal.as_os_str().to_owned();
+    p.push(".release");
+    PathBuf::from(p)
+}
+
+/// Reads the released sequence number (`None` if nothing was ever released). A damaged file
+/// is an error: the caller must not guess a release position.
+pub fn read_release(journal: &Path) -> io::Result<Option<u64>> {
+    let path = release_path(journal);
+    let b = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("release file {} is damaged", path.display()),
+        )
+    };
+    if b.len() != RELEASE_LEN || b[0..8] != RELEASE_MAGIC {
+        return Err(bad());
+    }
+    let word = |o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(a)
+    };
+    if xxh3_64(&b[0..16]) != word(16) {
+        return Err(bad());
+    }
+    Ok(Some(word(8)))
+}
+
+/// Durably records that every record up to `seq` may be released.
+pub fn write_release(journal: &Path, seq: u64) -> io::Result<()> {
+    let path = release_path(journal);
+    let tmp = {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".tmp");
+        PathBuf::from(p)
+    };
+    let mut b = [0u8; RELEASE_LEN];
+    b[0..8].copy_from_slice(&RELEASE_MAGIC);
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    let sum = xxh3_64(&b[0..16]);
+    b[16..24].copy_from_slice(&sum.to_le_bytes());
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    f.write_all(&b)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Follows a journal written by another process.
+#[derive(Debug)]
+pub struct JournalReader {
+    path: PathBuf,
+    file: File,
+    sb: Superblock,
+    pos: u64,
+    seq: u64,
+    inotify: Inotify,
+}
+
+impl JournalReader {
+    /// Opens the journal at `path`, positioned at its tail.
+    pub fn open(path: &Path) -> Result<JournalReader, JournalError> {
+        let file = File::open(path)?;
+        let sb = read_superblock(&file)?;
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+            .map_err(io::Error::from)?;
+        inotify
+            .add_watch(path, AddWatchFlags::IN_MODIFY)
+            .map_err(io::Error::from)?;
+        Ok(JournalReader {
+            path: path.to_path_buf(),
+            file,
+            pos: sb.tail_pos,
+            seq: sb.tail_seq,
+            sb,
+            inotify,
+        })
+    }
+
+    /// The sequence number of the next record [`JournalReader::next_record`] returns.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// Moves the cursor to `seq`, which must not be released yet.
+    pub fn seek(&mut self, seq: u64) -> Result<(), JournalError> {
+        self.sb = read_superblock(&self.file)?;
+        if seq < self.sb.tail_seq {
+            return Err(JournalError::Corruption {
+                offset: 0,
+                reason: format!(
+                    "seq {seq} is already released (the journal starts at seq {})",
+                    self.sb.tail_seq
+                ),
+            });
+        }
+        self.pos = self.sb.tail_pos;
+        self.seq = self.sb.tail_seq;
+        while self.seq < seq {
+            if self.next_record()?.is_none() {
+                return Err(JournalError::Corruption {
+                    offset: 0,
+                    reason: format!("seq {seq} is not in the journal yet"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The next record, or `None` when the writer has not written it (completely) yet.
+    pub fn next_record(&mut self) -> Result<Option<Record>, JournalError> {
+        for attempt in 0..2 {
+            let mut scan = Scanner::new(&self.file, &self.sb, self.pos, self.seq);
+            match scan.next_record() {
+                Some(r) => {
+                    let r = r?;
+                    (self.pos, self.seq) = scan.position();
+                    return Ok(Some(r));
+                }
+                None if attempt == 0 => {
+                    // The writer may have reopened the journal with a newer epoch.
+                    self.sb = read_superblock(&self.file)?;
+                }
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits until the journal file is written to, or `timeout` passes. True if written.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+        let n = match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        // Drain the events; which ones does not matter.
+        while let Ok(ev) = self.inotify.read_events() {
+            if ev.is_empty() {
+                break;
+            }
+        }
+        Ok(n > 0)
+    }
+
+    /// Releases every record up to `seq` (shipped and durable on the target).
+    pub fn release(&self, seq: u64) -> io::Result<()> {
+        write_release(&self.path, seq)
+    }
+}
