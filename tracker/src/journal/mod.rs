@@ -299,11 +299,16 @@ pub struct Journal<S: Store> {
     next_seq: u64,
 }
 
+/// Fills `buf` from the kernel's random source (left as is if it cannot be read).
+pub(crate) fn random_bytes(buf: &mut [u8]) {
+    if let Ok(f) = File::open("/dev/urandom") {
+        let _ = f.read_exact_at(buf, 0);
+    }
+}
+
 fn random_salt() -> u64 {
     let mut b = [0u8; 8];
-    if let Ok(f) = File::open("/dev/urandom") {
-        let _ = f.read_exact_at(&mut b, 0);
-    }
+    random_bytes(&mut b);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() ^ u64::from(d.subsec_nanos()) << 20)

@@ -172,6 +172,19 @@ impl Bits {
         store.write_at(&[&self.page_bytes(page)], self.at + page * PAGE)
     }
 
+    /// Writes the pages holding the given bits, each page once.
+    fn write_pages_of<S: Store>(
+        &self,
+        store: &S,
+        bits: impl IntoIterator<Item = u64>,
+    ) -> io::Result<()> {
+        let pages: std::collections::BTreeSet<u64> = bits.into_iter().map(Bits::page_of).collect();
+        for p in pages {
+            self.write_page(store, p)?;
+        }
+        Ok(())
+    }
+
     fn write_all<S: Store>(&self, store: &S) -> io::Result<()> {
         let pages = self.bytes_on_disk() / PAGE;
         for p in 0..pages {
@@ -345,18 +358,11 @@ impl<S: Store> RegionMap<S> {
         if needed > self.max_hot {
             self.cool(needed - self.max_hot, &(first..=last), sync_all)?;
         }
-        let mut pages = Vec::new();
         for &e in &cold {
             self.hot.set(e);
             self.lru.push_back(e);
-            let p = Bits::page_of(e);
-            if !pages.contains(&p) {
-                pages.push(p);
-            }
         }
-        for p in pages {
-            self.hot.write_page(&self.store, p)?;
-        }
+        self.hot.write_pages_of(&self.store, cold)?;
         self.store.sync()
     }
 
@@ -386,30 +392,16 @@ impl<S: Store> RegionMap<S> {
             self.lru.push_front(e);
         }
         let per = self.header.extent / self.header.region;
-        let mut dirty_pages = Vec::new();
-        for &e in &victims {
-            for r in e * per..(e + 1) * per {
-                let p = Bits::page_of(r);
-                if !dirty_pages.contains(&p) {
-                    dirty_pages.push(p);
-                }
-            }
-        }
-        for p in dirty_pages {
-            self.dirty.write_page(&self.store, p)?;
-        }
+        self.dirty.write_pages_of(
+            &self.store,
+            victims.iter().flat_map(|&e| e * per..(e + 1) * per),
+        )?;
         self.store.sync()?;
-        let mut hot_pages = Vec::new();
         for &e in &victims {
             self.hot.clear(e);
-            let p = Bits::page_of(e);
-            if !hot_pages.contains(&p) {
-                hot_pages.push(p);
-            }
         }
-        for p in hot_pages {
-            self.hot.write_page(&self.store, p)?;
-        }
+        self.hot
+            .write_pages_of(&self.store, victims.iter().copied())?;
         // Not synced: an extent that stays marked hot after a crash is merely resynced.
         Ok(())
     }

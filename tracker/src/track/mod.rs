@@ -116,9 +116,7 @@ pub enum TrackError {
 
 fn random_uuid() -> [u8; 16] {
     let mut b = [0u8; 16];
-    if let Ok(f) = File::open("/dev/urandom") {
-        let _ = std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0);
-    }
+    crate::journal::random_bytes(&mut b);
     b
 }
 
