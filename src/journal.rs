@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use redun_tracker::journal::format::Kind;
-use redun_tracker::journal::inspect::{Inspection, inspect};
+use redun_tracker::journal::inspect::{Inspection, find_damage, inspect};
 use redun_tracker::journal::{Scanner, read_superblock};
 
 use crate::JournalCommand;
@@ -39,7 +39,7 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         JournalCommand::Check { file, json } => {
-            let (_, i) = open(&file)?;
+            let (f, i) = open(&file)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
             } else {
@@ -56,6 +56,24 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
                             "  valid record seq {} at file offset {} lies beyond it",
                             o.seq, o.file_offset
                         );
+                    }
+                    let damage =
+                        find_damage(&f).with_context(|| format!("journal {}", file.display()))?;
+                    match damage.map(|d| (d.lost_records, d.ranges)) {
+                        Some((lost, Some(ranges))) => println!(
+                            "  {lost} records lost; at its next start the tracker marks the {} \
+                             volume ranges they changed ({} bytes) dirty",
+                            ranges.len(),
+                            ranges.iter().map(|r| r.1).sum::<u64>()
+                        ),
+                        Some((lost, None)) => println!(
+                            "  {lost} records lost, not all of them readable: at its next start \
+                             the tracker marks the whole volume dirty"
+                        ),
+                        None => println!(
+                            "  a torn record at the head of a journal that was not closed: what \
+                             a crash leaves, covered by the region map"
+                        ),
                     }
                 }
             }

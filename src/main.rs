@@ -153,10 +153,35 @@ fn status(json: bool, socket: &Path) -> ExitCode {
                     human(v.bytes_written),
                     v.errors
                 );
+                let mut line = format!("{:<16} state={}", "", kebab(&v.state));
+                if let Some(j) = &v.journal {
+                    line += &format!(
+                        " journal={}/{} head_seq={} released_seq={}",
+                        human(j.used_bytes),
+                        human(j.capacity),
+                        j.head_seq,
+                        j.released_seq
+                    );
+                    if j.waiting_writes > 0 {
+                        line += &format!(" waiting_writes={} (journal full)", j.waiting_writes);
+                    }
+                }
+                if v.dirty_bytes > 0 {
+                    line += &format!(" dirty={}", human(v.dirty_bytes));
+                }
+                println!("{line}");
             }
         }
     }
     ExitCode::SUCCESS
+}
+
+/// A value's serde name (`resync-required`).
+fn kebab<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 fn human(n: u64) -> String {

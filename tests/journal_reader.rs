@@ -131,3 +131,160 @@ fn a_follower_ships_and_releases_while_the_tracker_writes() {
     assert!(r.seek(released).is_err());
     assert!(r.seek(released + 1).is_ok());
 }
+
+/// Follows the journal like a shipper that starts late: applies records to an image, releases
+/// every 16 records and whenever it catches up, and stops once `done` is set and nothing new
+/// came for half a second.
+fn follow_and_release(
+    jpath: std::path::PathBuf,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut r = JournalReader::open(&jpath).unwrap();
+        let mut img = vec![0u8; VOL as usize];
+        let mut last = 0;
+        let mut released = 0;
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            if let Some(rec) = r.next_record().unwrap() {
+                idle_since = None;
+                let h = rec.header;
+                let o = h.offset as usize;
+                match h.kind {
+                    Kind::Write => img[o..o + rec.payload.len()].copy_from_slice(&rec.payload),
+                    Kind::Trim | Kind::Zero => img[o..o + h.length as usize].fill(0),
+                    _ => {}
+                }
+                last = h.seq;
+                if h.seq % 16 == 0 {
+                    r.release(h.seq).unwrap();
+                    released = h.seq;
+                }
+                continue;
+            }
+            if last > released {
+                r.release(last).unwrap();
+                released = last;
+            }
+            if done.load(Ordering::SeqCst) {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    return img;
+                }
+            }
+            r.wait(Duration::from_millis(100)).unwrap();
+        }
+    })
+}
+
+fn volume_status(t: &Tracker) -> serde_json::Value {
+    t.status_json()["tracker"]["status"]["volumes"][0].clone()
+}
+
+fn wait_for_waiting_writes(t: &Tracker, fio: &mut std::process::Child) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = volume_status(t);
+        if v["journal"]["waiting_writes"].as_u64().unwrap() > 0 {
+            return v;
+        }
+        assert!(
+            fio.try_wait().unwrap().is_none(),
+            "fio finished without ever waiting for the full journal: {v}"
+        );
+        assert!(Instant::now() < deadline, "no write ever waited: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn_fio(t: &Tracker, io_size: &str) -> std::process::Child {
+    Command::new("fio")
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=4",
+            "--size=32m",
+        ])
+        .arg(format!("--io_size={io_size}"))
+        .arg(format!("--uri={}", t.uri()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn on_full_block_holds_writes_until_the_shipper_releases() {
+    require("fio");
+    let mut t = Tracker::start_with("uring", VOL, &["--no-journal"]);
+    let _ = t.stop();
+    let jdir = t.dir.path().join("journal");
+    let args = [
+        "--journal-dir",
+        jdir.to_str().unwrap(),
+        "--journal-size",
+        "2M",
+        "--journal-on-full",
+        "block",
+    ];
+    t.spawn("uring", &args);
+    let jpath = jdir.join(format!("{EXPORT}.journal"));
+
+    // 24 MiB through a 2 MiB journal that nobody releases yet: the writer must wait.
+    let mut fio = spawn_fio(&t, "24m");
+    let v = wait_for_waiting_writes(&t, &mut fio);
+    assert_eq!(v["state"], "protected", "{v}");
+    assert_eq!(v["journal"]["on_full"], "block", "{v}");
+    let cap = v["journal"]["capacity"].as_u64().unwrap();
+    assert!(
+        v["journal"]["used_bytes"].as_u64().unwrap() > cap / 2,
+        "{v}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        fio.try_wait().unwrap().is_none(),
+        "fio went on past a full journal"
+    );
+    let written_while_full = volume_status(&t)["bytes_written"].as_u64().unwrap();
+    assert!(
+        written_while_full < 4 << 20,
+        "{written_while_full} bytes written"
+    );
+
+    // The shipper arrives: every write goes through, none is dropped.
+    let done = Arc::new(AtomicBool::new(false));
+    let follower = follow_and_release(jpath.clone(), done.clone());
+    let st = wait_timeout(&mut fio, Duration::from_secs(120)).expect("fio still blocked");
+    assert!(st.success());
+    done.store(true, Ordering::SeqCst);
+    let img = follower.join().unwrap();
+    let v = volume_status(&t);
+    assert_eq!(v["state"], "protected", "{v}");
+    assert_eq!(v["dirty_bytes"], 0, "{v}");
+    assert_eq!(v["journal"]["waiting_writes"], 0, "{v}");
+    assert_eq!(v["bytes_written"], 24 << 20, "{v}");
+    assert!(
+        std::fs::read(&t.image).unwrap() == img,
+        "the shipped records differ from the volume"
+    );
+    assert!(
+        t.log_text()
+            .contains("writes wait until the shipper releases")
+    );
+
+    // Stopping while writes wait: they fail (ESHUTDOWN, never acknowledged) and the tracker
+    // exits at once instead of waiting for a shipper; the journal closes cleanly.
+    let mut fio = spawn_fio(&t, "8m");
+    wait_for_waiting_writes(&t, &mut fio);
+    let started = Instant::now();
+    assert!(t.stop().success(), "{}", t.log_text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let st = wait_timeout(&mut fio, Duration::from_secs(30)).expect("fio hangs");
+    assert!(!st.success(), "fio did not see its waiting writes fail");
+    t.spawn("uring", &args);
+    let v = volume_status(&t);
+    assert_eq!(v["state"], "protected", "{v}");
+    assert_eq!(v["dirty_bytes"], 0, "{v}");
+}

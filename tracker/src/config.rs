@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::io::EngineChoice;
 use crate::nbd::ListenAddr;
+use crate::track::OnFull;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/redun/tracker.sock";
@@ -32,12 +33,22 @@ pub struct TrackerSection {
     pub listen: Option<Vec<String>>,
     pub admin_socket: Option<PathBuf>,
     pub backend: Option<EngineChoice>,
+    /// `[tracker.journal]`, or `journal.KEY = ...` inside `[tracker]`.
+    #[serde(default)]
+    pub journal: JournalSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSection {
     /// One journal file per volume in this directory; no journaling without it (for now).
-    pub journal_dir: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
     /// Size of each journal, e.g. "1G".
-    pub journal_size: Option<String>,
+    pub size: Option<String>,
+    /// What a full journal does: "bitmap" (default) or "block".
+    pub on_full: Option<OnFull>,
     /// Never journal (benchmarks only).
-    pub no_journal: Option<bool>,
+    pub disabled: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -57,6 +68,7 @@ pub struct TrackerConfig {
     /// Where journals live; `None` when changes are not tracked.
     pub journal_dir: Option<PathBuf>,
     pub journal_size: u64,
+    pub on_full: OnFull,
 }
 
 /// Default size of a volume's journal.
@@ -67,6 +79,7 @@ pub const DEFAULT_JOURNAL_SIZE: u64 = 1 << 30;
 pub struct JournalFlags {
     pub dir: Option<PathBuf>,
     pub size: Option<u64>,
+    pub on_full: Option<OnFull>,
     pub disabled: bool,
 }
 
@@ -163,21 +176,23 @@ pub fn merge(
                 .map_err(|e| ConfigError::Invalid(format!("listen address: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let journal_size = match (journal.size, &file.tracker.journal_size) {
+    let fj = file.tracker.journal;
+    let journal_size = match (journal.size, &fj.size) {
         (Some(s), _) => s,
         (None, Some(s)) => crate::track::parse_size(s)
-            .map_err(|e| ConfigError::Invalid(format!("tracker.journal_size: {e}")))?,
+            .map_err(|e| ConfigError::Invalid(format!("tracker.journal.size: {e}")))?,
         (None, None) => DEFAULT_JOURNAL_SIZE,
     };
-    let disabled = journal.disabled || file.tracker.no_journal.unwrap_or(false);
+    let disabled = journal.disabled || fj.disabled.unwrap_or(false);
     let journal_dir = if disabled {
         None
     } else {
-        journal.dir.or(file.tracker.journal_dir)
+        journal.dir.or(fj.dir)
     };
     Ok(TrackerConfig {
         journal_dir,
         journal_size,
+        on_full: journal.on_full.or(fj.on_full).unwrap_or_default(),
         volumes: all,
         listen,
         admin_socket: admin_socket
@@ -200,8 +215,9 @@ mod tests {
             [tracker]
             listen = ["unix:/tmp/a.sock"]
             backend = "sync"
-            journal_dir = "/var/lib/redun/journal"
-            journal_size = "256M"
+            journal.dir = "/var/lib/redun/journal"
+            journal.size = "256M"
+            journal.on_full = "block"
             [[volume]]
             name = "db"
             path = "/tmp/db.img"
@@ -222,11 +238,12 @@ mod tests {
         assert_eq!(c.volumes.len(), 2);
         assert_eq!(c.journal_dir, Some(PathBuf::from("/var/lib/redun/journal")));
         assert_eq!(c.journal_size, 256 << 20);
+        assert_eq!(c.on_full, OnFull::Block);
         let off = JournalFlags {
             disabled: true,
             ..JournalFlags::default()
         };
-        let f2: ConfigFile = toml::from_str("[tracker]\njournal_dir = \"/j\"\n").unwrap();
+        let f2: ConfigFile = toml::from_str("[tracker.journal]\ndir = \"/j\"\n").unwrap();
         let c2 = merge(
             f2,
             vec![parse_volume_flag("x=/x").unwrap()],
@@ -237,6 +254,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c2.journal_dir, None);
+        assert_eq!(c2.on_full, OnFull::Bitmap);
         assert_eq!(c.backend, EngineChoice::Sync);
         assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/a.sock".into())]);
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
@@ -248,6 +266,11 @@ mod tests {
         assert!(e.to_string().contains("listen_addr"), "{e}");
         let e = toml::from_str::<ConfigFile>("[tracker]\nbackend = \"fast\"\n").unwrap_err();
         assert!(e.to_string().contains("fast"), "{e}");
+        let e =
+            toml::from_str::<ConfigFile>("[tracker]\njournal.on_full = \"drop\"\n").unwrap_err();
+        assert!(e.to_string().contains("drop"), "{e}");
+        let e = toml::from_str::<ConfigFile>("[tracker]\njournal.sise = \"1G\"\n").unwrap_err();
+        assert!(e.to_string().contains("sise"), "{e}");
         let dup = vec![
             parse_volume_flag("a=/x").unwrap(),
             parse_volume_flag("a=/y").unwrap(),

@@ -14,7 +14,7 @@ use redun_tracker::admin::{AdminRequest, AdminResponse, AdminServer, TrackerStat
 use redun_tracker::config::{self, ConfigFile};
 use redun_tracker::io::{Engine, EngineChoice, FileBackend};
 use redun_tracker::nbd::{Exports, Listener, Server};
-use redun_tracker::track::{ChangeLog, TrackState};
+use redun_tracker::track::{ChangeLog, OnFull, TrackState};
 
 /// How long a stop waits for connections to finish their in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -44,6 +44,10 @@ struct Args {
     /// Size of each journal (created preallocated), e.g. 1G [default: 1G].
     #[arg(long, value_name = "SIZE", value_parser = redun_tracker::track::parse_size)]
     journal_size: Option<u64>,
+    /// What a full journal does: bitmap (writes go on, dirty regions, resync) or block
+    /// (writes wait for the shipper to release space) [default: bitmap].
+    #[arg(long, value_name = "bitmap|block")]
+    journal_on_full: Option<OnFull>,
     /// Do not journal (benchmarks only): changes are not tracked.
     #[arg(long)]
     no_journal: bool,
@@ -69,6 +73,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let journal = config::JournalFlags {
         dir: args.journal_dir,
         size: args.journal_size,
+        on_full: args.journal_on_full,
         disabled: args.no_journal,
     };
     let cfg = config::merge(
@@ -88,8 +93,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         match &cfg.journal_dir {
             Some(dir) => {
                 let size = redun_tracker::nbd::BlockBackend::size(&b);
-                let log = ChangeLog::open_or_create(dir, &v.name, cfg.journal_size, size)
-                    .with_context(|| format!("volume {:?}", v.name))?;
+                let log =
+                    ChangeLog::open_or_create(dir, &v.name, cfg.journal_size, size, cfg.on_full)
+                        .with_context(|| format!("volume {:?}", v.name))?;
                 b = b.with_log(Arc::new(log));
             }
             None => warn!(
@@ -146,6 +152,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let sig = signals.wait().context("waiting for a signal")?;
     info!("{sig:?} received: finishing in-flight requests");
+    for e in server.exports().iter() {
+        if let Some(log) = e.backend.log() {
+            // Writes held by a full journal would wait for a shipper past the grace period.
+            log.stop_waiting();
+        }
+    }
     let clean = server.shutdown(SHUTDOWN_GRACE);
     for t in accept_threads {
         let _ = t.join();

@@ -275,6 +275,13 @@ impl IoQueue for UringQueue {
             }
             _ => req,
         };
+        if let (Some(log), IoOp::Flush) = (&self.log, &req.op) {
+            // The ring's fsync of the journal only covers records already in the file.
+            if let Err(e) = log.write_out() {
+                self.sink.complete(req.token, Err(e));
+                return;
+            }
+        }
         let (stage, buf, offset, len, fua) = match req.op {
             IoOp::Read { offset, len } => {
                 (Stage::Read, vec![0u8; len as usize], offset, len, false)

@@ -290,13 +290,38 @@ pub fn read_superblock<S: Store>(store: &S) -> Result<Superblock, JournalError> 
     })
 }
 
+/// Appended bytes are gathered in memory and reach the store in writes of at least this
+/// many bytes (group commit), or earlier through [`Journal::write_out`].
+pub const COMMIT_BYTES: usize = 256 << 10;
+
+/// The store is only ever written in whole, aligned blocks of this size (but where the free
+/// space ends), so that the page cache never has to zero or read the rest of a block.
+const BLOCK: u64 = RING_ALIGN;
+
+/// Zeros for padding and for the empty header slot after the head.
+static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
+#[allow(clippy::cast_possible_truncation)] // 8 KiB.
+const ZEROS_LEN: usize = 2 * RING_ALIGN as usize;
+
 /// The writer side of a journal, owned by the tracker.
+///
+/// Records are encoded into a buffer that starts at the block holding the last bytes written
+/// (`buf_pos`, block aligned) and ends at the head. The buffer is written out in whole blocks
+/// when it reaches [`COMMIT_BYTES`] (a large record goes out from its own memory, without a
+/// copy), on [`Journal::write_out`] and on [`Journal::sync`]; the partial block at its end
+/// stays buffered, to be written again, whole, with the records that follow.
 #[derive(Debug)]
 pub struct Journal<S: Store> {
     store: S,
     sb: Superblock,
     head_pos: u64,
     next_seq: u64,
+    /// Logical position of `buf[0]`, a multiple of [`BLOCK`].
+    buf_pos: u64,
+    /// The bytes from `buf_pos` to `head_pos`.
+    buf: Vec<u8>,
+    /// The store holds every byte before this logical position.
+    written_pos: u64,
 }
 
 /// Fills `buf` from the kernel's random source (left as is if it cannot be read).
@@ -351,6 +376,9 @@ impl<S: Store> Journal<S> {
             sb,
             head_pos: 0,
             next_seq: 1,
+            buf_pos: 0,
+            buf: Vec::with_capacity(COMMIT_BYTES),
+            written_pos: 0,
         };
         // Both slots, so that no superblock of an earlier journal in this file survives.
         j.write_superblock()?;
@@ -400,17 +428,29 @@ impl<S: Store> Journal<S> {
             next_seq,
             end,
         };
+        // The block holding the head is written again, whole, with the next records.
+        let buf_pos = head_pos / BLOCK * BLOCK;
+        let mut buf = Vec::with_capacity(COMMIT_BYTES);
+        buf.resize(
+            usize::try_from(head_pos - buf_pos).expect("less than a block"),
+            0,
+        );
+        store.read_at(&mut buf, RING_OFFSET + buf_pos % sb.capacity)?;
         let mut j = Journal {
             store,
             sb,
             head_pos,
             next_seq,
+            buf_pos,
+            buf,
+            written_pos: head_pos,
         };
         // From now on the journal is open: a crash must be seen as one. After an unclean
         // stop, records beyond the recovered head may be valid leftovers: a new epoch makes
         // sure none of them is ever taken for a successor of what we write next.
         j.sb.clean = false;
-        if !recovery.was_clean {
+        // So do records beyond a cut made in a cleanly closed journal (damage in the middle).
+        if !recovery.was_clean || !fine {
             j.sb.epoch += 1;
         }
         j.write_superblock()?;
@@ -485,15 +525,21 @@ impl<S: Store> Journal<S> {
         let epoch = self.sb.epoch;
         let salt = self.sb.salt;
         if skip > 0 {
+            // The record does not fit before the ring's end: a pad (when a header fits) tells
+            // readers to go on at the start of the next lap.
             if skip >= RECORD_HEADER_LEN as u64 {
                 let lap = lap_of(self.head_pos, cap);
                 let len = u32::try_from(skip).expect("room fits in u32 when a record does not");
                 let pad =
                     RecordHeader::new(Kind::Pad, self.next_seq, 0, len, &[], lap, epoch, salt);
-                self.store
-                    .write_at(&[&pad.encode()], RING_OFFSET + self.head_pos % cap)?;
+                self.buf.extend_from_slice(&pad.encode());
             }
+            let end = self.buf_pos + self.buf.len() as u64;
+            self.write_buffer(&[], end, false)?;
             self.head_pos += skip;
+            self.buf_pos = self.head_pos;
+            self.buf.clear();
+            self.written_pos = self.head_pos;
         }
         let lap = lap_of(self.head_pos, cap);
         let h = RecordHeader::new(
@@ -510,26 +556,102 @@ impl<S: Store> Journal<S> {
         let fill = usize::try_from(size).expect("record fits in memory")
             - RECORD_HEADER_LEN
             - payload.len();
-        // Zero the header slot after the record too (when it is free and inside the ring), so
-        // that a chain ends on zeroes rather than on leftover bytes of an earlier lap.
-        let next = self.head_pos + size;
-        let zero_next = cap - next % cap >= RECORD_HEADER_LEN as u64
-            && next % cap != 0
-            && self.used() + size + RECORD_HEADER_LEN as u64 <= cap;
-        const ZEROS: [u8; RECORD_HEADER_LEN] = [0; RECORD_HEADER_LEN];
-        let trailer: &[u8] = if zero_next { &ZEROS } else { &[] };
-        self.store.write_at(
-            &[&h.encode(), payload, &ZEROS[..fill], trailer],
-            RING_OFFSET + self.head_pos % cap,
-        )?;
-        self.head_pos += size;
+        let header = h.encode();
+        if self.buf.len() + payload.len() >= COMMIT_BYTES {
+            // Group commit: the buffered records and this one in one write, the payload
+            // straight from the caller's memory.
+            self.head_pos += size;
+            let parts: [&[u8]; 3] = [&header, payload, &ZEROS[..fill]];
+            self.write_buffer(&parts, self.head_pos, true)?;
+            self.keep_partial_block(&parts);
+        } else {
+            self.buf.extend_from_slice(&header);
+            self.buf.extend_from_slice(payload);
+            self.buf.extend_from_slice(&ZEROS[..fill]);
+            self.head_pos += size;
+            if self.head_pos % cap == 0 {
+                // The buffer never spans the ring's end.
+                self.write_out()?;
+            }
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         Ok(seq)
     }
 
+    /// Writes the buffer, then `extra` (which ends at logical position `end`), then zeros to
+    /// the end of the block, in one write. With `trailer`, the zeros also cover the header
+    /// slot after `end`, so that a reader finds the chain ending on zeros rather than on
+    /// leftovers of an earlier lap. Zeros never go past the free space or the ring's end.
+    fn write_buffer(&mut self, extra: &[&[u8]], end: u64, trailer: bool) -> io::Result<()> {
+        let cap = self.sb.capacity;
+        let lap_end = (self.buf_pos / cap + 1) * cap;
+        let want = if trailer {
+            end + RECORD_HEADER_LEN as u64
+        } else {
+            end
+        };
+        let fill_end = want
+            .div_ceil(BLOCK)
+            .saturating_mul(BLOCK)
+            .min(lap_end)
+            .min(self.sb.tail_pos + cap)
+            .max(end);
+        let zeros = usize::try_from(fill_end - end).expect("at most two blocks");
+        let total = self.buf.len() + extra.iter().map(|p| p.len()).sum::<usize>() + zeros;
+        if total == 0 {
+            self.written_pos = end;
+            return Ok(());
+        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(extra.len() + 2);
+        parts.push(&self.buf);
+        parts.extend_from_slice(extra);
+        parts.push(&ZEROS[..zeros]);
+        self.store
+            .write_at(&parts, RING_OFFSET + self.buf_pos % cap)?;
+        self.written_pos = end;
+        Ok(())
+    }
+
+    /// After a write that ended at the head: keeps the partial block at the head (from the
+    /// buffer and `extra`, which were just written) as the new buffer.
+    fn keep_partial_block(&mut self, extra: &[&[u8]]) {
+        let new_pos = self.head_pos / BLOCK * BLOCK;
+        let mut skip = new_pos - self.buf_pos;
+        let old = std::mem::take(&mut self.buf);
+        let mut kept = Vec::with_capacity(COMMIT_BYTES);
+        for part in std::iter::once(&old[..]).chain(extra.iter().copied()) {
+            let n = part.len() as u64;
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            kept.extend_from_slice(&part[usize::try_from(skip).expect("inside a part")..]);
+            skip = 0;
+        }
+        self.buf = kept;
+        self.buf_pos = new_pos;
+    }
+
+    /// Writes every appended record to the store (not yet durably): what a reader in another
+    /// process can see. Called after at most a few milliseconds by the tracker.
+    pub fn write_out(&mut self) -> Result<(), JournalError> {
+        if self.written_pos == self.head_pos {
+            return Ok(());
+        }
+        self.write_buffer(&[], self.head_pos, true)?;
+        self.keep_partial_block(&[]);
+        Ok(())
+    }
+
+    /// True when appended records are waiting in memory.
+    pub fn has_unwritten(&self) -> bool {
+        self.written_pos != self.head_pos
+    }
+
     /// Makes every appended record durable.
-    pub fn sync(&self) -> Result<(), JournalError> {
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.write_out()?;
         self.store.sync()?;
         Ok(())
     }
@@ -541,6 +663,7 @@ impl<S: Store> Journal<S> {
             return Ok(());
         }
         let upto = seq.min(self.next_seq - 1);
+        self.write_out()?;
         let mut scan = Scanner::new(&self.store, &self.sb, self.sb.tail_pos, self.sb.tail_seq);
         while scan.position().1 <= upto {
             match scan.next_record() {
@@ -569,7 +692,8 @@ impl<S: Store> Journal<S> {
     }
 
     /// Records from `seq` (at least the tail) to the head.
-    pub fn read_from(&self, seq: u64) -> Result<Vec<Record>, JournalError> {
+    pub fn read_from(&mut self, seq: u64) -> Result<Vec<Record>, JournalError> {
+        self.write_out()?;
         let mut scan = Scanner::new(&self.store, &self.sb, self.sb.tail_pos, self.sb.tail_seq);
         let mut out = Vec::new();
         while let Some(r) = scan.next_record() {
@@ -583,7 +707,7 @@ impl<S: Store> Journal<S> {
 
     /// Syncs, marks the journal closed cleanly, and hands back its store.
     pub fn close(mut self) -> Result<S, JournalError> {
-        self.store.sync()?;
+        self.sync()?;
         self.sb.clean = true;
         self.sb.head_pos = self.head_pos;
         self.sb.head_seq = self.next_seq;

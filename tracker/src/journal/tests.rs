@@ -15,7 +15,7 @@ fn payload(seq: u64, len: usize) -> Vec<u8> {
     (0..len).map(|i| (seq as usize * 31 + i) as u8).collect()
 }
 
-fn check_chain(j: &Journal<CrashStore>, expected: &[(u64, usize)]) {
+fn check_chain(j: &mut Journal<CrashStore>, expected: &[(u64, usize)]) {
     let recs = j.read_from(0).unwrap();
     let got: Vec<(u64, usize)> = recs
         .iter()
@@ -54,13 +54,13 @@ fn wraps_around_many_laps_and_reopens() {
         j.superblock().tail_pos > 5 * j.capacity(),
         "ring must have wrapped"
     );
-    check_chain(&j, &live);
+    check_chain(&mut j, &live);
     let store = j.store;
     let sb = read_superblock(&store).unwrap();
-    let (j, rec) = Journal::open(store, Policy::Strict).unwrap();
+    let (mut j, rec) = Journal::open(store, Policy::Strict).unwrap();
     assert!(!rec.was_clean && rec.end.is_clean(), "{rec:?}");
     assert_eq!(rec.tail_seq, sb.tail_seq);
-    check_chain(&j, &live);
+    check_chain(&mut j, &live);
 }
 
 #[test]
@@ -82,7 +82,7 @@ fn every_boundary_of_the_ring_end() {
                 .unwrap();
             live.push((seq, len));
         }
-        check_chain(&j, &live);
+        check_chain(&mut j, &live);
         j.close().unwrap();
     }
 }
@@ -103,13 +103,14 @@ fn stale_records_of_an_earlier_lap_are_not_read() {
         j.append(Kind::Write, 0, 4096, &payload(seq, 4096)).unwrap();
         live.push((seq, 4096));
     }
+    j.write_out().unwrap();
     // As if the zeroes after the last record had not reached the disk.
     let head = RING_OFFSET + j.head_pos % j.capacity();
     j.store.restore(&lap0, head, RECORD_HEADER_LEN);
-    let (j, rec) = Journal::open(j.store, Policy::Strict).unwrap();
+    let (mut j, rec) = Journal::open(j.store, Policy::Strict).unwrap();
     // The old lap-0 records right after the head have valid checksums for lap 0 only.
     assert!(matches!(rec.end.why, Invalid::StaleLap { .. }), "{rec:?}");
-    check_chain(&j, &live);
+    check_chain(&mut j, &live);
 }
 
 #[test]
@@ -132,14 +133,14 @@ fn torn_and_zeroed_tails_and_mid_ring_damage() {
     store.corrupt(pos[9] + 600);
     let err = Journal::open(CrashStore::from_image(image(&store)), Policy::Strict).unwrap_err();
     assert!(err.to_string().contains("seq 10"), "{err}");
-    let (j, rec) = Journal::open(
+    let (mut j, rec) = Journal::open(
         CrashStore::from_image(image(&store)),
         Policy::TolerateTornTail,
     )
     .unwrap();
     assert_eq!(rec.next_seq, 10);
     assert!(matches!(rec.end.why, Invalid::Checksum { .. }));
-    check_chain(&j, &(1..=9).map(|s| (s, 1000)).collect::<Vec<_>>());
+    check_chain(&mut j, &(1..=9).map(|s| (s, 1000)).collect::<Vec<_>>());
     // Damage in the middle is reported with its offset and sequence number, and nothing from
     // it on is returned as valid.
     store.corrupt(pos[4] + 100);
@@ -150,12 +151,12 @@ fn torn_and_zeroed_tails_and_mid_ring_damage() {
         }
         other => panic!("{other:?}"),
     }
-    let (j, _) = Journal::open(
+    let (mut j, _) = Journal::open(
         CrashStore::from_image(image(&store)),
         Policy::TolerateTornTail,
     )
     .unwrap();
-    check_chain(&j, &(1..=4).map(|s| (s, 1000)).collect::<Vec<_>>());
+    check_chain(&mut j, &(1..=4).map(|s| (s, 1000)).collect::<Vec<_>>());
 }
 
 fn image(s: &CrashStore) -> Vec<u8> {
@@ -183,10 +184,10 @@ fn a_recovered_journal_never_accepts_leftovers_beyond_its_head() {
     j.append(Kind::Write, 0, 100, &payload(3, 100)).unwrap();
     j.sync().unwrap();
     j.store.restore(&before, pos[3], RECORD_HEADER_LEN);
-    let (j, rec) = Journal::open(j.store, Policy::Strict).unwrap();
+    let (mut j, rec) = Journal::open(j.store, Policy::Strict).unwrap();
     assert_eq!(rec.next_seq, 4, "{rec:?}");
     assert!(matches!(rec.end.why, Invalid::StaleEpoch { .. }), "{rec:?}");
-    check_chain(&j, &(1..=3).map(|s| (s, 100)).collect::<Vec<_>>());
+    check_chain(&mut j, &(1..=3).map(|s| (s, 100)).collect::<Vec<_>>());
 }
 
 proptest! {
@@ -233,7 +234,7 @@ proptest! {
             }
         }
         let crashed = j.store.crash(&mut rng);
-        let (j2, rec) = Journal::open(crashed, Policy::TolerateTornTail).unwrap();
+        let (mut j2, rec) = Journal::open(crashed, Policy::TolerateTornTail).unwrap();
         let got: Vec<(u64, usize)> = j2.read_from(0).unwrap().iter()
             .map(|r| (r.header.seq, r.payload.len())).collect();
         prop_assert!(got.len() <= appended.len());
@@ -242,7 +243,6 @@ proptest! {
         prop_assert!(got.len() >= durable, "lost synced records: {} < {}", got.len(), durable);
         prop_assert_eq!(rec.next_seq, appended.first().map_or(j2.next_seq(), |a| a.0) + got.len() as u64);
         // And the recovered journal goes on working.
-        let mut j2 = j2;
         let seq = j2.next_seq();
         j2.append(Kind::Marker, 0, 0, b"after").unwrap();
         let last = j2.read_from(seq).unwrap();
@@ -259,6 +259,7 @@ fn inspection_tells_mid_ring_damage_from_a_torn_head() {
         j.append(Kind::Write, seq * 512, 700, &payload(seq, 700))
             .unwrap();
     }
+    j.write_out().unwrap();
     let healthy = inspect::inspect(&j.store).unwrap();
     assert!(healthy.healthy(), "{healthy:?}");
     assert_eq!(healthy.records.len(), 10);
@@ -282,4 +283,74 @@ fn inspection_tells_mid_ring_damage_from_a_torn_head() {
     let closed = inspect::inspect(&store).unwrap();
     assert!(closed.healthy() && closed.clean, "{closed:?}");
     assert_eq!(closed.next_seq, 10);
+}
+
+/// Ten 700-byte writes at `seq * 4096`; returns the journal and each record's file offset.
+fn ten_records() -> (Journal<CrashStore>, Vec<u64>) {
+    let mut j = Journal::create(CrashStore::new(SMALL), [9; 16], 1 << 30).unwrap();
+    let mut pos = Vec::new();
+    for seq in 1..=10u64 {
+        pos.push(RING_OFFSET + j.head_pos % j.capacity());
+        j.append(Kind::Write, seq * 4096, 700, &payload(seq, 700))
+            .unwrap();
+    }
+    (j, pos)
+}
+
+#[test]
+fn damage_in_the_middle_names_the_ranges_of_every_lost_record() {
+    let lost: Vec<(u64, u64)> = (5..=10).map(|s| (s * 4096, 700)).collect();
+    // Closed cleanly: the head is known, records 5..=10 are lost by a flipped payload byte.
+    let (j, pos) = ten_records();
+    let store = j.close().unwrap();
+    assert_eq!(inspect::find_damage(&store).unwrap(), None);
+    store.corrupt(pos[4] + RECORD_HEADER_LEN as u64 + 100);
+    let d = inspect::find_damage(&store).unwrap().expect("damage");
+    assert_eq!((d.seq, d.file_offset, d.lost_records), (5, pos[4], 6));
+    assert_eq!(d.ranges.as_deref(), Some(&lost[..]), "{d:?}");
+
+    // Not closed: the valid records after the damage show it is not a torn head.
+    let (mut j, pos) = ten_records();
+    j.sync().unwrap();
+    assert_eq!(inspect::find_damage(&j.store).unwrap(), None);
+    j.store.corrupt(pos[4] + RECORD_HEADER_LEN as u64 + 100);
+    let d = inspect::find_damage(&j.store).unwrap().expect("damage");
+    assert_eq!(d.ranges.as_deref(), Some(&lost[..]), "{d:?}");
+    // A torn head with nothing after it is a crash's trace, not damage.
+    let (mut j2, pos2) = ten_records();
+    j2.sync().unwrap();
+    j2.store.corrupt(pos2[9] + 60);
+    assert_eq!(inspect::find_damage(&j2.store).unwrap(), None);
+
+    // A damaged header (its magic) leaves the record's range unknown: the whole volume.
+    let (j, pos) = ten_records();
+    let store = j.close().unwrap();
+    store.corrupt(pos[4]);
+    let d = inspect::find_damage(&store).unwrap().expect("damage");
+    assert_eq!((d.seq, d.ranges), (5, None));
+    // So does a missing record after it (two damaged records).
+    let (j, pos) = ten_records();
+    let store = j.close().unwrap();
+    store.corrupt(pos[4] + 100);
+    store.corrupt(pos[6] + 100);
+    let d = inspect::find_damage(&store).unwrap().expect("damage");
+    assert_eq!((d.seq, d.lost_records, d.ranges), (5, 6, None));
+}
+
+#[test]
+fn reopening_a_cut_clean_journal_starts_a_new_epoch() {
+    // Records written after the cut must never line up with the old ones beyond it.
+    let (j, pos) = ten_records();
+    let store = j.close().unwrap();
+    let epoch = read_superblock(&store).unwrap().epoch;
+    store.corrupt(pos[4] + 100);
+    let (mut j, rec) = Journal::open(store, Policy::TolerateTornTail).unwrap();
+    assert_eq!(rec.next_seq, 5);
+    assert_eq!(j.superblock().epoch, epoch + 1);
+    // The same sizes as before: without the new epoch, old record 6 would follow new 5.
+    j.append(Kind::Write, 5 * 4096, 700, &payload(5, 700))
+        .unwrap();
+    j.sync().unwrap();
+    let (_, rec) = Journal::open(j.store, Policy::TolerateTornTail).unwrap();
+    assert_eq!(rec.next_seq, 6);
 }

@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
-use super::Change;
 use super::map::RegionMap;
+use super::{Change, OnFull};
 use crate::journal::crash_store::{CrashStore, Rng};
 use crate::journal::format::{Kind, RING_OFFSET};
 use crate::journal::{Journal, Policy, Scanner, Store, read_superblock};
@@ -38,7 +38,6 @@ fn schedule(seed: u64) {
     // A ring of 1 to 3 MiB: small enough to fill up (overflow) in some schedules.
     let ring = (1 + rng.next() % 3) << 20;
     let jstore = CrashStore::new((RING_OFFSET + ring) as usize);
-    let jsync = jstore.share();
     let mut journal = Journal::create(jstore, [1; 16], VOL).unwrap();
     let mstore = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
     let msync = mstore.share();
@@ -50,8 +49,9 @@ fn schedule(seed: u64) {
     for _ in 0..ops {
         let choice = rng.next() % 10;
         if choice >= 8 {
+            // A flush: backing device, then the journal (written out of its buffer and synced).
             backing.sync().unwrap();
-            jsync.sync().unwrap();
+            journal.sync().unwrap();
             continue;
         }
         let off = (rng.next() % (VOL / 512)) * 512;
@@ -68,6 +68,7 @@ fn schedule(seed: u64) {
             overflowed: &mut overflowed,
             map: Some(&mut map),
             name: Path::new("sim"),
+            on_full: OnFull::Bitmap,
         };
         change
             .record_and_apply(
@@ -75,10 +76,7 @@ fn schedule(seed: u64) {
                 off,
                 len as u32,
                 payload,
-                &mut || {
-                    backing.sync()?;
-                    jsync.sync()
-                },
+                &mut || backing.sync(),
                 &mut || backing.write_at(&[&data], off),
             )
             .unwrap();

@@ -7,8 +7,9 @@
 //! device that the durable journal does not explain lies in a hot extent or a dirty region, and
 //! opening the map after an unclean stop turns every hot extent into dirty regions.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io;
+use std::path::Path;
 
 use log::warn;
 use xxhash_rust::xxh3::xxh3_64;
@@ -217,6 +218,8 @@ pub struct RegionMap<S: Store> {
     /// Hot extents, least recently made hot first.
     lru: VecDeque<u64>,
     max_hot: usize,
+    /// Pages of the dirty bitmap changed in memory since they were last written.
+    dirty_pages: BTreeSet<u64>,
 }
 
 /// What opening a map found.
@@ -263,6 +266,7 @@ impl<S: Store> RegionMap<S> {
             dirty,
             lru: VecDeque::new(),
             max_hot: DEFAULT_MAX_HOT,
+            dirty_pages: BTreeSet::new(),
         })
     }
 
@@ -295,21 +299,14 @@ impl<S: Store> RegionMap<S> {
             dirty,
             lru: VecDeque::new(),
             max_hot: DEFAULT_MAX_HOT,
+            dirty_pages: BTreeSet::new(),
         };
         if !header.clean && map.hot.count > 0 {
             warn!(
                 "region map: unclean stop, {} hot extents become dirty",
                 map.hot.count
             );
-            let per = header.extent / header.region;
-            let extents = volume_size.div_ceil(header.extent);
-            for e in 0..extents {
-                if map.hot.get(e) {
-                    for r in e * per..((e + 1) * per).min(volume_size.div_ceil(header.region)) {
-                        map.dirty.set(r);
-                    }
-                }
-            }
+            map.mark_hot_dirty();
         }
         // Persist the dirty regions, then forget the hot extents: from here on the map
         // describes this run.
@@ -415,8 +412,42 @@ impl<S: Store> RegionMap<S> {
         let last =
             (offset + len - 1).min(self.header.volume_size.saturating_sub(1)) / self.header.region;
         for r in first..=last {
-            self.dirty.set(r);
+            if self.dirty.set(r) {
+                self.dirty_pages.insert(Bits::page_of(r));
+            }
         }
+    }
+
+    /// True when dirty bits were set in memory since [`RegionMap::write_dirty`].
+    pub fn has_unwritten_dirty(&self) -> bool {
+        !self.dirty_pages.is_empty()
+    }
+
+    /// Writes the dirty bitmap pages changed in memory to the file, not durably: enough for a
+    /// reader in another process ([`DirtyView`]) to see them.
+    pub fn write_dirty(&mut self) -> io::Result<()> {
+        while let Some(&p) = self.dirty_pages.first() {
+            self.dirty.write_page(&self.store, p)?;
+            self.dirty_pages.remove(&p);
+        }
+        Ok(())
+    }
+
+    /// Marks every hot extent dirty: what the journal may not hold after it lost records.
+    pub fn mark_hot_dirty(&mut self) {
+        let extent = self.header.extent;
+        for e in 0..self.header.volume_size.div_ceil(extent) {
+            if self.hot.get(e) {
+                self.mark_dirty(e * extent, extent);
+            }
+        }
+    }
+
+    /// Makes the dirty regions durable now (rather than when their extents cool).
+    pub fn persist_dirty(&mut self) -> io::Result<()> {
+        self.dirty.write_all(&self.store)?;
+        self.dirty_pages.clear();
+        self.store.sync()
     }
 
     pub fn mark_all_dirty(&mut self) {
@@ -548,5 +579,46 @@ mod tests {
         assert!(e.contains("checksum"), "{e}");
         let e = RegionMap::open(CrashStore::from_image(img), VOL * 2).unwrap_err();
         assert!(e.contains("volume of"), "{e}");
+    }
+}
+
+/// The dirty regions of a volume as its map file shows them, read from another process (the
+/// shipper) while the tracker runs: the tracker writes newly dirty bits to the file within
+/// [`crate::track::COMMIT_INTERVAL`] (not durably; that happens before their extent cools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyView {
+    pub volume_size: u64,
+    /// Size of a region, the bitmap's unit.
+    pub region: u64,
+    pub dirty_bytes: u64,
+    /// Dirty ranges as `(offset, length)`, merged.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl DirtyView {
+    /// Reads `NAME.map`, read-only.
+    pub fn read(path: &Path) -> Result<DirtyView, String> {
+        let what = |e: &dyn std::fmt::Display| format!("region map {}: {e}", path.display());
+        let f = std::fs::File::open(path).map_err(|e| what(&e))?;
+        let mut hb = [0u8; HEADER_LEN];
+        f.read_at(&mut hb, 0).map_err(|e| what(&e))?;
+        let header = Header::decode(&hb).map_err(|e| what(&e))?;
+        let (_, mut dirty) = RegionMap::<std::fs::File>::layout(header);
+        dirty.read_all(&f).map_err(|e| what(&e))?;
+        let map = RegionMap {
+            store: f,
+            header,
+            hot: Bits::new(0, 0),
+            dirty,
+            lru: VecDeque::new(),
+            max_hot: DEFAULT_MAX_HOT,
+            dirty_pages: BTreeSet::new(),
+        };
+        Ok(DirtyView {
+            volume_size: header.volume_size,
+            region: header.region,
+            dirty_bytes: map.dirty_bytes(),
+            ranges: map.dirty_ranges(),
+        })
     }
 }

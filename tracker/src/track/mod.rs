@@ -10,22 +10,29 @@
 //! what keeps invariant J after a power loss, when the page cache of the journal and of the
 //! backing file reach the disk in any order.
 //!
-//! Not done yet (issue 3 continues): `journal.on_full = "block"`, group commit, and the reader
-//! side for the shipper.
+//! Records are committed to the journal file in groups: they wait in the journal's buffer until
+//! a flush, [`crate::journal::COMMIT_BYTES`] of them, or [`COMMIT_INTERVAL`] (the committer
+//! thread), so concurrent writers share one `pwrite` (docs/FORMAT.md, "How the writer writes").
+//!
+//! When the journal is full, [`OnFull`] decides: dirty regions (writes go on, a resync
+//! follows) or back-pressure (writes wait, without the lock, for the shipper to release).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::io::ops;
 use crate::journal::format::{Kind, MIN_FILE_SIZE};
+use crate::journal::inspect::find_damage;
 use crate::journal::reader::read_release;
-use crate::journal::{Journal, JournalError, Policy, Store};
+use crate::journal::{Journal, JournalError, Policy, Store, read_superblock};
 use crate::nbd::IoOp;
 
 pub mod map;
@@ -37,8 +44,37 @@ const RELEASE_CHECK_EVERY: u32 = 1024;
 /// The same once the journal is half full.
 const RELEASE_CHECK_PRESSED: u32 = 32;
 
+/// How long appended records may wait in memory before they are written to the journal file
+/// (where the shipper sees them), unless a flush or [`crate::journal::COMMIT_BYTES`] of records come first.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How often a write that waits for journal space looks at the release file again.
+const RELEASE_POLL: Duration = Duration::from_millis(5);
+
 /// Default size of a volume's dirty region.
 pub const DEFAULT_REGION: u64 = 64 * 1024;
+
+/// What a volume does when its journal is full (`journal.on_full`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFull {
+    /// Keep writing at full speed; track the changes as dirty regions (a resync follows).
+    #[default]
+    Bitmap,
+    /// Hold each write until the shipper releases enough of the journal (back-pressure).
+    Block,
+}
+
+impl std::str::FromStr for OnFull {
+    type Err = String;
+    fn from_str(s: &str) -> Result<OnFull, String> {
+        match s {
+            "bitmap" => Ok(OnFull::Bitmap),
+            "block" => Ok(OnFull::Block),
+            _ => Err(format!("{s:?}: expected \"bitmap\" or \"block\"")),
+        }
+    }
+}
 
 /// Replication state of a volume as the tracker sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +98,9 @@ pub struct JournalStatus {
     pub head_seq: u64,
     /// Records up to this sequence number are released.
     pub released_seq: u64,
+    pub on_full: OnFull,
+    /// Writes held until the shipper releases journal space (`on_full = "block"`).
+    pub waiting_writes: u64,
 }
 
 #[derive(Debug)]
@@ -72,6 +111,25 @@ struct State {
     map: Option<RegionMap<File>>,
     /// Appends since the release file was last looked at.
     since_release_check: u32,
+    /// The committer was told that records wait in memory.
+    commit_armed: bool,
+    /// Writing out failed: what was in memory is lost from the journal.
+    journal_failed: bool,
+    /// Writes waiting for journal space.
+    waiting: u64,
+    /// The tracker is stopping: writes no longer wait for journal space.
+    no_waiting: bool,
+    /// The log is closing: the committer stops, changes are refused.
+    stopping: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the committer: records wait in memory, or the log is closing.
+    wake: Condvar,
+    /// Wakes writes waiting for journal space when the log is stopping.
+    stop_waiting: Condvar,
 }
 
 /// The change log of one volume.
@@ -79,9 +137,12 @@ struct State {
 pub struct ChangeLog {
     path: PathBuf,
     map_path: PathBuf,
-    state: Mutex<State>,
+    shared: Arc<Shared>,
     /// A second handle on the journal file, so that syncing does not take the lock.
     sync_file: File,
+    /// The thread that writes records out after [`COMMIT_INTERVAL`].
+    committer: Mutex<Option<JoinHandle<()>>>,
+    on_full: OnFull,
 }
 
 /// Why a journal could not be opened.
@@ -128,65 +189,109 @@ pub(crate) struct Change<'a, J: Store, M: Store> {
     pub map: Option<&'a mut RegionMap<M>>,
     /// For log messages.
     pub name: &'a Path,
+    pub on_full: OnFull,
+}
+
+/// What became of a change.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Recorded (journal or dirty regions) and applied.
+    Applied,
+    /// Not applied: the journal is full and `on_full = "block"`; retry once space is released.
+    MustWait,
 }
 
 impl<J: Store, M: Store> Change<'_, J, M> {
     /// The write path of one change: its extents hot (durably), its record in the journal
     /// (or its regions dirty when the journal is full), then `apply` on the backing device.
-    /// `sync_all` must make the backing device and the journal durable; the region map calls
-    /// it before cooling extents.
+    /// `sync_backing` must make the backing device durable; the region map has it and the
+    /// journal synced before cooling extents. With [`OnFull::Block`], a change that does not
+    /// fit is not applied ([`Outcome::MustWait`]) unless the journal is empty: a record that
+    /// does not fit even then never will, and goes to the dirty regions.
     pub fn record_and_apply(
         &mut self,
         kind: Kind,
         offset: u64,
         len: u32,
         payload: &[u8],
-        sync_all: &mut dyn FnMut() -> io::Result<()>,
+        sync_backing: &mut dyn FnMut() -> io::Result<()>,
         apply: &mut dyn FnMut() -> io::Result<()>,
-    ) -> io::Result<()> {
-        if let Some(map) = self.map.as_deref_mut() {
+    ) -> io::Result<Outcome> {
+        let Change {
+            journal,
+            overflowed,
+            map,
+            name,
+            on_full,
+        } = self;
+        if let Some(map) = map.as_deref_mut() {
             // Hot before anything can reach the journal or the backing device.
-            map.prepare(offset, u64::from(len), sync_all)?;
+            map.prepare(offset, u64::from(len), &mut || {
+                sync_backing()?;
+                match journal.as_deref_mut() {
+                    Some(j) => j.sync().map_err(into_io),
+                    None => Ok(()),
+                }
+            })?;
         }
-        if !*self.overflowed {
-            match self
-                .journal
+        if !**overflowed {
+            let was_empty = journal.as_deref().is_some_and(|j| j.used() == 0);
+            match journal
                 .as_deref_mut()
                 .map(|j| j.append(kind, offset, len, payload))
             {
                 Some(Ok(_)) => {}
+                Some(Err(JournalError::Full { .. })) if *on_full == OnFull::Block && !was_empty => {
+                    return Ok(Outcome::MustWait);
+                }
+                Some(Err(JournalError::Full { capacity, .. })) if was_empty => {
+                    warn!(
+                        "journal {}: a {len}-byte change does not fit even in the empty \
+                         journal ({capacity} bytes): tracking dirty regions instead; the volume \
+                         needs a resync (use a larger --journal-size)",
+                        name.display()
+                    );
+                    **overflowed = true;
+                }
                 Some(Err(JournalError::Full { capacity, .. })) => {
                     warn!(
                         "journal {} is full ({capacity} bytes unreleased): tracking dirty \
                          regions instead; the volume needs a resync",
-                        self.name.display()
+                        name.display()
                     );
-                    *self.overflowed = true;
+                    **overflowed = true;
                 }
                 Some(Err(e)) => {
                     error!(
                         "journal {} failed ({e}): tracking dirty regions instead; the volume \
                          needs a resync",
-                        self.name.display()
+                        name.display()
                     );
-                    *self.overflowed = true;
+                    **overflowed = true;
                 }
-                None => *self.overflowed = true,
+                None => **overflowed = true,
             }
         }
-        if *self.overflowed {
-            if let Some(map) = self.map.as_deref_mut() {
+        if **overflowed {
+            if let Some(map) = map.as_deref_mut() {
                 map.mark_dirty(offset, u64::from(len));
             }
         }
         let r = apply();
         if r.is_err() {
             // The journal has a record the backing device may not fully reflect.
-            if let Some(map) = self.map.as_deref_mut() {
+            if let Some(map) = map.as_deref_mut() {
                 map.mark_dirty(offset, u64::from(len));
             }
         }
-        r
+        r.map(|()| Outcome::Applied)
+    }
+}
+
+fn into_io(e: JournalError) -> io::Error {
+    match e {
+        JournalError::Io(e) => e,
+        e => io::Error::other(e),
     }
 }
 
@@ -198,6 +303,7 @@ impl ChangeLog {
         name: &str,
         size: u64,
         volume_size: u64,
+        on_full: OnFull,
     ) -> Result<ChangeLog, TrackError> {
         let path = dir.join(format!("{name}.journal"));
         let map_path = dir.join(format!("{name}.map"));
@@ -209,21 +315,25 @@ impl ChangeLog {
             path: p.to_path_buf(),
             source,
         };
-        let journal = if path.exists() {
+        // Damage in the middle of an existing journal is found (read-only) and its ranges
+        // made durably dirty before the journal is opened: opening cuts the chain there, and
+        // new records overwrite what followed.
+        let existing = if path.exists() {
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(|e| jerr(e.into()))?;
-            let (j, _) = Journal::open(f, Policy::TolerateTornTail).map_err(jerr)?;
-            if j.superblock().volume_size != volume_size {
+            let sb = read_superblock(&f).map_err(jerr)?;
+            if sb.volume_size != volume_size {
                 return Err(TrackError::SizeMismatch {
                     path,
-                    journal: j.superblock().volume_size,
+                    journal: sb.volume_size,
                     volume: volume_size,
                 });
             }
-            j
+            let damage = find_damage(&f).map_err(jerr)?;
+            Some((f, damage))
         } else {
             if size < MIN_FILE_SIZE {
                 return Err(TrackError::TooSmall {
@@ -231,12 +341,9 @@ impl ChangeLog {
                     min: MIN_FILE_SIZE,
                 });
             }
-            std::fs::create_dir_all(dir).map_err(|e| cerr(dir, e))?;
-            let f = create_preallocated(&path, size).map_err(|e| cerr(&path, e))?;
-            info!("journal {} created ({size} bytes)", path.display());
-            Journal::create(f, random_uuid(), volume_size).map_err(jerr)?
+            None
         };
-        let map = if map_path.exists() {
+        let mut map = if map_path.exists() {
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -255,21 +362,66 @@ impl ChangeLog {
             }
             m
         } else {
+            std::fs::create_dir_all(dir).map_err(|e| cerr(dir, e))?;
             let fsize =
                 RegionMap::<File>::file_size(volume_size, DEFAULT_REGION, map::DEFAULT_EXTENT);
             let f = create_preallocated(&map_path, fsize).map_err(|e| cerr(&map_path, e))?;
             let mut m = RegionMap::create(f, volume_size, DEFAULT_REGION, map::DEFAULT_EXTENT)
                 .map_err(|e| cerr(&map_path, e))?;
-            if journal.next_seq() > 1 || journal.tail_seq() > 1 {
-                // A journal without its map: nothing tells which regions a crash touched.
+            if existing.is_some() {
+                // The map is created before its journal: a journal without one lost it, and
+                // nothing tells which regions a crash touched.
                 warn!(
                     "region map {} is missing beside an existing journal: the whole volume \
                      needs a resync",
                     map_path.display()
                 );
                 m.mark_all_dirty();
+                m.persist_dirty().map_err(|e| cerr(&map_path, e))?;
             }
             m
+        };
+        let journal = match existing {
+            Some((f, damage)) => {
+                if let Some(d) = damage {
+                    match &d.ranges {
+                        Some(ranges) => {
+                            for &(o, l) in ranges {
+                                map.mark_dirty(o, l);
+                            }
+                        }
+                        None => map.mark_all_dirty(),
+                    }
+                    map.persist_dirty().map_err(|e| cerr(&map_path, e))?;
+                    error!(
+                        "journal {}: record seq {} at file offset {} is damaged ({}); it and \
+                         the {} records after it are dropped and {} of the volume is marked \
+                         dirty{}: the volume needs a resync",
+                        path.display(),
+                        d.seq,
+                        d.file_offset,
+                        d.reason,
+                        d.lost_records - 1,
+                        if d.ranges.is_some() {
+                            "the ranges they changed"
+                        } else {
+                            "all"
+                        },
+                        if d.ranges.is_some() {
+                            ""
+                        } else {
+                            " (the damaged record's range cannot be trusted)"
+                        },
+                    );
+                }
+                let (j, _) = Journal::open(f, Policy::TolerateTornTail).map_err(jerr)?;
+                j
+            }
+            None => {
+                let f = create_preallocated(&path, size).map_err(|e| cerr(&path, e))?;
+                info!("journal {} created ({size} bytes)", path.display());
+                Journal::create(f, random_uuid(), volume_size).map_err(jerr)?
+            }
         };
         let sync_file = journal.store().try_clone().map_err(|e| jerr(e.into()))?;
         let overflowed = map.dirty_bytes() > 0;
@@ -279,17 +431,41 @@ impl ChangeLog {
                 journal.release(seq).map_err(jerr)?;
             }
         }
-        Ok(ChangeLog {
-            path,
-            map_path,
+        let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 journal: Some(journal),
                 overflowed,
                 map: Some(map),
                 since_release_check: 0,
+                commit_armed: false,
+                journal_failed: false,
+                waiting: 0,
+                no_waiting: false,
+                stopping: false,
             }),
+            wake: Condvar::new(),
+            stop_waiting: Condvar::new(),
+        });
+        let committer = {
+            let shared = shared.clone();
+            let commit_path = path.clone();
+            std::thread::Builder::new()
+                .name(format!("commit-{name}"))
+                .spawn(move || commit_loop(&shared, &commit_path))
+                .map_err(|e| cerr(&path, e))?
+        };
+        Ok(ChangeLog {
+            path,
+            map_path,
+            shared,
             sync_file,
+            committer: Mutex::new(Some(committer)),
+            on_full,
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap()
     }
 
     /// The journal file's descriptor, for syncing it through io_uring.
@@ -312,48 +488,113 @@ impl ChangeLog {
             IoOp::WriteZeroes { offset, len, .. } => (Kind::Zero, *offset, *len, &[]),
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
-        let mut st = self.state.lock().unwrap();
-        let st = &mut *st;
-        st.since_release_check += 1;
-        let nearly_full = st
-            .journal
-            .as_ref()
-            .is_some_and(|j| j.used() + u64::from(len) + 4096 > j.capacity() / 2);
-        let due = st.since_release_check >= RELEASE_CHECK_EVERY
-            || nearly_full && !st.overflowed && st.since_release_check >= RELEASE_CHECK_PRESSED;
-        if due {
-            st.since_release_check = 0;
-            self.absorb_release(st.journal.as_mut());
-        }
-        let sync_file = &self.sync_file;
-        let mut change = Change {
-            journal: st.journal.as_mut(),
-            overflowed: &mut st.overflowed,
-            map: st.map.as_mut(),
-            name: &self.path,
+        let mut guard = self.lock();
+        let mut waited = false;
+        let r = loop {
+            let st = &mut *guard;
+            if st.stopping || st.journal.is_none() && st.map.is_none() {
+                break Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+            }
+            st.since_release_check += 1;
+            let nearly_full = st
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.used() + u64::from(len) + 4096 > j.capacity() / 2);
+            let due = waited
+                || st.since_release_check >= RELEASE_CHECK_EVERY
+                || nearly_full && !st.overflowed && st.since_release_check >= RELEASE_CHECK_PRESSED;
+            if due {
+                st.since_release_check = 0;
+                self.absorb_release(st.journal.as_mut());
+            }
+            let mut change = Change {
+                journal: st.journal.as_mut(),
+                overflowed: &mut st.overflowed,
+                map: st.map.as_mut(),
+                name: &self.path,
+                on_full: self.on_full,
+            };
+            let r = change.record_and_apply(
+                kind,
+                offset,
+                len,
+                payload,
+                &mut || backing.sync_data(),
+                &mut || match op {
+                    IoOp::Write { offset, data, .. } => {
+                        ops::write_at(backing, *offset, data, false)
+                    }
+                    IoOp::Trim { offset, len, .. } => ops::trim(backing, *offset, *len, false),
+                    IoOp::WriteZeroes {
+                        offset,
+                        len,
+                        may_trim,
+                        fast_only,
+                        ..
+                    } => ops::write_zeroes(backing, *offset, *len, *may_trim, *fast_only, false),
+                    _ => Ok(()),
+                },
+            );
+            match r {
+                Ok(Outcome::MustWait) if st.no_waiting => {
+                    break Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+                }
+                Ok(Outcome::MustWait) => {
+                    if !waited {
+                        waited = true;
+                        st.waiting += 1;
+                        if st.waiting == 1 {
+                            warn!(
+                                "journal {} is full: writes wait until the shipper releases \
+                                 records (journal.on_full = \"block\")",
+                                self.path.display()
+                            );
+                        }
+                    }
+                    // The shipper can only release what it can read.
+                    write_out_or_overflow(st, &self.path)?;
+                    guard = self
+                        .shared
+                        .stop_waiting
+                        .wait_timeout(guard, RELEASE_POLL)
+                        .unwrap()
+                        .0;
+                }
+                r => break r.map(|_| ()),
+            }
         };
-        change.record_and_apply(
-            kind,
-            offset,
-            len,
-            payload,
-            &mut || {
-                backing.sync_data()?;
-                sync_file.sync_data()
-            },
-            &mut || match op {
-                IoOp::Write { offset, data, .. } => ops::write_at(backing, *offset, data, false),
-                IoOp::Trim { offset, len, .. } => ops::trim(backing, *offset, *len, false),
-                IoOp::WriteZeroes {
-                    offset,
-                    len,
-                    may_trim,
-                    fast_only,
-                    ..
-                } => ops::write_zeroes(backing, *offset, *len, *may_trim, *fast_only, false),
-                _ => Ok(()),
-            },
-        )
+        let st = &mut *guard;
+        if waited {
+            st.waiting -= 1;
+            if st.waiting == 0 && r.is_ok() {
+                info!(
+                    "journal {}: space released, writes resume",
+                    self.path.display()
+                );
+            }
+        }
+        let unwritten = st.journal.as_ref().is_some_and(|j| j.has_unwritten())
+            || st.map.as_ref().is_some_and(|m| m.has_unwritten_dirty());
+        if !st.commit_armed && unwritten {
+            st.commit_armed = true;
+            self.shared.wake.notify_one();
+        }
+        r
+    }
+
+    /// Makes writes that wait for journal space give up (with `ESHUTDOWN`) and refuses new
+    /// ones that would wait: the tracker is stopping.
+    pub fn stop_waiting(&self) {
+        self.lock().no_waiting = true;
+        self.shared.stop_waiting.notify_all();
+    }
+
+    /// Writes every record appended so far to the journal file (not durably): what a sync of
+    /// the file through io_uring needs first.
+    pub fn write_out(&self) -> io::Result<()> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        write_out_or_overflow(st, &self.path)
     }
 
     /// Moves the journal's tail to what the reader released (see
@@ -376,8 +617,10 @@ impl ChangeLog {
         }
     }
 
-    /// Makes every record appended so far durable. Does not take the lock.
+    /// Makes every record appended so far durable. The lock is only held to write out what
+    /// waits in memory, not during the sync.
     pub fn sync(&self) -> io::Result<()> {
+        self.write_out()?;
         self.sync_file.sync_data()
     }
 
@@ -390,28 +633,30 @@ impl ChangeLog {
     }
 
     pub fn dirty_bytes(&self) -> u64 {
-        let st = self.state.lock().unwrap();
+        let st = self.lock();
         st.map.as_ref().map_or(0, |m| m.dirty_bytes())
     }
 
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
-        let st = self.state.lock().unwrap();
+        let st = self.lock();
         st.map.as_ref().map_or(Vec::new(), |m| m.dirty_ranges())
     }
 
     pub fn hot_extents(&self) -> u64 {
-        let st = self.state.lock().unwrap();
+        let st = self.lock();
         st.map.as_ref().map_or(0, |m| m.hot_extents())
     }
 
     pub fn status(&self) -> Option<JournalStatus> {
-        let st = self.state.lock().unwrap();
+        let st = self.lock();
         st.journal.as_ref().map(|j| JournalStatus {
             path: self.path.display().to_string(),
             capacity: j.capacity(),
             used_bytes: j.used(),
             head_seq: j.next_seq() - 1,
             released_seq: j.tail_seq() - 1,
+            on_full: self.on_full,
+            waiting_writes: st.waiting,
         })
     }
 
@@ -419,7 +664,8 @@ impl ChangeLog {
     /// last write). The journal goes first: the map may only forget its hot extents once
     /// every record is durable.
     pub fn close(&self) {
-        let mut st = self.state.lock().unwrap();
+        self.stop_committer();
+        let mut st = self.lock();
         let journal_ok = match st.journal.take().map(|j| j.close()) {
             Some(Ok(_)) => {
                 info!("journal {} closed cleanly", self.path.display());
@@ -440,6 +686,77 @@ impl ChangeLog {
                 error!(
                     "region map {}: cannot close cleanly: {e}",
                     self.map_path.display()
+                );
+            }
+        }
+    }
+}
+
+impl ChangeLog {
+    fn stop_committer(&self) {
+        self.lock().stopping = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.committer.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ChangeLog {
+    fn drop(&mut self) {
+        self.stop_committer();
+    }
+}
+
+/// Writes out what waits in memory. If the journal cannot take it, records the tracker
+/// acknowledged are lost from it: every hot extent becomes dirty and the volume needs a
+/// resync, as when the journal is full.
+fn write_out_or_overflow(st: &mut State, path: &Path) -> io::Result<()> {
+    let Some(j) = st.journal.as_mut() else {
+        return Ok(());
+    };
+    match j.write_out() {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if !st.journal_failed {
+                error!(
+                    "journal {} failed ({e}): tracking dirty regions instead; the volume \
+                     needs a resync",
+                    path.display()
+                );
+                st.journal_failed = true;
+            }
+            st.overflowed = true;
+            if let Some(m) = st.map.as_mut() {
+                m.mark_hot_dirty();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The committer: once records (or new dirty bits) wait in memory, gives later writes
+/// [`COMMIT_INTERVAL`] to join them, then writes them out in one go.
+fn commit_loop(shared: &Shared, path: &Path) {
+    let mut st = shared.state.lock().unwrap();
+    loop {
+        while !st.stopping && !st.commit_armed {
+            st = shared.wake.wait(st).unwrap();
+        }
+        if st.stopping {
+            return;
+        }
+        drop(st);
+        std::thread::sleep(COMMIT_INTERVAL);
+        st = shared.state.lock().unwrap();
+        st.commit_armed = false;
+        let _ = write_out_or_overflow(&mut st, path);
+        // New dirty bits go to the map file too, where the shipper reads them.
+        if let Some(m) = st.map.as_mut() {
+            if let Err(e) = m.write_dirty() {
+                warn!(
+                    "region map of {}: cannot write dirty bits: {e}",
+                    path.display()
                 );
             }
         }
