@@ -44,7 +44,7 @@ for trial in $(seq "$trials"); do
     rm -rf "$work/journal" "$work/disk.img"
     truncate -s 128M "$work/disk.img"
     start_tracker "$backend"
-    fio --name=w --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-256k --iodepth=8 \
+    fio --name=w --thread --ioengine=nbd --uri="$uri" --rw=randwrite --bsrange=4k-256k --iodepth=8 \
         --offset=64m --size=64m --time_based --runtime=30 --fsync=16 --rate=100m \
         >/dev/null 2>&1 &
     fio_pid=$!

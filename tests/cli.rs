@@ -127,10 +127,12 @@ fn config_file_alone_starts_the_tracker() {
     std::fs::write(
         &cfg,
         format!(
-            "[tracker]\nlisten = [\"unix:{}\"]\nadmin_socket = \"{}\"\nbackend = \"sync\"\n\n\
+            "[tracker]\nlisten = [\"unix:{}\"]\nadmin_socket = \"{}\"\nbackend = \"sync\"\n\
+             journal.dir = \"{}\"\njournal.size = \"2M\"\njournal.on_full = \"block\"\n\n\
              [[volume]]\nname = \"cfgvol\"\npath = \"{}\"\n",
             sock.display(),
             admin.display(),
+            dir.path().join("journal").display(),
             img.display()
         ),
     )
@@ -160,6 +162,10 @@ fn config_file_alone_starts_the_tracker() {
         v["tracker"]["status"]["volumes"][0]["engine"], "sync",
         "{v}"
     );
+    let j = &v["tracker"]["status"]["volumes"][0]["journal"];
+    assert_eq!(j["on_full"], "block", "{v}");
+    assert!(j["capacity"].as_u64().unwrap() < 2 << 20, "{v}");
+    assert!(dir.path().join("journal/cfgvol.journal").exists());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
         nix::sys::signal::Signal::SIGINT,

@@ -78,21 +78,7 @@ fn a_follower_ships_and_releases_while_the_tracker_writes() {
     };
 
     // 64 MiB through an 8 MiB journal, at a pace the follower keeps up with.
-    let out = Command::new("fio")
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=4",
-            "--size=32m",
-            "--io_size=64m",
-            "--rate=40m",
-        ])
-        .arg(format!("--uri={}", t.uri()))
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let out = spawn_fio(&t, "64m", &["--rate=40m"]).wait().unwrap();
     assert!(out.success());
     done.store(true, Ordering::SeqCst);
     let (img, waits, next) = follower.join().unwrap();
@@ -197,10 +183,13 @@ fn wait_for_waiting_writes(t: &Tracker, fio: &mut std::process::Child) -> serde_
     }
 }
 
-fn spawn_fio(t: &Tracker, io_size: &str) -> std::process::Child {
+/// fio writing 64 KiB blocks at random in the first 32 MiB, `io_size` in all.
+fn spawn_fio(t: &Tracker, io_size: &str, extra: &[&str]) -> std::process::Child {
     Command::new("fio")
         .args([
             "--name=w",
+            // One process: a kill reaches the job, not only its parent.
+            "--thread",
             "--ioengine=nbd",
             "--rw=randwrite",
             "--bs=64k",
@@ -209,6 +198,7 @@ fn spawn_fio(t: &Tracker, io_size: &str) -> std::process::Child {
         ])
         .arg(format!("--io_size={io_size}"))
         .arg(format!("--uri={}", t.uri()))
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -233,7 +223,7 @@ fn on_full_block_holds_writes_until_the_shipper_releases() {
     let jpath = jdir.join(format!("{EXPORT}.journal"));
 
     // 24 MiB through a 2 MiB journal that nobody releases yet: the writer must wait.
-    let mut fio = spawn_fio(&t, "24m");
+    let mut fio = spawn_fio(&t, "24m", &[]);
     let v = wait_for_waiting_writes(&t, &mut fio);
     assert_eq!(v["state"], "protected", "{v}");
     assert_eq!(v["journal"]["on_full"], "block", "{v}");
@@ -276,7 +266,7 @@ fn on_full_block_holds_writes_until_the_shipper_releases() {
 
     // Stopping while writes wait: they fail (ESHUTDOWN, never acknowledged) and the tracker
     // exits at once instead of waiting for a shipper; the journal closes cleanly.
-    let mut fio = spawn_fio(&t, "8m");
+    let mut fio = spawn_fio(&t, "8m", &[]);
     wait_for_waiting_writes(&t, &mut fio);
     let started = Instant::now();
     assert!(t.stop().success(), "{}", t.log_text());

@@ -16,6 +16,8 @@ fn sigterm_while_fio_writes() {
         let mut fio = Command::new("fio")
             .args([
                 "--name=load",
+                // One process: a kill reaches the job, not only its parent.
+                "--thread",
                 "--ioengine=nbd",
                 "--rw=randwrite",
                 "--bs=4k",

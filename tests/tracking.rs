@@ -101,6 +101,8 @@ fn kill_9_during_fio_loses_no_acknowledged_write() {
             let mut fio = Command::new("fio")
                 .args([
                     "--name=w",
+                    // One process: a kill reaches the job, not only its parent.
+                    "--thread",
                     "--ioengine=nbd",
                     "--rw=randwrite",
                     "--bs=4k",

@@ -137,12 +137,30 @@ impl Tracker {
             .arg("--backend")
             .arg(backend)
             .args(extra)
+            .args(self.default_journal(extra))
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let readies = self.ready_lines().len();
         self.child = Some(cmd.spawn().expect("spawn redun-tracker"));
         self.wait_ready(readies);
+    }
+
+    /// A journal inside the test's directory unless the test chose (never the system's
+    /// default directory).
+    fn default_journal(&self, extra: &[&str]) -> Vec<String> {
+        if extra
+            .iter()
+            .any(|a| *a == "--no-journal" || *a == "--journal-dir")
+        {
+            return Vec::new();
+        }
+        vec![
+            "--journal-dir".into(),
+            self.dir.path().join("journal").display().to_string(),
+            "--journal-size".into(),
+            "64M".into(),
+        ]
     }
 
     fn ready_lines(&self) -> Vec<String> {

@@ -12,6 +12,8 @@ use crate::track::OnFull;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/redun/tracker.sock";
+/// Where journals live unless configured (changes are always tracked but with `--no-journal`).
+pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/redun/journal";
 
 /// The whole config file. Sections of the other daemons are accepted and ignored here.
 #[derive(Debug, Default, Deserialize)]
@@ -41,7 +43,7 @@ pub struct TrackerSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalSection {
-    /// One journal file per volume in this directory; no journaling without it (for now).
+    /// One journal file per volume in this directory [default: /var/lib/redun/journal].
     pub dir: Option<PathBuf>,
     /// Size of each journal, e.g. "1G".
     pub size: Option<String>,
@@ -187,7 +189,12 @@ pub fn merge(
     let journal_dir = if disabled {
         None
     } else {
-        journal.dir.or(fj.dir)
+        Some(
+            journal
+                .dir
+                .or(fj.dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR)),
+        )
     };
     Ok(TrackerConfig {
         journal_dir,
@@ -215,7 +222,7 @@ mod tests {
             [tracker]
             listen = ["unix:/tmp/a.sock"]
             backend = "sync"
-            journal.dir = "/var/lib/redun/journal"
+            journal.dir = "/srv/journal"
             journal.size = "256M"
             journal.on_full = "block"
             [[volume]]
@@ -236,7 +243,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.volumes.len(), 2);
-        assert_eq!(c.journal_dir, Some(PathBuf::from("/var/lib/redun/journal")));
+        assert_eq!(c.journal_dir, Some(PathBuf::from("/srv/journal")));
         assert_eq!(c.journal_size, 256 << 20);
         assert_eq!(c.on_full, OnFull::Block);
         let off = JournalFlags {
@@ -255,6 +262,18 @@ mod tests {
         .unwrap();
         assert_eq!(c2.journal_dir, None);
         assert_eq!(c2.on_full, OnFull::Bitmap);
+        // Tracking is the default.
+        let c3 = merge(
+            ConfigFile::default(),
+            vec![parse_volume_flag("x=/x").unwrap()],
+            vec![],
+            None,
+            None,
+            JournalFlags::default(),
+        )
+        .unwrap();
+        assert_eq!(c3.journal_dir, Some(PathBuf::from(DEFAULT_JOURNAL_DIR)));
+        assert_eq!(c3.journal_size, DEFAULT_JOURNAL_SIZE);
         assert_eq!(c.backend, EngineChoice::Sync);
         assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/a.sock".into())]);
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));

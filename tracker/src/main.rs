@@ -38,7 +38,7 @@ struct Args {
     /// TOML config file with the same settings ([tracker] and [[volume]] sections).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Journal every change of each volume in DIR/NAME.journal.
+    /// Journal every change of each volume in DIR/NAME.journal [default: /var/lib/redun/journal].
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
     /// Size of each journal (created preallocated), e.g. 1G [default: 1G].
@@ -99,7 +99,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 b = b.with_log(Arc::new(log));
             }
             None => warn!(
-                "volume {}: changes are not journaled (no --journal-dir)",
+                "volume {}: changes are not tracked (--no-journal): the replica cannot follow",
                 v.name
             ),
         }

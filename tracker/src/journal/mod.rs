@@ -511,9 +511,7 @@ impl<S: Store> Journal<S> {
             return Err(JournalError::TooLarge(payload.len()));
         }
         let cap = self.sb.capacity;
-        let size = record_size(payload_len);
-        let room = cap - self.head_pos % cap;
-        let skip = if size > room { room } else { 0 };
+        let (skip, size) = self.placement(payload_len);
         let free = cap - self.used();
         if skip + size > free {
             return Err(JournalError::Full {
@@ -577,6 +575,15 @@ impl<S: Store> Journal<S> {
         let seq = self.next_seq;
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Where a record with `payload_len` bytes would go: the bytes skipped before it (to the
+    /// end of the ring, when it does not fit there) and its size.
+    fn placement(&self, payload_len: u32) -> (u64, u64) {
+        let cap = self.sb.capacity;
+        let size = record_size(payload_len);
+        let room = cap - self.head_pos % cap;
+        (if size > room { room } else { 0 }, size)
     }
 
     /// Writes the buffer, then `extra` (which ends at logical position `end`), then zeros to

@@ -55,7 +55,9 @@ fn schedule(seed: u64) {
             continue;
         }
         let off = (rng.next() % (VOL / 512)) * 512;
-        let len = ((1 + rng.next() % 128) * 512).min(VOL - off);
+        // Mostly small changes, some of up to 512 KiB (over the journal's group-commit size).
+        let sectors = if rng.next() % 8 == 0 { 1024 } else { 128 };
+        let len = ((1 + rng.next() % sectors) * 512).min(VOL - off);
         let (kind, data) = if choice == 7 {
             (Kind::Zero, vec![0u8; len as usize])
         } else {

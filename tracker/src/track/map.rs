@@ -462,10 +462,6 @@ impl<S: Store> RegionMap<S> {
         (self.dirty.count * self.header.region).min(self.header.volume_size)
     }
 
-    pub fn region(&self) -> u64 {
-        self.header.region
-    }
-
     /// Dirty ranges as (offset, length), merged.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();

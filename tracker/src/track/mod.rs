@@ -642,11 +642,6 @@ impl ChangeLog {
         st.map.as_ref().map_or(Vec::new(), |m| m.dirty_ranges())
     }
 
-    pub fn hot_extents(&self) -> u64 {
-        let st = self.lock();
-        st.map.as_ref().map_or(0, |m| m.hot_extents())
-    }
-
     pub fn status(&self) -> Option<JournalStatus> {
         let st = self.lock();
         st.journal.as_ref().map(|j| JournalStatus {
