@@ -315,3 +315,48 @@ fn a_damaged_record_mid_journal_is_reported_and_its_ranges_become_dirty() {
     assert_eq!(dirty.len(), 12, "{v}");
     assert_eq!(dirty[0], (0, 64 << 10), "{v}");
 }
+
+#[test]
+fn full_threshold_and_region_size_are_honoured() {
+    let mut t = Tracker::start_with("uring", 64 * MIB, &["--no-journal"]);
+    let _ = t.stop();
+    let jdir = t.dir.path().join("journal");
+    t.spawn(
+        "uring",
+        &[
+            "--journal-dir",
+            jdir.to_str().unwrap(),
+            "--journal-size",
+            "4M",
+            "--journal-full-percent",
+            "50",
+            "--region-size",
+            "1M",
+        ],
+    );
+    // 40 writes of 64 KiB, one per MiB: 2.5 MiB of records, more than half the journal.
+    python("write_blocks.py", &[&t.uri(), "40", "65536", "1048576"]);
+    let v = volume_status(&t);
+    assert_eq!(v["state"], "resync-required", "{v}");
+    let cap = v["journal"]["capacity"].as_u64().unwrap();
+    let used = v["journal"]["used_bytes"].as_u64().unwrap();
+    assert!(used <= cap / 2 && used > cap / 2 - (66 << 10), "{v}");
+    let records = v["journal"]["head_seq"].as_u64().unwrap();
+    // Every write past the threshold is a dirty 1 MiB region.
+    let dirty: Vec<(u64, u64)> = serde_json::from_value(v["dirty_ranges"].clone()).unwrap();
+    assert_eq!(dirty, vec![(records * MIB, (40 - records) * MIB)], "{v}");
+    let view = DirtyView::read(&jdir.join(format!("{EXPORT}.map"))).unwrap();
+    assert_eq!(view.region, MIB);
+    assert!(t.log_text().contains("is full"));
+    // Bad values are refused with the flag named.
+    let out = Command::new(bin("redun-tracker"))
+        .args(["--volume", "x=/dev/null", "--region-size", "3K"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--region-size"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

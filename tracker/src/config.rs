@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::io::EngineChoice;
 use crate::nbd::ListenAddr;
-use crate::track::OnFull;
+use crate::track::{LogOptions, OnFull};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/redun/tracker.sock";
@@ -49,6 +49,10 @@ pub struct JournalSection {
     pub size: Option<String>,
     /// What a full journal does: "bitmap" (default) or "block".
     pub on_full: Option<OnFull>,
+    /// Unreleased share of the journal (percent) at which it counts as full [default: 100].
+    pub full_percent: Option<u8>,
+    /// Dirty-region size of a new region map, e.g. "64K".
+    pub region_size: Option<String>,
     /// Never journal (benchmarks only).
     pub disabled: Option<bool>,
 }
@@ -71,6 +75,20 @@ pub struct TrackerConfig {
     pub journal_dir: Option<PathBuf>,
     pub journal_size: u64,
     pub on_full: OnFull,
+    pub full_percent: u8,
+    pub region_size: u64,
+}
+
+impl TrackerConfig {
+    /// The change-log settings of every volume.
+    pub fn log_options(&self) -> LogOptions {
+        LogOptions {
+            size: self.journal_size,
+            on_full: self.on_full,
+            region: self.region_size,
+            full_percent: self.full_percent,
+        }
+    }
 }
 
 /// Default size of a volume's journal.
@@ -82,6 +100,8 @@ pub struct JournalFlags {
     pub dir: Option<PathBuf>,
     pub size: Option<u64>,
     pub on_full: Option<OnFull>,
+    pub full_percent: Option<u8>,
+    pub region_size: Option<u64>,
     pub disabled: bool,
 }
 
@@ -200,6 +220,22 @@ pub fn merge(
         journal_dir,
         journal_size,
         on_full: journal.on_full.or(fj.on_full).unwrap_or_default(),
+        full_percent: match journal.full_percent.or(fj.full_percent) {
+            None => 100,
+            Some(p @ 1..=100) => p,
+            Some(p) => {
+                return Err(ConfigError::Invalid(format!(
+                    "tracker.journal.full_percent = {p}: expected a percentage from 1 to 100"
+                )));
+            }
+        },
+        region_size: match (journal.region_size, &fj.region_size) {
+            (Some(r), _) => r,
+            (None, Some(r)) => crate::track::parse_size(r)
+                .and_then(crate::track::check_region)
+                .map_err(|e| ConfigError::Invalid(format!("tracker.journal.region_size: {e}")))?,
+            (None, None) => crate::track::DEFAULT_REGION,
+        },
         volumes: all,
         listen,
         admin_socket: admin_socket
@@ -225,6 +261,8 @@ mod tests {
             journal.dir = "/srv/journal"
             journal.size = "256M"
             journal.on_full = "block"
+            journal.full_percent = 80
+            journal.region_size = "1M"
             [[volume]]
             name = "db"
             path = "/tmp/db.img"
@@ -246,6 +284,7 @@ mod tests {
         assert_eq!(c.journal_dir, Some(PathBuf::from("/srv/journal")));
         assert_eq!(c.journal_size, 256 << 20);
         assert_eq!(c.on_full, OnFull::Block);
+        assert_eq!((c.full_percent, c.region_size), (80, 1 << 20));
         let off = JournalFlags {
             disabled: true,
             ..JournalFlags::default()
@@ -274,6 +313,26 @@ mod tests {
         .unwrap();
         assert_eq!(c3.journal_dir, Some(PathBuf::from(DEFAULT_JOURNAL_DIR)));
         assert_eq!(c3.journal_size, DEFAULT_JOURNAL_SIZE);
+        assert_eq!(c3.log_options(), LogOptions::default());
+        for (bad, what) in [
+            ("journal.full_percent = 0", "full_percent = 0"),
+            ("journal.full_percent = 150", "full_percent = 150"),
+            ("journal.region_size = \"3K\"", "region size 3072"),
+            ("journal.region_size = \"64X\"", "unknown unit"),
+        ] {
+            let f: ConfigFile = toml::from_str(&format!("[tracker]\n{bad}\n")).unwrap();
+            let e = merge(
+                f,
+                vec![parse_volume_flag("x=/x").unwrap()],
+                vec![],
+                None,
+                None,
+                JournalFlags::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
         assert_eq!(c.backend, EngineChoice::Sync);
         assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/a.sock".into())]);
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));

@@ -48,9 +48,19 @@ struct Args {
     /// (writes wait for the shipper to release space) [default: bitmap].
     #[arg(long, value_name = "bitmap|block")]
     journal_on_full: Option<OnFull>,
+    /// Percentage of the journal that may be unreleased before it counts as full [default: 100].
+    #[arg(long, value_name = "1-100", value_parser = clap::value_parser!(u8).range(1..=100))]
+    journal_full_percent: Option<u8>,
+    /// Dirty-region size of new region maps (power of two, 4K to 4M) [default: 64K].
+    #[arg(long, value_name = "SIZE", value_parser = parse_region)]
+    region_size: Option<u64>,
     /// Do not journal (benchmarks only): changes are not tracked.
     #[arg(long)]
     no_journal: bool,
+}
+
+fn parse_region(s: &str) -> Result<u64, String> {
+    redun_tracker::track::parse_size(s).and_then(redun_tracker::track::check_region)
 }
 
 fn main() -> ExitCode {
@@ -74,6 +84,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         dir: args.journal_dir,
         size: args.journal_size,
         on_full: args.journal_on_full,
+        full_percent: args.journal_full_percent,
+        region_size: args.region_size,
         disabled: args.no_journal,
     };
     let cfg = config::merge(
@@ -93,9 +105,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         match &cfg.journal_dir {
             Some(dir) => {
                 let size = redun_tracker::nbd::BlockBackend::size(&b);
-                let log =
-                    ChangeLog::open_or_create(dir, &v.name, cfg.journal_size, size, cfg.on_full)
-                        .with_context(|| format!("volume {:?}", v.name))?;
+                let log = ChangeLog::open_or_create(dir, &v.name, size, &cfg.log_options())
+                    .with_context(|| format!("volume {:?}", v.name))?;
                 b = b.with_log(Arc::new(log));
             }
             None => warn!(

@@ -71,6 +71,7 @@ fn schedule(seed: u64) {
             map: Some(&mut map),
             name: Path::new("sim"),
             on_full: OnFull::Bitmap,
+            limit: u64::MAX,
         };
         change
             .record_and_apply(

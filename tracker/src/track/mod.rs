@@ -29,7 +29,7 @@ use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::io::ops;
-use crate::journal::format::{Kind, MIN_FILE_SIZE};
+use crate::journal::format::{Kind, MIN_FILE_SIZE, record_size};
 use crate::journal::inspect::find_damage;
 use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Policy, Store, read_superblock};
@@ -53,6 +53,40 @@ const RELEASE_POLL: Duration = Duration::from_millis(5);
 
 /// Default size of a volume's dirty region.
 pub const DEFAULT_REGION: u64 = 64 * 1024;
+
+/// How a volume's change log is set up (`[tracker.journal]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Size of a new journal file.
+    pub size: u64,
+    pub on_full: OnFull,
+    /// Dirty-region size of a new region map (an existing map keeps its own).
+    pub region: u64,
+    /// The journal counts as full once this percentage of its capacity is unreleased.
+    pub full_percent: u8,
+}
+
+impl Default for LogOptions {
+    fn default() -> LogOptions {
+        LogOptions {
+            size: 1 << 30,
+            on_full: OnFull::Bitmap,
+            region: DEFAULT_REGION,
+            full_percent: 100,
+        }
+    }
+}
+
+/// Checks a dirty-region size: a power of two from 4 KiB to the 4 MiB extent.
+pub fn check_region(region: u64) -> Result<u64, String> {
+    if region.is_power_of_two() && (4096..=map::DEFAULT_EXTENT).contains(&region) {
+        Ok(region)
+    } else {
+        Err(format!(
+            "region size {region}: expected a power of two from 4K to 4M, e.g. 64K"
+        ))
+    }
+}
 
 /// What a volume does when its journal is full (`journal.on_full`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +177,8 @@ pub struct ChangeLog {
     /// The thread that writes records out after [`COMMIT_INTERVAL`].
     committer: Mutex<Option<JoinHandle<()>>>,
     on_full: OnFull,
+    /// Unreleased bytes at which the journal counts as full.
+    limit: u64,
 }
 
 /// Why a journal could not be opened.
@@ -190,6 +226,8 @@ pub(crate) struct Change<'a, J: Store, M: Store> {
     /// For log messages.
     pub name: &'a Path,
     pub on_full: OnFull,
+    /// Unreleased bytes at which the journal counts as full (its capacity, or less).
+    pub limit: u64,
 }
 
 /// What became of a change.
@@ -223,6 +261,7 @@ impl<J: Store, M: Store> Change<'_, J, M> {
             map,
             name,
             on_full,
+            limit,
         } = self;
         if let Some(map) = map.as_deref_mut() {
             // Hot before anything can reach the journal or the backing device.
@@ -236,10 +275,18 @@ impl<J: Store, M: Store> Change<'_, J, M> {
         }
         if !**overflowed {
             let was_empty = journal.as_deref().is_some_and(|j| j.used() == 0);
-            match journal
-                .as_deref_mut()
-                .map(|j| j.append(kind, offset, len, payload))
-            {
+            let appended = match journal.as_deref_mut() {
+                Some(j) if j.used() + record_size(payload_len(payload)) > *limit => {
+                    Some(Err(JournalError::Full {
+                        needed: record_size(payload_len(payload)),
+                        free: limit.saturating_sub(j.used()),
+                        capacity: *limit,
+                    }))
+                }
+                Some(j) => Some(j.append(kind, offset, len, payload)),
+                None => None,
+            };
+            match appended {
                 Some(Ok(_)) => {}
                 Some(Err(JournalError::Full { .. })) if *on_full == OnFull::Block && !was_empty => {
                     return Ok(Outcome::MustWait);
@@ -288,6 +335,10 @@ impl<J: Store, M: Store> Change<'_, J, M> {
     }
 }
 
+fn payload_len(payload: &[u8]) -> u32 {
+    u32::try_from(payload.len()).unwrap_or(u32::MAX)
+}
+
 fn into_io(e: JournalError) -> io::Error {
     match e {
         JournalError::Io(e) => e,
@@ -296,15 +347,15 @@ fn into_io(e: JournalError) -> io::Error {
 }
 
 impl ChangeLog {
-    /// Opens `dir/NAME.journal` and `dir/NAME.map`, or creates them (the journal with `size`
-    /// bytes, preallocated).
+    /// Opens `dir/NAME.journal` and `dir/NAME.map`, or creates them (the journal with
+    /// `opts.size` bytes, preallocated).
     pub fn open_or_create(
         dir: &Path,
         name: &str,
-        size: u64,
         volume_size: u64,
-        on_full: OnFull,
+        opts: &LogOptions,
     ) -> Result<ChangeLog, TrackError> {
+        let size = opts.size;
         let path = dir.join(format!("{name}.journal"));
         let map_path = dir.join(format!("{name}.map"));
         let jerr = |source| TrackError::Journal {
@@ -363,10 +414,9 @@ impl ChangeLog {
             m
         } else {
             std::fs::create_dir_all(dir).map_err(|e| cerr(dir, e))?;
-            let fsize =
-                RegionMap::<File>::file_size(volume_size, DEFAULT_REGION, map::DEFAULT_EXTENT);
+            let fsize = RegionMap::<File>::file_size(volume_size, opts.region, map::DEFAULT_EXTENT);
             let f = create_preallocated(&map_path, fsize).map_err(|e| cerr(&map_path, e))?;
-            let mut m = RegionMap::create(f, volume_size, DEFAULT_REGION, map::DEFAULT_EXTENT)
+            let mut m = RegionMap::create(f, volume_size, opts.region, map::DEFAULT_EXTENT)
                 .map_err(|e| cerr(&map_path, e))?;
             if existing.is_some() {
                 // The map is created before its journal: a journal without one lost it, and
@@ -424,6 +474,7 @@ impl ChangeLog {
             }
         };
         let sync_file = journal.store().try_clone().map_err(|e| jerr(e.into()))?;
+        let limit = journal.capacity() / 100 * u64::from(opts.full_percent.clamp(1, 100));
         let overflowed = map.dirty_bytes() > 0;
         let mut journal = journal;
         if let Some(seq) = read_release(&path).map_err(|e| jerr(e.into()))? {
@@ -460,7 +511,8 @@ impl ChangeLog {
             shared,
             sync_file,
             committer: Mutex::new(Some(committer)),
-            on_full,
+            on_full: opts.on_full,
+            limit,
         })
     }
 
@@ -513,6 +565,7 @@ impl ChangeLog {
                 map: st.map.as_mut(),
                 name: &self.path,
                 on_full: self.on_full,
+                limit: self.limit,
             };
             let r = change.record_and_apply(
                 kind,
