@@ -119,8 +119,13 @@ fn kill_9_during_fio_loses_no_acknowledged_write() {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            // A different moment in every trial.
-            std::thread::sleep(Duration::from_millis(300 + (trial * 7919) % 1500));
+            // Once fio writes (it takes a moment to start), a different moment in every trial.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while volume_status(&t)["writes"].as_u64().unwrap() == 0 {
+                assert!(std::time::Instant::now() < deadline, "fio never wrote");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(100 + (trial * 7919) % 1500));
             let v = volume_status(&t);
             assert_eq!(v["state"], "protected", "{backend} trial {i}: {v}");
             let mut child = t.child.take().unwrap();

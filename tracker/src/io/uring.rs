@@ -216,7 +216,11 @@ impl UringQueue {
                 error!("io_uring completion for unknown slot {}", cqe.user_data());
                 continue;
             };
-            match on_cqe(p, cqe.result(), &self.file, self.log.is_some()) {
+            // After a flush of the backing file, the journal's (unless it failed: dirty
+            // regions cover what it lost). Only flushes ask, so reads never take the lock.
+            let tracked = matches!(p.stage, Stage::Flush)
+                && self.log.as_ref().is_some_and(|l| l.journal_usable());
+            match on_cqe(p, cqe.result(), &self.file, tracked) {
                 After::Resubmit => {
                     self.push(idx);
                     resubmit = true;

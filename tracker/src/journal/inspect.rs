@@ -266,7 +266,10 @@ fn records_beyond<S: Store>(
             }
             i += RECORD_ALIGN_USIZE;
         }
-        pos += n;
+        // `i` is the first position whose header did not fit in this chunk: the next chunk
+        // starts there (at the ring's end or the limit, nothing can start in that tail).
+        let cut_short = phys + n < sb.capacity && pos + n < limit;
+        pos += if cut_short { i as u64 } else { n };
     }
     Ok(out)
 }

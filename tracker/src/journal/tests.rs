@@ -354,3 +354,22 @@ fn reopening_a_cut_clean_journal_starts_a_new_epoch() {
     let (_, rec) = Journal::open(j.store, Policy::TolerateTornTail).unwrap();
     assert_eq!(rec.next_seq, 6);
 }
+
+#[test]
+fn damage_scan_sees_records_across_its_read_chunks() {
+    // 4096-byte records: record 257 starts 8 bytes before the end of the scan's first 1 MiB
+    // read (the scan starts 8 bytes after the damaged record 1).
+    let mut j = Journal::create(CrashStore::new(4 << 20), [3; 16], 1 << 30).unwrap();
+    let first = RING_OFFSET + j.head_pos % j.capacity();
+    for seq in 1..=300u64 {
+        j.append(Kind::Write, seq * 4096, 4048, &payload(seq, 4048))
+            .unwrap();
+    }
+    let store = j.close().unwrap();
+    store.corrupt(first + 100);
+    let d = inspect::find_damage(&store).unwrap().expect("damage");
+    assert_eq!((d.seq, d.lost_records), (1, 300));
+    let ranges = d.ranges.expect("every lost record found");
+    assert_eq!(ranges.len(), 300);
+    assert_eq!(ranges[256], (257 * 4096, 4048));
+}

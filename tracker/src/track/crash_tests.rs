@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use super::map::RegionMap;
-use super::{Change, OnFull};
+use super::{Change, OnFull, Outcome};
 use crate::journal::crash_store::{CrashStore, Rng};
 use crate::journal::format::{Kind, RING_OFFSET};
 use crate::journal::{Journal, Policy, Scanner, Store, read_superblock};
@@ -45,6 +45,7 @@ fn schedule(seed: u64) {
     map.set_max_hot(1 + (rng.next() % 4) as usize);
     let backing = CrashStore::new(VOL as usize);
     let mut overflowed = false;
+    let mut journal_failed = false;
     let ops = 20 + rng.next() % 150;
     for _ in 0..ops {
         let choice = rng.next() % 10;
@@ -72,6 +73,7 @@ fn schedule(seed: u64) {
             name: Path::new("sim"),
             on_full: OnFull::Bitmap,
             limit: u64::MAX,
+            journal_failed: &mut journal_failed,
         };
         change
             .record_and_apply(
@@ -109,4 +111,119 @@ fn invariant_j_holds_over_random_crash_schedules() {
     for seed in 1..=400u64 {
         schedule(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
+}
+
+/// A journal disk that starts failing every write and sync when told to.
+#[derive(Debug)]
+struct FailingStore {
+    inner: CrashStore,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FailingStore {
+    fn check(&self) -> std::io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for FailingStore {
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, bufs: &[&[u8]], off: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write_at(bufs, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.sync()
+    }
+}
+
+#[test]
+fn a_failing_journal_turns_hot_extents_dirty_and_writes_go_on() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jstore = FailingStore {
+        inner: CrashStore::new((RING_OFFSET + (1 << 20)) as usize),
+        failing: failing.clone(),
+    };
+    let mut journal = Journal::create(jstore, [2; 16], VOL).unwrap();
+    let mstore = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
+    let mut map = RegionMap::create(mstore, VOL, REGION, EXTENT).unwrap();
+    map.set_max_hot(1);
+    let backing = CrashStore::new(VOL as usize);
+    let (mut overflowed, mut journal_failed) = (false, false);
+    let data = vec![7u8; 4096];
+    let write = |off: u64,
+                 journal: &mut Journal<FailingStore>,
+                 map: &mut RegionMap<CrashStore>,
+                 overflowed: &mut bool,
+                 journal_failed: &mut bool| {
+        let mut change = Change {
+            journal: Some(journal),
+            overflowed,
+            map: Some(map),
+            name: Path::new("sim"),
+            on_full: OnFull::Bitmap,
+            limit: u64::MAX,
+            journal_failed,
+        };
+        change.record_and_apply(
+            Kind::Write,
+            off,
+            4096,
+            &data,
+            &mut || backing.sync(),
+            &mut || backing.write_at(&[&data], off),
+        )
+    };
+    // Extent 0 hot, its record buffered; then the journal disk fails.
+    assert_eq!(
+        write(
+            0,
+            &mut journal,
+            &mut map,
+            &mut overflowed,
+            &mut journal_failed
+        )
+        .unwrap(),
+        Outcome::Applied
+    );
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Extent 1 needs extent 0 cooled, which needs the journal synced: it cannot be. The
+    // write still succeeds, and extent 0, whose record is lost, is dirty.
+    assert_eq!(
+        write(
+            EXTENT,
+            &mut journal,
+            &mut map,
+            &mut overflowed,
+            &mut journal_failed
+        )
+        .unwrap(),
+        Outcome::Applied
+    );
+    assert!(overflowed && journal_failed);
+    assert!(map.is_dirty(0) && map.is_dirty(EXTENT));
+    // Later writes to cold extents go on without touching the journal.
+    assert_eq!(
+        write(
+            3 * EXTENT,
+            &mut journal,
+            &mut map,
+            &mut overflowed,
+            &mut journal_failed
+        )
+        .unwrap(),
+        Outcome::Applied
+    );
+    assert!(map.is_dirty(3 * EXTENT));
+    assert_eq!(backing.image()[3 * EXTENT as usize], 7);
 }

@@ -228,6 +228,8 @@ pub(crate) struct Change<'a, J: Store, M: Store> {
     pub on_full: OnFull,
     /// Unreleased bytes at which the journal counts as full (its capacity, or less).
     pub limit: u64,
+    /// The journal could not be written or synced: it is left alone until a resync.
+    pub journal_failed: &'a mut bool,
 }
 
 /// What became of a change.
@@ -262,16 +264,36 @@ impl<J: Store, M: Store> Change<'_, J, M> {
             name,
             on_full,
             limit,
+            journal_failed,
         } = self;
         if let Some(map) = map.as_deref_mut() {
             // Hot before anything can reach the journal or the backing device.
-            map.prepare(offset, u64::from(len), &mut || {
+            let failed_before = **journal_failed;
+            let r = map.prepare(offset, u64::from(len), &mut || {
                 sync_backing()?;
                 match journal.as_deref_mut() {
-                    Some(j) => j.sync().map_err(into_io),
-                    None => Ok(()),
+                    Some(j) if !**journal_failed => j.sync().map_err(|e| {
+                        **journal_failed = true;
+                        into_io(e)
+                    }),
+                    _ => Ok(()),
                 }
-            })?;
+            });
+            match r {
+                Err(e) if **journal_failed && !failed_before => {
+                    // The journal cannot be synced: what it holds unsynced lies in hot
+                    // extents, which become dirty; from now on extents cool without it.
+                    error!(
+                        "journal {} failed ({e}): tracking dirty regions instead; the volume \
+                         needs a resync",
+                        name.display()
+                    );
+                    **overflowed = true;
+                    map.mark_hot_dirty();
+                    map.prepare(offset, u64::from(len), sync_backing)?;
+                }
+                r => r?,
+            }
         }
         if !**overflowed {
             let was_empty = journal.as_deref().is_some_and(|j| j.used() == 0);
@@ -548,11 +570,15 @@ impl ChangeLog {
                 break Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
             }
             st.since_release_check += 1;
-            let nearly_full = st
+            let need = st
                 .journal
                 .as_ref()
-                .is_some_and(|j| j.used() + u64::from(len) + 4096 > j.capacity() / 2);
+                .map_or(0, |j| j.used() + record_size(payload_len(payload)));
+            // Look at the release file before the journal would count as full, and more often
+            // once it is half way there.
+            let nearly_full = need + 4096 > self.limit / 2;
             let due = waited
+                || need > self.limit && !st.overflowed
                 || st.since_release_check >= RELEASE_CHECK_EVERY
                 || nearly_full && !st.overflowed && st.since_release_check >= RELEASE_CHECK_PRESSED;
             if due {
@@ -566,6 +592,7 @@ impl ChangeLog {
                 name: &self.path,
                 on_full: self.on_full,
                 limit: self.limit,
+                journal_failed: &mut st.journal_failed,
             };
             let r = change.record_and_apply(
                 kind,
@@ -672,8 +699,17 @@ impl ChangeLog {
 
     /// Makes every record appended so far durable. The lock is only held to write out what
     /// waits in memory, not during the sync.
+    /// False once the journal failed (it takes no records until a resync).
+    pub fn journal_usable(&self) -> bool {
+        !self.lock().journal_failed
+    }
+
     pub fn sync(&self) -> io::Result<()> {
         self.write_out()?;
+        if !self.journal_usable() {
+            // Its records are covered by dirty regions; the backing file is what counts.
+            return Ok(());
+        }
         self.sync_file.sync_data()
     }
 
