@@ -21,19 +21,8 @@ const VOL: u64 = 32 * MIB;
 #[test]
 fn a_follower_ships_and_releases_while_the_tracker_writes() {
     require("fio");
-    let mut t = Tracker::start_with("uring", VOL, &["--no-journal"]);
-    let _ = t.stop();
-    let jdir = t.dir.path().join("journal");
-    t.spawn(
-        "uring",
-        &[
-            "--journal-dir",
-            jdir.to_str().unwrap(),
-            "--journal-size",
-            "8M",
-        ],
-    );
-    let jpath = jdir.join(format!("{EXPORT}.journal"));
+    let mut t = Tracker::start_with("uring", VOL, &["--journal-size", "8M"]);
+    let jpath = t.journal_path();
 
     let done = Arc::new(AtomicBool::new(false));
     let follower = {
@@ -96,15 +85,7 @@ fn a_follower_ships_and_releases_while_the_tracker_writes() {
     // The release position survives a restart of the tracker.
     let released = read_release(&jpath).unwrap().unwrap();
     assert!(t.stop().success());
-    t.spawn(
-        "uring",
-        &[
-            "--journal-dir",
-            jdir.to_str().unwrap(),
-            "--journal-size",
-            "8M",
-        ],
-    );
+    t.spawn("uring", &["--journal-size", "8M"]);
     let s = t.status_json();
     let v = &s["tracker"]["status"]["volumes"][0];
     assert_eq!(
@@ -208,19 +189,9 @@ fn spawn_fio(t: &Tracker, io_size: &str, extra: &[&str]) -> std::process::Child 
 #[test]
 fn on_full_block_holds_writes_until_the_shipper_releases() {
     require("fio");
-    let mut t = Tracker::start_with("uring", VOL, &["--no-journal"]);
-    let _ = t.stop();
-    let jdir = t.dir.path().join("journal");
-    let args = [
-        "--journal-dir",
-        jdir.to_str().unwrap(),
-        "--journal-size",
-        "2M",
-        "--journal-on-full",
-        "block",
-    ];
-    t.spawn("uring", &args);
-    let jpath = jdir.join(format!("{EXPORT}.journal"));
+    let args = ["--journal-size", "2M", "--journal-on-full", "block"];
+    let mut t = Tracker::start_with("uring", VOL, &args);
+    let jpath = t.journal_path();
 
     // 24 MiB through a 2 MiB journal that nobody releases yet: the writer must wait.
     let mut fio = spawn_fio(&t, "24m", &[]);

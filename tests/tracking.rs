@@ -13,33 +13,11 @@ use redun_tracker::track::map::DirtyView;
 
 const MIB: u64 = 1 << 20;
 
-fn journal_args(t: &Tracker, size: &str) -> Vec<String> {
-    vec![
-        "--journal-dir".into(),
-        t.dir.path().join("journal").display().to_string(),
-        "--journal-size".into(),
-        size.into(),
-    ]
-}
-
 /// A tracker with a journal of `size` on a new zero image of `vol` bytes.
 fn tracked(backend: &str, vol: u64, size: &str) -> Tracker {
-    let mut t = Tracker::start_with(backend, vol, &["--no-journal"]);
-    let _ = t.stop();
-    let args = journal_args(&t, size);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    t.spawn(backend, &args);
-    t
+    Tracker::start_with(backend, vol, &["--journal-size", size])
 }
 
-fn journal_path(t: &Tracker) -> std::path::PathBuf {
-    t.dir
-        .path()
-        .join("journal")
-        .join(format!("{EXPORT}.journal"))
-}
-
-/// Replays the journal onto a zero image of the volume's size and returns it.
 fn replay(t: &Tracker) -> Vec<u8> {
     let size = std::fs::metadata(&t.image).unwrap().len();
     let base = t.dir.path().join("zero.img");
@@ -49,7 +27,7 @@ fn replay(t: &Tracker) -> Vec<u8> {
         .args(["journal", "replay", "--base"])
         .arg(&base)
         .arg("--journal")
-        .arg(journal_path(t))
+        .arg(t.journal_path())
         .arg("--out")
         .arg(&out));
     std::fs::read(&out).unwrap()
@@ -71,7 +49,7 @@ fn journal_holds_every_change_and_replays_to_the_backing_file() {
         assert!(t.stop().success());
         let check = run(Command::new(bin("redun"))
             .args(["journal", "check"])
-            .arg(journal_path(&t)));
+            .arg(t.journal_path()));
         assert!(String::from_utf8_lossy(&check.stdout).contains("clean=true"));
         let replayed = replay(&t);
         let image = std::fs::read(&t.image).unwrap();
@@ -80,9 +58,7 @@ fn journal_holds_every_change_and_replays_to_the_backing_file() {
             "{backend}: replay differs from the backing file"
         );
         // A clean restart keeps the volume protected and goes on numbering.
-        let args = journal_args(&t, "256M");
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        t.spawn(backend, &args);
+        t.spawn(backend, &["--journal-size", "256M"]);
         let v = volume_status(&t);
         assert_eq!(v["state"], "protected", "{v}");
     }
@@ -146,9 +122,7 @@ fn kill_9_during_fio_loses_no_acknowledged_write() {
                 .filter(|(_, (a, b))| a != b)
                 .map(|(n, _)| n as u64 * 4096)
                 .collect();
-            let args = journal_args(&t, "512M");
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            t.spawn(backend, &args);
+            t.spawn(backend, &["--journal-size", "512M"]);
             let v = volume_status(&t);
             assert_eq!(v["state"], "resync-required", "{v}");
             let dirty: Vec<(u64, u64)> = serde_json::from_value(v["dirty_ranges"].clone()).unwrap();
@@ -222,8 +196,7 @@ fn full_journal_falls_back_to_dirty_regions_without_stalling() {
             .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
             .collect();
         // The shipper's view of the map file, read while the tracker runs, agrees.
-        let view =
-            DirtyView::read(&t.dir.path().join("journal").join(format!("{EXPORT}.map"))).unwrap();
+        let view = DirtyView::read(&t.journal_dir().join(format!("{EXPORT}.map"))).unwrap();
         assert_eq!(view.ranges, ranges, "{backend}");
         assert_eq!(view.dirty_bytes, v["dirty_bytes"].as_u64().unwrap());
         assert_eq!(view.region, 64 << 10);
@@ -247,7 +220,7 @@ fn a_damaged_record_mid_journal_is_reported_and_its_ranges_become_dirty() {
     // 20 writes of 64 KiB, one per MiB: record seq i changes [(i-1) MiB, +64 KiB).
     python("write_blocks.py", &[&t.uri(), "20", "65536", "1048576"]);
     assert!(t.stop().success());
-    let jpath = journal_path(&t);
+    let jpath = t.journal_path();
     let dump = run(Command::new(bin("redun"))
         .args(["journal", "dump", "--json"])
         .arg(&jpath));
@@ -290,8 +263,7 @@ fn a_damaged_record_mid_journal_is_reported_and_its_ranges_become_dirty() {
     assert_eq!(seqs, (1..10).collect::<Vec<u64>>());
 
     // The restarted tracker marks exactly what records 10..=20 changed dirty.
-    let args = journal_args(&t, "64M");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = ["--journal-size", "64M"];
     t.spawn("uring", &args);
     let v = volume_status(&t);
     assert_eq!(v["state"], "resync-required", "{v}");
@@ -323,14 +295,10 @@ fn a_damaged_record_mid_journal_is_reported_and_its_ranges_become_dirty() {
 
 #[test]
 fn full_threshold_and_region_size_are_honoured() {
-    let mut t = Tracker::start_with("uring", 64 * MIB, &["--no-journal"]);
-    let _ = t.stop();
-    let jdir = t.dir.path().join("journal");
-    t.spawn(
+    let t = Tracker::start_with(
         "uring",
+        64 * MIB,
         &[
-            "--journal-dir",
-            jdir.to_str().unwrap(),
             "--journal-size",
             "4M",
             "--journal-full-percent",
@@ -350,7 +318,7 @@ fn full_threshold_and_region_size_are_honoured() {
     // Every write past the threshold is a dirty 1 MiB region.
     let dirty: Vec<(u64, u64)> = serde_json::from_value(v["dirty_ranges"].clone()).unwrap();
     assert_eq!(dirty, vec![(records * MIB, (40 - records) * MIB)], "{v}");
-    let view = DirtyView::read(&jdir.join(format!("{EXPORT}.map"))).unwrap();
+    let view = DirtyView::read(&t.journal_dir().join(format!("{EXPORT}.map"))).unwrap();
     assert_eq!(view.region, MIB);
     assert!(t.log_text().contains("is full"));
     // Bad values are refused with the flag named.

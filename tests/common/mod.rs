@@ -146,21 +146,30 @@ impl Tracker {
         self.wait_ready(readies);
     }
 
-    /// A journal inside the test's directory unless the test chose (never the system's
-    /// default directory).
+    /// The journal in the test's directory ([`Tracker::journal_dir`], never the system's
+    /// default directory), 64 MiB unless the test says otherwise.
     fn default_journal(&self, extra: &[&str]) -> Vec<String> {
-        if extra
-            .iter()
-            .any(|a| *a == "--no-journal" || *a == "--journal-dir")
-        {
-            return Vec::new();
+        let given = |flag: &str| extra.iter().any(|a| *a == flag || *a == "--no-journal");
+        let mut out = Vec::new();
+        if !given("--journal-dir") {
+            out.push("--journal-dir".into());
+            out.push(self.journal_dir().display().to_string());
         }
-        vec![
-            "--journal-dir".into(),
-            self.dir.path().join("journal").display().to_string(),
-            "--journal-size".into(),
-            "64M".into(),
-        ]
+        if !given("--journal-size") {
+            out.push("--journal-size".into());
+            out.push("64M".into());
+        }
+        out
+    }
+
+    /// Where the tracker keeps its journals (unless a test gives `--journal-dir`).
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.path().join("journal")
+    }
+
+    /// The journal of the test's export.
+    pub fn journal_path(&self) -> PathBuf {
+        self.journal_dir().join(format!("{EXPORT}.journal"))
     }
 
     fn ready_lines(&self) -> Vec<String> {

@@ -147,33 +147,28 @@ impl Store for FailingStore {
     }
 }
 
-#[test]
-fn a_failing_journal_turns_hot_extents_dirty_and_writes_go_on() {
-    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let jstore = FailingStore {
-        inner: CrashStore::new((RING_OFFSET + (1 << 20)) as usize),
-        failing: failing.clone(),
-    };
-    let mut journal = Journal::create(jstore, [2; 16], VOL).unwrap();
-    let mstore = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
-    let mut map = RegionMap::create(mstore, VOL, REGION, EXTENT).unwrap();
-    map.set_max_hot(1);
-    let backing = CrashStore::new(VOL as usize);
-    let (mut overflowed, mut journal_failed) = (false, false);
-    let data = vec![7u8; 4096];
-    let write = |off: u64,
-                 journal: &mut Journal<FailingStore>,
-                 map: &mut RegionMap<CrashStore>,
-                 overflowed: &mut bool,
-                 journal_failed: &mut bool| {
+/// One volume over a journal disk that can be made to fail.
+struct Sim {
+    journal: Journal<FailingStore>,
+    map: RegionMap<CrashStore>,
+    backing: CrashStore,
+    overflowed: bool,
+    journal_failed: bool,
+}
+
+impl Sim {
+    /// Writes 4 KiB of 7s at `off` through the tracking steps.
+    fn write(&mut self, off: u64) -> std::io::Result<super::Outcome> {
+        let data = vec![7u8; 4096];
+        let backing = &self.backing;
         let mut change = Change {
-            journal: Some(journal),
-            overflowed,
-            map: Some(map),
+            journal: Some(&mut self.journal),
+            overflowed: &mut self.overflowed,
+            map: Some(&mut self.map),
             name: Path::new("sim"),
             on_full: OnFull::Bitmap,
             limit: u64::MAX,
-            journal_failed,
+            journal_failed: &mut self.journal_failed,
         };
         change.record_and_apply(
             Kind::Write,
@@ -183,47 +178,35 @@ fn a_failing_journal_turns_hot_extents_dirty_and_writes_go_on() {
             &mut || backing.sync(),
             &mut || backing.write_at(&[&data], off),
         )
+    }
+}
+
+#[test]
+fn a_failing_journal_turns_hot_extents_dirty_and_writes_go_on() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jstore = FailingStore {
+        inner: CrashStore::new((RING_OFFSET + (1 << 20)) as usize),
+        failing: failing.clone(),
     };
+    let mstore = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
+    let mut sim = Sim {
+        journal: Journal::create(jstore, [2; 16], VOL).unwrap(),
+        map: RegionMap::create(mstore, VOL, REGION, EXTENT).unwrap(),
+        backing: CrashStore::new(VOL as usize),
+        overflowed: false,
+        journal_failed: false,
+    };
+    sim.map.set_max_hot(1);
     // Extent 0 hot, its record buffered; then the journal disk fails.
-    assert_eq!(
-        write(
-            0,
-            &mut journal,
-            &mut map,
-            &mut overflowed,
-            &mut journal_failed
-        )
-        .unwrap(),
-        Outcome::Applied
-    );
+    assert_eq!(sim.write(0).unwrap(), Outcome::Applied);
     failing.store(true, std::sync::atomic::Ordering::SeqCst);
     // Extent 1 needs extent 0 cooled, which needs the journal synced: it cannot be. The
     // write still succeeds, and extent 0, whose record is lost, is dirty.
-    assert_eq!(
-        write(
-            EXTENT,
-            &mut journal,
-            &mut map,
-            &mut overflowed,
-            &mut journal_failed
-        )
-        .unwrap(),
-        Outcome::Applied
-    );
-    assert!(overflowed && journal_failed);
-    assert!(map.is_dirty(0) && map.is_dirty(EXTENT));
+    assert_eq!(sim.write(EXTENT).unwrap(), Outcome::Applied);
+    assert!(sim.overflowed && sim.journal_failed);
+    assert!(sim.map.is_dirty(0) && sim.map.is_dirty(EXTENT));
     // Later writes to cold extents go on without touching the journal.
-    assert_eq!(
-        write(
-            3 * EXTENT,
-            &mut journal,
-            &mut map,
-            &mut overflowed,
-            &mut journal_failed
-        )
-        .unwrap(),
-        Outcome::Applied
-    );
-    assert!(map.is_dirty(3 * EXTENT));
-    assert_eq!(backing.image()[3 * EXTENT as usize], 7);
+    assert_eq!(sim.write(3 * EXTENT).unwrap(), Outcome::Applied);
+    assert!(sim.map.is_dirty(3 * EXTENT));
+    assert_eq!(sim.backing.image()[3 * EXTENT as usize], 7);
 }
