@@ -525,15 +525,15 @@ impl<S: Store> Journal<S> {
         if skip > 0 {
             // The record does not fit before the ring's end: a pad (when a header fits) tells
             // readers to go on at the start of the next lap.
-            if skip >= RECORD_HEADER_LEN as u64 {
+            // Nothing changes unless the write succeeds.
+            let pad = (skip >= RECORD_HEADER_LEN as u64).then(|| {
                 let lap = lap_of(self.head_pos, cap);
                 let len = u32::try_from(skip).expect("room fits in u32 when a record does not");
-                let pad =
-                    RecordHeader::new(Kind::Pad, self.next_seq, 0, len, &[], lap, epoch, salt);
-                self.buf.extend_from_slice(&pad.encode());
-            }
-            let end = self.buf_pos + self.buf.len() as u64;
-            self.write_buffer(&[], end, false)?;
+                RecordHeader::new(Kind::Pad, self.next_seq, 0, len, &[], lap, epoch, salt).encode()
+            });
+            let pad: &[u8] = pad.as_ref().map_or(&[], |p| &p[..]);
+            let end = self.buf_pos + (self.buf.len() + pad.len()) as u64;
+            self.write_buffer(&[pad], end, false)?;
             self.head_pos += skip;
             self.buf_pos = self.head_pos;
             self.buf.clear();
@@ -555,25 +555,27 @@ impl<S: Store> Journal<S> {
             - RECORD_HEADER_LEN
             - payload.len();
         let header = h.encode();
+        let seq = self.next_seq;
         if self.buf.len() + payload.len() >= COMMIT_BYTES {
             // Group commit: the buffered records and this one in one write, the payload
-            // straight from the caller's memory.
-            self.head_pos += size;
+            // straight from the caller's memory. The journal only moves on once it is written.
             let parts: [&[u8]; 3] = [&header, payload, &ZEROS[..fill]];
-            self.write_buffer(&parts, self.head_pos, true)?;
+            self.write_buffer(&parts, self.head_pos + size, true)?;
+            self.head_pos += size;
+            self.next_seq += 1;
             self.keep_partial_block(&parts);
         } else {
             self.buf.extend_from_slice(&header);
             self.buf.extend_from_slice(payload);
             self.buf.extend_from_slice(&ZEROS[..fill]);
             self.head_pos += size;
+            self.next_seq += 1;
             if self.head_pos % cap == 0 {
-                // The buffer never spans the ring's end.
+                // The buffer never spans the ring's end. The record is appended either way;
+                // an error here means it may not reach the file.
                 self.write_out()?;
             }
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
         Ok(seq)
     }
 

@@ -210,3 +210,30 @@ fn a_failing_journal_turns_hot_extents_dirty_and_writes_go_on() {
     assert!(sim.map.is_dirty(3 * EXTENT));
     assert_eq!(sim.backing.image()[3 * EXTENT as usize], 7);
 }
+
+#[test]
+fn a_failed_group_write_leaves_the_journal_as_it_was() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = FailingStore {
+        inner: CrashStore::new((RING_OFFSET + (4 << 20)) as usize),
+        failing: failing.clone(),
+    };
+    let mut j = Journal::create(store, [4; 16], VOL).unwrap();
+    j.append(Kind::Write, 0, 4096, &[1u8; 4096]).unwrap();
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (used, next) = (j.used(), j.next_seq());
+    // Large enough to be written at once, with what is buffered.
+    let big = vec![2u8; crate::journal::COMMIT_BYTES];
+    assert!(j.append(Kind::Write, 4096, big.len() as u32, &big).is_err());
+    assert_eq!((j.used(), j.next_seq()), (used, next));
+    // Once the disk works again the same record goes in, right after the first.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        j.append(Kind::Write, 4096, big.len() as u32, &big).unwrap(),
+        next
+    );
+    let store = j.close().unwrap();
+    let i = crate::journal::inspect::inspect(&store).unwrap();
+    assert!(i.healthy(), "{i:?}");
+    assert_eq!(i.records.len(), 2);
+}

@@ -336,7 +336,12 @@ impl<J: Store, M: Store> Change<'_, J, M> {
                          needs a resync",
                         name.display()
                     );
+                    // Records still buffered may never reach the file: their extents are hot.
                     **overflowed = true;
+                    **journal_failed = true;
+                    if let Some(map) = map.as_deref_mut() {
+                        map.mark_hot_dirty();
+                    }
                 }
                 None => **overflowed = true,
             }
