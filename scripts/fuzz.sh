@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs each fuzz target (NBD session, journal records) for N seconds (default 30). Needs the nightly toolchain
+# Runs each fuzz target (NBD session, journal records, replication frames) for N seconds (default 30). Needs the nightly toolchain
 # that this machine kind ships; without it, says so and skips (the stable-toolchain
 # mutation test in tracker/src/nbd/server.rs still runs with the unit tests).
 set -euo pipefail
@@ -12,8 +12,8 @@ fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
-cd tracker
-for target in nbd_session journal_records; do
-    cargo +nightly fuzz run "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3
+for crate_target in tracker:nbd_session tracker:journal_records shipper:replication_frames; do
+    crate=${crate_target%%:*} target=${crate_target#*:}
+    (cd "$crate" && cargo +nightly fuzz run "$target" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3)
     echo "fuzz: $target ran ${secs}s without a crash"
 done

@@ -31,6 +31,22 @@ enum Command {
     /// Inspect and replay journal files (read-only on the journal).
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Certificates for replication's mutual TLS.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create a CA (ca.crt, ca.key) in DIR, or use the one there, and a certificate and key
+    /// signed by it for every NAME (NAME.crt, NAME.key; NAME is the DNS name peers check).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A host name (repeatable): the target's name as shippers dial it, and the shippers'.
+        #[arg(long = "name", value_name = "NAME", required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +84,23 @@ fn main() -> ExitCode {
             json,
             tracker_socket,
         } => status(json, &tracker_socket),
+        Command::Pki(PkiCommand::Init { dir, names }) => {
+            match redun_shipper::pki::init(&dir, &names) {
+                Ok(r) => {
+                    for p in &r.kept {
+                        println!("kept    {}", p.display());
+                    }
+                    for p in &r.created {
+                        println!("created {}", p.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("redun pki init: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Journal(cmd) => match journal::run(cmd) {
             Ok(code) => code,
             Err(e) => {

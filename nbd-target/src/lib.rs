@@ -1,4 +1,6 @@
-//! redun master target: applies replicated batches, keeps recovery points and serves them
-//! over NBD through the tracker's NBD server with a store-backed block backend.
-//!
-//! Not implemented yet: this crate holds the place the design gives it in the workspace.
+//! redun master target: applies replicated batches to a replica per volume ([`replica`]),
+//! serving shippers over mutual TLS ([`server`]). Recovery points and NBD exports of them
+//! come with the replica store.
+
+pub mod replica;
+pub mod server;

@@ -1,5 +1,8 @@
 //! redun shipper: drains a volume's journal, compresses, checksums and sends it to a
-//! target or to object storage.
-//!
-//! Not implemented yet: this crate holds the place the design gives it in the workspace
-//! (`tracker` <- `shipper` <- `nbd-target`). The replication wire protocol will live here.
+//! target. The replication wire protocol lives here ([`proto`], docs/PROTOCOL.md), with the
+//! TLS set-up ([`tls`]) and the certificate tooling ([`pki`]) that the target shares.
+
+pub mod pki;
+pub mod proto;
+pub mod ship;
+pub mod tls;

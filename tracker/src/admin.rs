@@ -92,6 +92,11 @@ impl AdminResponse {
 /// What answers requests.
 pub type Handler = Arc<dyn Fn(AdminRequest) -> AdminResponse + Send + Sync>;
 
+/// What answers request lines of any daemon: one JSON request in, one JSON response out
+/// (`{"ok":true,...}` or `{"ok":false,"error":"..."}`), so that the shipper and the target
+/// serve their own requests on the same socket machinery.
+pub type LineHandler = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 /// A running admin socket; dropping it stops the listener and removes the socket file.
 #[derive(Debug)]
 pub struct AdminServer {
@@ -111,6 +116,20 @@ pub struct AdminBindError {
 
 impl AdminServer {
     pub fn bind(path: &Path, handler: Handler) -> Result<AdminServer, AdminBindError> {
+        let lines: LineHandler = Arc::new(move |line| {
+            let resp = match serde_json::from_str::<AdminRequest>(line) {
+                Ok(req) => handler(req),
+                Err(e) => AdminResponse::error(format!(
+                    "Bad request {line:?}: {e}; send e.g. {{\"cmd\":\"status\"}}"
+                )),
+            };
+            serde_json::to_string(&resp).unwrap_or_default()
+        });
+        AdminServer::bind_lines(path, lines)
+    }
+
+    /// Like [`AdminServer::bind`], for a daemon with its own request and response types.
+    pub fn bind_lines(path: &Path, handler: LineHandler) -> Result<AdminServer, AdminBindError> {
         let err = |source| AdminBindError {
             path: path.to_path_buf(),
             source,
@@ -154,7 +173,7 @@ impl Drop for AdminServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, handler: Handler, stop: &AtomicBool) {
+fn accept_loop(listener: UnixListener, handler: LineHandler, stop: &AtomicBool) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     while !stop.load(Ordering::SeqCst) {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -171,13 +190,14 @@ fn accept_loop(listener: UnixListener, handler: Handler, stop: &AtomicBool) {
             continue;
         };
         let allowed = peer_allowed(&stream);
-        let h: Handler = if allowed {
+        let h: LineHandler = if allowed {
             handler.clone()
         } else {
             Arc::new(|_| {
-                AdminResponse::error(
+                let resp = AdminResponse::error(
                     "Permission denied: the admin socket is for root or the daemon's user",
-                )
+                );
+                serde_json::to_string(&resp).unwrap_or_default()
             })
         };
         let _ = thread::Builder::new()
@@ -200,7 +220,7 @@ fn peer_allowed(stream: &UnixStream) -> bool {
 
 /// Answers requests until the peer closes; a peer that is not `allowed` gets one (refusing)
 /// answer and is disconnected.
-fn serve(stream: UnixStream, handler: &Handler, allowed: bool) -> io::Result<()> {
+fn serve(stream: UnixStream, handler: &LineHandler, allowed: bool) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -219,17 +239,28 @@ fn serve(stream: UnixStream, handler: &Handler, allowed: bool) -> io::Result<()>
         if line.is_empty() {
             continue;
         }
-        let resp = match serde_json::from_str::<AdminRequest>(line) {
-            Ok(req) => handler(req),
-            Err(e) => AdminResponse::error(format!(
-                "Bad request {line:?}: {e}; send e.g. {{\"cmd\":\"status\"}}"
-            )),
-        };
-        writeln!(writer, "{}", serde_json::to_string(&resp)?)?;
+        writeln!(writer, "{}", handler(line))?;
         if !allowed {
             return Ok(());
         }
     }
+}
+
+/// Client side: sends one JSON request line and reads the JSON response line, for any
+/// daemon's admin socket.
+pub fn request_json(socket: &Path, req: &serde_json::Value) -> io::Result<serde_json::Value> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = &stream;
+    writeln!(w, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad response from {}: {e}", socket.display()),
+        )
+    })
 }
 
 /// Client side: sends one request and reads one response.

@@ -1,0 +1,362 @@
+//! The target's replication listener: TLS 1.3 with client certificates, one thread per
+//! shipper connection, one connection per volume at a time. A connection that misbehaves is
+//! refused or dropped on its own; the others go on.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use log::{debug, info, warn};
+use redun_shipper::proto::{self, Frame, ProtoError, RefuseCode};
+use serde::{Deserialize, Serialize};
+
+use crate::replica::{Refusal, Replica, ReplicaState};
+
+/// How long a shipper has to complete TLS and say HELLO.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may stay silent (shippers ping every few seconds when idle).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Per-volume figures for the admin socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetVolumeStatus {
+    pub name: String,
+    pub size: u64,
+    pub generation: u64,
+    /// Every record up to this sequence number is durable in the replica (0: none yet).
+    pub applied_seq: u64,
+    /// A shipper is connected for this volume.
+    pub connected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    pub batches: u64,
+    /// Bytes received in batches (compressed) and applied (uncompressed records).
+    pub bytes_received: u64,
+    pub bytes_applied: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix time of the last applied batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_batch_unix: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// A connection serves this volume.
+    busy: AtomicBool,
+    status: Mutex<TargetVolumeStatus>,
+}
+
+/// The replication service of one target.
+#[derive(Debug)]
+pub struct Target {
+    data_dir: PathBuf,
+    tls: Arc<rustls::ServerConfig>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+/// Frees a volume's slot when its connection ends.
+struct Claim(Arc<Slot>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.status.lock().unwrap().connected = false;
+        self.0.busy.store(false, Ordering::SeqCst);
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Target {
+    pub fn new(data_dir: PathBuf, tls: Arc<rustls::ServerConfig>) -> Target {
+        Target {
+            data_dir,
+            tls,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, name: &str) -> Arc<Slot> {
+        self.slots
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Every replica in the data directory, with live figures where a shipper connected.
+    pub fn status(&self) -> Vec<TargetVolumeStatus> {
+        let mut out: HashMap<String, TargetVolumeStatus> = HashMap::new();
+        if let Ok(dir) = std::fs::read_dir(&self.data_dir) {
+            for e in dir.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "state") {
+                    let st = std::fs::read_to_string(&p)
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<ReplicaState>(&t).ok());
+                    if let Some(st) = st {
+                        out.insert(
+                            st.name.clone(),
+                            TargetVolumeStatus {
+                                name: st.name,
+                                size: st.size,
+                                generation: st.generation,
+                                applied_seq: st.next_seq.saturating_sub(1),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        for (name, slot) in self.slots.lock().unwrap().iter() {
+            let live = slot.status.lock().unwrap().clone();
+            let e = out.entry(name.clone()).or_default();
+            let on_disk = std::mem::take(e);
+            *e = TargetVolumeStatus {
+                size: if live.size > 0 {
+                    live.size
+                } else {
+                    on_disk.size
+                },
+                generation: live.generation.max(on_disk.generation),
+                applied_seq: live.applied_seq.max(on_disk.applied_seq),
+                ..live
+            };
+        }
+        let mut v: Vec<_> = out.into_values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Accepts shippers until `stop`.
+    pub fn serve(self: &Arc<Self>, listener: TcpListener, stop: &AtomicBool) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        while !stop.load(Ordering::SeqCst) {
+            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(200u16)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("replication listener: poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+            let (tcp, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("replication listener: accept failed: {e}");
+                    continue;
+                }
+            };
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("repl-conn".into())
+                .spawn(move || me.connection(tcp, peer));
+            if let Err(e) = spawned {
+                warn!("replication: cannot start a thread for {peer}: {e}");
+            }
+        }
+    }
+
+    fn connection(&self, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+        let _ = tcp.set_write_timeout(Some(IDLE_TIMEOUT));
+        let conn = match rustls::ServerConnection::new(self.tls.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("replication: TLS set-up for {peer} failed: {e}");
+                return;
+            }
+        };
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                warn!(
+                    "replication: refused {peer}: TLS handshake failed: {e} (a shipper needs a \
+                     certificate signed by this target's CA)"
+                );
+                return;
+            }
+        }
+        let who = tls
+            .conn
+            .peer_certificates()
+            .map_or(0, <[rustls_pki_types::CertificateDer<'_>]>::len);
+        debug!("replication: {peer} authenticated ({who} certificates)");
+        let hello = match proto::read_frame(&mut tls) {
+            Ok(Frame::Hello(h)) => h,
+            Ok(f) => {
+                let r = Refusal::new(
+                    RefuseCode::Protocol,
+                    format!("expected HELLO, got {}", frame_name(&f)),
+                );
+                refuse(&mut tls, peer, &r);
+                return;
+            }
+            Err(e) => {
+                warn!("replication: {peer} sent no HELLO: {e}");
+                return;
+            }
+        };
+        if hello.version != proto::VERSION {
+            let r = Refusal::new(
+                RefuseCode::Version,
+                format!(
+                    "protocol version {} is not supported (this target speaks {})",
+                    hello.version,
+                    proto::VERSION
+                ),
+            );
+            refuse(&mut tls, peer, &r);
+            return;
+        }
+        if let Err(r) = crate::replica::check_name(&hello.name) {
+            refuse(&mut tls, peer, &r);
+            return;
+        }
+        let slot = self.slot(&hello.name);
+        if slot.busy.swap(true, Ordering::SeqCst) {
+            let r = Refusal::new(
+                RefuseCode::Busy,
+                format!("another shipper is connected for volume {}", hello.name),
+            );
+            refuse(&mut tls, peer, &r);
+            return;
+        }
+        let claim = Claim(slot);
+        let mut replica = match Replica::open_or_create(&self.data_dir, &hello) {
+            Ok(r) => r,
+            Err(r) => {
+                claim.0.status.lock().unwrap().last_error = Some(r.message.clone());
+                refuse(&mut tls, peer, &r);
+                return;
+            }
+        };
+        let st = replica.state().clone();
+        {
+            let mut s = claim.0.status.lock().unwrap();
+            s.name = st.name.clone();
+            s.size = st.size;
+            s.generation = st.generation;
+            s.applied_seq = st.next_seq.saturating_sub(1);
+            s.connected = true;
+            s.peer = Some(peer.to_string());
+        }
+        info!(
+            "replication: {peer} ships volume {} (generation {}, replica at seq {})",
+            st.name, st.generation, st.next_seq
+        );
+        let welcome = Frame::Welcome {
+            next_seq: st.next_seq,
+            generation: st.generation,
+        };
+        if let Err(e) = proto::write_frame(&mut tls, &welcome) {
+            warn!("replication: volume {}: {peer}: {e}", st.name);
+            return;
+        }
+        let _ = tls.sock.set_read_timeout(Some(IDLE_TIMEOUT));
+        if let Err(e) = self.stream(&mut tls, &mut replica, &claim.0) {
+            match e {
+                StreamEnd::Closed => info!("replication: volume {}: {peer} disconnected", st.name),
+                StreamEnd::Io(e) => warn!("replication: volume {}: {peer}: {e}", st.name),
+                StreamEnd::Refused(r) => {
+                    warn!(
+                        "replication: volume {}: refusing {peer}: {}",
+                        st.name, r.message
+                    );
+                    claim.0.status.lock().unwrap().last_error = Some(r.message.clone());
+                    refuse(&mut tls, peer, &r);
+                }
+            }
+        }
+    }
+
+    /// Applies batches until the shipper leaves or something is refused.
+    fn stream<S: io::Read + io::Write>(
+        &self,
+        tls: &mut S,
+        replica: &mut Replica,
+        slot: &Slot,
+    ) -> Result<(), StreamEnd> {
+        loop {
+            let batch = match proto::read_frame(tls) {
+                Ok(Frame::Batch(b)) => b,
+                Ok(Frame::Ping) => {
+                    let through = replica.state().next_seq.saturating_sub(1);
+                    proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
+                    continue;
+                }
+                Ok(f) => {
+                    return Err(StreamEnd::Refused(Refusal::new(
+                        RefuseCode::Protocol,
+                        format!("expected a batch, got {}", frame_name(&f)),
+                    )));
+                }
+                Err(ProtoError::Closed) => return Err(StreamEnd::Closed),
+                Err(ProtoError::Io(e)) => return Err(StreamEnd::Io(e)),
+                Err(e) => {
+                    return Err(StreamEnd::Refused(Refusal::new(
+                        RefuseCode::Protocol,
+                        e.to_string(),
+                    )));
+                }
+            };
+            let records = proto::decode_batch(&batch).map_err(|e| {
+                StreamEnd::Refused(Refusal::new(RefuseCode::Protocol, e.to_string()))
+            })?;
+            replica.apply(&records).map_err(StreamEnd::Refused)?;
+            let through = replica.state().next_seq.saturating_sub(1);
+            {
+                let mut s = slot.status.lock().unwrap();
+                s.applied_seq = through;
+                s.batches += 1;
+                s.bytes_received += batch.compressed.len() as u64;
+                s.bytes_applied += u64::from(batch.raw_len);
+                s.last_batch_unix = Some(now_unix());
+                s.last_error = None;
+            }
+            proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
+        }
+    }
+}
+
+enum StreamEnd {
+    Closed,
+    Io(io::Error),
+    Refused(Refusal),
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "HELLO",
+        Frame::Welcome { .. } => "WELCOME",
+        Frame::Refuse { .. } => "REFUSE",
+        Frame::Batch(_) => "BATCH",
+        Frame::Ack { .. } => "ACK",
+        Frame::Ping => "PING",
+    }
+}
+
+fn refuse<S: io::Write>(tls: &mut S, peer: SocketAddr, r: &Refusal) {
+    warn!("replication: refused {peer}: {}", r.message);
+    let _ = proto::write_frame(
+        tls,
+        &Frame::Refuse {
+            code: r.code,
+            message: r.message.clone(),
+        },
+    );
+}

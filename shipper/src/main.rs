@@ -1,0 +1,248 @@
+//! `redun-shipper`: drains each volume's journal to the target over mutual TLS.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use log::{error, info, warn};
+use nix::sys::signal::{SigSet, Signal};
+use redun_shipper::ship::{ShipOptions, VolumeShipper};
+use redun_shipper::tls::TlsFiles;
+use redun_tracker::admin::{AdminServer, LineHandler};
+use redun_tracker::track::parse_size;
+
+/// redun shipper: replicates journaled volumes to a target.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The tracker's journal directory (NAME.journal per volume).
+    #[arg(long, value_name = "DIR")]
+    journal_dir: PathBuf,
+    /// The tracker's admin socket (for status; shipping works without it).
+    #[arg(long, value_name = "PATH", default_value = "/run/redun/tracker.sock")]
+    tracker_socket: PathBuf,
+    /// The target, HOST:PORT (port 9443 when left out).
+    #[arg(long, value_name = "HOST:PORT")]
+    target: String,
+    /// The name the target's certificate must carry [default: the HOST of --target].
+    #[arg(long, value_name = "NAME")]
+    target_name: Option<String>,
+    /// The CA that signs the target's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: PathBuf,
+    /// This shipper's certificate (PEM), signed by the CA the target trusts.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    /// Ship only this volume (repeatable) [default: every journal in --journal-dir].
+    #[arg(long = "volume", value_name = "NAME")]
+    volumes: Vec<String>,
+    /// Admin socket path.
+    #[arg(long, value_name = "PATH", default_value = "/run/redun/shipper.sock")]
+    admin_socket: PathBuf,
+    /// zstd level for batches (1-19).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression_level: i32,
+    /// Largest batch of records (e.g. 4M).
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
+    batch_size: u64,
+    /// The replication relationship's generation (bumped by a failover).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    generation: u64,
+    /// The unit of the retry schedule (1, 2, 4, 8, 10, then every 30 units), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    retry_unit_ms: u64,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Adds the default port to a target without one.
+fn with_port(target: &str) -> String {
+    let has_port = target
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !h.ends_with(':') && p.parse::<u16>().is_ok());
+    if has_port {
+        target.to_string()
+    } else {
+        format!("{target}:{}", redun_shipper::proto::DEFAULT_PORT)
+    }
+}
+
+fn host_of(target: &str) -> String {
+    let h = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    h.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let tls = TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    }
+    .client_config()?;
+    let target = with_port(&args.target);
+    let opts = ShipOptions {
+        server_name: args.target_name.clone().unwrap_or_else(|| host_of(&target)),
+        target,
+        tls,
+        batch_bytes: usize::try_from(args.batch_size)
+            .unwrap_or(usize::MAX)
+            .max(4096),
+        level: args.compression_level,
+        generation: args.generation,
+        retry_unit: Duration::from_millis(args.retry_unit_ms.max(1)),
+    };
+    if !args.journal_dir.is_dir() {
+        anyhow::bail!(
+            "journal directory {} does not exist (give the tracker's --journal-dir)",
+            args.journal_dir.display()
+        );
+    }
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().context("blocking SIGTERM/SIGINT")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let shippers: Arc<Mutex<HashMap<String, Arc<VolumeShipper>>>> = Arc::default();
+    let started = Instant::now();
+    let handler: LineHandler = {
+        let shippers = shippers.clone();
+        let target = opts.target.clone();
+        Arc::new(move |line| admin(line, &shippers, &target, started))
+    };
+    let _admin = AdminServer::bind_lines(&args.admin_socket, handler)?;
+    let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    let discover = {
+        let (stop, shippers, threads) = (stop.clone(), shippers.clone(), threads.clone());
+        let dir = args.journal_dir.clone();
+        let wanted = args.volumes.clone();
+        std::thread::Builder::new()
+            .name("discover".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    for name in journals(&dir, &wanted) {
+                        let mut map = shippers.lock().unwrap();
+                        if map.contains_key(&name) {
+                            continue;
+                        }
+                        let path = dir.join(format!("{name}.journal"));
+                        let vs = Arc::new(VolumeShipper::new(name.clone(), path, opts.clone()));
+                        map.insert(name.clone(), vs.clone());
+                        let stop = stop.clone();
+                        match std::thread::Builder::new()
+                            .name(format!("ship-{name}"))
+                            .spawn(move || vs.run(&stop))
+                        {
+                            Ok(t) => threads.lock().unwrap().push(t),
+                            Err(e) => warn!("volume {name}: cannot start its shipper: {e}"),
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })?
+    };
+    info!(
+        "redun-shipper: journals in {}, target {}",
+        args.journal_dir.display(),
+        args.target
+    );
+    let sig = signals.wait().context("waiting for a signal")?;
+    info!("redun-shipper: {sig:?}, stopping");
+    stop.store(true, Ordering::SeqCst);
+    let _ = discover.join();
+    for t in std::mem::take(&mut *threads.lock().unwrap()) {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// The volumes to ship: `wanted`, or every `NAME.journal` in `dir`.
+fn journals(dir: &std::path::Path, wanted: &[String]) -> Vec<String> {
+    if !wanted.is_empty() {
+        return wanted.to_vec();
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            n.strip_suffix(".journal").map(str::to_string)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn admin(
+    line: &str,
+    shippers: &Mutex<HashMap<String, Arc<VolumeShipper>>>,
+    target: &str,
+    started: Instant,
+) -> String {
+    let err = |m: String| serde_json::json!({"ok": false, "error": m}).to_string();
+    let req: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return err(format!(
+                "Bad request {line:?}: {e}; send e.g. {{\"cmd\":\"status\"}}"
+            ));
+        }
+    };
+    match req.get("cmd").and_then(|c| c.as_str()) {
+        Some("status") => {
+            let mut vols: Vec<_> = shippers
+                .lock()
+                .unwrap()
+                .values()
+                .map(|s| s.status())
+                .collect();
+            vols.sort_by(|a, b| a.name.cmp(&b.name));
+            serde_json::json!({
+                "ok": true,
+                "status": {
+                    "daemon": "redun-shipper",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                    "uptime_seconds": started.elapsed().as_secs(),
+                    "target": target,
+                    "volumes": vols,
+                }
+            })
+            .to_string()
+        }
+        Some("resume") => {
+            let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
+                return err(
+                    "resume needs a volume: {\"cmd\":\"resume\",\"volume\":\"NAME\"}".into(),
+                );
+            };
+            match shippers.lock().unwrap().get(name) {
+                Some(s) => {
+                    s.resume();
+                    serde_json::json!({"ok": true}).to_string()
+                }
+                None => err(format!("No volume {name:?} is shipped here")),
+            }
+        }
+        _ => err(format!(
+            "Unknown request {line:?}: the shipper answers {{\"cmd\":\"status\"}} and {{\"cmd\":\"resume\",\"volume\":\"NAME\"}}"
+        )),
+    }
+}

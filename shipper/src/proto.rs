@@ -1,0 +1,566 @@
+//! The replication wire protocol between shipper and target (docs/PROTOCOL.md,
+//! "Replication"). One TLS connection per volume; every message is a frame:
+//!
+//! ```text
+//! 0   4  magic "RDR1"
+//! 4   1  type
+//! 5   3  zero
+//! 8   4  body length, little endian (at most MAX_BODY)
+//! 12  8  xxh3-64 of bytes 0..12 and of the body
+//! 20  .. body
+//! ```
+//!
+//! Integers are little endian. Decoding never trusts a length before checking it against a
+//! limit, and every frame is checked whole before any of it is used.
+
+use std::io::{self, Read, Write};
+
+use xxhash_rust::xxh3::Xxh3;
+
+pub const MAGIC: [u8; 4] = *b"RDR1";
+pub const VERSION: u16 = 1;
+pub const DEFAULT_PORT: u16 = 9443;
+pub const HEADER_LEN: usize = 20;
+/// Largest frame body: a batch of compressed records.
+pub const MAX_BODY: u32 = 48 << 20;
+/// Largest uncompressed batch: a 32 MiB write and its record header, and more.
+pub const MAX_RAW: u32 = 48 << 20;
+/// Bytes of one record's header inside a batch.
+pub const RECORD_LEN: usize = 25;
+/// Longest volume name.
+pub const MAX_NAME: usize = 255;
+/// Longest refusal message.
+pub const MAX_MESSAGE: usize = 4096;
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_REFUSE: u8 = 3;
+const T_BATCH: u8 = 4;
+const T_ACK: u8 = 5;
+const T_PING: u8 = 6;
+
+/// What the shipper says first: which volume, and what it knows about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub name: String,
+    pub uuid: [u8; 16],
+    pub size: u64,
+    pub generation: u64,
+    /// The oldest record the journal still holds.
+    pub tail_seq: u64,
+}
+
+/// Why the target refuses, and whether trying again later can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RefuseCode {
+    /// A malformed frame or an unexpected message.
+    Protocol = 1,
+    Version = 2,
+    /// The volume's size differs from the replica's.
+    SizeMismatch = 3,
+    /// The volume's uuid differs from the replica's: another volume of the same name.
+    IdentityMismatch = 4,
+    /// The shipper's generation is older than the replica's (a stale primary) or newer.
+    GenerationMismatch = 5,
+    /// The stream skips records the replica lacks: the replica needs a resync.
+    Gap = 6,
+    /// The target is out of disk space.
+    NoSpace = 7,
+    /// Another shipper is connected for this volume.
+    Busy = 8,
+    /// An I/O error on the target.
+    Io = 9,
+    /// The replica cannot take changes (for example it is inconsistent after a failure).
+    InvalidState = 10,
+    InvalidName = 11,
+}
+
+impl RefuseCode {
+    pub fn from_u16(v: u16) -> Option<RefuseCode> {
+        use RefuseCode::*;
+        Some(match v {
+            1 => Protocol,
+            2 => Version,
+            3 => SizeMismatch,
+            4 => IdentityMismatch,
+            5 => GenerationMismatch,
+            6 => Gap,
+            7 => NoSpace,
+            8 => Busy,
+            9 => Io,
+            10 => InvalidState,
+            11 => InvalidName,
+            _ => return None,
+        })
+    }
+
+    /// True when retrying later may succeed without an operator.
+    pub fn recoverable(self) -> bool {
+        matches!(
+            self,
+            RefuseCode::NoSpace | RefuseCode::Busy | RefuseCode::Io | RefuseCode::Protocol
+        )
+    }
+}
+
+/// A batch as it travels: records `first_seq..=last_seq`, zstd-compressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Bytes of the records once decompressed.
+    pub raw_len: u32,
+    pub compressed: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    /// The target's answer to HELLO: the first sequence number it has not applied (0: a new
+    /// replica, which starts with the first batch it gets), and its generation.
+    Welcome {
+        next_seq: u64,
+        generation: u64,
+    },
+    Refuse {
+        code: RefuseCode,
+        message: String,
+    },
+    Batch(Batch),
+    /// Every record up to `through` is durable on the target.
+    Ack {
+        through: u64,
+    },
+    /// Asks for an ACK (keeps an idle connection alive).
+    Ping,
+}
+
+/// One journal record in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireRecord {
+    pub seq: u64,
+    /// The journal's record kind (write, trim, zero, marker).
+    pub kind: u8,
+    pub offset: u64,
+    pub length: u32,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("connection closed")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+fn bad(msg: impl Into<String>) -> ProtoError {
+    ProtoError::Malformed(msg.into())
+}
+
+/// Cursor over a frame body.
+struct Body<'a>(&'a [u8]);
+
+impl<'a> Body<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.0.len() < n {
+            return Err(bad("body too short"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(bad("trailing bytes in body"))
+        }
+    }
+}
+
+fn checksum(head: &[u8], body: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(head);
+    h.update(body);
+    h.digest()
+}
+
+/// Encodes a frame (header and body).
+pub fn encode(f: &Frame) -> Vec<u8> {
+    let mut body = Vec::new();
+    let ty = match f {
+        Frame::Hello(h) => {
+            body.extend_from_slice(&h.version.to_le_bytes());
+            body.extend_from_slice(&h.uuid);
+            body.extend_from_slice(&h.size.to_le_bytes());
+            body.extend_from_slice(&h.generation.to_le_bytes());
+            body.extend_from_slice(&h.tail_seq.to_le_bytes());
+            let name = &h.name.as_bytes()[..h.name.len().min(MAX_NAME)];
+            body.push(u8::try_from(name.len()).expect("at most 255"));
+            body.extend_from_slice(name);
+            T_HELLO
+        }
+        Frame::Welcome {
+            next_seq,
+            generation,
+        } => {
+            body.extend_from_slice(&next_seq.to_le_bytes());
+            body.extend_from_slice(&generation.to_le_bytes());
+            T_WELCOME
+        }
+        Frame::Refuse { code, message } => {
+            body.extend_from_slice(&(*code as u16).to_le_bytes());
+            let mut end = message.len().min(MAX_MESSAGE);
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            body.extend_from_slice(&message.as_bytes()[..end]);
+            T_REFUSE
+        }
+        Frame::Batch(b) => {
+            body.extend_from_slice(&b.first_seq.to_le_bytes());
+            body.extend_from_slice(&b.last_seq.to_le_bytes());
+            body.extend_from_slice(&b.raw_len.to_le_bytes());
+            body.extend_from_slice(&b.compressed);
+            T_BATCH
+        }
+        Frame::Ack { through } => {
+            body.extend_from_slice(&through.to_le_bytes());
+            T_ACK
+        }
+        Frame::Ping => T_PING,
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[ty, 0, 0, 0]);
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    let sum = checksum(&out[..12], &body);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+pub fn write_frame<W: Write>(w: &mut W, f: &Frame) -> io::Result<()> {
+    w.write_all(&encode(f))?;
+    w.flush()
+}
+
+/// Checks a frame header; returns the type and the body length.
+pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u8, u32), ProtoError> {
+    if h[..4] != MAGIC {
+        return Err(bad("bad magic: the peer does not speak redun replication"));
+    }
+    if h[5..8] != [0, 0, 0] {
+        return Err(bad("reserved header bytes are not zero"));
+    }
+    let len = u32::from_le_bytes(h[8..12].try_into().expect("4"));
+    if len > MAX_BODY {
+        return Err(bad(format!("body of {len} bytes exceeds {MAX_BODY}")));
+    }
+    Ok((h[4], len))
+}
+
+/// Decodes a whole frame from its header and body.
+pub fn decode(h: &[u8; HEADER_LEN], body: &[u8]) -> Result<Frame, ProtoError> {
+    let (ty, len) = decode_header(h)?;
+    if body.len() != len as usize {
+        return Err(bad("body length differs from the header's"));
+    }
+    let want = u64::from_le_bytes(h[12..20].try_into().expect("8"));
+    if checksum(&h[..12], body) != want {
+        return Err(bad("checksum mismatch"));
+    }
+    let mut b = Body(body);
+    let f = match ty {
+        T_HELLO => {
+            let version = b.u16()?;
+            let uuid: [u8; 16] = b.take(16)?.try_into().expect("16");
+            let size = b.u64()?;
+            let generation = b.u64()?;
+            let tail_seq = b.u64()?;
+            let n = b.u8()? as usize;
+            let name = std::str::from_utf8(b.take(n)?)
+                .map_err(|_| bad("volume name is not UTF-8"))?
+                .to_string();
+            Frame::Hello(Hello {
+                version,
+                name,
+                uuid,
+                size,
+                generation,
+                tail_seq,
+            })
+        }
+        T_WELCOME => Frame::Welcome {
+            next_seq: b.u64()?,
+            generation: b.u64()?,
+        },
+        T_REFUSE => {
+            let raw = b.u16()?;
+            let code =
+                RefuseCode::from_u16(raw).ok_or_else(|| bad(format!("refusal code {raw}")))?;
+            let rest = b.take(b.0.len())?;
+            if rest.len() > MAX_MESSAGE {
+                return Err(bad("refusal message too long"));
+            }
+            Frame::Refuse {
+                code,
+                message: String::from_utf8_lossy(rest).into_owned(),
+            }
+        }
+        T_BATCH => {
+            let first_seq = b.u64()?;
+            let last_seq = b.u64()?;
+            let raw_len = b.u32()?;
+            if first_seq == 0 || last_seq < first_seq {
+                return Err(bad(format!("batch covers seq {first_seq}..={last_seq}")));
+            }
+            if raw_len > MAX_RAW {
+                return Err(bad(format!("batch of {raw_len} bytes exceeds {MAX_RAW}")));
+            }
+            Frame::Batch(Batch {
+                first_seq,
+                last_seq,
+                raw_len,
+                compressed: b.take(b.0.len())?.to_vec(),
+            })
+        }
+        T_ACK => Frame::Ack { through: b.u64()? },
+        T_PING => Frame::Ping,
+        t => return Err(bad(format!("unknown frame type {t}"))),
+    };
+    b.end()?;
+    Ok(f)
+}
+
+/// Reads one frame. A peer that closes between frames gives [`ProtoError::Closed`].
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, ProtoError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Err(ProtoError::Closed),
+            Ok(0) => return Err(bad("truncated frame header")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (_, len) = decode_header(&h)?;
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            bad("truncated frame body")
+        } else {
+            e.into()
+        }
+    })?;
+    decode(&h, &body)
+}
+
+/// Packs records (consecutive sequence numbers) into a batch, compressed at `level`.
+pub fn encode_batch(records: &[WireRecord], level: i32) -> io::Result<Batch> {
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Err(io::Error::other("a batch needs at least one record"));
+    };
+    let raw_len: usize = records.iter().map(|r| RECORD_LEN + r.payload.len()).sum();
+    let mut raw = Vec::with_capacity(raw_len);
+    for r in records {
+        raw.extend_from_slice(&r.seq.to_le_bytes());
+        raw.push(r.kind);
+        raw.extend_from_slice(&r.offset.to_le_bytes());
+        raw.extend_from_slice(&r.length.to_le_bytes());
+        raw.extend_from_slice(
+            &u32::try_from(r.payload.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
+        raw.extend_from_slice(&r.payload);
+    }
+    let raw_len = u32::try_from(raw.len())
+        .ok()
+        .filter(|&n| n <= MAX_RAW)
+        .ok_or_else(|| io::Error::other(format!("batch of {} bytes is too large", raw.len())))?;
+    Ok(Batch {
+        first_seq: first.seq,
+        last_seq: last.seq,
+        raw_len,
+        compressed: zstd::bulk::compress(&raw, level)?,
+    })
+}
+
+/// Unpacks a batch: the records must cover `first_seq..=last_seq` exactly, in order.
+pub fn decode_batch(b: &Batch) -> Result<Vec<WireRecord>, ProtoError> {
+    if b.raw_len > MAX_RAW {
+        return Err(bad("batch too large"));
+    }
+    let raw = zstd::bulk::decompress(&b.compressed, b.raw_len as usize)
+        .map_err(|e| bad(format!("batch does not decompress: {e}")))?;
+    if raw.len() != b.raw_len as usize {
+        return Err(bad("batch decompresses to another length than announced"));
+    }
+    let mut body = Body(&raw);
+    let mut out = Vec::new();
+    let mut expect = b.first_seq;
+    while !body.0.is_empty() {
+        let seq = body.u64()?;
+        if seq != expect || seq > b.last_seq {
+            return Err(bad(format!("record seq {seq} where {expect} was expected")));
+        }
+        let kind = body.u8()?;
+        let offset = body.u64()?;
+        let length = body.u32()?;
+        let n = body.u32()? as usize;
+        let payload = body.take(n)?.to_vec();
+        out.push(WireRecord {
+            seq,
+            kind,
+            offset,
+            length,
+            payload,
+        });
+        expect += 1;
+    }
+    if expect != b.last_seq + 1 {
+        return Err(bad(format!(
+            "batch announces seq {}..={} but holds records up to {}",
+            b.first_seq,
+            b.last_seq,
+            expect - 1
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Vec<Frame> {
+        let recs = vec![
+            WireRecord {
+                seq: 7,
+                kind: 1,
+                offset: 4096,
+                length: 5,
+                payload: b"hello".to_vec(),
+            },
+            WireRecord {
+                seq: 8,
+                kind: 2,
+                offset: 0,
+                length: 1 << 20,
+                payload: vec![],
+            },
+        ];
+        vec![
+            Frame::Hello(Hello {
+                version: VERSION,
+                name: "vol-é".into(),
+                uuid: [9; 16],
+                size: 1 << 30,
+                generation: 3,
+                tail_seq: 7,
+            }),
+            Frame::Welcome {
+                next_seq: 7,
+                generation: 3,
+            },
+            Frame::Refuse {
+                code: RefuseCode::Gap,
+                message: "needs a resync".into(),
+            },
+            Frame::Batch(encode_batch(&recs, 3).unwrap()),
+            Frame::Ack { through: 8 },
+            Frame::Ping,
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for f in frames() {
+            let bytes = encode(&f);
+            let got = read_frame(&mut &bytes[..]).unwrap();
+            assert_eq!(got, f);
+        }
+        let Frame::Batch(b) = &frames()[3] else {
+            unreachable!()
+        };
+        let recs = decode_batch(b).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].payload, b"hello");
+    }
+
+    #[test]
+    fn every_flipped_byte_and_every_cut_is_refused() {
+        for f in frames() {
+            let bytes = encode(&f);
+            for i in 0..bytes.len() {
+                let mut b = bytes.clone();
+                b[i] ^= 0x40;
+                assert!(read_frame(&mut &b[..]).is_err(), "flip at {i} of {f:?}");
+            }
+            for cut in 1..bytes.len() {
+                assert!(read_frame(&mut &bytes[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+        assert!(matches!(read_frame(&mut &[][..]), Err(ProtoError::Closed)));
+    }
+
+    #[test]
+    fn batches_must_hold_what_they_announce() {
+        let recs: Vec<_> = (5..9)
+            .map(|s| WireRecord {
+                seq: s,
+                kind: 1,
+                offset: s * 512,
+                length: 3,
+                payload: vec![u8::try_from(s).unwrap(); 3],
+            })
+            .collect();
+        let good = encode_batch(&recs, 1).unwrap();
+        let mut b = good.clone();
+        b.last_seq = 9;
+        assert!(decode_batch(&b).is_err());
+        let mut b = good.clone();
+        b.first_seq = 4;
+        assert!(decode_batch(&b).is_err());
+        let mut b = good.clone();
+        b.raw_len -= 1;
+        assert!(decode_batch(&b).is_err());
+        let mut b = good;
+        b.compressed.truncate(b.compressed.len() / 2);
+        assert!(decode_batch(&b).is_err());
+        // Non-consecutive records never make a valid batch.
+        let mut gap = recs.clone();
+        gap[2].seq = 10;
+        gap[3].seq = 11;
+        let b = encode_batch(&gap, 1).unwrap();
+        assert!(decode_batch(&b).is_err());
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused_before_allocating() {
+        let mut bytes = encode(&Frame::Ping);
+        bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = read_frame(&mut &bytes[..]).unwrap_err().to_string();
+        assert!(e.contains("exceeds"), "{e}");
+    }
+}

@@ -1,0 +1,528 @@
+//! Shipping one volume: follow its journal, send batches to the target, release what the
+//! target acknowledged durable; on failure retry on the schedule or, for errors no retry can
+//! fix, stop in state `critical` until an operator resumes the volume.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{info, warn};
+use redun_tracker::journal::JournalError;
+use redun_tracker::journal::reader::JournalReader;
+use rustls_pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{self, Frame, Hello, ProtoError, WireRecord};
+
+/// How long connecting and the TLS handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the target may take to acknowledge a batch.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// An idle connection pings this often, so that a dead one is noticed.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long to wait for new records before looking again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Back-off after the first failure, in retry units; then every [`RETRY_STEADY`] units.
+const RETRY_SCHEDULE: [u32; 5] = [1, 2, 4, 8, 10];
+const RETRY_STEADY: u32 = 30;
+
+/// The delay before retry number `n` (0 for the first retry).
+pub fn retry_delay(n: u32, unit: Duration) -> Duration {
+    unit * RETRY_SCHEDULE
+        .get(n as usize)
+        .copied()
+        .unwrap_or(RETRY_STEADY)
+}
+
+/// How a volume is shipped.
+#[derive(Debug, Clone)]
+pub struct ShipOptions {
+    /// `HOST:PORT` of the target.
+    pub target: String,
+    /// The name the target's certificate must carry.
+    pub server_name: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// A batch closes at this many bytes of records (or when no more are waiting).
+    pub batch_bytes: usize,
+    pub level: i32,
+    pub generation: u64,
+    pub retry_unit: Duration,
+}
+
+/// `connecting`, `shipping`, `retrying`, `critical`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShipState {
+    #[default]
+    Connecting,
+    Shipping,
+    Retrying,
+    Critical,
+}
+
+/// A volume's shipping figures, for the admin socket (`redun status`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShipStatus {
+    pub name: String,
+    pub journal: String,
+    pub target: String,
+    pub state: ShipState,
+    /// Every record up to this sequence number is durable on the target.
+    pub acked_seq: u64,
+    /// Bytes of records read from the journal and not yet durable on the target.
+    pub lag_bytes: u64,
+    /// Age of the oldest record not yet durable on the target (0 when caught up).
+    pub rpo_seconds: f64,
+    pub batches: u64,
+    /// Record bytes shipped, and bytes on the wire for them (compressed).
+    pub bytes_shipped: u64,
+    pub bytes_sent: u64,
+    /// `bytes_shipped / bytes_sent` (1 before anything was sent).
+    pub compression_ratio: f64,
+    /// Record bytes acknowledged per second, over the last few seconds.
+    pub throughput_bytes_per_second: f64,
+    pub retries: u64,
+    /// Unix time of the next attempt while retrying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_unix: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum ShipError {
+    /// Retrying later may work (connection refused or lost, timeouts, target out of space).
+    Retry(String),
+    /// An operator must act (certificate rejected, identity or generation mismatch, a gap).
+    Fatal(String),
+}
+
+impl std::fmt::Display for ShipError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShipError::Retry(m) | ShipError::Fatal(m) => f.write_str(m),
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Classifies an I/O error of the connection: TLS certificate problems are fatal.
+fn classify_io(target: &str, e: &io::Error) -> ShipError {
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        use rustls::AlertDescription as A;
+        return match tls {
+            rustls::Error::InvalidCertificate(c) => ShipError::Fatal(format!(
+                "the certificate of target {target} is not acceptable: {c:?} (is it signed by \
+                 --tls-ca, and does it carry the name dialled or --target-name?)"
+            )),
+            rustls::Error::AlertReceived(
+                a @ (A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateRequired
+                | A::CertificateUnknown
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::UnsupportedCertificate
+                | A::AccessDenied
+                // What rustls sends when a certificate's signature does not verify.
+                | A::DecryptError),
+            ) => ShipError::Fatal(format!(
+                "target {target} rejected our certificate ({a:?}): it must be signed by the CA \
+                 the target trusts (--tls-ca there)"
+            )),
+            other => ShipError::Retry(format!("TLS with target {target}: {other}")),
+        };
+    }
+    ShipError::Retry(format!("target {target}: {e}"))
+}
+
+fn proto_err(target: &str, e: ProtoError) -> ShipError {
+    match e {
+        ProtoError::Closed => ShipError::Retry(format!("target {target} closed the connection")),
+        ProtoError::Io(e) => classify_io(target, &e),
+        ProtoError::Malformed(m) => ShipError::Retry(format!("target {target}: {m}")),
+    }
+}
+
+fn journal_err(path: &std::path::Path, e: JournalError) -> ShipError {
+    ShipError::Retry(format!("journal {}: {e}", path.display()))
+}
+
+/// One volume's shipper.
+#[derive(Debug)]
+pub struct VolumeShipper {
+    pub name: String,
+    pub journal: PathBuf,
+    opts: ShipOptions,
+    status: Mutex<ShipStatus>,
+    /// Set by [`VolumeShipper::resume`]; wakes a critical volume.
+    resume: (Mutex<bool>, Condvar),
+}
+
+/// Records sent and not yet acknowledged: (last seq, bytes, time first read).
+type InFlight = (u64, u64, Instant);
+
+impl VolumeShipper {
+    pub fn new(name: String, journal: PathBuf, opts: ShipOptions) -> VolumeShipper {
+        let status = ShipStatus {
+            name: name.clone(),
+            journal: journal.display().to_string(),
+            target: opts.target.clone(),
+            compression_ratio: 1.0,
+            ..Default::default()
+        };
+        VolumeShipper {
+            name,
+            journal,
+            opts,
+            status: Mutex::new(status),
+            resume: (Mutex::new(false), Condvar::new()),
+        }
+    }
+
+    pub fn status(&self) -> ShipStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    /// Retries a volume now (after `critical`, or during a back-off).
+    pub fn resume(&self) {
+        *self.resume.0.lock().unwrap() = true;
+        self.resume.1.notify_all();
+    }
+
+    /// Sleeps up to `d`, or until resumed or stopped. True if resumed.
+    fn pause(&self, d: Option<Duration>, stop: &AtomicBool) -> bool {
+        let deadline = d.map(|d| Instant::now() + d);
+        let mut resumed = self.resume.0.lock().unwrap();
+        loop {
+            if std::mem::take(&mut *resumed) {
+                return true;
+            }
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            let left = match deadline {
+                Some(t) => match t.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => l,
+                    _ => return false,
+                },
+                None => Duration::from_millis(200),
+            };
+            resumed = self
+                .resume
+                .1
+                .wait_timeout(resumed, left.min(Duration::from_millis(200)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Ships until `stop`.
+    pub fn run(&self, stop: &AtomicBool) {
+        let mut failures = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            let mut connected = false;
+            let r = self.session(stop, &mut connected);
+            if connected {
+                failures = 0;
+            }
+            match r {
+                Ok(()) => return,
+                Err(ShipError::Fatal(m)) => {
+                    warn!(
+                        "volume {}: {m}; shipping stopped (state critical) until `redun resume {}`",
+                        self.name, self.name
+                    );
+                    {
+                        let mut s = self.status.lock().unwrap();
+                        s.state = ShipState::Critical;
+                        s.last_error = Some(m);
+                        s.next_retry_unix = None;
+                        s.lag_bytes = 0;
+                    }
+                    while !stop.load(Ordering::SeqCst) && !self.pause(None, stop) {}
+                    failures = 0;
+                }
+                Err(ShipError::Retry(m)) => {
+                    let delay = retry_delay(failures, self.opts.retry_unit);
+                    failures = failures.saturating_add(1);
+                    warn!(
+                        "volume {}: {m}; retry {failures} in {:.1}s",
+                        self.name,
+                        delay.as_secs_f64()
+                    );
+                    {
+                        let mut s = self.status.lock().unwrap();
+                        s.state = ShipState::Retrying;
+                        s.retries += 1;
+                        s.last_error = Some(m);
+                        s.next_retry_unix = Some(unix_now() + delay.as_secs_f64());
+                    }
+                    self.pause(Some(delay), stop);
+                }
+            }
+        }
+    }
+
+    fn connect(
+        &self,
+    ) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, ShipError> {
+        let target = &self.opts.target;
+        let addrs: Vec<_> = target
+            .to_socket_addrs()
+            .map_err(|e| ShipError::Retry(format!("cannot resolve target {target}: {e}")))?
+            .collect();
+        let mut last = None;
+        let mut tcp = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let tcp = tcp.ok_or_else(|| {
+            ShipError::Retry(format!(
+                "cannot connect to target {target}: {}",
+                last.map_or_else(|| "no address".to_string(), |e| e.to_string())
+            ))
+        })?;
+        let _ = tcp.set_nodelay(true);
+        tcp.set_read_timeout(Some(CONNECT_TIMEOUT))
+            .and_then(|()| tcp.set_write_timeout(Some(ACK_TIMEOUT)))
+            .map_err(|e| classify_io(target, &e))?;
+        let name = ServerName::try_from(self.opts.server_name.clone()).map_err(|e| {
+            ShipError::Fatal(format!(
+                "target name {:?} is not a valid DNS name: {e}",
+                self.opts.server_name
+            ))
+        })?;
+        let conn = rustls::ClientConnection::new(self.opts.tls.clone(), name)
+            .map_err(|e| ShipError::Fatal(format!("TLS set-up: {e}")))?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .map_err(|e| classify_io(target, &e))?;
+        }
+        Ok(tls)
+    }
+
+    fn session(&self, stop: &AtomicBool, connected: &mut bool) -> Result<(), ShipError> {
+        let target = self.opts.target.clone();
+        let mut reader = JournalReader::open(&self.journal).map_err(|e| {
+            ShipError::Retry(format!(
+                "cannot open journal {}: {e} (is the tracker running with this --journal-dir?)",
+                self.journal.display()
+            ))
+        })?;
+        let mut tls = self.connect()?;
+        let sb = *reader.superblock();
+        let hello = Hello {
+            version: proto::VERSION,
+            name: self.name.clone(),
+            uuid: sb.volume_uuid,
+            size: sb.volume_size,
+            generation: self.opts.generation,
+            tail_seq: sb.tail_seq,
+        };
+        proto::write_frame(&mut tls, &Frame::Hello(hello)).map_err(|e| classify_io(&target, &e))?;
+        let next_seq = match proto::read_frame(&mut tls).map_err(|e| proto_err(&target, e))? {
+            Frame::Welcome { next_seq, .. } => next_seq,
+            Frame::Refuse { code, message } if code.recoverable() => {
+                return Err(ShipError::Retry(format!(
+                    "target {target} refused: {message}"
+                )));
+            }
+            Frame::Refuse { message, .. } => {
+                return Err(ShipError::Fatal(format!(
+                    "target {target} refused: {message}"
+                )));
+            }
+            _ => {
+                return Err(ShipError::Retry(format!(
+                    "target {target}: unexpected answer to HELLO"
+                )));
+            }
+        };
+        let tail = reader.superblock().tail_seq;
+        let start = if next_seq == 0 { tail } else { next_seq };
+        if start < tail {
+            return Err(ShipError::Fatal(format!(
+                "the replica on {target} needs seq {start} next but the journal starts at seq \
+                 {tail}: records it lacks were released; the volume needs a resync"
+            )));
+        }
+        if let Err(e) = reader.seek(start) {
+            return Err(ShipError::Fatal(format!(
+                "the replica on {target} is at seq {start}, which journal {} cannot give ({e}): \
+                 the replica is ahead of this journal; the volume needs a resync",
+                self.journal.display()
+            )));
+        }
+        *connected = true;
+        tls.sock
+            .set_read_timeout(Some(ACK_TIMEOUT))
+            .map_err(|e| classify_io(&target, &e))?;
+        info!(
+            "volume {}: shipping to {target} from seq {start}",
+            self.name
+        );
+        {
+            let mut s = self.status.lock().unwrap();
+            s.state = ShipState::Shipping;
+            s.acked_seq = start - 1;
+            s.next_retry_unix = None;
+            s.last_error = None;
+        }
+        let mut last_io = Instant::now();
+        let mut rate = RateWindow::default();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let mut records = Vec::new();
+            let mut bytes = 0usize;
+            let first_read = Instant::now();
+            while bytes < self.opts.batch_bytes {
+                match reader
+                    .next_record()
+                    .map_err(|e| journal_err(&self.journal, e))?
+                {
+                    Some(r) => {
+                        bytes += proto::RECORD_LEN + r.payload.len();
+                        records.push(WireRecord {
+                            seq: r.header.seq,
+                            kind: r.header.kind as u8,
+                            offset: r.header.offset,
+                            length: r.header.length,
+                            payload: r.payload,
+                        });
+                    }
+                    None => break,
+                }
+            }
+            if records.is_empty() {
+                {
+                    let mut s = self.status.lock().unwrap();
+                    s.lag_bytes = 0;
+                    s.rpo_seconds = 0.0;
+                    s.throughput_bytes_per_second = rate.per_second(0);
+                }
+                if last_io.elapsed() >= PING_INTERVAL {
+                    proto::write_frame(&mut tls, &Frame::Ping)
+                        .map_err(|e| classify_io(&target, &e))?;
+                    self.expect_ack(&mut tls, 0)?;
+                    last_io = Instant::now();
+                }
+                reader
+                    .wait(IDLE_WAIT)
+                    .map_err(|e| journal_err(&self.journal, e.into()))?;
+                continue;
+            }
+            let inflight: InFlight = (
+                records.last().expect("not empty").seq,
+                bytes as u64,
+                first_read,
+            );
+            {
+                let mut s = self.status.lock().unwrap();
+                s.lag_bytes = inflight.1;
+                s.rpo_seconds = inflight.2.elapsed().as_secs_f64();
+            }
+            let batch = proto::encode_batch(&records, self.opts.level)
+                .map_err(|e| ShipError::Retry(format!("cannot compress a batch: {e}")))?;
+            let sent = batch.compressed.len() as u64;
+            proto::write_frame(&mut tls, &Frame::Batch(batch))
+                .map_err(|e| classify_io(&target, &e))?;
+            let through = self.expect_ack(&mut tls, inflight.0)?;
+            last_io = Instant::now();
+            // Only now, durable on the target, may the journal reuse the space.
+            reader.release(through).map_err(|e| {
+                ShipError::Retry(format!(
+                    "cannot record the release of journal {}: {e}",
+                    self.journal.display()
+                ))
+            })?;
+            let mut s = self.status.lock().unwrap();
+            s.acked_seq = through;
+            s.batches += 1;
+            s.bytes_shipped += inflight.1;
+            s.bytes_sent += sent;
+            s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
+            s.throughput_bytes_per_second = rate.per_second(inflight.1);
+            s.lag_bytes = 0;
+            s.rpo_seconds = 0.0;
+        }
+    }
+
+    /// Reads the target's answer to a batch or ping: an ACK through at least `want`.
+    fn expect_ack<S: Read + Write>(&self, tls: &mut S, want: u64) -> Result<u64, ShipError> {
+        let target = &self.opts.target;
+        match proto::read_frame(tls).map_err(|e| proto_err(target, e))? {
+            Frame::Ack { through } if through >= want => Ok(through),
+            Frame::Ack { through } => Err(ShipError::Retry(format!(
+                "target {target} acknowledged seq {through}, short of {want}"
+            ))),
+            Frame::Refuse { code, message } if code.recoverable() => Err(ShipError::Retry(
+                format!("target {target} refused: {message}"),
+            )),
+            Frame::Refuse { message, .. } => Err(ShipError::Fatal(format!(
+                "target {target} refused: {message}"
+            ))),
+            _ => Err(ShipError::Retry(format!(
+                "target {target}: unexpected frame instead of an ACK"
+            ))),
+        }
+    }
+}
+
+/// Bytes acknowledged over a sliding window of a few seconds.
+#[derive(Debug, Default)]
+struct RateWindow {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    const WINDOW: Duration = Duration::from_secs(5);
+
+    fn per_second(&mut self, bytes: u64) -> f64 {
+        let now = Instant::now();
+        if bytes > 0 {
+            self.samples.push_back((now, bytes));
+        }
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Self::WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let total: u64 = self.samples.iter().map(|(_, b)| b).sum();
+        total as f64 / Self::WINDOW.as_secs_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_schedule_follows_the_reference() {
+        let unit = Duration::from_millis(100);
+        let got: Vec<_> = (0..8).map(|n| retry_delay(n, unit).as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1000, 3000, 3000, 3000]);
+    }
+}

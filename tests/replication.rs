@@ -1,0 +1,461 @@
+//! Replication end to end with the real binaries on loopback: a tracker journals the writes
+//! of real NBD clients, `redun-shipper` drains the journal over mutual TLS, `redun-target`
+//! applies it to a replica, which must become byte-identical to the backing file.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use redun_tracker::admin::request_json;
+use redun_tracker::journal::reader::read_release;
+
+const VOL: u64 = 64 << 20;
+
+/// A daemon this test started; killed by PID when dropped.
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(bin_name: &str, args: &[String], log: &Path) -> Daemon {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(bin(bin_name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Daemon {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.as_ref().unwrap().id()).unwrap())
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        kill(self.pid_of(&c), Signal::SIGKILL).unwrap();
+        let _ = c.wait();
+    }
+
+    fn pid_of(&self, c: &Child) -> Pid {
+        Pid::from_raw(i32::try_from(c.id()).unwrap())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(self.pid_of(&c), Signal::SIGTERM);
+            if wait_timeout(&mut c, Duration::from_secs(30)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "{} ignored SIGTERM:\n{}",
+                    self.log.display(),
+                    self.log_text()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A tracker, a target and a shipper in one temporary directory.
+struct Site {
+    tracker: Tracker,
+    target: Option<Daemon>,
+    shipper: Option<Daemon>,
+    target_addr: String,
+}
+
+fn pki(dir: &Path, names: &[&str]) {
+    let mut cmd = Command::new(bin("redun"));
+    cmd.args(["pki", "init", "--dir"]).arg(dir);
+    for n in names {
+        cmd.args(["--name", n]);
+    }
+    run(&mut cmd);
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Site {
+    fn new() -> Site {
+        let tracker = Tracker::start_with("uring", VOL, &["--journal-size", "256M"]);
+        let d = tracker.dir.path().to_path_buf();
+        pki(&d.join("pki"), &["localhost", "shipper"]);
+        let mut site = Site {
+            tracker,
+            target: None,
+            shipper: None,
+            target_addr: String::new(),
+        };
+        site.start_target();
+        site.start_shipper(&d.join("pki"), "shipper");
+        site
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.tracker.dir.path().to_path_buf()
+    }
+
+    fn replica(&self) -> PathBuf {
+        self.dir().join("data").join(format!("{EXPORT}.img"))
+    }
+
+    /// Starts the target; on a restart, on the address it had.
+    fn start_target(&mut self) {
+        let d = self.dir();
+        let port = self.target_addr.rsplit(':').next().unwrap_or("0");
+        let listen = format!("127.0.0.1:{}", if port.is_empty() { "0" } else { port });
+        let log = d.join("target.log");
+        let earlier = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("shippers on ")
+            .count();
+        let t = Daemon::start(
+            "redun-target",
+            &[
+                "--data-dir".into(),
+                s(&d.join("data")),
+                "--listen".into(),
+                listen,
+                "--tls-ca".into(),
+                s(&d.join("pki/ca.crt")),
+                "--tls-cert".into(),
+                s(&d.join("pki/localhost.crt")),
+                "--tls-key".into(),
+                s(&d.join("pki/localhost.key")),
+                "--admin-socket".into(),
+                s(&d.join("target.sock")),
+            ],
+            &log,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = t.log_text();
+            if let Some(line) = text.split("shippers on ").nth(earlier + 1) {
+                let addr = line.lines().next().unwrap().trim().to_string();
+                let port = addr.rsplit(':').next().unwrap();
+                // The certificate names localhost: dial it by that name.
+                self.target_addr = format!("localhost:{port}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redun-target did not start:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.target = Some(t);
+    }
+
+    fn start_shipper(&mut self, pki: &Path, name: &str) {
+        let d = self.dir();
+        self.shipper = Some(Daemon::start(
+            "redun-shipper",
+            &[
+                "--journal-dir".into(),
+                s(&self.tracker.journal_dir()),
+                "--tracker-socket".into(),
+                s(&self.tracker.admin),
+                "--target".into(),
+                self.target_addr.clone(),
+                "--tls-ca".into(),
+                s(&pki.join("ca.crt")),
+                "--tls-cert".into(),
+                s(&pki.join(format!("{name}.crt"))),
+                "--tls-key".into(),
+                s(&pki.join(format!("{name}.key"))),
+                "--admin-socket".into(),
+                s(&d.join(format!("shipper-{name}.sock"))),
+                "--retry-unit-ms".into(),
+                "100".into(),
+            ],
+            &d.join(format!("shipper-{name}.log")),
+        ));
+    }
+
+    fn shipper_status(&self, name: &str) -> Option<serde_json::Value> {
+        let sock = self.dir().join(format!("shipper-{name}.sock"));
+        let v = request_json(&sock, &serde_json::json!({"cmd": "status"})).ok()?;
+        v["status"]["volumes"].get(0).cloned()
+    }
+
+    fn head_seq(&self) -> u64 {
+        let st = self.tracker.status_json();
+        st["tracker"]["status"]["volumes"][0]["journal"]["head_seq"]
+            .as_u64()
+            .expect("journal head_seq")
+    }
+
+    /// Waits until the shipper reports every record the tracker wrote as durable on the
+    /// target, with no lag.
+    fn wait_caught_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let head = self.head_seq();
+            let st = self.shipper_status("shipper");
+            if let Some(v) = &st {
+                if v["acked_seq"].as_u64() == Some(head) && v["lag_bytes"].as_u64() == Some(0) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replication did not catch up with seq {head}: {st:?}\nshipper:\n{}\ntarget:\n{}",
+                self.shipper
+                    .as_ref()
+                    .map(Daemon::log_text)
+                    .unwrap_or_default(),
+                self.target
+                    .as_ref()
+                    .map(Daemon::log_text)
+                    .unwrap_or_default(),
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn assert_identical(&self) {
+        let a = std::fs::read(&self.tracker.image).unwrap();
+        let b = std::fs::read(self.replica()).unwrap();
+        assert_eq!(a.len(), b.len());
+        if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+            panic!("replica differs from the backing file at byte {i}");
+        }
+    }
+
+    /// The position the shipper released must never pass what the target holds durably.
+    fn assert_release_not_early(&self) {
+        let released = read_release(&self.tracker.journal_path())
+            .unwrap()
+            .unwrap_or(0);
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(self.dir().join("data").join(format!("{EXPORT}.state")))
+                .unwrap(),
+        )
+        .unwrap();
+        let durable = state["next_seq"].as_u64().unwrap().saturating_sub(1);
+        assert!(
+            released <= durable,
+            "the journal was released through seq {released} but the replica holds {durable}"
+        );
+    }
+
+    fn fio(&self, rw: &str, bs: &str, amount: &str, seed: u64) {
+        run(Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", self.tracker.uri()),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            "--iodepth=8",
+            &format!("--size={VOL}"),
+            &format!("--io_size={amount}"),
+            &format!("--randseed={seed}"),
+            "--refill_buffers",
+            "--thread",
+        ]));
+    }
+}
+
+#[test]
+fn the_replica_follows_the_volume_and_converges() {
+    require("fio");
+    require("nbdcopy");
+    let site = Site::new();
+    // Random data from two different clients: nbdcopy and fio.
+    let src = site.dir().join("random.bin");
+    sh(&format!("head -c 8M /dev/urandom > {}", src.display()));
+    run(Command::new("nbdcopy").arg(&src).arg(site.tracker.uri()));
+    site.fio("randwrite", "4k", "8m", 1);
+    site.fio("write", "1m", "32m", 2);
+    site.fio("randtrim", "64k", "2m", 3);
+    site.wait_caught_up();
+    site.assert_identical();
+    site.assert_release_not_early();
+    let st = site.shipper_status("shipper").unwrap();
+    assert_eq!(st["state"], "shipping", "{st}");
+    assert!(st["compression_ratio"].as_f64().unwrap() > 0.0);
+    let t = request_json(
+        &site.dir().join("target.sock"),
+        &serde_json::json!({"cmd": "status"}),
+    )
+    .unwrap();
+    assert_eq!(
+        t["status"]["volumes"][0]["applied_seq"].as_u64(),
+        Some(site.head_seq()),
+        "{t}"
+    );
+}
+
+/// Writes in the background while `fault` strikes at random moments; then the replica must
+/// converge and the journal must not have been released ahead of the replica.
+fn trials(kill_target: bool) {
+    require("fio");
+    let mut site = Site::new();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    for trial in 0..10u64 {
+        let uri = site.tracker.uri();
+        let writer = std::thread::spawn(move || {
+            run(Command::new("fio").args([
+                "--name=w",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=16k",
+                "--iodepth=8",
+                &format!("--size={VOL}"),
+                "--io_size=24m",
+                &format!("--randseed={}", trial + 10),
+                "--refill_buffers",
+                "--thread",
+            ]));
+        });
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(50 + rng % 400));
+        if kill_target {
+            site.target.as_mut().unwrap().kill9();
+            site.assert_release_not_early();
+            std::thread::sleep(Duration::from_millis(rng % 300));
+            site.start_target();
+        } else {
+            site.shipper.as_mut().unwrap().kill9();
+            site.assert_release_not_early();
+            let pki = site.dir().join("pki");
+            site.start_shipper(&pki, "shipper");
+        }
+        writer.join().unwrap();
+        site.wait_caught_up();
+        site.assert_identical();
+        site.assert_release_not_early();
+    }
+    if let Some(t) = site.target.as_mut() {
+        t.stop();
+    }
+    if let Some(s) = site.shipper.as_mut() {
+        s.stop();
+    }
+}
+
+#[test]
+fn kill_9_of_the_shipper_during_writes_loses_nothing() {
+    trials(false);
+}
+
+#[test]
+fn kill_9_of_the_target_during_writes_loses_nothing() {
+    trials(true);
+}
+
+#[test]
+fn a_foreign_certificate_and_a_plain_client_are_refused_and_others_go_on() {
+    require("fio");
+    let mut site = Site::new();
+    let d = site.dir();
+    // A plain TCP client that speaks no TLS.
+    let port = site.target_addr.rsplit(':').next().unwrap().to_string();
+    let mut plain = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    let _ = plain.write_all(b"RDR1 hello in plain text\n");
+    drop(plain);
+    // A shipper that trusts the target's CA but whose own certificate another CA signed.
+    pki(&d.join("other-pki"), &["intruder"]);
+    let mixed = d.join("mixed-pki");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(d.join("pki/ca.crt"), mixed.join("ca.crt")).unwrap();
+    for f in ["intruder.crt", "intruder.key"] {
+        std::fs::copy(d.join("other-pki").join(f), mixed.join(f)).unwrap();
+    }
+    let good = site.shipper.take();
+    site.start_shipper(&mixed, "intruder");
+    let intruder = site.shipper.take();
+    site.shipper = good;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = site.shipper_status("intruder") {
+            if st["state"] == "critical" {
+                break st;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the intruder did not go critical:\n{}",
+            intruder.as_ref().unwrap().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = st["last_error"].as_str().unwrap();
+    assert!(err.contains("certificate"), "{err}");
+    // The other direction: the target's log names the refusal.
+    let tlog = site.target.as_ref().unwrap().log_text();
+    assert!(tlog.contains("TLS handshake failed"), "{tlog}");
+    // The good shipper still replicates.
+    site.fio("randwrite", "4k", "4m", 7);
+    site.wait_caught_up();
+    site.assert_identical();
+    drop(intruder);
+}
+
+#[test]
+fn a_replica_of_another_volume_is_refused_without_retrying() {
+    require("fio");
+    let mut site = Site::new();
+    site.fio("randwrite", "4k", "1m", 5);
+    site.wait_caught_up();
+    site.shipper.as_mut().unwrap().stop();
+    // Another volume's identity under the same name: the replica's state says so.
+    let state = site.dir().join("data").join(format!("{EXPORT}.state"));
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["uuid"] = serde_json::json!("00000000000000000000000000000000");
+    std::fs::write(&state, v.to_string()).unwrap();
+    let pki = site.dir().join("pki");
+    site.start_shipper(&pki, "shipper");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = site.shipper_status("shipper") {
+            if st["state"] == "critical" {
+                let e = st["last_error"].as_str().unwrap();
+                assert!(e.contains("uuid"), "{e}");
+                assert_eq!(st["retries"].as_u64(), Some(0), "{st}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the shipper did not go critical");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = site.target.as_ref().map(Daemon::pid);
+}
