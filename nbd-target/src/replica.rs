@@ -2,8 +2,9 @@
 //! with the volume's size on first contact) and `DATA_DIR/NAME.state` (identity, generation
 //! and the first sequence number not yet applied), replaced atomically.
 //!
-//! Applying a batch writes its records in order, syncs the image, then records the new
-//! position durably: only then is the batch acknowledged. A crash between the two re-applies
+//! Applying a batch writes its records in order; committing syncs the image, then records the
+//! new position durably: only then are the batches acknowledged (several batches that arrive
+//! back to back share one commit). A crash between the two re-applies
 //! records already applied when the batch comes again, which leaves the same bytes, since
 //! the stream is replayed in order from that position (every record overwrites its range).
 
@@ -12,7 +13,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use redun_shipper::proto::{Hello, RefuseCode, WireRecord};
+use redun_shipper::proto::{Hello, RecordRef, RefuseCode};
 use redun_tracker::journal::format::Kind;
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +84,12 @@ pub struct Replica {
     img: File,
     img_path: PathBuf,
     state_path: PathBuf,
+    /// What is durable.
     state: ReplicaState,
+    /// The first sequence number not yet written to the image (durable or not).
+    applied: u64,
+    /// Record bytes written since the last commit.
+    uncommitted: u64,
 }
 
 impl Replica {
@@ -180,7 +186,9 @@ impl Replica {
             img,
             img_path,
             state_path,
+            applied: state.next_seq,
             state,
+            uncommitted: 0,
         };
         if !r.state_path.exists() {
             r.img
@@ -212,14 +220,14 @@ impl Replica {
         r.map_err(|e| Refusal::io("cannot write", &self.state_path, &e))
     }
 
-    /// Applies `records` (a batch, in order), makes them durable, and moves the replica on.
-    /// Records before the replica's position were applied already and are skipped; a batch
-    /// that starts after it would leave a hole and is refused.
-    pub fn apply(&mut self, records: &[WireRecord]) -> Result<(), Refusal> {
+    /// Applies `records` (a batch, in order) to the image, not yet durably: see
+    /// [`Replica::commit`]. Records before the replica's position were applied already and
+    /// are skipped; a batch that starts after it would leave a hole and is refused.
+    pub fn apply(&mut self, records: &[RecordRef<'_>]) -> Result<(), Refusal> {
         let Some(first) = records.first() else {
             return Ok(());
         };
-        let next = self.state.next_seq;
+        let next = self.applied;
         if next != 0 && first.seq > next {
             return Err(Refusal::new(
                 RefuseCode::Gap,
@@ -230,22 +238,38 @@ impl Replica {
                 ),
             ));
         }
-        let mut applied = false;
         for r in records.iter().filter(|r| next == 0 || r.seq >= next) {
             self.apply_one(r)?;
-            applied = true;
+            self.applied = r.seq + 1;
+            self.uncommitted += u64::from(r.length).max(1);
         }
-        if !applied {
-            return Ok(());
-        }
-        self.img
-            .sync_data()
-            .map_err(|e| Refusal::io("cannot sync", &self.img_path, &e))?;
-        self.state.next_seq = records.last().expect("not empty").seq + 1;
-        self.save()
+        Ok(())
     }
 
-    fn apply_one(&self, r: &WireRecord) -> Result<(), Refusal> {
+    /// Record bytes applied and not yet committed.
+    pub fn uncommitted(&self) -> u64 {
+        self.uncommitted
+    }
+
+    /// Makes everything applied durable: the image first, then the state that says so.
+    /// Returns the last durable sequence number (0 when none).
+    pub fn commit(&mut self) -> Result<u64, Refusal> {
+        if self.applied != self.state.next_seq {
+            self.img
+                .sync_data()
+                .map_err(|e| Refusal::io("cannot sync", &self.img_path, &e))?;
+            let before = self.state.next_seq;
+            self.state.next_seq = self.applied;
+            if let Err(r) = self.save() {
+                self.state.next_seq = before;
+                return Err(r);
+            }
+        }
+        self.uncommitted = 0;
+        Ok(self.state.next_seq.saturating_sub(1))
+    }
+
+    fn apply_one(&self, r: &RecordRef<'_>) -> Result<(), Refusal> {
         let end = r.offset.checked_add(u64::from(r.length));
         if end.is_none_or(|e| e > self.state.size) {
             return Err(Refusal::new(
@@ -265,7 +289,7 @@ impl Replica {
                         format!("record seq {} has a payload of another length", r.seq),
                     ));
                 }
-                self.img.write_all_at(&r.payload, r.offset).map_err(io)
+                self.img.write_all_at(r.payload, r.offset).map_err(io)
             }
             Some(Kind::Trim | Kind::Zero) => {
                 // Trimmed ranges read as zeros on the replica: punch a hole.

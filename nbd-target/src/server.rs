@@ -284,18 +284,16 @@ impl Target {
         }
     }
 
-    /// Applies batches until the shipper leaves or something is refused.
-    fn stream<S: io::Read + io::Write>(
-        &self,
-        tls: &mut S,
-        replica: &mut Replica,
-        slot: &Slot,
-    ) -> Result<(), StreamEnd> {
+    /// Applies batches until the shipper leaves or something is refused. Batches that arrive
+    /// back to back are committed together (one image sync, one state update), up to
+    /// [`GROUP_BYTES`]; the ACK then covers them all.
+    fn stream(&self, tls: &mut Tls, replica: &mut Replica, slot: &Slot) -> Result<(), StreamEnd> {
+        let mut decoder = proto::BatchDecoder::new().map_err(StreamEnd::Io)?;
         loop {
             let batch = match proto::read_frame(tls) {
                 Ok(Frame::Batch(b)) => b,
                 Ok(Frame::Ping) => {
-                    let through = replica.state().next_seq.saturating_sub(1);
+                    let through = replica.commit().map_err(StreamEnd::Refused)?;
                     proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
                     continue;
                 }
@@ -314,23 +312,50 @@ impl Target {
                     )));
                 }
             };
-            let records = proto::decode_batch(&batch).map_err(|e| {
+            let records = decoder.decode(&batch).map_err(|e| {
                 StreamEnd::Refused(Refusal::new(RefuseCode::Protocol, e.to_string()))
             })?;
             replica.apply(&records).map_err(StreamEnd::Refused)?;
-            let through = replica.state().next_seq.saturating_sub(1);
             {
                 let mut s = slot.status.lock().unwrap();
-                s.applied_seq = through;
                 s.batches += 1;
                 s.bytes_received += batch.compressed.len() as u64;
                 s.bytes_applied += u64::from(batch.raw_len);
+            }
+            if replica.uncommitted() < GROUP_BYTES && more_input(tls) {
+                continue;
+            }
+            let through = replica.commit().map_err(StreamEnd::Refused)?;
+            {
+                let mut s = slot.status.lock().unwrap();
+                s.applied_seq = through;
                 s.last_batch_unix = Some(now_unix());
                 s.last_error = None;
             }
             proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
         }
     }
+}
+
+type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
+/// Applied bytes after which a commit is due even while batches keep coming.
+const GROUP_BYTES: u64 = 64 << 20;
+
+/// True when another frame has (begun to) arrive: decrypted bytes wait in rustls, or the socket
+/// is readable.
+fn more_input(tls: &mut Tls) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    if tls
+        .conn
+        .process_new_packets()
+        .is_ok_and(|st| st.plaintext_bytes_to_read() > 0)
+    {
+        return true;
+    }
+    let mut fds = [PollFd::new(tls.sock.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 enum StreamEnd {

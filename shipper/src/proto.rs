@@ -235,9 +235,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             T_REFUSE
         }
         Frame::Batch(b) => {
-            body.extend_from_slice(&b.first_seq.to_le_bytes());
-            body.extend_from_slice(&b.last_seq.to_le_bytes());
-            body.extend_from_slice(&b.raw_len.to_le_bytes());
+            body.extend_from_slice(&batch_prefix(b));
             body.extend_from_slice(&b.compressed);
             T_BATCH
         }
@@ -257,9 +255,42 @@ pub fn encode(f: &Frame) -> Vec<u8> {
     out
 }
 
+/// Writes a frame; a batch's compressed bytes go out without being copied into a frame
+/// buffer first.
 pub fn write_frame<W: Write>(w: &mut W, f: &Frame) -> io::Result<()> {
-    w.write_all(&encode(f))?;
+    match f {
+        Frame::Batch(b) => {
+            let prefix = batch_prefix(b);
+            let len = u32::try_from(prefix.len() + b.compressed.len()).unwrap_or(u32::MAX);
+            let mut head = [0u8; HEADER_LEN];
+            head[..4].copy_from_slice(&MAGIC);
+            head[4] = T_BATCH;
+            head[8..12].copy_from_slice(&len.to_le_bytes());
+            let mut h = Xxh3::new();
+            h.update(&head[..12]);
+            h.update(&prefix);
+            h.update(&b.compressed);
+            head[12..20].copy_from_slice(&h.digest().to_le_bytes());
+            let mut first = Vec::with_capacity(HEADER_LEN + prefix.len());
+            first.extend_from_slice(&head);
+            first.extend_from_slice(&prefix);
+            w.write_all(&first)?;
+            w.write_all(&b.compressed)?;
+        }
+        f => w.write_all(&encode(f))?,
+    }
     w.flush()
+}
+
+/// The fixed part of a BATCH body, before the compressed records.
+const BATCH_PREFIX: usize = 20;
+
+fn batch_prefix(b: &Batch) -> [u8; BATCH_PREFIX] {
+    let mut p = [0u8; BATCH_PREFIX];
+    p[..8].copy_from_slice(&b.first_seq.to_le_bytes());
+    p[8..16].copy_from_slice(&b.last_seq.to_le_bytes());
+    p[16..20].copy_from_slice(&b.raw_len.to_le_bytes());
+    p
 }
 
 /// Checks a frame header; returns the type and the body length.
@@ -329,18 +360,8 @@ pub fn decode(h: &[u8; HEADER_LEN], body: &[u8]) -> Result<Frame, ProtoError> {
             let first_seq = b.u64()?;
             let last_seq = b.u64()?;
             let raw_len = b.u32()?;
-            if first_seq == 0 || last_seq < first_seq {
-                return Err(bad(format!("batch covers seq {first_seq}..={last_seq}")));
-            }
-            if raw_len > MAX_RAW {
-                return Err(bad(format!("batch of {raw_len} bytes exceeds {MAX_RAW}")));
-            }
-            Frame::Batch(Batch {
-                first_seq,
-                last_seq,
-                raw_len,
-                compressed: b.take(b.0.len())?.to_vec(),
-            })
+            let compressed = b.take(b.0.len())?.to_vec();
+            Frame::Batch(check_batch(first_seq, last_seq, raw_len, compressed)?)
         }
         T_ACK => Frame::Ack { through: b.u64()? },
         T_PING => Frame::Ping,
@@ -363,90 +384,218 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, ProtoError> {
             Err(e) => return Err(e.into()),
         }
     }
-    let (_, len) = decode_header(&h)?;
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).map_err(|e| {
+    let (ty, len) = decode_header(&h)?;
+    let truncated = |e: io::Error| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             bad("truncated frame body")
         } else {
             e.into()
         }
-    })?;
+    };
+    if ty == T_BATCH && len as usize >= BATCH_PREFIX {
+        // The compressed records are read straight into the batch's own buffer.
+        let mut prefix = [0u8; BATCH_PREFIX];
+        r.read_exact(&mut prefix).map_err(truncated)?;
+        let mut compressed = vec![0u8; len as usize - BATCH_PREFIX];
+        r.read_exact(&mut compressed).map_err(truncated)?;
+        let mut x = Xxh3::new();
+        x.update(&h[..12]);
+        x.update(&prefix);
+        x.update(&compressed);
+        if x.digest() != u64::from_le_bytes(h[12..20].try_into().expect("8")) {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut b = Body(&prefix);
+        let (first_seq, last_seq, raw_len) = (b.u64()?, b.u64()?, b.u32()?);
+        return check_batch(first_seq, last_seq, raw_len, compressed).map(Frame::Batch);
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).map_err(truncated)?;
     decode(&h, &body)
 }
 
-/// Packs records (consecutive sequence numbers) into a batch, compressed at `level`.
-pub fn encode_batch(records: &[WireRecord], level: i32) -> io::Result<Batch> {
-    let (Some(first), Some(last)) = (records.first(), records.last()) else {
-        return Err(io::Error::other("a batch needs at least one record"));
-    };
-    let raw_len: usize = records.iter().map(|r| RECORD_LEN + r.payload.len()).sum();
-    let mut raw = Vec::with_capacity(raw_len);
-    for r in records {
-        raw.extend_from_slice(&r.seq.to_le_bytes());
-        raw.push(r.kind);
-        raw.extend_from_slice(&r.offset.to_le_bytes());
-        raw.extend_from_slice(&r.length.to_le_bytes());
-        raw.extend_from_slice(
-            &u32::try_from(r.payload.len())
-                .unwrap_or(u32::MAX)
-                .to_le_bytes(),
-        );
-        raw.extend_from_slice(&r.payload);
+fn check_batch(
+    first_seq: u64,
+    last_seq: u64,
+    raw_len: u32,
+    compressed: Vec<u8>,
+) -> Result<Batch, ProtoError> {
+    if first_seq == 0 || last_seq < first_seq {
+        return Err(bad(format!("batch covers seq {first_seq}..={last_seq}")));
     }
-    let raw_len = u32::try_from(raw.len())
-        .ok()
-        .filter(|&n| n <= MAX_RAW)
-        .ok_or_else(|| io::Error::other(format!("batch of {} bytes is too large", raw.len())))?;
+    if raw_len > MAX_RAW {
+        return Err(bad(format!("batch of {raw_len} bytes exceeds {MAX_RAW}")));
+    }
     Ok(Batch {
-        first_seq: first.seq,
-        last_seq: last.seq,
+        first_seq,
+        last_seq,
         raw_len,
-        compressed: zstd::bulk::compress(&raw, level)?,
+        compressed,
     })
 }
 
-/// Unpacks a batch: the records must cover `first_seq..=last_seq` exactly, in order.
-pub fn decode_batch(b: &Batch) -> Result<Vec<WireRecord>, ProtoError> {
-    if b.raw_len > MAX_RAW {
-        return Err(bad("batch too large"));
+/// A record of a decoded batch, its payload borrowed from the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub seq: u64,
+    pub kind: u8,
+    pub offset: u64,
+    pub length: u32,
+    pub payload: &'a [u8],
+}
+
+/// Packs records into batches, keeping its zstd context and buffers from one batch to the
+/// next (a batch is megabytes: fresh buffers would cost page faults every time).
+pub struct BatchEncoder {
+    cctx: zstd::bulk::Compressor<'static>,
+    raw: Vec<u8>,
+    spare: Vec<u8>,
+}
+
+impl std::fmt::Debug for BatchEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchEncoder").finish_non_exhaustive()
     }
-    let raw = zstd::bulk::decompress(&b.compressed, b.raw_len as usize)
-        .map_err(|e| bad(format!("batch does not decompress: {e}")))?;
-    if raw.len() != b.raw_len as usize {
-        return Err(bad("batch decompresses to another length than announced"));
+}
+
+impl BatchEncoder {
+    pub fn new(level: i32) -> io::Result<BatchEncoder> {
+        Ok(BatchEncoder {
+            cctx: zstd::bulk::Compressor::new(level)?,
+            raw: Vec::new(),
+            spare: Vec::new(),
+        })
     }
-    let mut body = Body(&raw);
-    let mut out = Vec::new();
-    let mut expect = b.first_seq;
-    while !body.0.is_empty() {
-        let seq = body.u64()?;
-        if seq != expect || seq > b.last_seq {
-            return Err(bad(format!("record seq {seq} where {expect} was expected")));
+
+    /// Packs records (consecutive sequence numbers) into a batch.
+    pub fn encode(&mut self, records: &[WireRecord]) -> io::Result<Batch> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Err(io::Error::other("a batch needs at least one record"));
+        };
+        self.raw.clear();
+        for r in records {
+            self.raw.extend_from_slice(&r.seq.to_le_bytes());
+            self.raw.push(r.kind);
+            self.raw.extend_from_slice(&r.offset.to_le_bytes());
+            self.raw.extend_from_slice(&r.length.to_le_bytes());
+            self.raw.extend_from_slice(
+                &u32::try_from(r.payload.len())
+                    .unwrap_or(u32::MAX)
+                    .to_le_bytes(),
+            );
+            self.raw.extend_from_slice(&r.payload);
         }
-        let kind = body.u8()?;
-        let offset = body.u64()?;
-        let length = body.u32()?;
-        let n = body.u32()? as usize;
-        let payload = body.take(n)?.to_vec();
-        out.push(WireRecord {
-            seq,
-            kind,
-            offset,
-            length,
-            payload,
-        });
-        expect += 1;
+        let raw_len = u32::try_from(self.raw.len())
+            .ok()
+            .filter(|&n| n <= MAX_RAW)
+            .ok_or_else(|| {
+                io::Error::other(format!("batch of {} bytes is too large", self.raw.len()))
+            })?;
+        let mut out = std::mem::take(&mut self.spare);
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(self.raw.len()));
+        self.cctx.compress_to_buffer(&self.raw, &mut out)?;
+        Ok(Batch {
+            first_seq: first.seq,
+            last_seq: last.seq,
+            raw_len,
+            compressed: out,
+        })
     }
-    if expect != b.last_seq + 1 {
-        return Err(bad(format!(
-            "batch announces seq {}..={} but holds records up to {}",
-            b.first_seq,
-            b.last_seq,
-            expect - 1
-        )));
+
+    /// Takes a sent batch's buffer back for the next one.
+    pub fn recycle(&mut self, b: Batch) {
+        self.spare = b.compressed;
     }
-    Ok(out)
+}
+
+/// Unpacks batches, keeping its zstd context and buffer.
+pub struct BatchDecoder {
+    dctx: zstd::bulk::Decompressor<'static>,
+    raw: Vec<u8>,
+}
+
+impl std::fmt::Debug for BatchDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchDecoder").finish_non_exhaustive()
+    }
+}
+
+impl BatchDecoder {
+    pub fn new() -> io::Result<BatchDecoder> {
+        Ok(BatchDecoder {
+            dctx: zstd::bulk::Decompressor::new()?,
+            raw: Vec::new(),
+        })
+    }
+
+    /// Unpacks a batch: the records must cover `first_seq..=last_seq` exactly, in order.
+    pub fn decode(&mut self, b: &Batch) -> Result<Vec<RecordRef<'_>>, ProtoError> {
+        if b.raw_len > MAX_RAW {
+            return Err(bad("batch too large"));
+        }
+        self.raw.clear();
+        self.raw.reserve(b.raw_len as usize);
+        let n = self
+            .dctx
+            .decompress_to_buffer(&b.compressed, &mut self.raw)
+            .map_err(|e| bad(format!("batch does not decompress: {e}")))?;
+        if n != b.raw_len as usize || self.raw.len() != n {
+            return Err(bad("batch decompresses to another length than announced"));
+        }
+        let mut body = Body(&self.raw);
+        let mut out = Vec::new();
+        let mut expect = b.first_seq;
+        while !body.0.is_empty() {
+            let seq = body.u64()?;
+            if seq != expect || seq > b.last_seq {
+                return Err(bad(format!("record seq {seq} where {expect} was expected")));
+            }
+            let kind = body.u8()?;
+            let offset = body.u64()?;
+            let length = body.u32()?;
+            let n = body.u32()? as usize;
+            let payload = body.take(n)?;
+            out.push(RecordRef {
+                seq,
+                kind,
+                offset,
+                length,
+                payload,
+            });
+            expect += 1;
+        }
+        if expect != b.last_seq + 1 {
+            return Err(bad(format!(
+                "batch announces seq {}..={} but holds records up to {}",
+                b.first_seq,
+                b.last_seq,
+                expect - 1
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// Packs records into a batch compressed at `level` (a one-off [`BatchEncoder`]).
+pub fn encode_batch(records: &[WireRecord], level: i32) -> io::Result<Batch> {
+    BatchEncoder::new(level)?.encode(records)
+}
+
+/// Unpacks a batch into owned records (a one-off [`BatchDecoder`]).
+pub fn decode_batch(b: &Batch) -> Result<Vec<WireRecord>, ProtoError> {
+    let mut d = BatchDecoder::new().map_err(ProtoError::Io)?;
+    let recs = d.decode(b)?;
+    Ok(recs
+        .into_iter()
+        .map(|r| WireRecord {
+            seq: r.seq,
+            kind: r.kind,
+            offset: r.offset,
+            length: r.length,
+            payload: r.payload.to_vec(),
+        })
+        .collect())
 }
 
 #[cfg(test)]

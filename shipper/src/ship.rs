@@ -2,6 +2,7 @@
 //! target acknowledged durable; on failure retry on the schedule or, for errors no retry can
 //! fix, stop in state `critical` until an operator resumes the volume.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -169,8 +170,19 @@ pub struct VolumeShipper {
     resume: (Mutex<bool>, Condvar),
 }
 
-/// Records sent and not yet acknowledged: (last seq, bytes, time first read).
-type InFlight = (u64, u64, Instant);
+/// A batch sent and not yet acknowledged.
+#[derive(Debug)]
+struct InFlight {
+    last_seq: u64,
+    /// Record bytes, and bytes on the wire.
+    bytes: u64,
+    sent: u64,
+    /// When its records were read from the journal.
+    read_at: Instant,
+}
+
+/// Batches the shipper sends ahead of their acknowledgements.
+const WINDOW: usize = 4;
 
 impl VolumeShipper {
     pub fn new(name: String, journal: PathBuf, opts: ShipOptions) -> VolumeShipper {
@@ -389,83 +401,117 @@ impl VolumeShipper {
         }
         let mut last_io = Instant::now();
         let mut rate = RateWindow::default();
+        // Batches sent and not yet acknowledged, oldest first.
+        let mut window: VecDeque<InFlight> = VecDeque::new();
+        let mut encoder = proto::BatchEncoder::new(self.opts.level)
+            .map_err(|e| ShipError::Retry(format!("cannot set up zstd: {e}")))?;
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let mut records = Vec::new();
-            let mut bytes = 0usize;
-            let first_read = Instant::now();
-            while bytes < self.opts.batch_bytes {
-                match reader
-                    .next_record()
-                    .map_err(|e| journal_err(&self.journal, e))?
-                {
-                    Some(r) => {
-                        bytes += proto::RECORD_LEN + r.payload.len();
-                        records.push(WireRecord {
-                            seq: r.header.seq,
-                            kind: r.header.kind as u8,
-                            offset: r.header.offset,
-                            length: r.header.length,
-                            payload: r.payload,
-                        });
-                    }
-                    None => break,
+            let records = if window.len() < WINDOW {
+                self.read_batch(&mut reader)?
+            } else {
+                Vec::new()
+            };
+            if !records.is_empty() {
+                let bytes: u64 = records
+                    .iter()
+                    .map(|r| (proto::RECORD_LEN + r.payload.len()) as u64)
+                    .sum();
+                let last_seq = records.last().expect("not empty").seq;
+                let batch = encoder
+                    .encode(&records)
+                    .map_err(|e| ShipError::Retry(format!("cannot compress a batch: {e}")))?;
+                let sent = batch.compressed.len() as u64;
+                let frame = Frame::Batch(batch);
+                proto::write_frame(&mut tls, &frame).map_err(|e| classify_io(&target, &e))?;
+                if let Frame::Batch(b) = frame {
+                    encoder.recycle(b);
                 }
-            }
-            if records.is_empty() {
-                {
-                    let mut s = self.status.lock().unwrap();
-                    s.lag_bytes = 0;
-                    s.rpo_seconds = 0.0;
-                    s.throughput_bytes_per_second = rate.per_second(0);
-                }
-                if last_io.elapsed() >= PING_INTERVAL {
-                    proto::write_frame(&mut tls, &Frame::Ping)
-                        .map_err(|e| classify_io(&target, &e))?;
-                    self.expect_ack(&mut tls, 0)?;
-                    last_io = Instant::now();
-                }
-                reader
-                    .wait(IDLE_WAIT)
-                    .map_err(|e| journal_err(&self.journal, e.into()))?;
+                last_io = Instant::now();
+                window.push_back(InFlight {
+                    last_seq,
+                    bytes,
+                    sent,
+                    read_at: last_io,
+                });
+                self.note_lag(&window);
                 continue;
             }
-            let inflight: InFlight = (
-                records.last().expect("not empty").seq,
-                bytes as u64,
-                first_read,
-            );
+            if let Some(oldest) = window.front() {
+                let through = self.expect_ack(&mut tls, oldest.last_seq)?;
+                last_io = Instant::now();
+                // Only now, durable on the target, may the journal reuse the space.
+                reader.release(through).map_err(|e| {
+                    ShipError::Retry(format!(
+                        "cannot record the release of journal {}: {e}",
+                        self.journal.display()
+                    ))
+                })?;
+                let mut done = (0u64, 0u64, 0u64);
+                while window.front().is_some_and(|b| b.last_seq <= through) {
+                    let b = window.pop_front().expect("checked");
+                    done = (done.0 + 1, done.1 + b.bytes, done.2 + b.sent);
+                }
+                let mut s = self.status.lock().unwrap();
+                s.acked_seq = through;
+                s.batches += done.0;
+                s.bytes_shipped += done.1;
+                s.bytes_sent += done.2;
+                s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
+                s.throughput_bytes_per_second = rate.per_second(done.1);
+                drop(s);
+                self.note_lag(&window);
+                continue;
+            }
             {
                 let mut s = self.status.lock().unwrap();
-                s.lag_bytes = inflight.1;
-                s.rpo_seconds = inflight.2.elapsed().as_secs_f64();
+                s.throughput_bytes_per_second = rate.per_second(0);
             }
-            let batch = proto::encode_batch(&records, self.opts.level)
-                .map_err(|e| ShipError::Retry(format!("cannot compress a batch: {e}")))?;
-            let sent = batch.compressed.len() as u64;
-            proto::write_frame(&mut tls, &Frame::Batch(batch))
-                .map_err(|e| classify_io(&target, &e))?;
-            let through = self.expect_ack(&mut tls, inflight.0)?;
-            last_io = Instant::now();
-            // Only now, durable on the target, may the journal reuse the space.
-            reader.release(through).map_err(|e| {
-                ShipError::Retry(format!(
-                    "cannot record the release of journal {}: {e}",
-                    self.journal.display()
-                ))
-            })?;
-            let mut s = self.status.lock().unwrap();
-            s.acked_seq = through;
-            s.batches += 1;
-            s.bytes_shipped += inflight.1;
-            s.bytes_sent += sent;
-            s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
-            s.throughput_bytes_per_second = rate.per_second(inflight.1);
-            s.lag_bytes = 0;
-            s.rpo_seconds = 0.0;
+            if last_io.elapsed() >= PING_INTERVAL {
+                proto::write_frame(&mut tls, &Frame::Ping).map_err(|e| classify_io(&target, &e))?;
+                self.expect_ack(&mut tls, 0)?;
+                last_io = Instant::now();
+            }
+            reader
+                .wait(IDLE_WAIT)
+                .map_err(|e| journal_err(&self.journal, e.into()))?;
         }
+    }
+
+    /// The next records, up to the batch size; none when none are waiting.
+    fn read_batch(&self, reader: &mut JournalReader) -> Result<Vec<WireRecord>, ShipError> {
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        while bytes < self.opts.batch_bytes {
+            match reader
+                .next_record()
+                .map_err(|e| journal_err(&self.journal, e))?
+            {
+                Some(r) => {
+                    bytes += proto::RECORD_LEN + r.payload.len();
+                    records.push(WireRecord {
+                        seq: r.header.seq,
+                        kind: r.header.kind as u8,
+                        offset: r.header.offset,
+                        length: r.header.length,
+                        payload: r.payload,
+                    });
+                }
+                None => break,
+            }
+        }
+        Ok(records)
+    }
+
+    /// Lag and RPO from the batches in flight.
+    fn note_lag(&self, window: &VecDeque<InFlight>) {
+        let mut s = self.status.lock().unwrap();
+        s.lag_bytes = window.iter().map(|b| b.bytes).sum();
+        s.rpo_seconds = window
+            .front()
+            .map_or(0.0, |b| b.read_at.elapsed().as_secs_f64());
     }
 
     /// Reads the target's answer to a batch or ping: an ACK through at least `want`.
