@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 use redun_tracker::admin::{self, AdminRequest, TrackerStatus};
 use redun_tracker::config::DEFAULT_ADMIN_SOCKET;
 
+const DEFAULT_SHIPPER_SOCKET: &str = "/run/redun/shipper.sock";
+const DEFAULT_TARGET_SOCKET: &str = "/run/redun/target.sock";
+
 mod journal;
 
 /// redun: continuous block replication and disaster recovery for Linux servers.
@@ -19,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show the state of the daemons and their volumes.
+    /// Show the state of the daemons and their volumes (tracker, shipper and target merged).
     Status {
         /// Print JSON for scripts instead of a table.
         #[arg(long)]
@@ -27,6 +30,20 @@ enum Command {
         /// The tracker's admin socket.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
         tracker_socket: PathBuf,
+        /// The shipper's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+        shipper_socket: PathBuf,
+        /// The target's admin socket (when the target runs on this host).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
+        target_socket: PathBuf,
+    },
+    /// Ship a volume again now: after it went critical (and the cause was fixed), or to cut a
+    /// retry back-off short.
+    Resume {
+        volume: String,
+        /// The shipper's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+        shipper_socket: PathBuf,
     },
     /// Inspect and replay journal files (read-only on the journal).
     #[command(subcommand)]
@@ -83,7 +100,36 @@ fn main() -> ExitCode {
         Command::Status {
             json,
             tracker_socket,
-        } => status(json, &tracker_socket),
+            shipper_socket,
+            target_socket,
+        } => status(json, &tracker_socket, &shipper_socket, &target_socket),
+        Command::Resume {
+            volume,
+            shipper_socket,
+        } => {
+            let req = serde_json::json!({"cmd": "resume", "volume": volume});
+            match admin::request_json(&shipper_socket, &req) {
+                Ok(r) if r["ok"] == true => {
+                    println!("volume {volume}: shipping resumes");
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    eprintln!(
+                        "redun resume: {}",
+                        r["error"].as_str().unwrap_or("the shipper refused")
+                    );
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "redun resume: cannot reach the shipper on {}: {e} (is redun-shipper \
+                         running? --shipper-socket)",
+                        shipper_socket.display()
+                    );
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Pki(PkiCommand::Init { dir, names }) => {
             match redun_shipper::pki::init(&dir, &names) {
                 Ok(r) => {
@@ -147,17 +193,153 @@ fn tracker_status(socket: &Path) -> Daemon {
     }
 }
 
-fn status(json: bool, socket: &Path) -> ExitCode {
+/// A daemon's status as JSON: `{"running":..,"status":..}` or `{"running":..,"error":..}`.
+fn daemon_json(name: &str, socket: &Path) -> serde_json::Value {
+    match admin::request_json(socket, &serde_json::json!({"cmd": "status"})) {
+        Ok(r) if r["ok"] == true => serde_json::json!({"running": true, "status": r["status"]}),
+        Ok(r) => serde_json::json!({"running": true, "error": r["error"]}),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            serde_json::json!({"running": false, "error": format!(
+                "{name} not running (no daemon answers on {})", socket.display())})
+        }
+        Err(e) => serde_json::json!({"running": false, "error": format!(
+            "cannot query {name} on {}: {e}", socket.display())}),
+    }
+}
+
+/// One object per volume, from what each daemon knows of it (docs/OPERATIONS.md, "Status").
+fn merged_volumes(
+    tracker: &Daemon,
+    shipper: &serde_json::Value,
+    target: &serde_json::Value,
+) -> Vec<serde_json::Value> {
+    use serde_json::{Value, json};
+    let list = |d: &Value| -> Vec<Value> {
+        d["status"]["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (ships, replicas) = (list(shipper), list(target));
+    let find = |l: &[Value], name: &str| l.iter().find(|v| v["name"] == name).cloned();
+    let mut names: Vec<String> = Vec::new();
+    if let Daemon::Up(t) = tracker {
+        names.extend(t.volumes.iter().map(|v| v.name.clone()));
+    }
+    for v in ships.iter().chain(&replicas) {
+        if let Some(n) = v["name"].as_str() {
+            if !names.iter().any(|x| x == n) {
+                names.push(n.to_string());
+            }
+        }
+    }
+    names
+        .iter()
+        .map(|name| {
+            let tv = match tracker {
+                Daemon::Up(t) => t.volumes.iter().find(|v| &v.name == name),
+                _ => None,
+            };
+            let sv = find(&ships, name);
+            let rv = find(&replicas, name);
+            let tracked = tv.map(|v| kebab(&v.state));
+            let ship_state = sv
+                .as_ref()
+                .and_then(|v| v["state"].as_str().map(String::from));
+            let state = match (tracked.as_deref(), ship_state.as_deref()) {
+                (Some("resync-required"), _) => "resync-required",
+                (_, Some("critical")) => "critical",
+                (Some("untracked"), _) => "untracked",
+                (Some(_), _) | (None, Some(_)) => "protected",
+                (None, None) => "unknown",
+            };
+            let num = |v: &Option<Value>, k: &str| v.as_ref().map_or(Value::Null, |v| v[k].clone());
+            json!({
+                "name": name,
+                "state": state,
+                "lag_bytes": num(&sv, "lag_bytes"),
+                "rpo_seconds": num(&sv, "rpo_seconds"),
+                "throughput_bytes_per_second": num(&sv, "throughput_bytes_per_second"),
+                "compression_ratio": num(&sv, "compression_ratio"),
+                "retries": num(&sv, "retries"),
+                "next_retry_unix": num(&sv, "next_retry_unix"),
+                "last_error": num(&sv, "last_error"),
+                "head_seq": tv.and_then(|v| v.journal.as_ref()).map(|j| j.head_seq),
+                "acked_seq": num(&sv, "acked_seq"),
+                "replica_applied_seq": num(&rv, "applied_seq"),
+                "dirty_bytes": tv.map(|v| v.dirty_bytes),
+            })
+        })
+        .collect()
+}
+
+fn status(json: bool, socket: &Path, shipper_socket: &Path, target_socket: &Path) -> ExitCode {
     let st = tracker_status(socket);
+    let shipper = daemon_json("shipper", shipper_socket);
+    let target = daemon_json("target", target_socket);
+    let volumes = merged_volumes(&st, &shipper, &target);
     if json {
-        let v = match &st {
-            Daemon::Up(s) => serde_json::json!({ "tracker": { "running": true, "status": s } }),
-            Daemon::Refused(e) => serde_json::json!({ "tracker": { "running": true, "error": e } }),
-            Daemon::Down(e) => serde_json::json!({ "tracker": { "running": false, "error": e } }),
+        let tracker = match &st {
+            Daemon::Up(s) => serde_json::json!({ "running": true, "status": s }),
+            Daemon::Refused(e) => serde_json::json!({ "running": true, "error": e }),
+            Daemon::Down(e) => serde_json::json!({ "running": false, "error": e }),
         };
+        let v = serde_json::json!({
+            "volumes": volumes,
+            "tracker": tracker,
+            "shipper": shipper,
+            "target": target,
+        });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
+    print_tracker(st);
+    for (name, d) in [("shipper", &shipper), ("target", &target)] {
+        match (&d["running"], d["error"].as_str()) {
+            (serde_json::Value::Bool(true), None) => println!(
+                "{name}: running pid={} uptime={}s",
+                d["status"]["pid"], d["status"]["uptime_seconds"]
+            ),
+            (serde_json::Value::Bool(true), Some(e)) => {
+                println!("{name}: running, but refused: {e}")
+            }
+            (_, e) => println!("{name}: {}", e.unwrap_or("not running")),
+        }
+    }
+    if !volumes.is_empty() {
+        println!(
+            "{:<16} {:<16} {:>10} {:>8} {:>12} {:>6} {:>7}  LAST ERROR",
+            "VOLUME", "STATE", "LAG", "RPO", "THROUGHPUT", "RATIO", "RETRIES"
+        );
+        for v in &volumes {
+            let f = |k: &str| v[k].as_f64();
+            println!(
+                "{:<16} {:<16} {:>10} {:>8} {:>12} {:>6} {:>7}  {}",
+                v["name"].as_str().unwrap_or(""),
+                v["state"].as_str().unwrap_or(""),
+                v["lag_bytes"].as_u64().map_or("-".into(), human),
+                f("rpo_seconds").map_or("-".into(), |s| format!("{s:.1}s")),
+                f("throughput_bytes_per_second").map_or("-".into(), |b| {
+                    // Whole bytes per second are all a table shows.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let b = b.max(0.0) as u64;
+                    format!("{}/s", human(b))
+                }),
+                f("compression_ratio").map_or("-".into(), |r| format!("{r:.2}")),
+                v["retries"].as_u64().map_or("-".into(), |r| r.to_string()),
+                v["last_error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn print_tracker(st: Daemon) {
     match st {
         Daemon::Down(e) => println!("tracker: {e}"),
         Daemon::Refused(e) => println!("tracker: running, but refused: {e}"),
@@ -206,7 +388,6 @@ fn status(json: bool, socket: &Path) -> ExitCode {
             }
         }
     }
-    ExitCode::SUCCESS
 }
 
 /// A value's serde name (`resync-required`).

@@ -212,6 +212,20 @@ impl Site {
         v["status"]["volumes"].get(0).cloned()
     }
 
+    /// `redun status --json` over the three daemons: the merged volume.
+    fn merged(&self) -> serde_json::Value {
+        let d = self.dir();
+        let out = run(Command::new(bin("redun"))
+            .args(["status", "--json", "--tracker-socket"])
+            .arg(&self.tracker.admin)
+            .arg("--shipper-socket")
+            .arg(d.join("shipper-shipper.sock"))
+            .arg("--target-socket")
+            .arg(d.join("target.sock")));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["volumes"][0].clone()
+    }
+
     fn head_seq(&self) -> u64 {
         let st = self.tracker.status_json();
         st["tracker"]["status"]["volumes"][0]["journal"]["head_seq"]
@@ -307,6 +321,12 @@ fn the_replica_follows_the_volume_and_converges() {
     site.assert_release_not_early();
     let st = site.shipper_status("shipper").unwrap();
     assert_eq!(st["state"], "shipping", "{st}");
+    let m = site.merged();
+    assert_eq!(m["state"], "protected", "{m}");
+    assert_eq!(m["lag_bytes"], 0, "{m}");
+    assert_eq!(m["rpo_seconds"], 0.0, "{m}");
+    assert_eq!(m["acked_seq"], m["head_seq"], "{m}");
+    assert_eq!(m["replica_applied_seq"], m["head_seq"], "{m}");
     assert!(st["compression_ratio"].as_f64().unwrap() > 0.0);
     let t = request_json(
         &site.dir().join("target.sock"),
@@ -442,6 +462,7 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["uuid"] = serde_json::json!("00000000000000000000000000000000");
     std::fs::write(&state, v.to_string()).unwrap();
+    let before = site.head_seq();
     let pki = site.dir().join("pki");
     site.start_shipper(&pki, "shipper");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -457,5 +478,24 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
         assert!(Instant::now() < deadline, "the shipper did not go critical");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let m = site.merged();
+    assert_eq!(m["state"], "critical", "{m}");
+    assert!(m["last_error"].as_str().unwrap().contains("uuid"), "{m}");
+    // Writes go on while shipping is stopped; the operator fixes the cause and resumes.
+    site.fio("randwrite", "4k", "1m", 6);
+    assert!(site.head_seq() > before);
+    // The tracker's heads tell the RPO and lag while nothing is shipped.
+    std::thread::sleep(Duration::from_millis(400));
+    let m = site.merged();
+    assert!(m["rpo_seconds"].as_f64().unwrap() > 0.2, "{m}");
+    assert!(m["lag_bytes"].as_u64().unwrap() > 0, "{m}");
+    std::fs::write(&state, text).unwrap();
+    let sock = site.dir().join("shipper-shipper.sock");
+    run(Command::new(bin("redun"))
+        .args(["resume", EXPORT, "--shipper-socket"])
+        .arg(&sock));
+    site.wait_caught_up();
+    site.assert_identical();
+    assert_eq!(site.merged()["state"], "protected");
     let _ = site.target.as_ref().map(Daemon::pid);
 }

@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
+use redun_shipper::heads::Heads;
 use redun_shipper::ship::{ShipOptions, VolumeShipper};
 use redun_shipper::tls::TlsFiles;
 use redun_tracker::admin::{AdminServer, LineHandler};
@@ -23,7 +24,8 @@ struct Args {
     /// The tracker's journal directory (NAME.journal per volume).
     #[arg(long, value_name = "DIR")]
     journal_dir: PathBuf,
-    /// The tracker's admin socket (for status; shipping works without it).
+    /// The tracker's admin socket: its heads give the RPO and lag in status (shipping works
+    /// without it).
     #[arg(long, value_name = "PATH", default_value = "/run/redun/tracker.sock")]
     tracker_socket: PathBuf,
     /// The target, HOST:PORT (port 9443 when left out).
@@ -127,8 +129,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let _admin = AdminServer::bind_lines(&args.admin_socket, handler)?;
     let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    let heads = Arc::new(Heads::new(args.tracker_socket.clone()));
+    {
+        let (heads, stop) = (heads.clone(), stop.clone());
+        let t = std::thread::Builder::new()
+            .name("heads".into())
+            .spawn(move || heads.run(&stop))?;
+        threads.lock().unwrap().push(t);
+    }
     let discover = {
         let (stop, shippers, threads) = (stop.clone(), shippers.clone(), threads.clone());
+        let heads = heads.clone();
         let dir = args.journal_dir.clone();
         let wanted = args.volumes.clone();
         std::thread::Builder::new()
@@ -141,7 +152,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                             continue;
                         }
                         let path = dir.join(format!("{name}.journal"));
-                        let vs = Arc::new(VolumeShipper::new(name.clone(), path, opts.clone()));
+                        let vs = Arc::new(
+                            VolumeShipper::new(name.clone(), path, opts.clone())
+                                .with_heads(heads.clone()),
+                        );
                         map.insert(name.clone(), vs.clone());
                         let stop = stop.clone();
                         match std::thread::Builder::new()

@@ -16,6 +16,7 @@ use redun_tracker::journal::reader::JournalReader;
 use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
+use crate::heads::Heads;
 use crate::proto::{self, Frame, Hello, ProtoError, WireRecord};
 
 /// How long connecting and the TLS handshake may take.
@@ -74,9 +75,12 @@ pub struct ShipStatus {
     pub state: ShipState,
     /// Every record up to this sequence number is durable on the target.
     pub acked_seq: u64,
-    /// Bytes of records read from the journal and not yet durable on the target.
+    /// Journal bytes not yet durable on the target: the batches in flight, or, when the
+    /// tracker answers and the target is behind, the journal's unreleased bytes (an upper
+    /// bound until the tracker takes in the latest release).
     pub lag_bytes: u64,
-    /// Age of the oldest record not yet durable on the target (0 when caught up).
+    /// Age of the oldest record not yet durable on the target (0 when caught up): from the
+    /// tracker's head sampled every 100 ms, else from when the batches in flight were read.
     pub rpo_seconds: f64,
     pub batches: u64,
     /// Record bytes shipped, and bytes on the wire for them (compressed).
@@ -166,6 +170,7 @@ pub struct VolumeShipper {
     pub journal: PathBuf,
     opts: ShipOptions,
     status: Mutex<ShipStatus>,
+    heads: Option<Arc<Heads>>,
     /// Set by [`VolumeShipper::resume`]; wakes a critical volume.
     resume: (Mutex<bool>, Condvar),
 }
@@ -198,12 +203,37 @@ impl VolumeShipper {
             journal,
             opts,
             status: Mutex::new(status),
+            heads: None,
             resume: (Mutex::new(false), Condvar::new()),
         }
     }
 
+    /// The volume's figures; RPO and lag from the tracker's heads when it answers.
     pub fn status(&self) -> ShipStatus {
-        self.status.lock().unwrap().clone()
+        let mut s = self.status.lock().unwrap().clone();
+        if let Some(known) = self
+            .heads
+            .as_ref()
+            .and_then(|h| h.behind(&self.name, s.acked_seq))
+        {
+            match known {
+                None => {
+                    s.rpo_seconds = 0.0;
+                    s.lag_bytes = 0;
+                }
+                Some(b) => {
+                    s.rpo_seconds = s.rpo_seconds.max(b.since.elapsed().as_secs_f64());
+                    s.lag_bytes = s.lag_bytes.max(b.used_bytes);
+                }
+            }
+        }
+        s
+    }
+
+    /// Lets [`VolumeShipper::status`] measure RPO and lag from the tracker's heads.
+    pub fn with_heads(mut self, heads: Arc<Heads>) -> VolumeShipper {
+        self.heads = Some(heads);
+        self
     }
 
     /// Retries a volume now (after `critical`, or during a back-off).
