@@ -94,6 +94,8 @@ struct Site {
     target: Option<Daemon>,
     shipper: Option<Daemon>,
     target_addr: String,
+    /// The target's data directory.
+    data: PathBuf,
 }
 
 fn pki(dir: &Path, names: &[&str]) {
@@ -111,10 +113,16 @@ fn s(p: &Path) -> String {
 
 impl Site {
     fn new() -> Site {
-        let tracker = Tracker::start_with("uring", VOL, &["--journal-size", "256M"]);
+        Site::build(VOL, |d| d.join("data"))
+    }
+
+    /// A site of a `size`-byte volume whose target keeps its replicas where `data` says.
+    fn build(size: u64, data: impl FnOnce(&Path) -> PathBuf) -> Site {
+        let tracker = Tracker::start_with("uring", size, &["--journal-size", "256M"]);
         let d = tracker.dir.path().to_path_buf();
         pki(&d.join("pki"), &["localhost", "shipper"]);
         let mut site = Site {
+            data: data(&d),
             tracker,
             target: None,
             shipper: None,
@@ -130,7 +138,7 @@ impl Site {
     }
 
     fn replica(&self) -> PathBuf {
-        self.dir().join("data").join(format!("{EXPORT}.img"))
+        self.data.join(format!("{EXPORT}.img"))
     }
 
     /// Starts the target; on a restart, on the address it had.
@@ -147,7 +155,7 @@ impl Site {
             "redun-target",
             &[
                 "--data-dir".into(),
-                s(&d.join("data")),
+                s(&self.data),
                 "--listen".into(),
                 listen,
                 "--tls-ca".into(),
@@ -276,8 +284,7 @@ impl Site {
             .unwrap()
             .unwrap_or(0);
         let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(self.dir().join("data").join(format!("{EXPORT}.state")))
-                .unwrap(),
+            &std::fs::read_to_string(self.data.join(format!("{EXPORT}.state"))).unwrap(),
         )
         .unwrap();
         let durable = state["next_seq"].as_u64().unwrap().saturating_sub(1);
@@ -295,7 +302,10 @@ impl Site {
             &format!("--rw={rw}"),
             &format!("--bs={bs}"),
             "--iodepth=8",
-            &format!("--size={VOL}"),
+            &format!(
+                "--size={}",
+                std::fs::metadata(&self.tracker.image).unwrap().len()
+            ),
             &format!("--io_size={amount}"),
             &format!("--randseed={seed}"),
             "--refill_buffers",
@@ -457,7 +467,7 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     site.wait_caught_up();
     site.shipper.as_mut().unwrap().stop();
     // Another volume's identity under the same name: the replica's state says so.
-    let state = site.dir().join("data").join(format!("{EXPORT}.state"));
+    let state = site.data.join(format!("{EXPORT}.state"));
     let text = std::fs::read_to_string(&state).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["uuid"] = serde_json::json!("00000000000000000000000000000000");
@@ -498,4 +508,68 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     site.assert_identical();
     assert_eq!(site.merged()["state"], "protected");
     let _ = site.target.as_ref().map(Daemon::pid);
+}
+
+/// Unmounts the target's small filesystem, whatever happened to the test.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_target_disk_is_retried_and_nothing_is_lost_once_space_is_freed() {
+    require("fio");
+    require("mkfs.ext4");
+    const SMALL_VOL: u64 = 32 << 20;
+    let mut mount = None;
+    let mut site = Site::build(SMALL_VOL, |d| {
+        // The target's data directory on a 48 MiB ext4 filesystem of its own, most of it taken
+        // by a filler file.
+        let img = d.join("target-fs.img");
+        let mnt = d.join("target-fs");
+        std::fs::create_dir(&mnt).unwrap();
+        sh(&format!(
+            "truncate -s 48M {0} && mkfs.ext4 -F -q {0}",
+            img.display()
+        ));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt));
+        mount = Some(Mount(mnt.clone()));
+        sh(&format!(
+            "fallocate -l 32M {}",
+            mnt.join("filler").display()
+        ));
+        mnt.join("data")
+    });
+    let _mount = mount;
+    site.fio("write", "1m", "30m", 11);
+    // The replica runs out of space: the shipper retries and says why.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = site.shipper_status("shipper").unwrap_or_default();
+        let err = st["last_error"].as_str().unwrap_or("").to_string();
+        if st["state"] == "retrying" && err.contains("No space") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shipper did not report the full disk: {st}\ntarget:\n{}",
+            site.target.as_ref().unwrap().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    site.assert_release_not_early();
+    // Writes go on meanwhile; then space is freed and replication catches up by itself.
+    site.fio("randwrite", "64k", "4m", 12);
+    std::fs::remove_file(site.data.parent().unwrap().join("filler")).unwrap();
+    site.wait_caught_up();
+    site.assert_identical();
+    site.assert_release_not_early();
+    site.shipper.as_mut().unwrap().stop();
+    site.target.as_mut().unwrap().stop();
 }

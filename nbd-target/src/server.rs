@@ -375,7 +375,11 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-fn refuse<S: io::Write>(tls: &mut S, peer: SocketAddr, r: &Refusal) {
+/// Sends a refusal and closes gracefully: what the shipper already sent is read and dropped
+/// for a moment, so that closing does not reset the connection and destroy the refusal
+/// before the shipper reads it.
+fn refuse(tls: &mut Tls, peer: SocketAddr, r: &Refusal) {
+    use std::io::Read;
     warn!("replication: refused {peer}: {}", r.message);
     let _ = proto::write_frame(
         tls,
@@ -384,4 +388,16 @@ fn refuse<S: io::Write>(tls: &mut S, peer: SocketAddr, r: &Refusal) {
             message: r.message.clone(),
         },
     );
+    tls.conn.send_close_notify();
+    let _ = tls.conn.complete_io(&mut tls.sock);
+    let _ = tls.sock.shutdown(std::net::Shutdown::Write);
+    let _ = tls.sock.set_read_timeout(Some(Duration::from_millis(200)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut sink = [0u8; 64 * 1024];
+    while std::time::Instant::now() < deadline {
+        match tls.sock.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }

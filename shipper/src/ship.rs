@@ -414,7 +414,6 @@ impl VolumeShipper {
                 self.journal.display()
             )));
         }
-        *connected = true;
         tls.sock
             .set_read_timeout(Some(ACK_TIMEOUT))
             .map_err(|e| classify_io(&target, &e))?;
@@ -455,7 +454,11 @@ impl VolumeShipper {
                     .map_err(|e| ShipError::Retry(format!("cannot compress a batch: {e}")))?;
                 let sent = batch.compressed.len() as u64;
                 let frame = Frame::Batch(batch);
-                proto::write_frame(&mut tls, &frame).map_err(|e| classify_io(&target, &e))?;
+                if let Err(e) = proto::write_frame(&mut tls, &frame) {
+                    return Err(self
+                        .refusal_after(&mut tls)
+                        .unwrap_or_else(|| classify_io(&target, &e)));
+                }
                 if let Frame::Batch(b) = frame {
                     encoder.recycle(b);
                 }
@@ -471,6 +474,8 @@ impl VolumeShipper {
             }
             if let Some(oldest) = window.front() {
                 let through = self.expect_ack(&mut tls, oldest.last_seq)?;
+                // Progress: the retry schedule starts over at the next failure.
+                *connected = true;
                 last_io = Instant::now();
                 // Only now, durable on the target, may the journal reuse the space.
                 reader.release(through).map_err(|e| {
@@ -542,6 +547,32 @@ impl VolumeShipper {
         s.rpo_seconds = window
             .front()
             .map_or(0.0, |b| b.read_at.elapsed().as_secs_f64());
+    }
+
+    /// After a failed write: the target may have said why before it closed (a refusal waits
+    /// behind the ACKs of earlier batches).
+    fn refusal_after<S: Read + Write>(
+        &self,
+        tls: &mut rustls::StreamOwned<rustls::ClientConnection, S>,
+    ) -> Option<ShipError> {
+        let target = &self.opts.target;
+        for _ in 0..=WINDOW {
+            match proto::read_frame(tls) {
+                Ok(Frame::Ack { .. }) => {}
+                Ok(Frame::Refuse { code, message }) if code.recoverable() => {
+                    return Some(ShipError::Retry(format!(
+                        "target {target} refused: {message}"
+                    )));
+                }
+                Ok(Frame::Refuse { message, .. }) => {
+                    return Some(ShipError::Fatal(format!(
+                        "target {target} refused: {message}"
+                    )));
+                }
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// Reads the target's answer to a batch or ping: an ACK through at least `want`.
