@@ -189,27 +189,33 @@ impl Site {
     }
 
     fn start_shipper(&mut self, pki: &Path, name: &str) {
+        self.start_shipper_with(pki, name, &[]);
+    }
+
+    fn start_shipper_with(&mut self, pki: &Path, name: &str, extra: &[String]) {
         let d = self.dir();
+        let mut args: Vec<String> = vec![
+            "--journal-dir".into(),
+            s(&self.tracker.journal_dir()),
+            "--tracker-socket".into(),
+            s(&self.tracker.admin),
+            "--target".into(),
+            self.target_addr.clone(),
+            "--tls-ca".into(),
+            s(&pki.join("ca.crt")),
+            "--tls-cert".into(),
+            s(&pki.join(format!("{name}.crt"))),
+            "--tls-key".into(),
+            s(&pki.join(format!("{name}.key"))),
+            "--admin-socket".into(),
+            s(&d.join(format!("shipper-{name}.sock"))),
+            "--retry-unit-ms".into(),
+            "100".into(),
+        ];
+        args.extend_from_slice(extra);
         self.shipper = Some(Daemon::start(
             "redun-shipper",
-            &[
-                "--journal-dir".into(),
-                s(&self.tracker.journal_dir()),
-                "--tracker-socket".into(),
-                s(&self.tracker.admin),
-                "--target".into(),
-                self.target_addr.clone(),
-                "--tls-ca".into(),
-                s(&pki.join("ca.crt")),
-                "--tls-cert".into(),
-                s(&pki.join(format!("{name}.crt"))),
-                "--tls-key".into(),
-                s(&pki.join(format!("{name}.key"))),
-                "--admin-socket".into(),
-                s(&d.join(format!("shipper-{name}.sock"))),
-                "--retry-unit-ms".into(),
-                "100".into(),
-            ],
+            &args,
             &d.join(format!("shipper-{name}.log")),
         ));
     }
@@ -572,4 +578,75 @@ fn a_full_target_disk_is_retried_and_nothing_is_lost_once_space_is_freed() {
     site.assert_release_not_early();
     site.shipper.as_mut().unwrap().stop();
     site.target.as_mut().unwrap().stop();
+}
+
+#[test]
+fn the_bandwidth_limit_paces_shipping_from_flag_and_from_the_schedule() {
+    require("fio");
+    let mut site = Site::new();
+    let pki = site.dir().join("pki");
+    // Half the day each: the schedule covers every moment with 2 MiB/s; the flag-free
+    // default (unlimited) would never apply.
+    let cfg = site.dir().join("redun.toml");
+    std::fs::write(
+        &cfg,
+        "[tracker]\n[shipper]\nbandwidth_limit = \"unlimited\"\n\
+         [[shipper.bandwidth_schedule]]\nwindow = \"00:00-12:00\"\nlimit = \"2MiB/s\"\n\
+         [[shipper.bandwidth_schedule]]\nwindow = \"12:00-00:00\"\nlimit = \"2MiB/s\"\n",
+    )
+    .unwrap();
+    for extra in [
+        vec!["--bandwidth-limit".to_string(), "2MiB/s".to_string()],
+        vec!["--config".to_string(), s(&cfg)],
+    ] {
+        // Small batches: the pace applies batch by batch.
+        let extra = [extra, vec!["--batch-size".into(), "256K".into()]].concat();
+        site.shipper.as_mut().unwrap().stop();
+        site.start_shipper_with(&pki, "shipper", &extra);
+        // 8 MiB of incompressible data at 2 MiB/s takes about 4 s (less a 0.2 s burst).
+        site.fio("write", "1m", "8m", 21);
+        let t0 = Instant::now();
+        site.wait_caught_up();
+        let took = t0.elapsed();
+        let st = site.shipper_status("shipper").unwrap();
+        assert_eq!(
+            st["bandwidth_limit_bytes_per_second"].as_u64(),
+            Some(2 << 20),
+            "{st}"
+        );
+        assert!(
+            took >= Duration::from_millis(3000),
+            "8 MiB shipped in {took:?} under a 2 MiB/s limit ({extra:?})"
+        );
+        site.assert_identical();
+    }
+    // A bad rate stops the shipper at start with a message naming the key.
+    std::fs::write(&cfg, "[shipper]\nbandwidth_limit = \"fast\"\n").unwrap();
+    let out = Command::new(bin("redun-shipper"))
+        .args([
+            "--config",
+            &s(&cfg),
+            "--journal-dir",
+            &s(&site.tracker.journal_dir()),
+        ])
+        .args([
+            "--target",
+            "localhost:1",
+            "--tls-ca",
+            &s(&pki.join("ca.crt")),
+        ])
+        .args([
+            "--tls-cert",
+            &s(&pki.join("shipper.crt")),
+            "--tls-key",
+            &s(&pki.join("shipper.key")),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("shipper.bandwidth_limit") && err.contains("fast"),
+        "{err}"
+    );
 }

@@ -2,8 +2,10 @@
 //! target. The replication wire protocol lives here ([`proto`], docs/PROTOCOL.md), with the
 //! TLS set-up ([`tls`]) and the certificate tooling ([`pki`]) that the target shares.
 
+pub mod config;
 pub mod heads;
 pub mod pki;
 pub mod proto;
 pub mod ship;
+pub mod throttle;
 pub mod tls;

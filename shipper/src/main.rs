@@ -11,55 +11,67 @@ use anyhow::Context;
 use clap::Parser;
 use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
+use redun_shipper::config::{ConfigFile, ShipperSection};
 use redun_shipper::heads::Heads;
 use redun_shipper::ship::{ShipOptions, VolumeShipper};
+use redun_shipper::throttle::Throttle;
 use redun_shipper::tls::TlsFiles;
 use redun_tracker::admin::{AdminServer, LineHandler};
 use redun_tracker::track::parse_size;
 
 /// redun shipper: replicates journaled volumes to a target.
+///
+/// Every setting can also come from the `[shipper]` section of `--config FILE`; flags win.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The tracker's journal directory (NAME.journal per volume).
+    /// TOML config file (its `[shipper]` section; docs/OPERATIONS.md).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The tracker's journal directory (NAME.journal per volume) [default: /var/lib/redun/journal].
     #[arg(long, value_name = "DIR")]
-    journal_dir: PathBuf,
+    journal_dir: Option<PathBuf>,
     /// The tracker's admin socket: its heads give the RPO and lag in status (shipping works
-    /// without it).
-    #[arg(long, value_name = "PATH", default_value = "/run/redun/tracker.sock")]
-    tracker_socket: PathBuf,
+    /// without it) [default: /run/redun/tracker.sock].
+    #[arg(long, value_name = "PATH")]
+    tracker_socket: Option<PathBuf>,
     /// The target, HOST:PORT (port 9443 when left out).
     #[arg(long, value_name = "HOST:PORT")]
-    target: String,
+    target: Option<String>,
     /// The name the target's certificate must carry [default: the HOST of --target].
     #[arg(long, value_name = "NAME")]
     target_name: Option<String>,
     /// The CA that signs the target's certificate (PEM).
     #[arg(long, value_name = "FILE")]
-    tls_ca: PathBuf,
+    tls_ca: Option<PathBuf>,
     /// This shipper's certificate (PEM), signed by the CA the target trusts.
     #[arg(long, value_name = "FILE")]
-    tls_cert: PathBuf,
+    tls_cert: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
-    tls_key: PathBuf,
+    tls_key: Option<PathBuf>,
     /// Ship only this volume (repeatable) [default: every journal in --journal-dir].
     #[arg(long = "volume", value_name = "NAME")]
     volumes: Vec<String>,
-    /// Admin socket path.
-    #[arg(long, value_name = "PATH", default_value = "/run/redun/shipper.sock")]
-    admin_socket: PathBuf,
-    /// zstd level for batches (1-19).
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
-    compression_level: i32,
-    /// Largest batch of records (e.g. 4M).
-    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
-    batch_size: u64,
-    /// The replication relationship's generation (bumped by a failover).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    generation: u64,
-    /// The unit of the retry schedule (1, 2, 4, 8, 10, then every 30 units), in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
-    retry_unit_ms: u64,
+    /// Admin socket path [default: /run/redun/shipper.sock].
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// zstd level for batches, 1-19 [default: 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=19))]
+    compression_level: Option<i32>,
+    /// Largest batch of records, e.g. 4M [default: 4M].
+    #[arg(long, value_name = "SIZE")]
+    batch_size: Option<String>,
+    /// The replication relationship's generation (bumped by a failover) [default: 1].
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+    /// The unit of the retry schedule (1, 2, 4, 8, 10, then every 30 units), in milliseconds
+    /// [default: 1000].
+    #[arg(long, value_name = "MS")]
+    retry_unit_ms: Option<u64>,
+    /// Bytes on the wire per second for all volumes together, e.g. 50MiB/s, or unlimited
+    /// (outside the config file's bandwidth_schedule windows) [default: unlimited].
+    #[arg(long, value_name = "RATE")]
+    bandwidth_limit: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -91,28 +103,90 @@ fn host_of(target: &str) -> String {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let (file, cfg_path) = match &args.config {
+        Some(p) => (ConfigFile::load(p)?.shipper, p.clone()),
+        None => (ShipperSection::default(), PathBuf::from("(no config file)")),
+    };
+    let missing = |flag: &str, key: &str| {
+        anyhow::anyhow!(
+            "{flag} is required (or shipper.{key} in the config file given with --config)"
+        )
+    };
     let tls = TlsFiles {
-        ca: args.tls_ca.clone(),
-        cert: args.tls_cert.clone(),
-        key: args.tls_key.clone(),
+        ca: args
+            .tls_ca
+            .or(file.tls_ca.clone())
+            .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
+        cert: args
+            .tls_cert
+            .or(file.tls_cert.clone())
+            .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
+        key: args
+            .tls_key
+            .or(file.tls_key.clone())
+            .ok_or_else(|| missing("--tls-key", "tls_key"))?,
     }
     .client_config()?;
-    let target = with_port(&args.target);
+    let target = with_port(
+        &args
+            .target
+            .or(file.target.clone())
+            .ok_or_else(|| missing("--target", "target"))?,
+    );
+    let batch_size = match args.batch_size.or(file.batch_size.clone()) {
+        Some(v) => parse_size(&v).map_err(|e| anyhow::anyhow!("batch size: {e}"))?,
+        None => 4 << 20,
+    };
+    let level = args
+        .compression_level
+        .or(file.compression_level)
+        .unwrap_or(3);
+    if !(1..=19).contains(&level) {
+        anyhow::bail!(
+            "config {}: shipper.compression_level = {level}: use 1 to 19",
+            cfg_path.display()
+        );
+    }
+    let schedule = file.schedule(&cfg_path, args.bandwidth_limit.as_deref())?;
     let opts = ShipOptions {
-        server_name: args.target_name.clone().unwrap_or_else(|| host_of(&target)),
+        server_name: args
+            .target_name
+            .or(file.target_name.clone())
+            .unwrap_or_else(|| host_of(&target)),
         target,
         tls,
-        batch_bytes: usize::try_from(args.batch_size)
-            .unwrap_or(usize::MAX)
-            .max(4096),
-        level: args.compression_level,
-        generation: args.generation,
-        retry_unit: Duration::from_millis(args.retry_unit_ms.max(1)),
+        batch_bytes: usize::try_from(batch_size).unwrap_or(usize::MAX).max(4096),
+        level,
+        generation: args.generation.or(file.generation).unwrap_or(1),
+        retry_unit: Duration::from_millis(
+            args.retry_unit_ms
+                .or(file.retry_unit_ms)
+                .unwrap_or(1000)
+                .max(1),
+        ),
+        throttle: Arc::new(Throttle::new(schedule)),
     };
-    if !args.journal_dir.is_dir() {
+    let journal_dir = args
+        .journal_dir
+        .or(file.journal_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/redun/journal"));
+    let tracker_socket = args
+        .tracker_socket
+        .or(file.tracker_socket.clone())
+        .unwrap_or_else(|| PathBuf::from("/run/redun/tracker.sock"));
+    let admin_socket = args
+        .admin_socket
+        .or(file.admin_socket.clone())
+        .unwrap_or_else(|| PathBuf::from("/run/redun/shipper.sock"));
+    let wanted = if args.volumes.is_empty() {
+        file.volumes.clone().unwrap_or_default()
+    } else {
+        args.volumes.clone()
+    };
+    if !journal_dir.is_dir() {
         anyhow::bail!(
             "journal directory {} does not exist (give the tracker's --journal-dir)",
-            args.journal_dir.display()
+            journal_dir.display()
         );
     }
     let mut signals = SigSet::empty();
@@ -127,9 +201,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let target = opts.target.clone();
         Arc::new(move |line| admin(line, &shippers, &target, started))
     };
-    let _admin = AdminServer::bind_lines(&args.admin_socket, handler)?;
+    let target_shown = opts.target.clone();
+    let _admin = AdminServer::bind_lines(&admin_socket, handler)?;
     let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
-    let heads = Arc::new(Heads::new(args.tracker_socket.clone()));
+    let heads = Arc::new(Heads::new(tracker_socket));
     {
         let (heads, stop) = (heads.clone(), stop.clone());
         let t = std::thread::Builder::new()
@@ -140,8 +215,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let discover = {
         let (stop, shippers, threads) = (stop.clone(), shippers.clone(), threads.clone());
         let heads = heads.clone();
-        let dir = args.journal_dir.clone();
-        let wanted = args.volumes.clone();
+        let dir = journal_dir.clone();
         std::thread::Builder::new()
             .name("discover".into())
             .spawn(move || {
@@ -171,9 +245,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             })?
     };
     info!(
-        "redun-shipper: journals in {}, target {}",
-        args.journal_dir.display(),
-        args.target
+        "redun-shipper: journals in {}, target {target_shown}",
+        journal_dir.display()
     );
     let sig = signals.wait().context("waiting for a signal")?;
     info!("redun-shipper: {sig:?}, stopping");

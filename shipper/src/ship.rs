@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::heads::Heads;
 use crate::proto::{self, Frame, Hello, ProtoError, WireRecord};
+use crate::throttle::Throttle;
 
 /// How long connecting and the TLS handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +54,8 @@ pub struct ShipOptions {
     pub level: i32,
     pub generation: u64,
     pub retry_unit: Duration,
+    /// The process's bandwidth limit, shared by every volume.
+    pub throttle: Arc<Throttle>,
 }
 
 /// `connecting`, `shipping`, `retrying`, `critical`.
@@ -90,6 +93,10 @@ pub struct ShipStatus {
     pub compression_ratio: f64,
     /// Record bytes acknowledged per second, over the last few seconds.
     pub throughput_bytes_per_second: f64,
+    /// The bandwidth limit in force now (bytes on the wire per second, all volumes together;
+    /// absent when unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit_bytes_per_second: Option<u64>,
     pub retries: u64,
     /// Unix time of the next attempt while retrying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,6 +218,7 @@ impl VolumeShipper {
     /// The volume's figures; RPO and lag from the tracker's heads when it answers.
     pub fn status(&self) -> ShipStatus {
         let mut s = self.status.lock().unwrap().clone();
+        s.bandwidth_limit_bytes_per_second = self.opts.throttle.limit();
         if let Some(known) = self
             .heads
             .as_ref()
@@ -453,6 +461,9 @@ impl VolumeShipper {
                     .encode(&records)
                     .map_err(|e| ShipError::Retry(format!("cannot compress a batch: {e}")))?;
                 let sent = batch.compressed.len() as u64;
+                if !self.opts.throttle.take(sent, stop) {
+                    return Ok(());
+                }
                 let frame = Frame::Batch(batch);
                 if let Err(e) = proto::write_frame(&mut tls, &frame) {
                     return Err(self

@@ -1,0 +1,138 @@
+//! The `[shipper]` section of the TOML config file (`--config FILE`, the same file the tracker
+//! reads; other sections are the other daemons' business). Flags override it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::throttle::{Schedule, Window, parse_rate};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub shipper: ShipperSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipperSection {
+    pub journal_dir: Option<PathBuf>,
+    pub tracker_socket: Option<PathBuf>,
+    pub target: Option<String>,
+    pub target_name: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub volumes: Option<Vec<String>>,
+    pub admin_socket: Option<PathBuf>,
+    pub compression_level: Option<i32>,
+    pub batch_size: Option<String>,
+    pub generation: Option<u64>,
+    pub retry_unit_ms: Option<u64>,
+    /// Bytes per second on the wire, e.g. "50MiB/s", outside the scheduled windows.
+    pub bandwidth_limit: Option<String>,
+    #[serde(default)]
+    pub bandwidth_schedule: Vec<ScheduleEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleEntry {
+    /// `HH:MM-HH:MM`, local time.
+    pub window: String,
+    /// A rate, or `unlimited`.
+    pub limit: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl ShipperSection {
+    /// The bandwidth schedule, with `flag` (`--bandwidth-limit`) over `bandwidth_limit`.
+    pub fn schedule(&self, path: &Path, flag: Option<&str>) -> Result<Schedule, ConfigError> {
+        let bad = |key: &str, value: &str, why: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("{key} = {value:?}: {why}"),
+        };
+        let default = match (flag, self.bandwidth_limit.as_deref()) {
+            (Some(f), _) => parse_rate(f).map_err(|e| bad("--bandwidth-limit", f, e))?,
+            (None, Some(v)) => parse_rate(v).map_err(|e| bad("shipper.bandwidth_limit", v, e))?,
+            (None, None) => None,
+        };
+        let mut windows = Vec::new();
+        for (i, e) in self.bandwidth_schedule.iter().enumerate() {
+            let w = Window::parse(&e.window).map_err(|why| {
+                bad(
+                    &format!("shipper.bandwidth_schedule[{i}].window"),
+                    &e.window,
+                    why,
+                )
+            })?;
+            let l = parse_rate(&e.limit).map_err(|why| {
+                bad(
+                    &format!("shipper.bandwidth_schedule[{i}].limit"),
+                    &e.limit,
+                    why,
+                )
+            })?;
+            windows.push((w, l));
+        }
+        Ok(Schedule { default, windows })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_parses_and_names_bad_keys() {
+        let f: ConfigFile = toml::from_str(
+            "[tracker]\nlisten = [\"127.0.0.1:1\"]\n[shipper]\ntarget = \"dr:9443\"\n\
+             bandwidth_limit = \"50MiB/s\"\n[[shipper.bandwidth_schedule]]\n\
+             window = \"08:00-18:00\"\nlimit = \"10M\"\n",
+        )
+        .unwrap();
+        let s = f.shipper.schedule(Path::new("x.toml"), None).unwrap();
+        assert_eq!(s.default, Some(50 << 20));
+        assert_eq!(s.limit_at(9 * 3600), Some(10 << 20));
+        let s = f.shipper.schedule(Path::new("x.toml"), Some("1M")).unwrap();
+        assert_eq!(s.default, Some(1 << 20));
+        let e = toml::from_str::<ConfigFile>("[shipper]\ntargett = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("targett"), "{e}");
+        let f: ConfigFile =
+            toml::from_str("[[shipper.bandwidth_schedule]]\nwindow = \"8-18\"\nlimit = \"1M\"\n")
+                .unwrap();
+        let e = f
+            .shipper
+            .schedule(Path::new("x.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bandwidth_schedule[0].window") && e.contains("x.toml"),
+            "{e}"
+        );
+    }
+}
