@@ -26,12 +26,18 @@ struct Daemon {
 
 impl Daemon {
     fn start(bin_name: &str, args: &[String], log: &Path) -> Daemon {
+        Daemon::start_program(&bin(bin_name), args, log)
+    }
+
+    /// A daemon started through another program that execs it (`ip netns exec NS BIN ...`),
+    /// so that its PID is the daemon's.
+    fn start_program(program: &Path, args: &[String], log: &Path) -> Daemon {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(bin(bin_name))
+        let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -649,4 +655,297 @@ fn the_bandwidth_limit_paces_shipping_from_flag_and_from_the_schedule() {
         err.contains("shipper.bandwidth_limit") && err.contains("fast"),
         "{err}"
     );
+}
+
+/// Two network namespaces joined by a veth pair: host A (10.99.N.1) and host B (10.99.N.2).
+/// Deleted on drop (after the daemons in them, which are declared later and dropped first).
+struct Hosts {
+    a: String,
+    b: String,
+    ip_b: String,
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}x{n}", std::process::id());
+        let net = (std::process::id() * 7 + n) % 200 + 20;
+        let h = Hosts {
+            a: format!("rdn{tag}a"),
+            b: format!("rdn{tag}b"),
+            ip_b: format!("10.99.{net}.2"),
+        };
+        sh(&format!(
+            "ip netns add {a} && ip netns add {b} && \
+             ip link add va{tag} type veth peer name vb{tag} && \
+             ip link set va{tag} netns {a} && ip link set vb{tag} netns {b} && \
+             ip -n {a} addr add 10.99.{net}.1/24 dev va{tag} && \
+             ip -n {b} addr add 10.99.{net}.2/24 dev vb{tag} && \
+             ip -n {a} link set va{tag} up && ip -n {b} link set vb{tag} up && \
+             ip -n {a} link set lo up && ip -n {b} link set lo up",
+            a = h.a,
+            b = h.b
+        ));
+        h
+    }
+
+    fn exec(&self, ns: &str, bin_name: &str, args: &[String]) -> Vec<String> {
+        let mut v = vec![
+            "netns".to_string(),
+            "exec".into(),
+            ns.into(),
+            s(&bin(bin_name)),
+        ];
+        v.extend_from_slice(args);
+        v
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
+    }
+}
+
+/// A TCP proxy inside a namespace, in this test process, that can cut the connection: while
+/// cut it closes every connection at once and records when each one was attempted.
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    attempts: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    fn start(ns: &str, upstream: String) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ns_path = format!("/run/netns/{ns}");
+        let (c, st, at) = (cut.clone(), stop.clone(), attempts.clone());
+        let thread = std::thread::spawn(move || {
+            // This thread, and the threads it starts, live in the namespace.
+            let f = std::fs::File::open(&ns_path).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            tx.send(l.local_addr().unwrap().port()).unwrap();
+            l.set_nonblocking(true).unwrap();
+            while !st.load(Ordering::SeqCst) {
+                let Ok((down, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                at.lock().unwrap().push(Instant::now());
+                if c.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                down.set_nonblocking(false).unwrap();
+                for (from, to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    let (c, st) = (c.clone(), st.clone());
+                    std::thread::spawn(move || pump(from, to, &c, &st));
+                }
+            }
+        });
+        Proxy {
+            port: rx.recv().unwrap(),
+            cut,
+            stop,
+            attempts,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Copies `from` to `to` until either ends, or the proxy cuts or stops.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    cut: &std::sync::atomic::AtomicBool,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::Read;
+    use std::sync::atomic::Ordering;
+    from.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    while !cut.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn across_hosts_loss_a_cut_and_a_target_restart_heal_by_themselves() {
+    use std::sync::atomic::Ordering;
+    require("fio");
+    require("ip");
+    require("nft");
+    let hosts = Hosts::new();
+    // The tracker needs no network: its NBD and admin sockets are Unix sockets, which every
+    // namespace sees. The shipper lives on host A, the target on host B.
+    let tracker = Tracker::start_with("uring", VOL, &["--journal-size", "256M"]);
+    let d = tracker.dir.path().to_path_buf();
+    pki(&d.join("pki"), &["localhost", "shipper"]);
+    let data = d.join("data");
+    let target_args = |h: &Hosts| {
+        h.exec(
+            &h.b,
+            "redun-target",
+            &[
+                "--data-dir".into(),
+                s(&data),
+                "--listen".into(),
+                format!("{}:9443", h.ip_b),
+                "--tls-ca".into(),
+                s(&d.join("pki/ca.crt")),
+                "--tls-cert".into(),
+                s(&d.join("pki/localhost.crt")),
+                "--tls-key".into(),
+                s(&d.join("pki/localhost.key")),
+                "--admin-socket".into(),
+                s(&d.join("target.sock")),
+            ],
+        )
+    };
+    let ip = PathBuf::from("ip");
+    let mut target = Some(Daemon::start_program(
+        &ip,
+        &target_args(&hosts),
+        &d.join("target.log"),
+    ));
+    let proxy = Proxy::start(&hosts.a, format!("{}:9443", hosts.ip_b));
+    let shipper_args = hosts.exec(
+        &hosts.a,
+        "redun-shipper",
+        &[
+            "--journal-dir".into(),
+            s(&tracker.journal_dir()),
+            "--tracker-socket".into(),
+            s(&tracker.admin),
+            "--target".into(),
+            format!("127.0.0.1:{}", proxy.port),
+            "--target-name".into(),
+            "localhost".into(),
+            "--tls-ca".into(),
+            s(&d.join("pki/ca.crt")),
+            "--tls-cert".into(),
+            s(&d.join("pki/shipper.crt")),
+            "--tls-key".into(),
+            s(&d.join("pki/shipper.key")),
+            "--admin-socket".into(),
+            s(&d.join("shipper-shipper.sock")),
+            "--retry-unit-ms".into(),
+            "100".into(),
+        ],
+    );
+    let shipper = Daemon::start_program(&ip, &shipper_args, &d.join("shipper-shipper.log"));
+    let site = Site {
+        tracker,
+        target: None,
+        shipper: Some(shipper),
+        target_addr: String::new(),
+        data: data.clone(),
+    };
+
+    // 1. 5% packet loss each way on the link between the hosts.
+    for (ns, dir) in [(&hosts.a, "dport"), (&hosts.b, "sport")] {
+        sh(&format!(
+            "ip netns exec {ns} nft add table inet chaos && \
+             ip netns exec {ns} nft add chain inet chaos out '{{ type filter hook output priority 0; }}' && \
+             ip netns exec {ns} nft add rule inet chaos out tcp {dir} 9443 numgen random mod 100 '<' 5 drop"
+        ));
+    }
+    site.fio("randwrite", "16k", "16m", 31);
+    site.wait_caught_up();
+    site.assert_identical();
+    for ns in [&hosts.a, &hosts.b] {
+        sh(&format!("ip netns exec {ns} nft delete table inet chaos"));
+    }
+
+    // 2. A 30-second cut: every attempt is refused at once; the attempts follow the schedule.
+    proxy.attempts.lock().unwrap().clear();
+    proxy.cut.store(true, Ordering::SeqCst);
+    site.fio("randwrite", "16k", "4m", 32);
+    std::thread::sleep(Duration::from_secs(30));
+    let attempts = proxy.attempts.lock().unwrap().clone();
+    proxy.cut.store(false, Ordering::SeqCst);
+    // Retry k (k >= 1) comes RETRY_SCHEDULE[k] units after retry k-1: 2, 4, 8, 10, 30, 30, ...
+    let expect =
+        |k: usize| Duration::from_millis(100 * [1u64, 2, 4, 8, 10].get(k).copied().unwrap_or(30));
+    assert!(
+        attempts.len() >= 8,
+        "only {} attempts in 30 s",
+        attempts.len()
+    );
+    for k in 1..attempts.len() {
+        let gap = attempts[k] - attempts[k - 1];
+        let want = expect(k);
+        assert!(
+            gap + Duration::from_millis(20) >= want && gap <= want + Duration::from_millis(600),
+            "retry {k} came {gap:?} after the previous one, the schedule says {want:?} \
+             (attempts at {:?})",
+            attempts
+                .iter()
+                .map(|t| *t - attempts[0])
+                .collect::<Vec<_>>()
+        );
+    }
+    let st = site.shipper_status("shipper").unwrap();
+    assert_eq!(st["state"], "retrying", "{st}");
+    assert!(st["next_retry_unix"].as_f64().is_some(), "{st}");
+    site.wait_caught_up();
+    site.assert_identical();
+
+    // 3. The target stopped and started again.
+    target.as_mut().unwrap().stop();
+    site.fio("randwrite", "16k", "4m", 33);
+    std::thread::sleep(Duration::from_secs(1));
+    target = Some(Daemon::start_program(
+        &ip,
+        &target_args(&hosts),
+        &d.join("target.log"),
+    ));
+    site.wait_caught_up();
+    site.assert_identical();
+    site.assert_release_not_early();
+    drop(site);
+    drop(target);
+    drop(proxy);
+    drop(hosts);
 }
