@@ -124,7 +124,13 @@ impl Site {
 
     /// A site of a `size`-byte volume whose target keeps its replicas where `data` says.
     fn build(size: u64, data: impl FnOnce(&Path) -> PathBuf) -> Site {
-        let tracker = Tracker::start_with("uring", size, &["--journal-size", "256M"]);
+        Site::build_with(size, data, &[])
+    }
+
+    fn build_with(size: u64, data: impl FnOnce(&Path) -> PathBuf, tracker_args: &[&str]) -> Site {
+        let mut args = vec!["--journal-size", "256M"];
+        args.extend_from_slice(tracker_args);
+        let tracker = Tracker::start_with("uring", size, &args);
         let d = tracker.dir.path().to_path_buf();
         pki(&d.join("pki"), &["localhost", "shipper"]);
         let mut site = Site {
@@ -199,6 +205,11 @@ impl Site {
     }
 
     fn start_shipper_with(&mut self, pki: &Path, name: &str, extra: &[String]) {
+        self.start_shipper_as(pki, name, name, extra);
+    }
+
+    /// A shipper with the certificate `name` whose admin socket and log are named after `id`.
+    fn start_shipper_as(&mut self, pki: &Path, name: &str, id: &str, extra: &[String]) {
         let d = self.dir();
         let mut args: Vec<String> = vec![
             "--journal-dir".into(),
@@ -214,7 +225,7 @@ impl Site {
             "--tls-key".into(),
             s(&pki.join(format!("{name}.key"))),
             "--admin-socket".into(),
-            s(&d.join(format!("shipper-{name}.sock"))),
+            s(&d.join(format!("shipper-{id}.sock"))),
             "--retry-unit-ms".into(),
             "100".into(),
         ];
@@ -222,7 +233,7 @@ impl Site {
         self.shipper = Some(Daemon::start(
             "redun-shipper",
             &args,
-            &d.join(format!("shipper-{name}.log")),
+            &d.join(format!("shipper-{id}.log")),
         ));
     }
 
@@ -469,6 +480,85 @@ fn a_foreign_certificate_and_a_plain_client_are_refused_and_others_go_on() {
     site.wait_caught_up();
     site.assert_identical();
     drop(intruder);
+    // A target whose certificate does not carry the name the shipper dials is refused.
+    let good = site.shipper.take();
+    site.start_shipper_as(
+        &d.join("pki"),
+        "shipper",
+        "wrongname",
+        &["--target-name".into(), "elsewhere.example.com".into()],
+    );
+    let wrong = site.shipper.take();
+    site.shipper = good;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = site.shipper_status("wrongname");
+        if let Some(st) = st.filter(|st| st["state"] == "critical") {
+            let e = st["last_error"].as_str().unwrap();
+            assert!(
+                e.contains("certificate") && e.contains("NotValidForName"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a wrong target name was not refused"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(wrong);
+}
+
+#[test]
+fn one_stalled_volume_does_not_hold_up_another() {
+    require("fio");
+    let other = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+    other.as_file().set_len(16 << 20).unwrap();
+    let spec = format!("other={}", other.path().display());
+    let mut site = Site::build_with(VOL, |d| d.join("data"), &["--volume", &spec]);
+    let other_uri = format!("nbd+unix:///other?socket={}", site.tracker.sock.display());
+    let write_other = |seed: u64| {
+        run(Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={other_uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=16m",
+            "--io_size=1m",
+            &format!("--randseed={seed}"),
+            "--thread",
+        ]));
+    };
+    site.fio("randwrite", "4k", "2m", 41);
+    write_other(42);
+    site.wait_caught_up();
+    // Wait until the other volume's replica exists, then make it another volume's replica.
+    let state = site.data.join("other.state");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !state.exists() {
+        assert!(Instant::now() < deadline, "volume other was never shipped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    site.shipper.as_mut().unwrap().stop();
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["uuid"] = serde_json::json!("00000000000000000000000000000000");
+    std::fs::write(&state, v.to_string()).unwrap();
+    let pki = site.dir().join("pki");
+    site.start_shipper(&pki, "shipper");
+    // "other" goes critical; "disk" keeps replicating.
+    write_other(43);
+    site.fio("randwrite", "4k", "4m", 44);
+    site.wait_caught_up();
+    site.assert_identical();
+    let sock = site.dir().join("shipper-shipper.sock");
+    let st = request_json(&sock, &serde_json::json!({"cmd": "status"})).unwrap();
+    let vols = st["status"]["volumes"].as_array().unwrap();
+    let other_st = vols.iter().find(|v| v["name"] == "other").unwrap();
+    assert_eq!(other_st["state"], "critical", "{other_st}");
 }
 
 #[test]
