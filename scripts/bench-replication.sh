@@ -70,7 +70,7 @@ while time.time() < deadline:
     time.sleep(0.2)
 sys.exit("bench: the shipper did not catch up with the reference job's writes")
 EOF
-printf '%-10s %10s %12s %12s %10s %14s %9s\n' "rate MB/s" "achieved" "max RPO s" "wire/byte" "CPU s/GB" "vs reference" "held"
+printf '%-10s %10s %12s %12s %10s %14s %9s\n' "asked MB/s" "achieved" "max RPO s" "wire/byte" "CPU s/GB" "vs reference" "RPO<=2s"
 best=0
 for r in $rates; do
     python3 - "$work" "$spid" > sample.json <<'EOF' &
@@ -119,10 +119,11 @@ EOF
     wait "$sampler"
     rm -f done
     read -r rpo wire cpu <<<"$(python3 -c 'import json; d=json.load(open("sample.json")); print(round(d["rpo"],2), round(d["wire"],3), round(d["cpu_per_gb"],2))')"
-    held=$(python3 -c "print('yes' if $rpo <= 2 and $got >= 0.95 * $r else 'no')")
-    [ "$held" = yes ] && best=$r
+    # Churn held: what the writer achieved while the RPO stayed within 2 s.
+    held=$(python3 -c "print('yes' if $rpo <= 2 else 'no')")
+    [ "$held" = yes ] && best=$(python3 -c "print(max($best, $got))")
     printf '%-10s %10s %12s %12s %10s %14s %9s\n' "$r" "$got" "$rpo" "$wire" "$cpu" \
         "$(python3 -c "print(f'{$got / $ref:.2f}x')")" "$held"
 done
 echo "reference (tracker with journal, nobody shipping): $ref MB/s of 64 KiB random writes"
-echo "highest churn held with RPO <= 2 s: $best MB/s ($(python3 -c "print(f'{$best / $ref:.2f}')")x the reference; target >= 200 MB/s)"
+echo "highest churn achieved with RPO <= 2 s: $best MB/s ($(python3 -c "print(f'{$best / $ref:.2f}')")x the reference; target >= 200 MB/s)"

@@ -446,11 +446,23 @@ pub struct RecordRef<'a> {
 
 /// Packs records into batches, keeping its zstd context and buffers from one batch to the
 /// next (a batch is megabytes: fresh buffers would cost page faults every time).
+///
+/// Data that does not compress (already compressed or encrypted blocks) is not worth the
+/// configured level's effort: after a batch that shrinks by less than 3%, the next
+/// [`FAST_BATCHES`] use zstd's fastest level, then the configured level is tried again.
 pub struct BatchEncoder {
     cctx: zstd::bulk::Compressor<'static>,
+    level: i32,
+    /// Batches still to go at [`FAST_LEVEL`] (0: at `level`).
+    fast_left: u32,
     raw: Vec<u8>,
     spare: Vec<u8>,
 }
+
+/// zstd's negative levels trade ratio for speed; this one costs little on data that does not
+/// compress, and still finds the easy redundancy (zeros) when there is some.
+const FAST_LEVEL: i32 = -7;
+const FAST_BATCHES: u32 = 32;
 
 impl std::fmt::Debug for BatchEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -462,6 +474,8 @@ impl BatchEncoder {
     pub fn new(level: i32) -> io::Result<BatchEncoder> {
         Ok(BatchEncoder {
             cctx: zstd::bulk::Compressor::new(level)?,
+            level,
+            fast_left: 0,
             raw: Vec::new(),
             spare: Vec::new(),
         })
@@ -495,6 +509,17 @@ impl BatchEncoder {
         out.clear();
         out.reserve(zstd::zstd_safe::compress_bound(self.raw.len()));
         self.cctx.compress_to_buffer(&self.raw, &mut out)?;
+        let incompressible = out.len() * 100 >= self.raw.len() * 97;
+        if self.fast_left > 0 {
+            self.fast_left -= 1;
+            if self.fast_left == 0 || !incompressible {
+                self.fast_left = 0;
+                self.cctx.set_compression_level(self.level)?;
+            }
+        } else if incompressible && self.level > FAST_LEVEL {
+            self.fast_left = FAST_BATCHES;
+            self.cctx.set_compression_level(FAST_LEVEL)?;
+        }
         Ok(Batch {
             first_seq: first.seq,
             last_seq: last.seq,
@@ -703,6 +728,35 @@ mod tests {
         gap[3].seq = 11;
         let b = encode_batch(&gap, 1).unwrap();
         assert!(decode_batch(&b).is_err());
+    }
+
+    #[test]
+    fn incompressible_data_switches_to_the_fast_level_and_back() {
+        let mut e = BatchEncoder::new(3).unwrap();
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let noise: Vec<u8> = (0..1 << 16)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect();
+        let rec = |seq, payload: &[u8]| WireRecord {
+            seq,
+            kind: 1,
+            offset: 0,
+            length: u32::try_from(payload.len()).unwrap(),
+            payload: payload.to_vec(),
+        };
+        let b = e.encode(&[rec(1, &noise)]).unwrap();
+        assert_eq!(decode_batch(&b).unwrap()[0].payload, noise);
+        assert_eq!(e.fast_left, FAST_BATCHES);
+        // Compressible data brings the configured level back at once.
+        let b = e.encode(&[rec(2, &vec![7u8; 1 << 16])]).unwrap();
+        assert!(b.compressed.len() < 1000);
+        assert_eq!(e.fast_left, 0);
+        assert_eq!(decode_batch(&b).unwrap()[0].payload, vec![7u8; 1 << 16]);
     }
 
     #[test]
