@@ -10,6 +10,7 @@ use redun_tracker::config::DEFAULT_ADMIN_SOCKET;
 const DEFAULT_SHIPPER_SOCKET: &str = "/run/redun/shipper.sock";
 const DEFAULT_TARGET_SOCKET: &str = "/run/redun/target.sock";
 
+mod config_check;
 mod journal;
 
 /// redun: continuous block replication and disaster recovery for Linux servers.
@@ -51,6 +52,15 @@ enum Command {
     /// Certificates for replication's mutual TLS.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE as every daemon does at start (exit 1, naming key and value, if not).
+    Check { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +157,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
         Command::Journal(cmd) => match journal::run(cmd) {
             Ok(code) => code,
             Err(e) => {

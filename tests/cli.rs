@@ -222,3 +222,145 @@ fn admin_socket_refuses_other_users() {
     );
     assert!(v["tracker"].get("status").is_none(), "{v}");
 }
+
+#[test]
+fn config_check_accepts_the_example_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(Command::new(bin("redun"))
+        .args(["pki", "init", "--dir"])
+        .arg(d.join("pki"))
+        .args(["--name", "web1", "--name", "dr-site.example.com"]));
+    let img = d.join("db.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redun.example.toml"),
+    )
+    .unwrap()
+    .replace("/dev/sdb", &img.display().to_string())
+    .replace("/etc/redun/pki", &d.join("pki").display().to_string())
+    .replace("/var/lib/redun", &d.display().to_string())
+    .replace("size = \"1G\"", "size = \"64M\"");
+    let check = |text: &str| {
+        let f = d.join("redun.toml");
+        std::fs::write(&f, text).unwrap();
+        let out = Command::new(bin("redun"))
+            .args(["config", "check"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = check(&example);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("valid") && out.contains("1 volume"), "{out}");
+    for (bad, names) in [
+        (
+            example.replace(
+                "compression_level = 3",
+                "compression_level = 3\ntargett = \"x\"",
+            ),
+            vec!["targett"],
+        ),
+        (
+            example.replace("size = \"64M\"", "size = \"1Q\""),
+            vec!["tracker.journal.size", "1Q"],
+        ),
+        (
+            example.replace(
+                "bandwidth_limit = \"unlimited\"",
+                "bandwidth_limit = \"fast\"",
+            ),
+            vec!["shipper.bandwidth_limit", "fast"],
+        ),
+        (
+            example.replace(&img.display().to_string(), "/nonexistent/disk"),
+            vec!["/nonexistent/disk", "volume.path"],
+        ),
+        (
+            example.replace("size = \"64M\"", "size = \"900T\""),
+            vec!["tracker.journal", "free"],
+        ),
+        (
+            example.replace("listen = \"0.0.0.0:9443\"", "listen = \"everywhere\""),
+            vec!["target.listen", "everywhere"],
+        ),
+        (
+            example.clone() + "\n[groupp]\nname = \"x\"\n",
+            vec!["groupp"],
+        ),
+    ] {
+        let (code, out, err) = check(&bad);
+        assert_eq!(code, Some(1), "{out}{err}");
+        for n in names {
+            assert!(err.contains(n), "{n:?} not named in: {err}");
+        }
+    }
+}
+
+#[test]
+fn the_target_runs_from_its_config_section_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(Command::new(bin("redun"))
+        .args(["pki", "init", "--dir"])
+        .arg(d.join("pki"))
+        .args(["--name", "localhost"]));
+    let p = |f: &str| d.join(f).display().to_string();
+    let cfg = d.join("redun.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tracker]\n[target]\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
+             tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nadmin_socket = \"{}\"\n",
+            p("data"),
+            p("pki/ca.crt"),
+            p("pki/localhost.crt"),
+            p("pki/localhost.key"),
+            p("target.sock")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin("redun-target"))
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !d.join("target.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(d.join("data").is_dir());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(
+        wait_timeout(&mut child, std::time::Duration::from_secs(20)).is_some_and(|s| s.success())
+    );
+    // Without a data directory anywhere, the target says which flag or key to give.
+    std::fs::write(&cfg, "[target]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let out = Command::new(bin("redun-target"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--tls-ca") && err.contains("target.tls_ca"),
+        "{err}"
+    );
+}

@@ -2,5 +2,6 @@
 //! serving shippers over mutual TLS ([`server`]). Recovery points and NBD exports of them
 //! come with the replica store.
 
+pub mod config;
 pub mod replica;
 pub mod server;

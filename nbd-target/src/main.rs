@@ -13,30 +13,36 @@ use clap::Parser;
 use log::{error, info};
 use nix::sys::signal::{SigSet, Signal};
 use redun_shipper::tls::TlsFiles;
+use redun_target::config::{ConfigFile, DEFAULT_ADMIN_SOCKET, DEFAULT_LISTEN, TargetSection};
 use redun_target::server::Target;
 use redun_tracker::admin::{AdminServer, LineHandler};
 
 /// redun target: receives replicated volumes and keeps their replicas.
+///
+/// Every setting can also come from the `[target]` section of `--config FILE`; flags win.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    /// TOML config file (its `[target]` section; docs/CONFIG.md).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where the replicas live (NAME.img and NAME.state per volume).
     #[arg(long, value_name = "DIR")]
-    data_dir: PathBuf,
-    /// Address for shippers.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9443")]
-    listen: String,
+    data_dir: Option<PathBuf>,
+    /// Address for shippers [default: 0.0.0.0:9443].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
     /// The CA that signs every shipper's certificate (PEM).
     #[arg(long, value_name = "FILE")]
-    tls_ca: PathBuf,
+    tls_ca: Option<PathBuf>,
     /// This target's certificate (PEM), signed by the CA, its DNS name the one shippers dial.
     #[arg(long, value_name = "FILE")]
-    tls_cert: PathBuf,
+    tls_cert: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
-    tls_key: PathBuf,
-    /// Admin socket path.
-    #[arg(long, value_name = "PATH", default_value = "/run/redun/target.sock")]
-    admin_socket: PathBuf,
+    tls_key: Option<PathBuf>,
+    /// Admin socket path [default: /run/redun/target.sock].
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -52,30 +58,57 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(p) => {
+            let f = ConfigFile::load(p)?.target;
+            f.validate(p)?;
+            f
+        }
+        None => TargetSection::default(),
+    };
+    let missing = |flag: &str, key: &str| {
+        anyhow::anyhow!(
+            "{flag} is required (or target.{key} in the config file given with --config)"
+        )
+    };
     let tls = TlsFiles {
-        ca: args.tls_ca,
-        cert: args.tls_cert,
-        key: args.tls_key,
+        ca: args
+            .tls_ca
+            .or(file.tls_ca)
+            .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
+        cert: args
+            .tls_cert
+            .or(file.tls_cert)
+            .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
+        key: args
+            .tls_key
+            .or(file.tls_key)
+            .ok_or_else(|| missing("--tls-key", "tls_key"))?,
     }
     .server_config()?;
-    std::fs::create_dir_all(&args.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            args.data_dir.display()
-        )
-    })?;
-    let listener = TcpListener::bind(&args.listen).with_context(|| {
-        format!(
-            "cannot listen on {} (choose another address with --listen)",
-            args.listen
-        )
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .ok_or_else(|| missing("--data-dir", "data_dir"))?;
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let admin_socket = args
+        .admin_socket
+        .or(file.admin_socket)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let listener = TcpListener::bind(&listen).with_context(|| {
+        format!("cannot listen on {listen} (choose another address with --listen)")
     })?;
     let local = listener.local_addr()?.to_string();
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
     signals.thread_block().context("blocking SIGTERM/SIGINT")?;
-    let target = Arc::new(Target::new(args.data_dir.clone(), tls));
+    let target = Arc::new(Target::new(data_dir.clone(), tls));
     let started = Instant::now();
     let handler: LineHandler = {
         let target = target.clone();
@@ -104,7 +137,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         })
     };
-    let _admin = AdminServer::bind_lines(&args.admin_socket, handler)?;
+    let _admin = AdminServer::bind_lines(&admin_socket, handler)?;
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let target = target.clone();
@@ -115,7 +148,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     info!(
         "redun-target: replicas in {}, shippers on {local}",
-        args.data_dir.display()
+        data_dir.display()
     );
     let sig = signals.wait().context("waiting for a signal")?;
     info!("redun-target: {sig:?}, stopping");

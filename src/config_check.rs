@@ -1,0 +1,175 @@
+//! `redun config check FILE`: the validation every daemon runs at start, without starting
+//! anything. Each section is checked by its daemon's own code.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use redun_tracker::config::{self as tracker_config, JournalFlags};
+
+/// Nearest existing directory at or above `p`.
+fn existing_ancestor(p: &Path) -> Option<&Path> {
+    p.ancestors().find(|a| a.is_dir())
+}
+
+fn check_tracker(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    let file = match tracker_config::ConfigFile::load(path) {
+        Ok(f) => f,
+        Err(e) => return problems.push(e.to_string()),
+    };
+    if file.volume.is_empty() {
+        notes.push("tracker: no [[volume]] entries (fine on a host that runs no tracker)".into());
+        return;
+    }
+    let cfg = match tracker_config::merge(file, vec![], vec![], None, None, JournalFlags::default())
+    {
+        Ok(c) => c,
+        Err(e) => return problems.push(format!("config {}: {e}", path.display())),
+    };
+    let mut new_journals = 0u64;
+    for v in &cfg.volumes {
+        if let Err(e) = std::fs::metadata(&v.path) {
+            problems.push(format!(
+                "config {}: volume {:?}: path {} cannot be used ({e}): give an existing file or \
+                 block device in volume.path",
+                path.display(),
+                v.name,
+                v.path.display()
+            ));
+        }
+        if let Some(dir) = &cfg.journal_dir {
+            if !dir.join(format!("{}.journal", v.name)).exists() {
+                new_journals += cfg.journal_size;
+            }
+        }
+    }
+    if let Some(dir) = &cfg.journal_dir {
+        if let Some(base) = existing_ancestor(dir) {
+            if let Ok(st) = nix::sys::statvfs::statvfs(base) {
+                let free = st.blocks_available() * st.fragment_size();
+                if new_journals > free {
+                    problems.push(format!(
+                        "config {}: tracker.journal: {} new journals of {} bytes need {new_journals} \
+                         bytes in {} but only {free} are free: lower tracker.journal.size or \
+                         choose another tracker.journal.dir",
+                        path.display(),
+                        new_journals / cfg.journal_size.max(1),
+                        cfg.journal_size,
+                        dir.display()
+                    ));
+                }
+            }
+        }
+    }
+    notes.push(format!(
+        "tracker: {} volume(s), journals in {}",
+        cfg.volumes.len(),
+        cfg.journal_dir
+            .as_ref()
+            .map_or("(none: untracked)".to_string(), |d| d.display().to_string())
+    ));
+}
+
+fn check_files(
+    path: &Path,
+    section: &str,
+    files: &[(&str, Option<&Path>)],
+    problems: &mut Vec<String>,
+) {
+    for (key, f) in files {
+        if let Some(f) = f {
+            if let Err(e) = std::fs::metadata(f) {
+                problems.push(format!(
+                    "config {}: {section}.{key} = {:?}: {e}",
+                    path.display(),
+                    f.display()
+                ));
+            }
+        }
+    }
+}
+
+fn check_shipper(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    let s = match redun_shipper::config::ConfigFile::load(path) {
+        Ok(f) => f.shipper,
+        Err(e) => return problems.push(e.to_string()),
+    };
+    if let Err(e) = s.schedule(path, None) {
+        problems.push(e.to_string());
+    }
+    if let Some(b) = &s.batch_size {
+        if let Err(e) = redun_tracker::track::parse_size(b) {
+            problems.push(format!(
+                "config {}: shipper.batch_size = {b:?}: {e}",
+                path.display()
+            ));
+        }
+    }
+    if let Some(l) = s.compression_level.filter(|l| !(1..=19).contains(l)) {
+        problems.push(format!(
+            "config {}: shipper.compression_level = {l}: use 1 to 19",
+            path.display()
+        ));
+    }
+    check_files(
+        path,
+        "shipper",
+        &[
+            ("tls_ca", s.tls_ca.as_deref()),
+            ("tls_cert", s.tls_cert.as_deref()),
+            ("tls_key", s.tls_key.as_deref()),
+        ],
+        problems,
+    );
+    if s.target.is_some() {
+        notes.push(format!(
+            "shipper: ships to {}",
+            s.target.as_deref().unwrap_or("")
+        ));
+    }
+}
+
+fn check_target(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    let t = match redun_target::config::ConfigFile::load(path) {
+        Ok(f) => f.target,
+        Err(e) => return problems.push(e.to_string()),
+    };
+    if let Err(e) = t.validate(path) {
+        problems.push(e.to_string());
+    }
+    check_files(
+        path,
+        "target",
+        &[
+            ("tls_ca", t.tls_ca.as_deref()),
+            ("tls_cert", t.tls_cert.as_deref()),
+            ("tls_key", t.tls_key.as_deref()),
+        ],
+        problems,
+    );
+    if let Some(d) = &t.data_dir {
+        notes.push(format!("target: replicas in {}", d.display()));
+    }
+}
+
+/// Prints what each daemon would say of `path`; exit 1 when any section is wrong.
+pub fn run(path: &Path) -> ExitCode {
+    if let Err(e) = std::fs::read_to_string(path) {
+        eprintln!("redun config check: cannot read {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    let (mut problems, mut notes) = (Vec::new(), Vec::new());
+    check_tracker(path, &mut problems, &mut notes);
+    check_shipper(path, &mut problems, &mut notes);
+    check_target(path, &mut problems, &mut notes);
+    for n in &notes {
+        println!("{n}");
+    }
+    if problems.is_empty() {
+        println!("{}: valid", path.display());
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    ExitCode::from(1)
+}
