@@ -10,7 +10,8 @@ apt-get update -qq
 # libnbd-bin: nbdinfo, nbdsh, nbdcopy; python3-libnbd: the nbd module for the Python checks;
 # nbdfuse (in libnbd-bin) + fuse3 + e2fsprogs + util-linux (losetup, mount): ext4 on an export;
 # qemu-utils: qemu-io, qemu-img, qemu-nbd; nbdkit and fio: load and benchmark references;
-# iproute2 and nftables: network namespaces and packet loss for the replication fault tests.
+# iproute2 and nftables: network namespaces and packet loss for the replication fault tests;
+# systemd: systemd-analyze verify for the unit files.
 apt-get install -y -qq libnbd-bin python3-libnbd fuse3 e2fsprogs util-linux mount \
-    qemu-utils nbdkit fio procps iproute2 nftables >/dev/null
+    qemu-utils nbdkit fio procps iproute2 nftables systemd >/dev/null
 echo "install-test-deps.sh: test dependencies installed"

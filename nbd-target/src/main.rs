@@ -150,7 +150,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         "redun-target: replicas in {}, shippers on {local}",
         data_dir.display()
     );
+    redun_tracker::service::ready(&format!(
+        "replicas in {}, shippers on {local}",
+        data_dir.display()
+    ));
     let sig = signals.wait().context("waiting for a signal")?;
+    redun_tracker::service::stopping();
     info!("redun-target: {sig:?}, stopping");
     stop.store(true, Ordering::SeqCst);
     let _ = server.join();

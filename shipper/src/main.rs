@@ -248,7 +248,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         "redun-shipper: journals in {}, target {target_shown}",
         journal_dir.display()
     );
+    redun_tracker::service::ready(&format!(
+        "journals in {}, target {target_shown}",
+        journal_dir.display()
+    ));
     let sig = signals.wait().context("waiting for a signal")?;
+    redun_tracker::service::stopping();
     info!("redun-shipper: {sig:?}, stopping");
     stop.store(true, Ordering::SeqCst);
     let _ = discover.join();

@@ -13,4 +13,5 @@ pub mod config;
 pub mod io;
 pub mod journal;
 pub mod nbd;
+pub mod service;
 pub mod track;

@@ -155,13 +155,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
     });
     let admin = AdminServer::bind(&cfg.admin_socket, handler)?;
-    info!(
-        "redun-tracker ready: {} volume(s), listening on {}",
+    let ready = format!(
+        "{} volume(s), listening on {}",
         cfg.volumes.len(),
         listen_names.join(", ")
     );
+    info!("redun-tracker ready: {ready}");
+    redun_tracker::service::ready(&ready);
 
     let sig = signals.wait().context("waiting for a signal")?;
+    redun_tracker::service::stopping();
     info!("{sig:?} received: finishing in-flight requests");
     for e in server.exports().iter() {
         if let Some(log) = e.backend.log() {

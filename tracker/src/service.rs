@@ -1,0 +1,43 @@
+//! systemd service integration shared by the three daemons: `READY=1` once a daemon serves
+//! (units use `Type=notify`), watchdog pings while it runs, `STOPPING=1` when it stops.
+//! Without `NOTIFY_SOCKET` (not started by systemd) every call does nothing.
+
+use std::time::Duration;
+
+use log::{debug, warn};
+use sd_notify::NotifyState;
+
+/// Tells systemd the daemon is ready, with a status line; starts watchdog pings when the unit
+/// asks for them (`WatchdogSec=`).
+pub fn ready(status: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]) {
+        warn!("cannot notify systemd that the daemon is ready: {e}");
+    }
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        let spawned = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || watchdog(every / 2));
+        if let Err(e) = spawned {
+            warn!("cannot start the systemd watchdog thread: {e}");
+        }
+    }
+}
+
+fn watchdog(every: Duration) {
+    loop {
+        if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
+            debug!("watchdog ping failed: {e}");
+        }
+        std::thread::sleep(every.max(Duration::from_millis(100)));
+    }
+}
+
+/// Tells systemd the daemon is stopping.
+pub fn stopping() {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    }
+}
