@@ -322,6 +322,8 @@ pub struct Journal<S: Store> {
     buf: Vec<u8>,
     /// The store holds every byte before this logical position.
     written_pos: u64,
+    /// Unreleased bytes at which the journal counts as full (its capacity unless told).
+    full_limit: u64,
 }
 
 /// Fills `buf` from the kernel's random source (left as is if it cannot be read).
@@ -379,6 +381,7 @@ impl<S: Store> Journal<S> {
             buf_pos: 0,
             buf: Vec::with_capacity(COMMIT_BYTES),
             written_pos: 0,
+            full_limit: u64::MAX,
         };
         // Both slots, so that no superblock of an earlier journal in this file survives.
         j.write_superblock()?;
@@ -444,6 +447,7 @@ impl<S: Store> Journal<S> {
             buf_pos,
             buf,
             written_pos: head_pos,
+            full_limit: u64::MAX,
         };
         // From now on the journal is open: a crash must be seen as one. After an unclean
         // stop, records beyond the recovered head may be valid leftovers: a new epoch makes
@@ -483,6 +487,17 @@ impl<S: Store> Journal<S> {
         self.head_pos - self.sb.tail_pos
     }
 
+    /// Makes the journal count as full once `bytes` are unreleased (`journal.full_percent`),
+    /// before its capacity is reached.
+    pub fn set_full_limit(&mut self, bytes: u64) {
+        self.full_limit = bytes;
+    }
+
+    /// Unreleased bytes at which the journal counts as full.
+    pub fn full_limit(&self) -> u64 {
+        self.full_limit.min(self.sb.capacity)
+    }
+
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -512,12 +527,12 @@ impl<S: Store> Journal<S> {
         }
         let cap = self.sb.capacity;
         let (skip, size) = self.placement(payload_len);
-        let free = cap - self.used();
+        let free = self.full_limit().saturating_sub(self.used());
         if skip + size > free {
             return Err(JournalError::Full {
                 needed: skip + size,
                 free,
-                capacity: cap,
+                capacity: self.full_limit(),
             });
         }
         let epoch = self.sb.epoch;

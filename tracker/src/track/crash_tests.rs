@@ -72,7 +72,6 @@ fn schedule(seed: u64) {
             map: Some(&mut map),
             name: Path::new("sim"),
             on_full: OnFull::Bitmap,
-            limit: u64::MAX,
             journal_failed: &mut journal_failed,
         };
         change
@@ -167,7 +166,6 @@ impl Sim {
             map: Some(&mut self.map),
             name: Path::new("sim"),
             on_full: OnFull::Bitmap,
-            limit: u64::MAX,
             journal_failed: &mut self.journal_failed,
         };
         change.record_and_apply(

@@ -177,8 +177,6 @@ pub struct ChangeLog {
     /// The thread that writes records out after [`COMMIT_INTERVAL`].
     committer: Mutex<Option<JoinHandle<()>>>,
     on_full: OnFull,
-    /// Unreleased bytes at which the journal counts as full.
-    limit: u64,
 }
 
 /// Why a journal could not be opened.
@@ -226,8 +224,6 @@ pub(crate) struct Change<'a, J: Store, M: Store> {
     /// For log messages.
     pub name: &'a Path,
     pub on_full: OnFull,
-    /// Unreleased bytes at which the journal counts as full (its capacity, or less).
-    pub limit: u64,
     /// The journal could not be written or synced: it is left alone until a resync.
     pub journal_failed: &'a mut bool,
 }
@@ -263,7 +259,6 @@ impl<J: Store, M: Store> Change<'_, J, M> {
             map,
             name,
             on_full,
-            limit,
             journal_failed,
         } = self;
         if let Some(map) = map.as_deref_mut() {
@@ -297,18 +292,10 @@ impl<J: Store, M: Store> Change<'_, J, M> {
         }
         if !**overflowed {
             let was_empty = journal.as_deref().is_some_and(|j| j.used() == 0);
-            let appended = match journal.as_deref_mut() {
-                Some(j) if j.used() + record_size(payload_len(payload)) > *limit => {
-                    Some(Err(JournalError::Full {
-                        needed: record_size(payload_len(payload)),
-                        free: limit.saturating_sub(j.used()),
-                        capacity: *limit,
-                    }))
-                }
-                Some(j) => Some(j.append(kind, offset, len, payload)),
-                None => None,
-            };
-            match appended {
+            match journal
+                .as_deref_mut()
+                .map(|j| j.append(kind, offset, len, payload))
+            {
                 Some(Ok(_)) => {}
                 Some(Err(JournalError::Full { .. })) if *on_full == OnFull::Block && !was_empty => {
                     return Ok(Outcome::MustWait);
@@ -501,9 +488,10 @@ impl ChangeLog {
             }
         };
         let sync_file = journal.store().try_clone().map_err(|e| jerr(e.into()))?;
-        let limit = journal.capacity() / 100 * u64::from(opts.full_percent.clamp(1, 100));
         let overflowed = map.dirty_bytes() > 0;
         let mut journal = journal;
+        journal
+            .set_full_limit(journal.capacity() / 100 * u64::from(opts.full_percent.clamp(1, 100)));
         if let Some(seq) = read_release(&path).map_err(|e| jerr(e.into()))? {
             if seq >= journal.tail_seq() {
                 journal.release(seq).map_err(jerr)?;
@@ -539,7 +527,6 @@ impl ChangeLog {
             sync_file,
             committer: Mutex::new(Some(committer)),
             on_full: opts.on_full,
-            limit,
         })
     }
 
@@ -575,15 +562,14 @@ impl ChangeLog {
                 break Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
             }
             st.since_release_check += 1;
-            let need = st
-                .journal
-                .as_ref()
-                .map_or(0, |j| j.used() + record_size(payload_len(payload)));
+            let (need, limit) = st.journal.as_ref().map_or((0, u64::MAX), |j| {
+                (j.used() + record_size(payload_len(payload)), j.full_limit())
+            });
             // Look at the release file before the journal would count as full, and more often
             // once it is half way there.
-            let nearly_full = need + 4096 > self.limit / 2;
+            let nearly_full = need + 4096 > limit / 2;
             let due = waited
-                || need > self.limit && !st.overflowed
+                || need > limit && !st.overflowed
                 || st.since_release_check >= RELEASE_CHECK_EVERY
                 || nearly_full && !st.overflowed && st.since_release_check >= RELEASE_CHECK_PRESSED;
             if due {
@@ -596,7 +582,6 @@ impl ChangeLog {
                 map: st.map.as_mut(),
                 name: &self.path,
                 on_full: self.on_full,
-                limit: self.limit,
                 journal_failed: &mut st.journal_failed,
             };
             let r = change.record_and_apply(
@@ -702,16 +687,20 @@ impl ChangeLog {
         }
     }
 
-    /// Makes every record appended so far durable. The lock is only held to write out what
-    /// waits in memory, not during the sync.
     /// False once the journal failed (it takes no records until a resync).
     pub fn journal_usable(&self) -> bool {
         !self.lock().journal_failed
     }
 
+    /// Makes every record appended so far durable. The lock is only held to write out what
+    /// waits in memory, not during the sync.
     pub fn sync(&self) -> io::Result<()> {
-        self.write_out()?;
-        if !self.journal_usable() {
+        let usable = {
+            let mut st = self.lock();
+            write_out_or_overflow(&mut st, &self.path)?;
+            !st.journal_failed
+        };
+        if !usable {
             // Its records are covered by dirty regions; the backing file is what counts.
             return Ok(());
         }
