@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use redun_tracker::config::ConfigError;
 use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
@@ -25,28 +26,9 @@ pub struct TargetSection {
     pub admin_socket: Option<PathBuf>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
-
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        redun_tracker::config::load_toml(path)
     }
 }
 
@@ -55,7 +37,7 @@ impl TargetSection {
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         if let Some(l) = &self.listen {
             l.parse::<std::net::SocketAddr>()
-                .map_err(|e| ConfigError::Invalid {
+                .map_err(|e| ConfigError::Parse {
                     path: path.to_path_buf(),
                     message: format!(
                         "target.listen = {l:?}: {e} (expected IP:PORT, e.g. 0.0.0.0:9443)"

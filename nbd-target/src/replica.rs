@@ -58,25 +58,15 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// A volume name is a file name on the target: no separators, nothing hidden.
+/// A volume name is a file name on the target: the tracker's rule for names keeps separators
+/// out.
 pub fn check_name(name: &str) -> Result<(), Refusal> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Refusal::new(
+    redun_tracker::config::check_name(name).map_err(|e| {
+        Refusal::new(
             RefuseCode::InvalidName,
-            format!(
-                "volume name {name:?} is not usable on the target: use letters, digits, '-', '_' \
-                 and '.', at most 128 characters"
-            ),
-        ))
-    }
+            format!("{e} (the target keeps NAME.img and NAME.state)"),
+        )
+    })
 }
 
 #[derive(Debug)]

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use redun_tracker::config::ConfigError;
 use serde::Deserialize;
 
 use crate::throttle::{Schedule, Window, parse_rate};
@@ -44,35 +45,16 @@ pub struct ScheduleEntry {
     pub limit: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
-
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        redun_tracker::config::load_toml(path)
     }
 }
 
 impl ShipperSection {
     /// The bandwidth schedule, with `flag` (`--bandwidth-limit`) over `bandwidth_limit`.
     pub fn schedule(&self, path: &Path, flag: Option<&str>) -> Result<Schedule, ConfigError> {
-        let bad = |key: &str, value: &str, why: String| ConfigError::Invalid {
+        let bad = |key: &str, value: &str, why: String| ConfigError::Parse {
             path: path.to_path_buf(),
             message: format!("{key} = {value:?}: {why}"),
         };

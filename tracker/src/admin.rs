@@ -265,13 +265,8 @@ pub fn request_json(socket: &Path, req: &serde_json::Value) -> io::Result<serde_
 
 /// Client side: sends one request and reads one response.
 pub fn request(socket: &Path, req: &AdminRequest) -> io::Result<AdminResponse> {
-    let stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut w = &stream;
-    writeln!(w, "{}", serde_json::to_string(req)?)?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| {
+    let v = request_json(socket, &serde_json::to_value(req)?)?;
+    serde_json::from_value(v).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("bad response from {}: {e}", socket.display()),

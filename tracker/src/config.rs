@@ -121,15 +121,22 @@ pub enum ConfigError {
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        load_toml(path)
     }
+}
+
+/// Reads the config file at `path` as `T`: each daemon reads its own section of the one file
+/// with this (the shipper and the target too), so every daemon reports a file it cannot read
+/// or parse the same way.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// Parses `NAME=PATH` of `--volume`.
@@ -143,7 +150,8 @@ pub fn parse_volume_flag(s: &str) -> Result<VolumeEntry, String> {
     })
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// Checks a volume name: it names the journal, the region map and the target's replica files.
+pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
