@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use log::{error, info};
-use nix::sys::signal::{SigSet, Signal};
+use log::error;
 use redun_shipper::tls::TlsFiles;
 use redun_target::config::{ConfigFile, DEFAULT_ADMIN_SOCKET, DEFAULT_LISTEN, TargetSection};
 use redun_target::server::Target;
-use redun_tracker::admin::{AdminServer, LineHandler};
+use redun_tracker::admin::{AdminServer, JsonHandler};
+use redun_tracker::service;
 
 /// redun target: receives replicated volumes and keeps their replicas.
 ///
@@ -104,40 +104,29 @@ fn run(args: Args) -> anyhow::Result<()> {
         format!("cannot listen on {listen} (choose another address with --listen)")
     })?;
     let local = listener.local_addr()?.to_string();
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.thread_block().context("blocking SIGTERM/SIGINT")?;
+    let signals = service::block_stop_signals().context("blocking SIGTERM/SIGINT")?;
     let target = Arc::new(Target::new(data_dir.clone(), tls));
     let started = Instant::now();
-    let handler: LineHandler = {
+    let handler: JsonHandler = {
         let target = target.clone();
         let local = local.clone();
-        Arc::new(move |line| {
-            let req: serde_json::Value = match serde_json::from_str(line) {
-                Ok(v) => v,
-                Err(e) => {
-                    return serde_json::json!({"ok": false, "error": format!("Bad request {line:?}: {e}; send e.g. {{\"cmd\":\"status\"}}")}).to_string();
+        Arc::new(move |req| match req.get("cmd").and_then(|c| c.as_str()) {
+            Some("status") => Ok(serde_json::json!({
+                "status": {
+                    "daemon": "redun-target",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                    "uptime_seconds": started.elapsed().as_secs(),
+                    "listen": [local],
+                    "volumes": target.status(),
                 }
-            };
-            match req.get("cmd").and_then(|c| c.as_str()) {
-                Some("status") => serde_json::json!({
-                    "ok": true,
-                    "status": {
-                        "daemon": "redun-target",
-                        "version": env!("CARGO_PKG_VERSION"),
-                        "pid": std::process::id(),
-                        "uptime_seconds": started.elapsed().as_secs(),
-                        "listen": [local],
-                        "volumes": target.status(),
-                    }
-                })
-                .to_string(),
-                _ => serde_json::json!({"ok": false, "error": format!("Unknown request {line:?}: the target answers {{\"cmd\":\"status\"}}")}).to_string(),
-            }
+            })),
+            _ => Err(format!(
+                "Unknown request {req}: the target answers {{\"cmd\":\"status\"}}"
+            )),
         })
     };
-    let _admin = AdminServer::bind_lines(&admin_socket, handler)?;
+    let _admin = AdminServer::bind_json(&admin_socket, handler)?;
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let target = target.clone();
@@ -146,17 +135,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .name("repl-accept".into())
             .spawn(move || target.serve(listener, &stop))?
     };
-    info!(
-        "redun-target: replicas in {}, shippers on {local}",
-        data_dir.display()
+    service::ready(
+        "redun-target",
+        &format!("replicas in {}, shippers on {local}", data_dir.display()),
     );
-    redun_tracker::service::ready(&format!(
-        "replicas in {}, shippers on {local}",
-        data_dir.display()
-    ));
-    let sig = signals.wait().context("waiting for a signal")?;
-    redun_tracker::service::stopping();
-    info!("redun-target: {sig:?}, stopping");
+    service::wait_stop(&signals, "redun-target").context("waiting for a signal")?;
     stop.store(true, Ordering::SeqCst);
     let _ = server.join();
     Ok(())

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use log::{error, info, warn};
-use nix::sys::signal::{SigSet, Signal};
+use log::{error, warn};
 use redun_shipper::config::{ConfigFile, ShipperSection};
 use redun_shipper::heads::Heads;
 use redun_shipper::ship::{ShipOptions, VolumeShipper};
 use redun_shipper::throttle::Throttle;
 use redun_shipper::tls::TlsFiles;
-use redun_tracker::admin::{AdminServer, LineHandler};
+use redun_tracker::admin::{AdminServer, JsonHandler};
+use redun_tracker::service;
 use redun_tracker::track::parse_size;
 
 /// redun shipper: replicates journaled volumes to a target.
@@ -189,20 +189,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             journal_dir.display()
         );
     }
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.thread_block().context("blocking SIGTERM/SIGINT")?;
+    let signals = service::block_stop_signals().context("blocking SIGTERM/SIGINT")?;
     let stop = Arc::new(AtomicBool::new(false));
     let shippers: Arc<Mutex<HashMap<String, Arc<VolumeShipper>>>> = Arc::default();
     let started = Instant::now();
-    let handler: LineHandler = {
+    let handler: JsonHandler = {
         let shippers = shippers.clone();
         let target = opts.target.clone();
         Arc::new(move |line| admin(line, &shippers, &target, started))
     };
     let target_shown = opts.target.clone();
-    let _admin = AdminServer::bind_lines(&admin_socket, handler)?;
+    let _admin = AdminServer::bind_json(&admin_socket, handler)?;
     let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
     let heads = Arc::new(Heads::new(tracker_socket));
     {
@@ -244,17 +241,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             })?
     };
-    info!(
-        "redun-shipper: journals in {}, target {target_shown}",
-        journal_dir.display()
+    service::ready(
+        "redun-shipper",
+        &format!(
+            "journals in {}, target {target_shown}",
+            journal_dir.display()
+        ),
     );
-    redun_tracker::service::ready(&format!(
-        "journals in {}, target {target_shown}",
-        journal_dir.display()
-    ));
-    let sig = signals.wait().context("waiting for a signal")?;
-    redun_tracker::service::stopping();
-    info!("redun-shipper: {sig:?}, stopping");
+    service::wait_stop(&signals, "redun-shipper").context("waiting for a signal")?;
     stop.store(true, Ordering::SeqCst);
     let _ = discover.join();
     for t in std::mem::take(&mut *threads.lock().unwrap()) {
@@ -283,20 +277,11 @@ fn journals(dir: &std::path::Path, wanted: &[String]) -> Vec<String> {
 }
 
 fn admin(
-    line: &str,
+    req: &serde_json::Value,
     shippers: &Mutex<HashMap<String, Arc<VolumeShipper>>>,
     target: &str,
     started: Instant,
-) -> String {
-    let err = |m: String| serde_json::json!({"ok": false, "error": m}).to_string();
-    let req: serde_json::Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => {
-            return err(format!(
-                "Bad request {line:?}: {e}; send e.g. {{\"cmd\":\"status\"}}"
-            ));
-        }
-    };
+) -> Result<serde_json::Value, String> {
     match req.get("cmd").and_then(|c| c.as_str()) {
         Some("status") => {
             let mut vols: Vec<_> = shippers
@@ -306,8 +291,7 @@ fn admin(
                 .map(|s| s.status())
                 .collect();
             vols.sort_by(|a, b| a.name.cmp(&b.name));
-            serde_json::json!({
-                "ok": true,
+            Ok(serde_json::json!({
                 "status": {
                     "daemon": "redun-shipper",
                     "version": env!("CARGO_PKG_VERSION"),
@@ -316,25 +300,25 @@ fn admin(
                     "target": target,
                     "volumes": vols,
                 }
-            })
-            .to_string()
+            }))
         }
         Some("resume") => {
             let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
-                return err(
+                return Err(
                     "resume needs a volume: {\"cmd\":\"resume\",\"volume\":\"NAME\"}".into(),
                 );
             };
             match shippers.lock().unwrap().get(name) {
                 Some(s) => {
                     s.resume();
-                    serde_json::json!({"ok": true}).to_string()
+                    Ok(serde_json::json!({}))
                 }
-                None => err(format!("No volume {name:?} is shipped here")),
+                None => Err(format!("No volume {name:?} is shipped here")),
             }
         }
-        _ => err(format!(
-            "Unknown request {line:?}: the shipper answers {{\"cmd\":\"status\"}} and {{\"cmd\":\"resume\",\"volume\":\"NAME\"}}"
+        _ => Err(format!(
+            "Unknown request {req}: the shipper answers {{\"cmd\":\"status\"}} and \
+             {{\"cmd\":\"resume\",\"volume\":\"NAME\"}}"
         )),
     }
 }

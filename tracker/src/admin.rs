@@ -97,6 +97,11 @@ pub type Handler = Arc<dyn Fn(AdminRequest) -> AdminResponse + Send + Sync>;
 /// serve their own requests on the same socket machinery.
 pub type LineHandler = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
+/// What answers parsed requests of a daemon with untyped messages: `Ok(fields)` becomes
+/// `{"ok":true,...fields}`, `Err(message)` becomes `{"ok":false,"error":message}`.
+pub type JsonHandler =
+    Arc<dyn Fn(&serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync>;
+
 /// A running admin socket; dropping it stops the listener and removes the socket file.
 #[derive(Debug)]
 pub struct AdminServer {
@@ -124,6 +129,26 @@ impl AdminServer {
                 )),
             };
             serde_json::to_string(&resp).unwrap_or_default()
+        });
+        AdminServer::bind_lines(path, lines)
+    }
+
+    /// Like [`AdminServer::bind`], for a daemon whose requests and responses are plain JSON;
+    /// a line that is not JSON gets the usual bad-request answer.
+    pub fn bind_json(path: &Path, handler: JsonHandler) -> Result<AdminServer, AdminBindError> {
+        let lines: LineHandler = Arc::new(move |line| {
+            let answer = serde_json::from_str::<serde_json::Value>(line)
+                .map_err(|e| format!("Bad request {line:?}: {e}; send e.g. {{\"cmd\":\"status\"}}"))
+                .and_then(|req| handler(&req));
+            match answer {
+                Ok(mut v) => {
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("ok".into(), true.into());
+                    }
+                    v.to_string()
+                }
+                Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
+            }
         });
         AdminServer::bind_lines(path, lines)
     }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use log::{error, info, warn};
-use nix::sys::signal::{SigSet, Signal};
 
 use redun_tracker::admin::{AdminRequest, AdminResponse, AdminServer, TrackerStatus, VolumeStatus};
 use redun_tracker::config::{self, ConfigFile};
@@ -125,12 +124,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let server = Server::new(Exports::new(list));
 
-    // Block the stop signals before any thread exists so that every thread inherits the
-    // mask and only the main thread receives them, through sigwait.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.thread_block().context("blocking SIGTERM/SIGINT")?;
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals =
+        redun_tracker::service::block_stop_signals().context("blocking SIGTERM/SIGINT")?;
 
     let mut listen_names = Vec::new();
     let mut accept_threads = Vec::new();
@@ -160,12 +156,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         cfg.volumes.len(),
         listen_names.join(", ")
     );
-    info!("redun-tracker ready: {ready}");
-    redun_tracker::service::ready(&ready);
+    redun_tracker::service::ready("redun-tracker", &ready);
 
-    let sig = signals.wait().context("waiting for a signal")?;
-    redun_tracker::service::stopping();
-    info!("{sig:?} received: finishing in-flight requests");
+    redun_tracker::service::wait_stop(&signals, "redun-tracker").context("waiting for a signal")?;
+    info!("finishing in-flight requests");
     for e in server.exports().iter() {
         if let Some(log) = e.backend.log() {
             // Writes held by a full journal would wait for a shipper past the grace period.

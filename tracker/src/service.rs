@@ -4,12 +4,32 @@
 
 use std::time::Duration;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
+use nix::sys::signal::{SigSet, Signal};
 use sd_notify::NotifyState;
 
-/// Tells systemd the daemon is ready, with a status line; starts watchdog pings when the unit
-/// asks for them (`WatchdogSec=`).
-pub fn ready(status: &str) {
+/// Blocks SIGTERM and SIGINT in the calling thread. Call it before any thread exists: every
+/// thread inherits the mask, so only [`wait_stop`] receives them (through sigwait).
+pub fn block_stop_signals() -> std::io::Result<SigSet> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block()?;
+    Ok(signals)
+}
+
+/// Waits for SIGTERM or SIGINT, tells systemd the daemon is stopping and logs it.
+pub fn wait_stop(signals: &SigSet, daemon: &str) -> std::io::Result<Signal> {
+    let sig = signals.wait()?;
+    stopping();
+    info!("{daemon}: {sig:?} received, stopping");
+    Ok(sig)
+}
+
+/// Logs `DAEMON ready: STATUS` and tells systemd the daemon is ready, with the status line;
+/// starts watchdog pings when the unit asks for them (`WatchdogSec=`).
+pub fn ready(daemon: &str, status: &str) {
+    info!("{daemon} ready: {status}");
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
