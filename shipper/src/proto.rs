@@ -195,16 +195,20 @@ impl<'a> Body<'a> {
     }
 }
 
-fn checksum(head: &[u8], body: &[u8]) -> u64 {
+/// The frame checksum over the first 12 header bytes and the body, given in `parts`.
+fn checksum(parts: &[&[u8]]) -> u64 {
     let mut h = Xxh3::new();
-    h.update(head);
-    h.update(body);
+    for p in parts {
+        h.update(p);
+    }
     h.digest()
 }
 
-/// Encodes a frame (header and body).
-pub fn encode(f: &Frame) -> Vec<u8> {
+/// A frame as its header, the start of its body, and the rest of the body borrowed from the
+/// frame (a batch's compressed records, so that they are never copied to be sent).
+fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
     let mut body = Vec::new();
+    let mut tail: &[u8] = &[];
     let ty = match f {
         Frame::Hello(h) => {
             body.extend_from_slice(&h.version.to_le_bytes());
@@ -236,7 +240,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
         }
         Frame::Batch(b) => {
             body.extend_from_slice(&batch_prefix(b));
-            body.extend_from_slice(&b.compressed);
+            tail = &b.compressed;
             T_BATCH
         }
         Frame::Ack { through } => {
@@ -245,39 +249,29 @@ pub fn encode(f: &Frame) -> Vec<u8> {
         }
         Frame::Ping => T_PING,
     };
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[ty, 0, 0, 0]);
-    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
-    let sum = checksum(&out[..12], &body);
-    out.extend_from_slice(&sum.to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    let mut head = [0u8; HEADER_LEN];
+    head[..4].copy_from_slice(&MAGIC);
+    head[4] = ty;
+    let len = u32::try_from(body.len() + tail.len()).unwrap_or(u32::MAX);
+    head[8..12].copy_from_slice(&len.to_le_bytes());
+    let sum = checksum(&[&head[..12], &body, tail]);
+    head[12..20].copy_from_slice(&sum.to_le_bytes());
+    (head, body, tail)
+}
+
+/// Encodes a frame (header and body).
+pub fn encode(f: &Frame) -> Vec<u8> {
+    let (head, body, tail) = parts(f);
+    [&head[..], &body, tail].concat()
 }
 
 /// Writes a frame; a batch's compressed bytes go out without being copied into a frame
 /// buffer first.
 pub fn write_frame<W: Write>(w: &mut W, f: &Frame) -> io::Result<()> {
-    match f {
-        Frame::Batch(b) => {
-            let prefix = batch_prefix(b);
-            let len = u32::try_from(prefix.len() + b.compressed.len()).unwrap_or(u32::MAX);
-            let mut head = [0u8; HEADER_LEN];
-            head[..4].copy_from_slice(&MAGIC);
-            head[4] = T_BATCH;
-            head[8..12].copy_from_slice(&len.to_le_bytes());
-            let mut h = Xxh3::new();
-            h.update(&head[..12]);
-            h.update(&prefix);
-            h.update(&b.compressed);
-            head[12..20].copy_from_slice(&h.digest().to_le_bytes());
-            let mut first = Vec::with_capacity(HEADER_LEN + prefix.len());
-            first.extend_from_slice(&head);
-            first.extend_from_slice(&prefix);
-            w.write_all(&first)?;
-            w.write_all(&b.compressed)?;
-        }
-        f => w.write_all(&encode(f))?,
+    let (head, body, tail) = parts(f);
+    w.write_all(&[&head[..], &body].concat())?;
+    if !tail.is_empty() {
+        w.write_all(tail)?;
     }
     w.flush()
 }
@@ -315,7 +309,7 @@ pub fn decode(h: &[u8; HEADER_LEN], body: &[u8]) -> Result<Frame, ProtoError> {
         return Err(bad("body length differs from the header's"));
     }
     let want = u64::from_le_bytes(h[12..20].try_into().expect("8"));
-    if checksum(&h[..12], body) != want {
+    if checksum(&[&h[..12], body]) != want {
         return Err(bad("checksum mismatch"));
     }
     let mut b = Body(body);
@@ -398,11 +392,9 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, ProtoError> {
         r.read_exact(&mut prefix).map_err(truncated)?;
         let mut compressed = vec![0u8; len as usize - BATCH_PREFIX];
         r.read_exact(&mut compressed).map_err(truncated)?;
-        let mut x = Xxh3::new();
-        x.update(&h[..12]);
-        x.update(&prefix);
-        x.update(&compressed);
-        if x.digest() != u64::from_le_bytes(h[12..20].try_into().expect("8")) {
+        if checksum(&[&h[..12], &prefix, &compressed])
+            != u64::from_le_bytes(h[12..20].try_into().expect("8"))
+        {
             return Err(bad("checksum mismatch"));
         }
         let mut b = Body(&prefix);
