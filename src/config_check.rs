@@ -129,11 +129,14 @@ fn check_shipper(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String
 }
 
 fn check_target(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
-    let t = match redun_target::config::ConfigFile::load(path) {
-        Ok(f) => f.target,
+    let (t, retention) = match redun_target::config::ConfigFile::load(path) {
+        Ok(f) => (f.target, f.retention),
         Err(e) => return problems.push(e.to_string()),
     };
     if let Err(e) = t.validate(path) {
+        problems.push(e.to_string());
+    }
+    if let Err(e) = retention.policy(path) {
         problems.push(e.to_string());
     }
     check_files(

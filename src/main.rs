@@ -12,6 +12,7 @@ const DEFAULT_TARGET_SOCKET: &str = "/run/redun/target.sock";
 
 mod config_check;
 mod journal;
+mod points;
 
 /// redun: continuous block replication and disaster recovery for Linux servers.
 #[derive(Debug, Parser)]
@@ -46,6 +47,19 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
         shipper_socket: PathBuf,
     },
+    /// Recovery points: place one now.
+    #[command(subcommand)]
+    Point(PointCommand),
+    /// List a volume's recovery points as the target holds them.
+    Points {
+        volume: String,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The target's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
+        target_socket: PathBuf,
+    },
     /// Inspect and replay journal files (read-only on the journal).
     #[command(subcommand)]
     Journal(JournalCommand),
@@ -55,6 +69,27 @@ enum Command {
     /// The configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PointCommand {
+    /// Place a crash-consistent recovery point in VOLUME's journal and print its id once the
+    /// target holds it durably.
+    Create {
+        volume: String,
+        /// App-consistent: run the configured freeze and thaw hooks around the point.
+        #[arg(long)]
+        app: bool,
+        /// The tracker's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+        tracker_socket: PathBuf,
+        /// The shipper's admin socket (it tells when the target has the point).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+        shipper_socket: PathBuf,
+        /// How long to wait for the target, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +193,24 @@ fn main() -> ExitCode {
             }
         }
         Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
+        Command::Point(PointCommand::Create {
+            volume,
+            app,
+            tracker_socket,
+            shipper_socket,
+            timeout,
+        }) => points::create(
+            &volume,
+            app,
+            &tracker_socket,
+            &shipper_socket,
+            std::time::Duration::from_secs(timeout),
+        ),
+        Command::Points {
+            volume,
+            json,
+            target_socket,
+        } => points::list(&volume, json, &target_socket),
         Command::Journal(cmd) => match journal::run(cmd) {
             Ok(code) => code,
             Err(e) => {

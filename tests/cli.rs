@@ -296,6 +296,14 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
             example.clone() + "\n[groupp]\nname = \"x\"\n",
             vec!["groupp"],
         ),
+        (
+            example.replace("keep_all = \"2h\"", "keep_all = \"2 hours\""),
+            vec!["retention.keep_all", "2 hours"],
+        ),
+        (
+            example.replace("crash_interval = \"5s\"", "crash_interval = \"5\""),
+            vec!["points.crash_interval", "no unit"],
+        ),
     ] {
         let (code, out, err) = check(&bad);
         assert_eq!(code, Some(1), "{out}{err}");
@@ -319,7 +327,8 @@ fn the_target_runs_from_its_config_section_and_names_what_is_missing() {
         &cfg,
         format!(
             "[tracker]\n[target]\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
-             tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nadmin_socket = \"{}\"\n",
+             tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nadmin_socket = \"{}\"\n\
+             nbd_listen = \"127.0.0.1:0\"\n",
             p("data"),
             p("pki/ca.crt"),
             p("pki/localhost.crt"),

@@ -102,6 +102,8 @@ struct Site {
     target_addr: String,
     /// The target's data directory.
     data: PathBuf,
+    /// More flags for the target.
+    target_args: Vec<String>,
 }
 
 fn pki(dir: &Path, names: &[&str]) {
@@ -139,6 +141,7 @@ impl Site {
             target: None,
             shipper: None,
             target_addr: String::new(),
+            target_args: Vec::new(),
         };
         site.start_target();
         site.start_shipper(&d.join("pki"), "shipper");
@@ -149,8 +152,53 @@ impl Site {
         self.tracker.dir.path().to_path_buf()
     }
 
-    fn replica(&self) -> PathBuf {
-        self.data.join(format!("{EXPORT}.img"))
+    /// The target's NBD socket, where `disk@latest` and `disk@POINT` are served.
+    fn nbd_socket(&self) -> PathBuf {
+        self.dir().join("target-nbd.sock")
+    }
+
+    /// Reads export `name` of the target over NBD (`disk@latest`, `disk@ID`).
+    fn read_export(&self, name: &str) -> Vec<u8> {
+        let out = self.dir().join("export.img");
+        let _ = std::fs::remove_file(&out);
+        run(Command::new("nbdcopy")
+            .arg(format!(
+                "nbd+unix:///{name}?socket={}",
+                self.nbd_socket().display()
+            ))
+            .arg(&out));
+        let b = std::fs::read(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        b
+    }
+
+    /// Gives the replica of `name` another volume's identity, behind the target's back: the
+    /// target is stopped meanwhile and reads the store again when it restarts.
+    /// Returns the files as they were, for [`Site::restore_files`].
+    fn forge_uuid(&mut self, name: &str) -> Vec<(PathBuf, String)> {
+        self.target.as_mut().unwrap().stop();
+        let mut before = Vec::new();
+        for f in [
+            self.data.join(format!("{name}.state")),
+            self.data.join(format!("{name}.store/manifest.json")),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["uuid"] = serde_json::json!("00000000000000000000000000000000");
+            std::fs::write(&f, v.to_string()).unwrap();
+            before.push((f, text));
+        }
+        self.start_target();
+        before
+    }
+
+    /// Puts files back as they were, with the target stopped meanwhile.
+    fn restore_files(&mut self, files: &[(PathBuf, String)]) {
+        self.target.as_mut().unwrap().stop();
+        for (f, text) in files {
+            std::fs::write(f, text).unwrap();
+        }
+        self.start_target();
     }
 
     /// Starts the target; on a restart, on the address it had.
@@ -178,7 +226,12 @@ impl Site {
                 s(&d.join("pki/localhost.key")),
                 "--admin-socket".into(),
                 s(&d.join("target.sock")),
-            ],
+                "--nbd-listen".into(),
+                format!("unix:{}", s(&self.nbd_socket())),
+            ]
+            .into_iter()
+            .chain(self.target_args.iter().cloned())
+            .collect::<Vec<_>>(),
             &log,
         );
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -294,7 +347,7 @@ impl Site {
 
     fn assert_identical(&self) {
         let a = std::fs::read(&self.tracker.image).unwrap();
-        let b = std::fs::read(self.replica()).unwrap();
+        let b = self.read_export(&format!("{EXPORT}@latest"));
         assert_eq!(a.len(), b.len());
         if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
             panic!("replica differs from the backing file at byte {i}");
@@ -543,10 +596,7 @@ fn one_stalled_volume_does_not_hold_up_another() {
         std::thread::sleep(Duration::from_millis(50));
     }
     site.shipper.as_mut().unwrap().stop();
-    let text = std::fs::read_to_string(&state).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["uuid"] = serde_json::json!("00000000000000000000000000000000");
-    std::fs::write(&state, v.to_string()).unwrap();
+    let _ = site.forge_uuid("other");
     let pki = site.dir().join("pki");
     site.start_shipper(&pki, "shipper");
     // "other" goes critical; "disk" keeps replicating.
@@ -569,11 +619,7 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     site.wait_caught_up();
     site.shipper.as_mut().unwrap().stop();
     // Another volume's identity under the same name: the replica's state says so.
-    let state = site.data.join(format!("{EXPORT}.state"));
-    let text = std::fs::read_to_string(&state).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["uuid"] = serde_json::json!("00000000000000000000000000000000");
-    std::fs::write(&state, v.to_string()).unwrap();
+    let original = site.forge_uuid(EXPORT);
     let before = site.head_seq();
     let pki = site.dir().join("pki");
     site.start_shipper(&pki, "shipper");
@@ -601,7 +647,7 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     let m = site.merged();
     assert!(m["rpo_seconds"].as_f64().unwrap() > 0.2, "{m}");
     assert!(m["lag_bytes"].as_u64().unwrap() > 0, "{m}");
-    std::fs::write(&state, text).unwrap();
+    site.restore_files(&original);
     let sock = site.dir().join("shipper-shipper.sock");
     run(Command::new(bin("redun"))
         .args(["resume", EXPORT, "--shipper-socket"])
@@ -930,6 +976,8 @@ fn across_hosts_loss_a_cut_and_a_target_restart_heal_by_themselves() {
                 s(&d.join("pki/localhost.key")),
                 "--admin-socket".into(),
                 s(&d.join("target.sock")),
+                "--nbd-listen".into(),
+                format!("unix:{}", s(&d.join("target-nbd.sock"))),
             ],
         )
     };
@@ -971,6 +1019,7 @@ fn across_hosts_loss_a_cut_and_a_target_restart_heal_by_themselves() {
         shipper: Some(shipper),
         target_addr: String::new(),
         data: data.clone(),
+        target_args: Vec::new(),
     };
 
     // 1. 5% packet loss each way on the link between the hosts.
@@ -1038,4 +1087,127 @@ fn across_hosts_loss_a_cut_and_a_target_restart_heal_by_themselves() {
     drop(target);
     drop(proxy);
     drop(hosts);
+}
+
+/// A digest of a whole image.
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+fn point_create(site: &Site) -> u64 {
+    let out = run(Command::new(bin("redun"))
+        .args(["point", "create", EXPORT, "--tracker-socket"])
+        .arg(&site.tracker.admin)
+        .arg("--shipper-socket")
+        .arg(site.dir().join("shipper-shipper.sock")));
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("redun point create prints the point's id")
+}
+
+fn points_json(site: &Site) -> Vec<serde_json::Value> {
+    let out = run(Command::new(bin("redun"))
+        .args(["points", EXPORT, "--json", "--target-socket"])
+        .arg(site.dir().join("target.sock")));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn every_recovery_point_reads_back_its_moment_over_nbd() {
+    require("fio");
+    require("nbdcopy");
+    // Points only on demand here; small segments so that retention has some to merge.
+    let mut site = Site::build_with(16 << 20, |d| d.join("data"), &["--crash-interval", "0"]);
+    site.target_args = vec!["--segment-size".into(), "2M".into()];
+    site.target.as_mut().unwrap().stop();
+    site.start_target();
+    let mut expected = Vec::new();
+    for round in 0..30 {
+        site.fio("randwrite", "4k", "512k", 100 + round);
+        if round % 5 == 4 {
+            site.fio("randtrim", "64k", "256k", 200 + round);
+        }
+        let id = point_create(&site);
+        let image = std::fs::read(&site.tracker.image).unwrap();
+        expected.push((id, digest(&image)));
+    }
+    let listed = points_json(&site);
+    assert_eq!(listed.len(), expected.len(), "{listed:?}");
+    for ((id, _), p) in expected.iter().zip(&listed) {
+        assert_eq!(p["id"].as_u64(), Some(*id), "{p}");
+        assert_eq!(p["kind"], "crash", "{p}");
+        assert_eq!(p["usable"], true, "{p}");
+    }
+    let check = |site: &Site, which: &[(u64, u64)]| {
+        for (id, want) in which {
+            let got = digest(&site.read_export(&format!("{EXPORT}@{id}")));
+            assert_eq!(
+                got, *want,
+                "point {id} reads other bytes than at its moment"
+            );
+        }
+    };
+    check(&site, &expected);
+    // A target restart finds every point again (sealed segments and the open one).
+    site.target.as_mut().unwrap().stop();
+    site.start_target();
+    check(&site, &expected);
+    // An unknown point is not exported, and says so.
+    let out = Command::new("nbdinfo")
+        .arg(format!(
+            "nbd+unix:///{EXPORT}@999999?socket={}",
+            site.nbd_socket().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // Retention keeps only the newest points: the rest merge into the base image, and
+    // what is left still reads back.
+    let cfg = site.dir().join("retention.toml");
+    std::fs::write(&cfg, "[retention]\nkeep_all = \"1s\"\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    site.fio("randwrite", "4k", "256k", 400);
+    let last = point_create(&site);
+    let last_digest = digest(&std::fs::read(&site.tracker.image).unwrap());
+    site.target_args.extend(["--config".into(), s(&cfg)]);
+    site.target.as_mut().unwrap().stop();
+    site.start_target();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let segments = |site: &Site| {
+        std::fs::read_dir(site.data.join(format!("{EXPORT}.store")))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".seg")
+            })
+            .count()
+    };
+    let before = segments(&site);
+    loop {
+        let listed = points_json(&site);
+        if listed.len() == 1 && segments(&site) < before {
+            assert_eq!(listed[0]["id"].as_u64(), Some(last));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention did not prune and merge: {listed:?}, {} segments of {before}",
+            segments(&site)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    check(&site, &[(last, last_digest)]);
+    site.wait_caught_up();
+    site.assert_identical();
 }

@@ -3,16 +3,74 @@
 
 use std::path::{Path, PathBuf};
 
-use redun_tracker::config::ConfigError;
+use redun_tracker::config::{ConfigError, parse_duration};
+
+use crate::store::{Retention, Tier};
 use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/redun/target.sock";
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10810";
 
 #[derive(Debug, Default, Deserialize)]
 pub struct ConfigFile {
     #[serde(default)]
     pub target: TargetSection,
+    #[serde(default)]
+    pub retention: RetentionSection,
+}
+
+/// `[retention]`: which recovery points the target keeps.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Every point younger than this stays [default: 2h].
+    pub keep_all: Option<String>,
+    /// Then one point per `every` for points up to `for` old, e.g.
+    /// `tiers = [{ every = "10m", for = "24h" }, { every = "1d", for = "7d" }]`.
+    #[serde(default)]
+    pub tiers: Vec<TierEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierEntry {
+    pub every: String,
+    #[serde(rename = "for")]
+    pub span: String,
+}
+
+impl RetentionSection {
+    /// The policy, or an error naming the key and the value.
+    pub fn policy(&self, path: &Path) -> Result<Retention, ConfigError> {
+        let bad = |key: String, v: &str, e: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!("{key} = {v:?}: {e}"),
+        };
+        let mut r = Retention::default();
+        if let Some(k) = &self.keep_all {
+            r.keep_all_ms =
+                parse_duration(k).map_err(|e| bad("retention.keep_all".into(), k, e))?;
+        }
+        for (i, t) in self.tiers.iter().enumerate() {
+            let every = parse_duration(&t.every)
+                .map_err(|e| bad(format!("retention.tiers[{i}].every"), &t.every, e))?;
+            let for_ms = parse_duration(&t.span)
+                .map_err(|e| bad(format!("retention.tiers[{i}].for"), &t.span, e))?;
+            if every == 0 {
+                return Err(bad(
+                    format!("retention.tiers[{i}].every"),
+                    &t.every,
+                    "must be longer than 0".into(),
+                ));
+            }
+            r.tiers.push(Tier {
+                every_ms: every,
+                for_ms,
+            });
+        }
+        Ok(r)
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -24,6 +82,10 @@ pub struct TargetSection {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
+    /// Where recovery points are served over NBD (`HOST:PORT`, `unix:/PATH` or `off`).
+    pub nbd_listen: Option<String>,
+    /// Size at which a segment is sealed, e.g. "64M".
+    pub segment_size: Option<String>,
 }
 
 impl ConfigFile {
@@ -43,6 +105,19 @@ impl TargetSection {
                         "target.listen = {l:?}: {e} (expected IP:PORT, e.g. 0.0.0.0:9443)"
                     ),
                 })?;
+        }
+        if let Some(l) = self.nbd_listen.as_deref().filter(|l| *l != "off") {
+            l.parse::<redun_tracker::nbd::ListenAddr>()
+                .map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: format!("target.nbd_listen = {l:?}: {e}"),
+                })?;
+        }
+        if let Some(v) = &self.segment_size {
+            redun_tracker::track::parse_size(v).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("target.segment_size = {v:?}: {e}"),
+            })?;
         }
         Ok(())
     }

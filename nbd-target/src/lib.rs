@@ -1,7 +1,9 @@
-//! redun master target: applies replicated batches to a replica per volume ([`replica`]),
-//! serving shippers over mutual TLS ([`server`]). Recovery points and NBD exports of them
-//! come with the replica store.
+//! redun master target: keeps a replica store per volume ([`store`]: base image, segments,
+//! recovery points), applies replicated batches to it ([`replica`]) from shippers over mutual
+//! TLS ([`server`]), and serves its points over NBD ([`export`]).
 
 pub mod config;
+pub mod export;
 pub mod replica;
 pub mod server;
+pub mod store;

@@ -6,15 +6,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
-use log::error;
+use log::{error, info, warn};
 use redun_shipper::tls::TlsFiles;
-use redun_target::config::{ConfigFile, DEFAULT_ADMIN_SOCKET, DEFAULT_LISTEN, TargetSection};
+use redun_target::config::{
+    ConfigFile, DEFAULT_ADMIN_SOCKET, DEFAULT_LISTEN, DEFAULT_NBD_LISTEN, TargetSection,
+};
+use redun_target::export::PointExports;
 use redun_target::server::Target;
+use redun_target::store::Retention;
 use redun_tracker::admin::{AdminServer, JsonHandler};
+use redun_tracker::nbd::{Exports, ListenAddr, Listener, Server};
 use redun_tracker::service;
 
 /// redun target: receives replicated volumes and keeps their replicas.
@@ -43,6 +48,14 @@ struct Args {
     /// Admin socket path [default: /run/redun/target.sock].
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
+    /// Where recovery points are served over NBD, read-only, as NAME@latest and NAME@ID:
+    /// HOST:PORT, unix:/PATH or off [default: 127.0.0.1:10810].
+    #[arg(long, value_name = "ADDR")]
+    nbd_listen: Option<String>,
+    /// Size at which a replica's segment is sealed and becomes mergeable, e.g. 64M
+    /// [default: 64M].
+    #[arg(long, value_name = "SIZE", value_parser = redun_tracker::track::parse_size)]
+    segment_size: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -58,13 +71,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let file = match &args.config {
+    let (file, retention) = match &args.config {
         Some(p) => {
-            let f = ConfigFile::load(p)?.target;
-            f.validate(p)?;
-            f
+            let c = ConfigFile::load(p)?;
+            c.target.validate(p)?;
+            let r = c.retention.policy(p)?;
+            (c.target, r)
         }
-        None => TargetSection::default(),
+        None => (TargetSection::default(), Retention::default()),
     };
     let missing = |flag: &str, key: &str| {
         anyhow::anyhow!(
@@ -104,12 +118,47 @@ fn run(args: Args) -> anyhow::Result<()> {
         format!("cannot listen on {listen} (choose another address with --listen)")
     })?;
     let local = listener.local_addr()?.to_string();
+    let nbd_listen = args
+        .nbd_listen
+        .or(file.nbd_listen)
+        .unwrap_or_else(|| DEFAULT_NBD_LISTEN.to_string());
+    let nbd_listener = if nbd_listen == "off" {
+        None
+    } else {
+        let addr: ListenAddr = nbd_listen
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--nbd-listen {nbd_listen}: {e}"))?;
+        Some(Listener::bind(&addr).with_context(|| {
+            format!("cannot serve NBD on {addr} (choose another address with --nbd-listen, or off)")
+        })?)
+    };
+    let nbd_local = nbd_listener.as_ref().map(Listener::local_addr);
     let signals = service::block_stop_signals().context("blocking SIGTERM/SIGINT")?;
-    let target = Arc::new(Target::new(data_dir.clone(), tls));
+    let segment_size = match (args.segment_size, &file.segment_size) {
+        (Some(s), _) => s,
+        (None, Some(s)) => redun_tracker::track::parse_size(s)
+            .map_err(|e| anyhow::anyhow!("target.segment_size = {s:?}: {e}"))?,
+        (None, None) => redun_target::store::SEAL_BYTES,
+    };
+    let target = Arc::new(Target::new(data_dir.clone(), tls).with_segment_size(segment_size));
+    // Every replica is opened now: damage shows at start, and retention covers them all.
+    for v in target.status() {
+        match target.store(&v.name) {
+            Ok(Some(s)) => info!(
+                "replica {}: {} recovery points, latest seq {}",
+                v.name,
+                s.points().len(),
+                s.latest()
+            ),
+            Ok(None) => {}
+            Err(e) => warn!("replica {}: {e}", v.name),
+        }
+    }
     let started = Instant::now();
     let handler: JsonHandler = {
         let target = target.clone();
         let local = local.clone();
+        let nbd_local = nbd_local.clone();
         Arc::new(move |req| match req.get("cmd").and_then(|c| c.as_str()) {
             Some("status") => Ok(serde_json::json!({
                 "status": {
@@ -118,16 +167,33 @@ fn run(args: Args) -> anyhow::Result<()> {
                     "pid": std::process::id(),
                     "uptime_seconds": started.elapsed().as_secs(),
                     "listen": [local],
+                    "nbd_listen": nbd_local,
                     "volumes": target.status(),
                 }
             })),
+            Some("points") => points(&target, req),
             _ => Err(format!(
-                "Unknown request {req}: the target answers {{\"cmd\":\"status\"}}"
+                "Unknown request {req}: the target answers {{\"cmd\":\"status\"}} and \
+                 {{\"cmd\":\"points\",\"volume\":NAME}}"
             )),
         })
     };
     let _admin = AdminServer::bind_json(&admin_socket, handler)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let nbd = Server::new(Exports::dynamic(Box::new(PointExports::new(
+        target.clone(),
+    ))));
+    let nbd_thread = match nbd_listener {
+        Some(l) => Some(nbd.spawn_listener(l)?),
+        None => None,
+    };
+    let maintenance = {
+        let target = target.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("retention".into())
+            .spawn(move || maintain(&target, &retention, &stop))?
+    };
     let server = {
         let target = target.clone();
         let stop = stop.clone();
@@ -137,10 +203,67 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     service::ready(
         "redun-target",
-        &format!("replicas in {}, shippers on {local}", data_dir.display()),
+        &format!(
+            "replicas in {}, NBD on {}, shippers on {local}",
+            data_dir.display(),
+            nbd_local.as_deref().unwrap_or("off")
+        ),
     );
     service::wait_stop(&signals, "redun-target").context("waiting for a signal")?;
     stop.store(true, Ordering::SeqCst);
+    nbd.shutdown(Duration::from_secs(5));
+    if let Some(t) = nbd_thread {
+        let _ = t.join();
+    }
     let _ = server.join();
+    let _ = maintenance.join();
     Ok(())
+}
+
+/// Applies the retention policy to every open store every few seconds.
+fn maintain(target: &Target, retention: &Retention, stop: &AtomicBool) {
+    let mut last = Instant::now() - MAINTENANCE_EVERY;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        if last.elapsed() < MAINTENANCE_EVERY {
+            continue;
+        }
+        last = Instant::now();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        for store in target.open_stores() {
+            if let Err(e) = store.maintain(retention, now_ms) {
+                warn!("retention: {e}");
+            }
+        }
+    }
+}
+
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
+
+/// `{"cmd":"points","volume":NAME}`: the volume's recovery points, oldest first.
+fn points(target: &Target, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let name = req
+        .get("volume")
+        .and_then(|v| v.as_str())
+        .ok_or("points needs \"volume\": NAME")?;
+    redun_target::replica::check_name(name).map_err(|r| r.message)?;
+    let store = target
+        .store(name)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("this target holds no replica of volume {name}"))?;
+    let points: Vec<serde_json::Value> = store
+        .points()
+        .into_iter()
+        .map(|(p, usable)| {
+            serde_json::json!({
+                "id": p.id,
+                "unix_ms": p.unix_ms,
+                "kind": p.kind,
+                "usable": usable,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({ "volume": name, "latest_seq": store.latest(), "points": points }))
 }

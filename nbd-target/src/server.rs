@@ -14,7 +14,8 @@ use log::{debug, info, warn};
 use redun_shipper::proto::{self, Frame, ProtoError, RefuseCode};
 use serde::{Deserialize, Serialize};
 
-use crate::replica::{Refusal, Replica, ReplicaState};
+use crate::replica::{Refusal, Replica};
+use crate::store::{self, ReplicaState, Store, StoreError};
 
 /// How long a shipper has to complete TLS and say HELLO.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +38,11 @@ pub struct TargetVolumeStatus {
     /// Bytes received in batches (compressed) and applied (uncompressed records).
     pub bytes_received: u64,
     pub bytes_applied: u64,
+    /// Recovery points that can be read, and the newest of them.
+    #[serde(default)]
+    pub points: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_point: Option<store::Point>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Unix time of the last applied batch.
@@ -57,6 +63,10 @@ pub struct Target {
     data_dir: PathBuf,
     tls: Arc<rustls::ServerConfig>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Replica stores opened so far (by a shipper or an NBD client).
+    stores: Mutex<HashMap<String, Arc<Store>>>,
+    /// Segments are sealed at this size.
+    segment_size: u64,
 }
 
 /// Frees a volume's slot when its connection ends.
@@ -81,7 +91,56 @@ impl Target {
             data_dir,
             tls,
             slots: Mutex::new(HashMap::new()),
+            stores: Mutex::new(HashMap::new()),
+            segment_size: store::SEAL_BYTES,
         }
+    }
+
+    /// Seals the stores' segments at `bytes` instead of [`store::SEAL_BYTES`].
+    pub fn with_segment_size(mut self, bytes: u64) -> Target {
+        self.segment_size = bytes;
+        self
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// The store of volume `name`, opened on first use; `None` when the target holds no
+    /// replica of that name.
+    pub fn store(&self, name: &str) -> Result<Option<Arc<Store>>, StoreError> {
+        let mut stores = self.stores.lock().unwrap();
+        if let Some(s) = stores.get(name) {
+            return Ok(Some(s.clone()));
+        }
+        if !store::state_path(&self.data_dir, name).exists() {
+            return Ok(None);
+        }
+        let s = Arc::new(Store::open(&self.data_dir, name)?.with_seal_bytes(self.segment_size));
+        stores.insert(name.to_string(), s.clone());
+        Ok(Some(s))
+    }
+
+    /// The store for a shipper's volume, created on its first contact.
+    fn store_for(&self, hello: &proto::Hello) -> Result<Arc<Store>, Refusal> {
+        if let Some(s) = self.store(&hello.name)? {
+            return Ok(s);
+        }
+        let mut stores = self.stores.lock().unwrap();
+        if let Some(s) = stores.get(&hello.name) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(
+            Store::create(&self.data_dir, &Replica::identity(hello))?
+                .with_seal_bytes(self.segment_size),
+        );
+        stores.insert(hello.name.clone(), s.clone());
+        Ok(s)
+    }
+
+    /// Every store opened so far.
+    pub fn open_stores(&self) -> Vec<Arc<Store>> {
+        self.stores.lock().unwrap().values().cloned().collect()
     }
 
     fn slot(&self, name: &str) -> Arc<Slot> {
@@ -135,6 +194,13 @@ impl Target {
         }
         let mut v: Vec<_> = out.into_values().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
+        for st in &mut v {
+            if let Some(store) = self.stores.lock().unwrap().get(&st.name) {
+                let points = store.points();
+                st.points = points.iter().filter(|(_, ok)| *ok).count() as u64;
+                st.latest_point = points.iter().rev().find(|(_, ok)| *ok).map(|(p, _)| *p);
+            }
+        }
         v
     }
 
@@ -237,7 +303,10 @@ impl Target {
             return;
         }
         let claim = Claim(slot);
-        let mut replica = match Replica::open_or_create(&self.data_dir, &hello) {
+        let mut replica = match self
+            .store_for(&hello)
+            .and_then(|s| Replica::attach(s, &hello))
+        {
             Ok(r) => r,
             Err(r) => {
                 claim.0.status.lock().unwrap().last_error = Some(r.message.clone());

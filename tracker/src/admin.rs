@@ -27,6 +27,24 @@ const MAX_LINE: u64 = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum AdminRequest {
     Status,
+    /// Place a recovery point (a marker in the volume's journal) now.
+    Point {
+        volume: String,
+        #[serde(default = "crash")]
+        kind: crate::journal::format::PointKind,
+    },
+}
+
+fn crash() -> crate::journal::format::PointKind {
+    crate::journal::format::PointKind::Crash
+}
+
+/// A recovery point the tracker placed: its id is the marker's sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedPoint {
+    pub volume: String,
+    pub id: u64,
+    pub kind: crate::journal::format::PointKind,
 }
 
 /// Per-volume status of the tracker.
@@ -77,6 +95,8 @@ pub struct AdminResponse {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<TrackerStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<PlacedPoint>,
 }
 
 impl AdminResponse {
@@ -85,6 +105,7 @@ impl AdminResponse {
             ok: false,
             error: Some(msg.into()),
             status: None,
+            point: None,
         }
     }
 }
@@ -318,6 +339,7 @@ mod tests {
                 listen: vec![],
                 volumes: vec![],
             }),
+            point: None,
         });
         let srv = AdminServer::bind(&path, handler).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -12,6 +12,8 @@ use crate::track::{LogOptions, OnFull};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/redun/tracker.sock";
+/// Crash-consistent points every 5 s unless configured.
+pub const DEFAULT_CRASH_INTERVAL_MS: u64 = 5000;
 /// Where journals live unless configured (changes are always tracked but with `--no-journal`).
 pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/redun/journal";
 
@@ -27,6 +29,50 @@ pub struct ConfigFile {
     pub shipper: Option<toml::Table>,
     #[serde(default)]
     pub target: Option<toml::Table>,
+    #[serde(default)]
+    pub points: PointsSection,
+    /// The target's retention policy (redun-target reads it).
+    #[serde(default)]
+    pub retention: Option<toml::Table>,
+}
+
+/// `[points]`: recovery points the tracker places.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointsSection {
+    /// How often a crash-consistent marker is placed in each written volume's journal, e.g.
+    /// "5s" [default: 5s]; "0" turns scheduled points off.
+    pub crash_interval: Option<String>,
+}
+
+/// Parses a duration: a number followed by `ms`, `s`, `m`, `h` or `d` ("0" alone is zero).
+/// Returns milliseconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(0);
+    }
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit: write e.g. 500ms, 5s, 10m, 2h or 7d"))?;
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 5s, 10m, 2h or 7d"))?;
+    let per = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    n.checked_mul(per)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +123,8 @@ pub struct TrackerConfig {
     pub on_full: OnFull,
     pub full_percent: u8,
     pub region_size: u64,
+    /// Crash-consistent markers every this many milliseconds (0: only on demand).
+    pub crash_interval_ms: u64,
 }
 
 impl TrackerConfig {
@@ -224,7 +272,13 @@ pub fn merge(
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR)),
         )
     };
+    let crash_interval_ms = match &file.points.crash_interval {
+        Some(s) => parse_duration(s)
+            .map_err(|e| ConfigError::Invalid(format!("points.crash_interval = {s:?}: {e}")))?,
+        None => DEFAULT_CRASH_INTERVAL_MS,
+    };
     Ok(TrackerConfig {
+        crash_interval_ms,
         journal_dir,
         journal_size,
         on_full: journal.on_full.or(fj.on_full).unwrap_or_default(),
@@ -258,6 +312,18 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("5s"), Ok(5000));
+        assert_eq!(parse_duration("500ms"), Ok(500));
+        assert_eq!(parse_duration("2h"), Ok(7_200_000));
+        assert_eq!(parse_duration("7d"), Ok(604_800_000));
+        assert_eq!(parse_duration("0"), Ok(0));
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_duration("5w").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("x5s").is_err());
+    }
 
     #[test]
     fn file_and_flags_merge() {

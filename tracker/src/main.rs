@@ -9,9 +9,12 @@ use anyhow::Context;
 use clap::Parser;
 use log::{error, info, warn};
 
-use redun_tracker::admin::{AdminRequest, AdminResponse, AdminServer, TrackerStatus, VolumeStatus};
+use redun_tracker::admin::{
+    AdminRequest, AdminResponse, AdminServer, PlacedPoint, TrackerStatus, VolumeStatus,
+};
 use redun_tracker::config::{self, ConfigFile};
 use redun_tracker::io::{Engine, EngineChoice, FileBackend};
+use redun_tracker::journal::format::PointKind;
 use redun_tracker::nbd::{Exports, Listener, Server};
 use redun_tracker::track::{ChangeLog, OnFull, TrackState};
 
@@ -56,6 +59,10 @@ struct Args {
     /// Do not journal (benchmarks only): changes are not tracked.
     #[arg(long)]
     no_journal: bool,
+    /// Place a crash-consistent recovery point in each written volume's journal this often,
+    /// e.g. 5s or 1s; 0 places points only on demand [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    crash_interval: Option<u64>,
 }
 
 fn parse_region(s: &str) -> Result<u64, String> {
@@ -87,7 +94,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         region_size: args.region_size,
         disabled: args.no_journal,
     };
-    let cfg = config::merge(
+    let mut cfg = config::merge(
         file,
         args.volumes,
         args.listen,
@@ -95,6 +102,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.backend,
         journal,
     )?;
+    if let Some(ms) = args.crash_interval {
+        cfg.crash_interval_ms = ms;
+    }
     let engine = Engine::resolve(cfg.backend)?;
 
     let mut list = Vec::new();
@@ -148,8 +158,21 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             ok: true,
             error: None,
             status: Some(status(&status_server, &listen_for_status, started)),
+            point: None,
         },
+        AdminRequest::Point { volume, kind } => place_point(&status_server, &volume, kind),
     });
+    let points_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let points_thread = (cfg.crash_interval_ms > 0)
+        .then(|| {
+            let server = server.clone();
+            let stop = points_stop.clone();
+            let every = Duration::from_millis(cfg.crash_interval_ms);
+            std::thread::Builder::new()
+                .name("points".into())
+                .spawn(move || crash_points(&server, every, &stop))
+        })
+        .transpose()?;
     let admin = AdminServer::bind(&cfg.admin_socket, handler)?;
     let ready = format!(
         "{} volume(s), listening on {}",
@@ -165,6 +188,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             // Writes held by a full journal would wait for a shipper past the grace period.
             log.stop_waiting();
         }
+    }
+    points_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(t) = points_thread {
+        let _ = t.join();
     }
     let clean = server.shutdown(SHUTDOWN_GRACE);
     for t in accept_threads {
@@ -182,6 +209,79 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         warn!("redun-tracker stopped with connections still busy after {SHUTDOWN_GRACE:?}");
         Ok(ExitCode::from(1))
+    }
+}
+
+/// Places a recovery point in `volume`'s journal.
+fn place_point(server: &Server<FileBackend>, volume: &str, kind: PointKind) -> AdminResponse {
+    let Some(e) = server.exports().iter().find(|e| e.name == volume) else {
+        return AdminResponse::error(format!(
+            "no volume named {volume:?} on this tracker (redun status lists them)"
+        ));
+    };
+    let Some(log) = e.backend.log() else {
+        return AdminResponse::error(format!(
+            "volume {volume}: changes are not journaled (--no-journal), so there are no \
+             recovery points"
+        ));
+    };
+    match log.mark(kind, false) {
+        Ok(Some(id)) => {
+            info!(
+                "volume {volume}: {} recovery point {id} placed",
+                kind.name()
+            );
+            AdminResponse {
+                ok: true,
+                error: None,
+                status: None,
+                point: Some(PlacedPoint {
+                    volume: volume.to_string(),
+                    id,
+                    kind,
+                }),
+            }
+        }
+        Ok(None) => AdminResponse::error(format!("volume {volume}: no point placed")),
+        Err(err) => AdminResponse::error(format!("volume {volume}: {err}")),
+    }
+}
+
+/// Places a crash-consistent point in every volume written since its last point, every
+/// `every`, until `stop`.
+fn crash_points(
+    server: &Server<FileBackend>,
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut next = Instant::now() + every;
+    let mut failing = std::collections::HashSet::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        next += every;
+        if next < now {
+            next = now + every;
+        }
+        for e in server.exports().iter() {
+            let Some(log) = e.backend.log() else {
+                continue;
+            };
+            match log.mark(PointKind::Crash, true) {
+                Ok(_) => {
+                    failing.remove(&e.name);
+                }
+                Err(err) => {
+                    // Said once per episode, not every interval.
+                    if failing.insert(e.name.clone()) {
+                        warn!("volume {}: no scheduled recovery points: {err}", e.name);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -432,6 +432,61 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// What kind of recovery point a marker places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PointKind {
+    /// Placed on a schedule or on demand: the volume as a power cut would have left it.
+    Crash = 1,
+    /// Placed between the application's freeze and thaw hooks.
+    App = 2,
+}
+
+impl PointKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PointKind::Crash => "crash",
+            PointKind::App => "app",
+        }
+    }
+}
+
+/// Length of a marker record's payload.
+pub const MARKER_LEN: usize = 16;
+
+/// The payload of a [`Kind::Marker`] record (16 bytes, little-endian): version (1), kind
+/// (1 crash, 2 app), six zero bytes, the wall-clock time of placement in milliseconds since
+/// the Unix epoch. The point's identity is the record's sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkerInfo {
+    pub kind: PointKind,
+    pub unix_ms: u64,
+}
+
+impl MarkerInfo {
+    pub fn encode(&self) -> [u8; MARKER_LEN] {
+        let mut b = [0u8; MARKER_LEN];
+        b[0] = 1;
+        b[1] = self.kind as u8;
+        b[8..16].copy_from_slice(&self.unix_ms.to_le_bytes());
+        b
+    }
+
+    /// `None` for a payload that is not a version-1 marker.
+    pub fn decode(b: &[u8]) -> Option<MarkerInfo> {
+        if b.len() != MARKER_LEN || b[0] != 1 || b[2..8].iter().any(|&x| x != 0) {
+            return None;
+        }
+        let kind = match b[1] {
+            1 => PointKind::Crash,
+            2 => PointKind::App,
+            _ => return None,
+        };
+        let unix_ms = u64::from_le_bytes(b[8..16].try_into().ok()?);
+        Some(MarkerInfo { kind, unix_ms })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,6 +502,19 @@ mod tests {
             Just(Kind::Marker),
             Just(Kind::Pad)
         ]
+    }
+
+    #[test]
+    fn markers_round_trip_and_reject_other_bytes() {
+        let m = MarkerInfo {
+            kind: PointKind::App,
+            unix_ms: 1_795_392_000_123,
+        };
+        assert_eq!(MarkerInfo::decode(&m.encode()), Some(m));
+        let mut b = m.encode();
+        b[1] = 9;
+        assert_eq!(MarkerInfo::decode(&b), None);
+        assert_eq!(MarkerInfo::decode(&b"after"[..]), None);
     }
 
     proptest! {

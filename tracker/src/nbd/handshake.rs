@@ -216,11 +216,11 @@ fn handle_option<B: BlockBackend>(
                 put_option_reply(out, option, REP_ERR_INVALID, b"LIST takes no data");
                 return Next::Continue;
             }
-            for e in exports.iter() {
+            for (name, description) in exports.list() {
                 let mut d = Vec::new();
-                d.extend_from_slice(&u32::try_from(e.name.len()).unwrap_or(0).to_be_bytes());
-                d.extend_from_slice(e.name.as_bytes());
-                d.extend_from_slice(e.backend.description().as_bytes());
+                d.extend_from_slice(&u32::try_from(name.len()).unwrap_or(0).to_be_bytes());
+                d.extend_from_slice(name.as_bytes());
+                d.extend_from_slice(description.as_bytes());
                 put_option_reply(out, option, REP_SERVER, &d);
             }
             put_option_reply(out, option, REP_ACK, &[]);

@@ -12,4 +12,4 @@ pub mod server;
 pub use backend::{
     BlockBackend, Capabilities, CompletionSink, Extent, IoOp, IoQueue, IoRequest, Token,
 };
-pub use server::{Export, ExportStats, Exports, ListenAddr, Listener, Server};
+pub use server::{Export, ExportStats, Exports, ListenAddr, Listener, Resolve, Server};

@@ -55,11 +55,30 @@ pub struct Export<B: BlockBackend> {
     pub stats: ExportStats,
 }
 
+/// Exports that exist only while someone asks for them (the master target's recovery
+/// points): looked up by name at negotiation.
+pub trait Resolve<B: BlockBackend>: Send + Sync + std::fmt::Debug {
+    fn find(&self, name: &str) -> Option<Arc<Export<B>>>;
+    /// Names and descriptions for NBD_OPT_LIST.
+    fn list(&self) -> Vec<(String, String)>;
+}
+
 /// The set of exports a server offers. The empty name (the protocol's default export)
-/// selects the first one.
+/// selects the first fixed one.
 #[derive(Debug)]
 pub struct Exports<B: BlockBackend> {
     list: Vec<Arc<Export<B>>>,
+    resolver: Option<Box<dyn Resolve<B>>>,
+}
+
+impl<B: BlockBackend> Export<B> {
+    pub fn new(name: String, backend: B) -> Export<B> {
+        Export {
+            name,
+            backend,
+            stats: ExportStats::default(),
+        }
+    }
 }
 
 impl<B: BlockBackend> Exports<B> {
@@ -67,14 +86,17 @@ impl<B: BlockBackend> Exports<B> {
         Exports {
             list: list
                 .into_iter()
-                .map(|(name, backend)| {
-                    Arc::new(Export {
-                        name,
-                        backend,
-                        stats: ExportStats::default(),
-                    })
-                })
+                .map(|(name, backend)| Arc::new(Export::new(name, backend)))
                 .collect(),
+            resolver: None,
+        }
+    }
+
+    /// Exports found by `resolver` when a client names them.
+    pub fn dynamic(resolver: Box<dyn Resolve<B>>) -> Self {
+        Exports {
+            list: Vec::new(),
+            resolver: Some(resolver),
         }
     }
 
@@ -82,11 +104,28 @@ impl<B: BlockBackend> Exports<B> {
         if name.is_empty() {
             return self.list.first().cloned();
         }
-        self.list.iter().find(|e| e.name == name).cloned()
+        if let Some(e) = self.list.iter().find(|e| e.name == name) {
+            return Some(e.clone());
+        }
+        self.resolver.as_ref().and_then(|r| r.find(name))
     }
 
+    /// The fixed exports.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Export<B>>> {
         self.list.iter()
+    }
+
+    /// Every export's name and description, fixed and dynamic.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .list
+            .iter()
+            .map(|e| (e.name.clone(), e.backend.description()))
+            .collect();
+        if let Some(r) = &self.resolver {
+            v.extend(r.list());
+        }
+        v
     }
 }
 

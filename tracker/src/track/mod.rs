@@ -29,7 +29,7 @@ use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::io::ops;
-use crate::journal::format::{Kind, MIN_FILE_SIZE, record_size};
+use crate::journal::format::{Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, record_size};
 use crate::journal::inspect::find_damage;
 use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Policy, Store, read_superblock};
@@ -155,6 +155,8 @@ struct State {
     no_waiting: bool,
     /// The log is closing: the committer stops, changes are refused.
     stopping: bool,
+    /// A change was recorded since the last marker.
+    changed_since_mark: bool,
 }
 
 #[derive(Debug)]
@@ -508,6 +510,7 @@ impl ChangeLog {
                 waiting: 0,
                 no_waiting: false,
                 stopping: false,
+                changed_since_mark: false,
             }),
             wake: Condvar::new(),
             stop_waiting: Condvar::new(),
@@ -633,6 +636,9 @@ impl ChangeLog {
                 r => break r.map(|_| ()),
             }
         };
+        if r.is_ok() {
+            guard.changed_since_mark = true;
+        }
         let st = &mut *guard;
         if waited {
             st.waiting -= 1;
@@ -650,6 +656,47 @@ impl ChangeLog {
             self.shared.wake.notify_one();
         }
         r
+    }
+
+    /// Appends a consistency marker (a recovery point of `kind`) after every change recorded
+    /// so far, and returns its sequence number. With `only_if_changed`, nothing is placed
+    /// (`Ok(None)`) when no change was recorded since the last marker. Fails when the journal
+    /// does not take records (overflow or failure: the volume needs a resync first).
+    pub fn mark(&self, kind: PointKind, only_if_changed: bool) -> io::Result<Option<u64>> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if only_if_changed && !st.changed_since_mark {
+            return Ok(None);
+        }
+        if st.stopping {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        if st.overflowed || st.journal_failed {
+            return Err(io::Error::other(format!(
+                "journal {} takes no records until the volume is resynced: no recovery point \
+                 can be placed",
+                self.path.display()
+            )));
+        }
+        let Some(j) = st.journal.as_mut() else {
+            return Err(io::Error::other("changes are not journaled (--no-journal)"));
+        };
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let payload = MarkerInfo { kind, unix_ms }.encode();
+        let seq = j.append(Kind::Marker, 0, 0, &payload).map_err(|e| {
+            io::Error::other(format!(
+                "journal {}: cannot place a recovery point: {e}",
+                self.path.display()
+            ))
+        })?;
+        st.changed_since_mark = false;
+        if !st.commit_armed {
+            st.commit_armed = true;
+            self.shared.wake.notify_one();
+        }
+        Ok(Some(seq))
     }
 
     /// Makes writes that wait for journal space give up (with `ESHUTDOWN`) and refuses new

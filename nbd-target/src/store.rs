@@ -1,0 +1,1306 @@
+//! The replica store of one volume (docs/FORMAT.md, "Replica store"): a base image plus
+//! checksummed delta segments and a manifest naming the recovery points, so that any point
+//! inside the retention window reads back through an extent index ([`View`]).
+//!
+//! ```text
+//! DATA/NAME.state               replication progress: identity, next seq, the open segment
+//! DATA/NAME.store/manifest.json base seq, sealed segments, recovery points (replaced atomically)
+//! DATA/NAME.store/base.img      the volume as of the base seq (sparse)
+//! DATA/NAME.store/SEQ.seg       a segment: the records from seq SEQ on, in order
+//! ```
+//!
+//! Records are appended to the open segment; a commit writes them out, syncs the segment and
+//! then replaces the state file with the new durable length. Once a segment holds
+//! [`SEAL_BYTES`] it gets its index and trailer and enters the manifest, and a new one opens.
+//! Sealed segments never change. Retention prunes points from the manifest first, then
+//! merges the sealed segments below the oldest point still needed into the base image, then
+//! drops them from the manifest, then deletes their files: a crash anywhere in between
+//! leaves a store that reads the same.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{info, warn};
+use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+pub const SEGMENT_MAGIC: [u8; 8] = *b"RDSEG001";
+pub const SEGMENT_HEADER_LEN: usize = 64;
+pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"RSE1");
+pub const ENTRY_HEADER_LEN: usize = 40;
+pub const INDEX_ENTRY_LEN: usize = 32;
+pub const TRAILER_MAGIC: [u8; 8] = *b"RDSEGEND";
+pub const TRAILER_LEN: usize = 32;
+/// A segment is sealed at the first commit after it holds this many bytes.
+pub const SEAL_BYTES: u64 = 64 << 20;
+/// Appended records are written to the segment file once this many bytes wait in memory.
+const WRITE_BYTES: usize = 8 << 20;
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// The identity a store is created with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    /// The volume's uuid, hex.
+    pub uuid: String,
+    pub size: u64,
+    pub generation: u64,
+}
+
+/// What `NAME.state` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    pub name: String,
+    /// The volume's uuid, hex.
+    pub uuid: String,
+    pub size: u64,
+    pub generation: u64,
+    /// The first sequence number not applied (0 until the first batch).
+    pub next_seq: u64,
+    /// The open segment's file name and how many of its bytes are durable.
+    #[serde(default)]
+    pub open_segment: String,
+    #[serde(default)]
+    pub open_len: u64,
+}
+
+/// A recovery point: the volume as of the marker record with sequence number `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    pub id: u64,
+    pub unix_ms: u64,
+    pub kind: PointKind,
+}
+
+/// A sealed segment as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    pub file: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+}
+
+/// `NAME.store/manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub uuid: String,
+    pub size: u64,
+    pub generation: u64,
+    /// Every record up to this sequence number is in `base.img` (0: none).
+    pub base_seq: u64,
+    pub segments: Vec<SegmentRef>,
+    /// Points in sealed segments, oldest first (points in the open segment are found by
+    /// reading it).
+    pub points: Vec<Point>,
+}
+
+/// One record of a segment, as the index keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub offset: u64,
+    /// Where the payload starts in the segment file.
+    pub data: u64,
+    pub length: u32,
+    pub kind: Kind,
+}
+
+/// A sealed segment: immutable.
+#[derive(Debug)]
+struct Sealed {
+    r: SegmentRef,
+    file: Arc<File>,
+    entries: Vec<Entry>,
+}
+
+/// The segment records are appended to.
+#[derive(Debug)]
+struct Open {
+    name: String,
+    first_seq: u64,
+    file: Arc<File>,
+    entries: Vec<Entry>,
+    points: Vec<Point>,
+    /// Bytes in the file (written, durable or not) and waiting in `buf`.
+    written: u64,
+    buf: Vec<u8>,
+}
+
+impl Open {
+    fn len(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+}
+
+/// Why a store cannot be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("replica store {path} is damaged: {reason} (move the replica away to start over)")]
+    Damaged { path: PathBuf, reason: String },
+}
+
+impl StoreError {
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            StoreError::Io { source, .. } => Some(source),
+            StoreError::Damaged { .. } => None,
+        }
+    }
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn damaged(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Damaged {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The replica store of one volume, shared by the replication connection (the only writer)
+/// and the NBD exports of its points.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    state_path: PathBuf,
+    inner: Mutex<Inner>,
+    /// Sequence numbers that open views read at: merging stops below the lowest.
+    pins: Arc<Mutex<BTreeMap<u64, usize>>>,
+    /// One retention pass at a time.
+    maintenance: Mutex<()>,
+    /// The open segment is sealed once it holds this many bytes.
+    seal_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// What is durable.
+    state: ReplicaState,
+    manifest: Manifest,
+    base: Arc<File>,
+    sealed: Vec<Arc<Sealed>>,
+    open: Open,
+    /// The first sequence number not yet appended (durable or not).
+    applied: u64,
+}
+
+pub fn state_path(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join(format!("{name}.state"))
+}
+
+pub fn store_dir(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join(format!("{name}.store"))
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+/// Writes `bytes` to `path` through a temporary file, durably (file, rename, directory).
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let r = (|| {
+        let f = File::create(&tmp)?;
+        f.write_all_at(bytes, 0)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(d) = path.parent() {
+            File::open(d)?.sync_all()?;
+        }
+        Ok::<(), io::Error>(())
+    })();
+    r.map_err(io_err("cannot write", path))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, StoreError> {
+    let text = std::fs::read_to_string(path).map_err(io_err("cannot read", path))?;
+    serde_json::from_str(&text).map_err(|e| damaged(path, e.to_string()))
+}
+
+/// Reads the state file of volume `name`, if there is one.
+pub fn read_state(data_dir: &Path, name: &str) -> Result<Option<ReplicaState>, StoreError> {
+    let p = state_path(data_dir, name);
+    if !p.exists() {
+        return Ok(None);
+    }
+    read_json(&p).map(Some)
+}
+
+fn segment_header(id: &Identity, first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let uuid = u128::from_str_radix(&id.uuid, 16).unwrap_or(0);
+    h[16..32].copy_from_slice(&uuid.to_be_bytes());
+    h[32..40].copy_from_slice(&id.generation.to_le_bytes());
+    h[40..48].copy_from_slice(&first_seq.to_le_bytes());
+    let sum = xxh3_64(&h[..56]);
+    h[56..64].copy_from_slice(&sum.to_le_bytes());
+    h
+}
+
+/// The checksum of an entry: its header's first 32 bytes and its payload, seeded with the
+/// segment's first sequence number (an entry copied into another segment does not verify).
+fn entry_checksum(head: &[u8], payload: &[u8], first_seq: u64) -> u64 {
+    let mut h = Xxh3::with_seed(first_seq);
+    h.update(&head[..32]);
+    h.update(payload);
+    h.digest()
+}
+
+fn encode_entry(
+    out: &mut Vec<u8>,
+    first_seq: u64,
+    kind: Kind,
+    seq: u64,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) {
+    let mut head = [0u8; ENTRY_HEADER_LEN];
+    head[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+    head[4] = kind as u8;
+    head[8..16].copy_from_slice(&seq.to_le_bytes());
+    head[16..24].copy_from_slice(&offset.to_le_bytes());
+    head[24..28].copy_from_slice(&length.to_le_bytes());
+    let plen = u32::try_from(payload.len()).expect("payloads are at most 32 MiB");
+    head[28..32].copy_from_slice(&plen.to_le_bytes());
+    let sum = entry_checksum(&head, payload, first_seq);
+    head[32..40].copy_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(payload);
+}
+
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
+/// Reads the entries of a segment from its first record to `len` (an open segment, or a
+/// sealed one whose index is damaged), checking every checksum. Returns the entries and
+/// the points its markers place.
+fn scan_segment(
+    file: &File,
+    path: &Path,
+    first_seq: u64,
+    len: u64,
+) -> Result<(Vec<Entry>, Vec<Point>), StoreError> {
+    let mut head = [0u8; SEGMENT_HEADER_LEN];
+    file.read_exact_at(&mut head, 0)
+        .map_err(io_err("cannot read", path))?;
+    if head[0..8] != SEGMENT_MAGIC || le64(&head[56..]) != xxh3_64(&head[..56]) {
+        return Err(damaged(path, "the segment header is not valid"));
+    }
+    if le64(&head[40..]) != first_seq {
+        return Err(damaged(
+            path,
+            format!(
+                "the segment starts at seq {}, not {first_seq}",
+                le64(&head[40..])
+            ),
+        ));
+    }
+    let mut entries = Vec::new();
+    let mut points = Vec::new();
+    let mut pos = SEGMENT_HEADER_LEN as u64;
+    let mut next = first_seq;
+    let mut eh = [0u8; ENTRY_HEADER_LEN];
+    while pos < len {
+        let bad = |why: String| damaged(path, format!("entry at byte {pos}: {why}"));
+        if pos + ENTRY_HEADER_LEN as u64 > len {
+            return Err(bad("truncated header".into()));
+        }
+        file.read_exact_at(&mut eh, pos)
+            .map_err(io_err("cannot read", path))?;
+        if le32(&eh[0..]) != ENTRY_MAGIC {
+            return Err(bad("bad magic".into()));
+        }
+        let kind = Kind::from_u8(eh[4]).ok_or_else(|| bad(format!("unknown kind {}", eh[4])))?;
+        let seq = le64(&eh[8..]);
+        let offset = le64(&eh[16..]);
+        let length = le32(&eh[24..]);
+        let plen = u64::from(le32(&eh[28..]));
+        if seq != next && !(entries.is_empty() && seq >= next) {
+            return Err(bad(format!("seq {seq} where {next} was expected")));
+        }
+        let data = pos + ENTRY_HEADER_LEN as u64;
+        if data + plen > len {
+            return Err(bad("truncated payload".into()));
+        }
+        let mut payload = vec![0u8; usize::try_from(plen).unwrap_or(usize::MAX)];
+        file.read_exact_at(&mut payload, data)
+            .map_err(io_err("cannot read", path))?;
+        if entry_checksum(&eh, &payload, first_seq) != le64(&eh[32..]) {
+            return Err(bad(format!("checksum mismatch (seq {seq})")));
+        }
+        if kind == Kind::Marker {
+            if let Some(m) = MarkerInfo::decode(&payload) {
+                points.push(Point {
+                    id: seq,
+                    unix_ms: m.unix_ms,
+                    kind: m.kind,
+                });
+            }
+        }
+        entries.push(Entry {
+            seq,
+            offset,
+            data,
+            length,
+            kind,
+        });
+        next = seq + 1;
+        pos = data + plen;
+    }
+    Ok((entries, points))
+}
+
+/// Reads a sealed segment's index through its trailer.
+fn read_index(file: &File, path: &Path, r: &SegmentRef) -> Result<Vec<Entry>, StoreError> {
+    let len = file.metadata().map_err(io_err("cannot stat", path))?.len();
+    if len != r.bytes || len < (SEGMENT_HEADER_LEN + TRAILER_LEN) as u64 {
+        return Err(damaged(
+            path,
+            format!("the segment has {len} bytes, the manifest says {}", r.bytes),
+        ));
+    }
+    let mut t = [0u8; TRAILER_LEN];
+    file.read_exact_at(&mut t, len - TRAILER_LEN as u64)
+        .map_err(io_err("cannot read", path))?;
+    if t[0..8] != TRAILER_MAGIC {
+        return Err(damaged(path, "the segment has no trailer"));
+    }
+    let at = le64(&t[8..]);
+    let count = le64(&t[16..]);
+    let bytes = count
+        .checked_mul(INDEX_ENTRY_LEN as u64)
+        .filter(|b| at.checked_add(*b) == Some(len - TRAILER_LEN as u64))
+        .ok_or_else(|| damaged(path, "the segment's trailer is not valid"))?;
+    let mut idx = vec![0u8; usize::try_from(bytes).unwrap_or(usize::MAX)];
+    file.read_exact_at(&mut idx, at)
+        .map_err(io_err("cannot read", path))?;
+    if xxh3_64(&idx) != le64(&t[24..]) {
+        return Err(damaged(path, "the segment's index checksum does not match"));
+    }
+    let mut entries = Vec::with_capacity(idx.len() / INDEX_ENTRY_LEN);
+    for e in idx.chunks_exact(INDEX_ENTRY_LEN) {
+        let kind = Kind::from_u8(e[28]).ok_or_else(|| damaged(path, "unknown kind in index"))?;
+        entries.push(Entry {
+            seq: le64(&e[0..]),
+            offset: le64(&e[8..]),
+            data: le64(&e[16..]),
+            length: le32(&e[24..]),
+            kind,
+        });
+    }
+    let first = entries.first().map(|e| e.seq);
+    let last = entries.last().map(|e| e.seq);
+    if first != Some(r.first_seq) || last != Some(r.last_seq) {
+        return Err(damaged(
+            path,
+            format!(
+                "the index covers seq {first:?}..={last:?}, the manifest {}..={}",
+                r.first_seq, r.last_seq
+            ),
+        ));
+    }
+    Ok(entries)
+}
+
+fn encode_index(entries: &[Entry], at: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN + TRAILER_LEN);
+    for e in entries {
+        out.extend_from_slice(&e.seq.to_le_bytes());
+        out.extend_from_slice(&e.offset.to_le_bytes());
+        out.extend_from_slice(&e.data.to_le_bytes());
+        out.extend_from_slice(&e.length.to_le_bytes());
+        out.extend_from_slice(&[e.kind as u8, 0, 0, 0]);
+    }
+    let sum = xxh3_64(&out);
+    out.extend_from_slice(&TRAILER_MAGIC);
+    out.extend_from_slice(&at.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err("cannot open", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync", dir))
+}
+
+impl Store {
+    /// Creates the store of a volume seen for the first time: an empty (sparse) base, an
+    /// empty open segment, the manifest, and last the state file that says it exists.
+    pub fn create(data_dir: &Path, id: &Identity) -> Result<Store, StoreError> {
+        let dir = store_dir(data_dir, &id.name);
+        std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        let base_path = dir.join("base.img");
+        let base = open_rw(&base_path, true)?;
+        base.set_len(0)
+            .and_then(|()| base.set_len(id.size))
+            .and_then(|()| base.sync_all())
+            .map_err(io_err("cannot size", &base_path))?;
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            name: id.name.clone(),
+            uuid: id.uuid.clone(),
+            size: id.size,
+            generation: id.generation,
+            base_seq: 0,
+            segments: Vec::new(),
+            points: Vec::new(),
+        };
+        let open = new_open(&dir, id, 0)?;
+        let state = ReplicaState {
+            name: id.name.clone(),
+            uuid: id.uuid.clone(),
+            size: id.size,
+            generation: id.generation,
+            next_seq: 0,
+            open_segment: open.name.clone(),
+            open_len: open.written,
+        };
+        replace_file(&dir.join("manifest.json"), &to_json(&manifest))?;
+        let state_path = state_path(data_dir, &id.name);
+        replace_file(&state_path, &to_json(&state))?;
+        Ok(Store {
+            dir,
+            state_path,
+            inner: Mutex::new(Inner {
+                state,
+                manifest,
+                base: Arc::new(base),
+                sealed: Vec::new(),
+                open,
+                applied: 0,
+            }),
+            pins: Arc::default(),
+            maintenance: Mutex::new(()),
+            seal_bytes: SEAL_BYTES,
+        })
+    }
+
+    /// Opens the store of volume `name` (whose state file exists), recovering from a crash
+    /// at any step: the open segment is cut back to its durable length, a seal that reached
+    /// the manifest but not the state file is completed, files no longer listed are removed.
+    pub fn open(data_dir: &Path, name: &str) -> Result<Store, StoreError> {
+        let state_path = state_path(data_dir, name);
+        let mut state: ReplicaState = read_json(&state_path)?;
+        let dir = store_dir(data_dir, name);
+        let manifest_path = dir.join("manifest.json");
+        let manifest: Manifest = read_json(&manifest_path)?;
+        if manifest.uuid != state.uuid || manifest.size != state.size {
+            return Err(damaged(
+                &manifest_path,
+                format!(
+                    "the manifest is of volume uuid {} with {} bytes, the state file {} says \
+                     uuid {} with {} bytes",
+                    manifest.uuid,
+                    manifest.size,
+                    state_path.display(),
+                    state.uuid,
+                    state.size
+                ),
+            ));
+        }
+        let id = Identity {
+            name: name.to_string(),
+            uuid: state.uuid.clone(),
+            size: state.size,
+            generation: state.generation,
+        };
+        let base_path = dir.join("base.img");
+        let base = open_rw(&base_path, false)?;
+        let mut sealed = Vec::new();
+        for r in &manifest.segments {
+            let p = dir.join(&r.file);
+            let file = File::open(&p).map_err(io_err("cannot open", &p))?;
+            let entries = read_index(&file, &p, r)?;
+            sealed.push(Arc::new(Sealed {
+                r: r.clone(),
+                file: Arc::new(file),
+                entries,
+            }));
+        }
+        let sealed_end = manifest
+            .segments
+            .last()
+            .map_or(manifest.base_seq, |s| s.last_seq);
+        let open = if manifest
+            .segments
+            .iter()
+            .any(|s| s.file == state.open_segment)
+        {
+            // Sealed, but the state file still names it: open the next one.
+            let open = new_open(&dir, &id, sealed_end + 1)?;
+            state.open_segment = open.name.clone();
+            state.open_len = open.written;
+            state.next_seq = state.next_seq.max(sealed_end + 1);
+            replace_file(&state_path, &to_json(&state))?;
+            open
+        } else {
+            let p = dir.join(&state.open_segment);
+            let file = open_rw(&p, false)?;
+            file.set_len(state.open_len)
+                .map_err(io_err("cannot truncate", &p))?;
+            let first_seq = state
+                .open_segment
+                .strip_suffix(".seg")
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| damaged(&state_path, "open_segment is not a segment file name"))?;
+            let (entries, points) = scan_segment(&file, &p, first_seq, state.open_len)?;
+            Open {
+                name: state.open_segment.clone(),
+                first_seq,
+                file: Arc::new(file),
+                entries,
+                points,
+                written: state.open_len,
+                buf: Vec::new(),
+            }
+        };
+        // Files of merged segments whose deletion did not happen, or of a seal that did not
+        // reach the manifest.
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let f = e.file_name().to_string_lossy().to_string();
+                let listed = f == open.name || manifest.segments.iter().any(|s| s.file == f);
+                if (f.ends_with(".seg") || f.ends_with(".tmp")) && !listed {
+                    info!("replica {name}: removing {f}, which the store no longer uses");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let applied = state.next_seq;
+        Ok(Store {
+            dir,
+            state_path,
+            inner: Mutex::new(Inner {
+                state,
+                manifest,
+                base: Arc::new(base),
+                sealed,
+                open,
+                applied,
+            }),
+            pins: Arc::default(),
+            maintenance: Mutex::new(()),
+            seal_bytes: SEAL_BYTES,
+        })
+    }
+
+    /// Seals segments at `bytes` instead of [`SEAL_BYTES`] (tests and benchmarks).
+    pub fn with_seal_bytes(mut self, bytes: u64) -> Store {
+        self.seal_bytes = bytes;
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> ReplicaState {
+        self.lock().state.clone()
+    }
+
+    /// The first sequence number not yet appended.
+    pub fn applied(&self) -> u64 {
+        self.lock().applied
+    }
+
+    /// Appends one record to the open segment (not yet durably: see [`Store::commit`]).
+    /// The caller checks order and ranges.
+    pub fn append(
+        &self,
+        kind: Kind,
+        seq: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let o = &mut inner.open;
+        let data = o.len() + ENTRY_HEADER_LEN as u64;
+        encode_entry(&mut o.buf, o.first_seq, kind, seq, offset, length, payload);
+        o.entries.push(Entry {
+            seq,
+            offset,
+            data,
+            length,
+            kind,
+        });
+        if kind == Kind::Marker {
+            if let Some(m) = MarkerInfo::decode(payload) {
+                o.points.push(Point {
+                    id: seq,
+                    unix_ms: m.unix_ms,
+                    kind: m.kind,
+                });
+            }
+        }
+        inner.applied = seq + 1;
+        if o.buf.len() >= WRITE_BYTES {
+            if let Err(e) = write_buf(o, &self.dir) {
+                rollback(inner);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything appended durable (the segment, then the state file that says so)
+    /// and seals the segment once it is big enough. Returns the last durable sequence number
+    /// (0 when none). On failure, what was appended since the last commit is dropped: the
+    /// shipper sends it again.
+    pub fn commit(&self) -> Result<u64, StoreError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        if inner.applied != inner.state.next_seq {
+            if let Err(e) = self.make_durable(inner) {
+                rollback(inner);
+                return Err(e);
+            }
+            if inner.open.written >= self.seal_bytes {
+                if let Err(e) = self.seal(inner) {
+                    // The records are durable; sealing is tried again at the next commit.
+                    warn!(
+                        "replica {}: cannot seal a segment yet: {e}",
+                        inner.state.name
+                    );
+                }
+            }
+        }
+        Ok(inner.state.next_seq.saturating_sub(1))
+    }
+
+    /// Forgets what was appended and not committed (a new connection starts from what is
+    /// durable).
+    pub fn discard_uncommitted(&self) {
+        rollback(&mut self.lock());
+    }
+
+    fn make_durable(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        write_buf(&mut inner.open, &self.dir)?;
+        let path = self.dir.join(&inner.open.name);
+        inner
+            .open
+            .file
+            .sync_data()
+            .map_err(io_err("cannot sync", &path))?;
+        let mut st = inner.state.clone();
+        st.next_seq = inner.applied;
+        st.open_segment = inner.open.name.clone();
+        st.open_len = inner.open.written;
+        replace_file(&self.state_path, &to_json(&st))?;
+        inner.state = st;
+        Ok(())
+    }
+
+    /// Seals the open segment (index, trailer, sync), lists it in the manifest and opens the
+    /// next one. Everything appended is durable when this is called. Until the manifest
+    /// names the segment, a failure leaves the open segment as it was; after that, the state
+    /// file is brought up to date by the next commit (or by [`Store::open`]).
+    fn seal(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        let o = &inner.open;
+        let (Some(first), Some(last)) = (o.entries.first(), o.entries.last()) else {
+            return Ok(());
+        };
+        let path = self.dir.join(&o.name);
+        let tail = encode_index(&o.entries, o.written);
+        let id = Identity {
+            name: inner.state.name.clone(),
+            uuid: inner.state.uuid.clone(),
+            size: inner.state.size,
+            generation: inner.state.generation,
+        };
+        let r = SegmentRef {
+            file: o.name.clone(),
+            first_seq: first.seq,
+            last_seq: last.seq,
+            bytes: o.written + tail.len() as u64,
+        };
+        let mut m = inner.manifest.clone();
+        m.segments.push(r.clone());
+        m.points.extend(o.points.iter().copied());
+        let prepared = o
+            .file
+            .write_all_at(&tail, o.written)
+            .and_then(|()| o.file.sync_data())
+            .map_err(io_err("cannot seal", &path))
+            .and_then(|()| new_open(&self.dir, &id, last.seq + 1))
+            .and_then(|next| {
+                replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+                Ok(next)
+            });
+        let next = match prepared {
+            Ok(next) => next,
+            Err(e) => {
+                let _ = o.file.set_len(o.written);
+                return Err(e);
+            }
+        };
+        inner.manifest = m;
+        let old = std::mem::replace(&mut inner.open, next);
+        inner.sealed.push(Arc::new(Sealed {
+            r,
+            file: old.file,
+            entries: old.entries,
+        }));
+        inner.state.open_segment = inner.open.name.clone();
+        inner.state.open_len = inner.open.written;
+        replace_file(&self.state_path, &to_json(&inner.state))
+    }
+
+    /// Every recovery point, oldest first, with whether it can be read (durable and not yet
+    /// merged away).
+    pub fn points(&self) -> Vec<(Point, bool)> {
+        let g = self.lock();
+        let durable = g.state.next_seq;
+        g.manifest
+            .points
+            .iter()
+            .chain(g.open.points.iter())
+            .map(|p| (*p, p.id < durable && p.id >= g.manifest.base_seq))
+            .collect()
+    }
+
+    /// The last durable sequence number, which `latest` reads at (0: nothing yet).
+    pub fn latest(&self) -> u64 {
+        self.lock().state.next_seq.saturating_sub(1)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.lock().state.size
+    }
+
+    /// The volume as of sequence number `seq` (every record up to it applied), or `None`
+    /// when `seq` is not durable yet or was merged into the base. The view pins `seq`:
+    /// nothing it needs is merged away while it lives.
+    pub fn view(&self, seq: u64) -> Option<View> {
+        let g = self.lock();
+        if seq > g.state.next_seq.saturating_sub(1) || seq < g.manifest.base_seq {
+            return None;
+        }
+        *self.pins.lock().unwrap().entry(seq).or_default() += 1;
+        let pin = Pin {
+            pins: self.pins.clone(),
+            seq,
+        };
+        let mut files: Vec<Arc<File>> = Vec::new();
+        let mut parts: Vec<(u32, Vec<Entry>)> = Vec::new();
+        for s in g.sealed.iter().filter(|s| s.r.first_seq <= seq) {
+            files.push(s.file.clone());
+            let n = s.entries.partition_point(|e| e.seq <= seq);
+            // Sealed entries are immutable: copying the prefix keeps the lock short enough.
+            parts.push((file_index(&files), s.entries[..n].to_vec()));
+        }
+        if g.open.first_seq <= seq {
+            files.push(g.open.file.clone());
+            let n = g.open.entries.partition_point(|e| e.seq <= seq);
+            parts.push((file_index(&files), g.open.entries[..n].to_vec()));
+        }
+        let base = g.base.clone();
+        let size = g.state.size;
+        drop(g);
+        let mut map = ExtentMap::default();
+        for (file, entries) in &parts {
+            for e in entries {
+                let src = match e.kind {
+                    Kind::Write => Src::Data {
+                        file: *file,
+                        pos: e.data,
+                    },
+                    Kind::Trim | Kind::Zero => Src::Zero,
+                    Kind::Marker | Kind::Pad => continue,
+                };
+                if e.length > 0 {
+                    map.insert(e.offset, e.offset + u64::from(e.length), src);
+                }
+            }
+        }
+        Some(View {
+            seq,
+            size,
+            base,
+            files,
+            map,
+            _pin: pin,
+        })
+    }
+
+    /// Applies the retention policy at `now_ms`: prunes points, then merges the sealed
+    /// segments that no remaining point and no open view needs into the base image.
+    pub fn maintain(&self, retention: &Retention, now_ms: u64) -> Result<Maintained, StoreError> {
+        let _one = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = Maintained::default();
+        // 1. Prune points, durably, before any base write can make them unreadable.
+        let (merge, through) = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let all: Vec<Point> = inner
+                .manifest
+                .points
+                .iter()
+                .chain(inner.open.points.iter())
+                .copied()
+                .collect();
+            let keep = retention.keep(&all, now_ms);
+            if keep.len() < all.len() {
+                done.pruned = all.len() - keep.len();
+                let kept = |p: &Point| keep.iter().any(|k| k.id == p.id);
+                let mut m = inner.manifest.clone();
+                m.points.retain(kept);
+                replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+                inner.manifest = m;
+                inner.open.points.retain(kept);
+            }
+            let oldest_point = inner
+                .manifest
+                .points
+                .first()
+                .or(inner.open.points.first())
+                .map_or(u64::MAX, |p| p.id);
+            let oldest_pin = self
+                .pins
+                .lock()
+                .unwrap()
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(u64::MAX);
+            let limit = oldest_point.min(oldest_pin);
+            let merge: Vec<Arc<Sealed>> = inner
+                .sealed
+                .iter()
+                .take_while(|s| s.r.last_seq <= limit)
+                .cloned()
+                .collect();
+            let through = merge.last().map(|s| s.r.last_seq);
+            (merge, through)
+        };
+        let Some(through) = through else {
+            return Ok(done);
+        };
+        // 2. Merge into the base. Views that need these segments read them from the
+        //    segments (they are pinned at or above `through`), never from the base ranges
+        //    being rewritten; re-merging after a crash writes the same bytes.
+        let base_path = self.dir.join("base.img");
+        let base = self.lock().base.clone();
+        for s in &merge {
+            let p = self.dir.join(&s.r.file);
+            for e in &s.entries {
+                match e.kind {
+                    Kind::Write => {
+                        let mut buf = vec![0u8; e.length as usize];
+                        s.file
+                            .read_exact_at(&mut buf, e.data)
+                            .map_err(io_err("cannot read", &p))?;
+                        base.write_all_at(&buf, e.offset)
+                            .map_err(io_err("cannot write", &base_path))?;
+                    }
+                    Kind::Trim | Kind::Zero => {
+                        redun_tracker::io::ops::write_zeroes(
+                            &base, e.offset, e.length, true, false, false,
+                        )
+                        .map_err(io_err("cannot zero", &base_path))?;
+                    }
+                    Kind::Marker | Kind::Pad => {}
+                }
+                done.merged_bytes += u64::from(e.length);
+            }
+            done.merged_segments += 1;
+        }
+        base.sync_data()
+            .map_err(io_err("cannot sync", &base_path))?;
+        // 3. The manifest forgets them; 4. their files go.
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let mut m = inner.manifest.clone();
+            m.base_seq = through;
+            m.segments.retain(|s| s.last_seq > through);
+            replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+            inner.manifest = m;
+            inner.sealed.retain(|s| s.r.last_seq > through);
+        }
+        for s in &merge {
+            let _ = std::fs::remove_file(self.dir.join(&s.r.file));
+        }
+        sync_dir(&self.dir)?;
+        info!(
+            "replica {}: merged {} segments ({} bytes) into the base, now at seq {through}",
+            self.lock().state.name,
+            done.merged_segments,
+            done.merged_bytes
+        );
+        Ok(done)
+    }
+
+    /// How many sealed segments the store holds, and the base's sequence number.
+    pub fn layout(&self) -> (usize, u64) {
+        let g = self.lock();
+        (g.sealed.len(), g.manifest.base_seq)
+    }
+}
+
+/// What a retention pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Maintained {
+    pub pruned: usize,
+    pub merged_segments: usize,
+    pub merged_bytes: u64,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(v).expect("serializable")
+}
+
+fn new_open(dir: &Path, id: &Identity, first_seq: u64) -> Result<Open, StoreError> {
+    let name = segment_name(first_seq);
+    let path = dir.join(&name);
+    let file = open_rw(&path, true)?;
+    let head = segment_header(id, first_seq);
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(&head, 0))
+        .and_then(|()| file.sync_all())
+        .map_err(io_err("cannot create", &path))?;
+    sync_dir(dir)?;
+    Ok(Open {
+        name,
+        first_seq,
+        file: Arc::new(file),
+        entries: Vec::new(),
+        points: Vec::new(),
+        written: SEGMENT_HEADER_LEN as u64,
+        buf: Vec::new(),
+    })
+}
+
+/// Back to what is durable: appended records not committed are forgotten.
+fn rollback(inner: &mut Inner) {
+    let durable = inner.state.next_seq;
+    let o = &mut inner.open;
+    o.buf.clear();
+    o.entries.retain(|e| e.seq < durable);
+    o.points.retain(|p| p.id < durable);
+    if o.name == inner.state.open_segment {
+        o.written = inner.state.open_len;
+        let _ = o.file.set_len(o.written);
+    }
+    inner.applied = durable;
+}
+
+fn write_buf(o: &mut Open, dir: &Path) -> Result<(), StoreError> {
+    if o.buf.is_empty() {
+        return Ok(());
+    }
+    o.file
+        .write_all_at(&o.buf, o.written)
+        .map_err(io_err("cannot write", &dir.join(&o.name)))?;
+    o.written += o.buf.len() as u64;
+    o.buf.clear();
+    if o.buf.capacity() > 2 * WRITE_BYTES {
+        o.buf.shrink_to(WRITE_BYTES);
+    }
+    Ok(())
+}
+
+/// Retention: every point younger than `keep_all_ms`, then one point per `every_ms` for
+/// each tier's span; the newest point is always kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_all_ms: u64,
+    pub tiers: Vec<Tier>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    pub every_ms: u64,
+    /// Points up to this age fall in the tier.
+    pub for_ms: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            keep_all_ms: 2 * 3600 * 1000,
+            tiers: Vec::new(),
+        }
+    }
+}
+
+impl Retention {
+    /// The points to keep, oldest first. Within a tier the first point of each `every`
+    /// interval (by wall clock) stays; an app-consistent point is preferred to a crash one
+    /// in the same interval.
+    pub fn keep(&self, points: &[Point], now_ms: u64) -> Vec<Point> {
+        let mut keep = Vec::new();
+        let mut buckets: BTreeMap<(usize, u64), Point> = BTreeMap::new();
+        for (i, p) in points.iter().enumerate() {
+            let age = now_ms.saturating_sub(p.unix_ms);
+            if age <= self.keep_all_ms || i + 1 == points.len() {
+                keep.push(*p);
+                continue;
+            }
+            let Some(t) = self.tiers.iter().position(|t| age <= t.for_ms) else {
+                continue;
+            };
+            let bucket = p.unix_ms / self.tiers[t].every_ms.max(1);
+            let e = buckets.entry((t, bucket)).or_insert(*p);
+            if e.kind != PointKind::App && p.kind == PointKind::App {
+                *e = *p;
+            }
+        }
+        keep.extend(buckets.into_values());
+        keep.sort_by_key(|p| p.id);
+        keep.dedup_by_key(|p| p.id);
+        keep
+    }
+}
+
+/// Keeps a view's sequence number from being merged away.
+#[derive(Debug)]
+struct Pin {
+    pins: Arc<Mutex<BTreeMap<u64, usize>>>,
+    seq: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut p = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = p.get_mut(&self.seq) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&self.seq);
+            }
+        }
+    }
+}
+
+/// Where a piece of a view's bytes comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Zero,
+    /// `pos`: the file offset of the piece's first byte in `files[file]`.
+    Data {
+        file: u32,
+        pos: u64,
+    },
+}
+
+impl Src {
+    fn advance(self, by: u64) -> Src {
+        match self {
+            Src::Zero => Src::Zero,
+            Src::Data { file, pos } => Src::Data {
+                file,
+                pos: pos + by,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    end: u64,
+    src: Src,
+}
+
+/// Non-overlapping pieces of the volume by start offset; bytes outside every piece come
+/// from the base.
+#[derive(Debug, Default)]
+struct ExtentMap {
+    pieces: BTreeMap<u64, Piece>,
+}
+
+impl ExtentMap {
+    /// `[start, end)` now comes from `src`, over whatever was there.
+    fn insert(&mut self, start: u64, end: u64, src: Src) {
+        if let Some((&ps, p)) = self.pieces.range(..start).next_back() {
+            let p = *p;
+            if p.end > start {
+                self.pieces.get_mut(&ps).expect("present").end = start;
+                if p.end > end {
+                    self.pieces.insert(
+                        end,
+                        Piece {
+                            end: p.end,
+                            src: p.src.advance(end - ps),
+                        },
+                    );
+                }
+            }
+        }
+        while let Some((&k, p)) = self.pieces.range(start..end).next() {
+            let p = *p;
+            self.pieces.remove(&k);
+            if p.end > end {
+                self.pieces.insert(
+                    end,
+                    Piece {
+                        end: p.end,
+                        src: p.src.advance(end - k),
+                    },
+                );
+            }
+        }
+        self.pieces.insert(start, Piece { end, src });
+    }
+
+    /// The pieces that overlap `[start, end)`, clipped to it, with the gaps between them
+    /// as `None` (base).
+    fn walk(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, Option<Src>)) {
+        let mut pos = start;
+        let first = self
+            .pieces
+            .range(..=start)
+            .next_back()
+            .filter(|(_, p)| p.end > start);
+        let rest = self.pieces.range((
+            std::ops::Bound::Excluded(start),
+            std::ops::Bound::Excluded(end),
+        ));
+        for (&ps, p) in first.into_iter().chain(rest) {
+            if ps > pos {
+                f(pos, ps, None);
+                pos = ps;
+            }
+            let e = p.end.min(end);
+            f(pos, e, Some(p.src.advance(pos - ps)));
+            pos = e;
+        }
+        if pos < end {
+            f(pos, end, None);
+        }
+    }
+}
+
+/// A read-only image of the volume at one sequence number.
+#[derive(Debug)]
+pub struct View {
+    seq: u64,
+    size: u64,
+    base: Arc<File>,
+    files: Vec<Arc<File>>,
+    map: ExtentMap,
+    _pin: Pin,
+}
+
+impl View {
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (within the volume).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut r = Ok(());
+        self.map.walk(offset, end, |s, e, src| {
+            if r.is_err() {
+                return;
+            }
+            // Within `buf`, whose length is a usize.
+            let at = |x: u64| usize::try_from(x - offset).unwrap_or(usize::MAX);
+            let out = &mut buf[at(s)..at(e)];
+            r = match src {
+                None => self.base.read_exact_at(out, s),
+                Some(Src::Zero) => {
+                    out.fill(0);
+                    Ok(())
+                }
+                Some(Src::Data { file, pos }) => self.files[file as usize].read_exact_at(out, pos),
+            };
+        });
+        r
+    }
+
+    /// Allocation extents of `[offset, offset + len)`: zeroed pieces and the base's holes
+    /// read as holes, everything else as data.
+    pub fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<redun_tracker::nbd::Extent>> {
+        use redun_tracker::nbd::Extent;
+        use redun_tracker::nbd::proto::{STATE_HOLE, STATE_ZERO};
+        let mut out: Vec<Extent> = Vec::new();
+        let mut r = Ok(());
+        let mut push = |length: u64, flags: u32| match out.last_mut() {
+            Some(l) if l.flags == flags => l.length += length,
+            _ => out.push(Extent { length, flags }),
+        };
+        self.map.walk(offset, offset + len, |s, e, src| {
+            if r.is_err() {
+                return;
+            }
+            match src {
+                Some(Src::Zero) => push(e - s, STATE_HOLE | STATE_ZERO),
+                Some(Src::Data { .. }) => push(e - s, 0),
+                None => match redun_tracker::io::ops::block_status(&self.base, true, s, e - s) {
+                    Ok(ext) => {
+                        let mut covered = 0;
+                        for x in ext {
+                            let l = x.length.min(e - s - covered);
+                            push(l, x.flags);
+                            covered += l;
+                        }
+                        if covered < e - s {
+                            push(e - s - covered, 0);
+                        }
+                    }
+                    Err(err) => r = Err(err),
+                },
+            }
+        });
+        r.map(|()| out)
+    }
+}
+
+/// The index of the last file of a view (views hold one file per segment).
+fn file_index(files: &[Arc<File>]) -> u32 {
+    u32::try_from(files.len() - 1).expect("fewer than 2^32 segments")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,181 @@
+//! `redun point create` and `redun points`: recovery points through the tracker (which
+//! places them), the shipper (which tells when the target holds them durably) and the
+//! target (which lists them).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use redun_tracker::admin::{self, AdminRequest};
+use redun_tracker::journal::format::PointKind;
+
+/// Places a point and waits until the shipper reports it acknowledged by the target.
+pub fn create(
+    volume: &str,
+    app: bool,
+    tracker: &Path,
+    shipper: &Path,
+    timeout: Duration,
+) -> ExitCode {
+    let kind = if app {
+        PointKind::App
+    } else {
+        PointKind::Crash
+    };
+    if app {
+        eprintln!(
+            "redun point create: --app needs the freeze and thaw hooks, which are not built \
+             yet: take a crash-consistent point (without --app), or freeze the application \
+             yourself around it"
+        );
+        return ExitCode::from(2);
+    }
+    let req = AdminRequest::Point {
+        volume: volume.to_string(),
+        kind,
+    };
+    let id = match admin::request(tracker, &req) {
+        Ok(r) if r.ok => match r.point {
+            Some(p) => p.id,
+            None => {
+                eprintln!("redun point create: the tracker answered without a point");
+                return ExitCode::from(1);
+            }
+        },
+        Ok(r) => {
+            eprintln!(
+                "redun point create: {}",
+                r.error.as_deref().unwrap_or("the tracker refused")
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!(
+                "redun point create: cannot reach the tracker on {}: {e} (is redun-tracker \
+                 running? --tracker-socket)",
+                tracker.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let deadline = Instant::now() + timeout;
+    let mut last: String;
+    loop {
+        match admin::request_json(shipper, &serde_json::json!({"cmd": "status"})) {
+            Ok(v) => {
+                let vols = v["status"]["volumes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                match vols.iter().find(|x| x["name"] == volume) {
+                    Some(x) if x["acked_seq"].as_u64().is_some_and(|a| a >= id) => {
+                        println!("{id}");
+                        return ExitCode::SUCCESS;
+                    }
+                    Some(x) => {
+                        last = format!(
+                            "the shipper is {} (acknowledged through seq {})",
+                            x["state"].as_str().unwrap_or("?"),
+                            x["acked_seq"]
+                        );
+                    }
+                    None => last = format!("the shipper does not ship volume {volume}"),
+                }
+            }
+            Err(e) => {
+                last = format!(
+                    "cannot reach the shipper on {}: {e} (--shipper-socket)",
+                    shipper.display()
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "redun point create: point {id} is in volume {volume}'s journal, but the target \
+                 did not have it within {timeout:?}: {last}; it becomes usable once shipped"
+            );
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lists a volume's points as the target has them.
+pub fn list(volume: &str, json: bool, target: &Path) -> ExitCode {
+    let req = serde_json::json!({"cmd": "points", "volume": volume});
+    let v = match admin::request_json(target, &req) {
+        Ok(v) if v["ok"] == true => v,
+        Ok(v) => {
+            eprintln!(
+                "redun points: {}",
+                v["error"].as_str().unwrap_or("the target refused")
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!(
+                "redun points: cannot reach the target on {}: {e} (is redun-target running on \
+                 this host? --target-socket)",
+                target.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v["points"]).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let points = v["points"].as_array().cloned().unwrap_or_default();
+    println!("{:>12}  {:<24}  {:<5}  USABLE", "ID", "TIME (UTC)", "KIND");
+    for p in &points {
+        let ms = p["unix_ms"].as_u64().unwrap_or(0);
+        println!(
+            "{:>12}  {:<24}  {:<5}  {}",
+            p["id"],
+            utc(ms),
+            p["kind"].as_str().unwrap_or("?"),
+            if p["usable"] == true { "yes" } else { "no" }
+        );
+    }
+    if points.is_empty() {
+        println!("(no recovery points yet for volume {volume})");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` in UTC, from milliseconds since the epoch.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(super::utc(1_795_392_000_123), "2026-11-23 00:00:00.123");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00.000");
+    }
+}
