@@ -22,14 +22,6 @@ pub fn create(
     } else {
         PointKind::Crash
     };
-    if app {
-        eprintln!(
-            "redun point create: --app needs the freeze and thaw hooks, which are not built \
-             yet: take a crash-consistent point (without --app), or freeze the application \
-             yourself around it"
-        );
-        return ExitCode::from(2);
-    }
     let req = AdminRequest::Point {
         volume: volume.to_string(),
         kind,

@@ -98,6 +98,27 @@ fn bad_flags_and_config_name_the_problem() {
         admin,
     ]);
     assert!(e.contains("nowhere"), "{e}");
+    let e = tracker_fails(&[
+        "--volume",
+        &vol,
+        "--pre-hook",
+        "w=true",
+        "--admin-socket",
+        admin,
+    ]);
+    assert!(e.contains("no volume \"w\""), "{e}");
+    let e = tracker_fails(&[
+        "--volume",
+        &vol,
+        "--crash-interval",
+        "5",
+        "--admin-socket",
+        admin,
+    ]);
+    assert!(
+        e.contains("--crash-interval") && e.contains("no unit"),
+        "{e}"
+    );
     let empty = dir.path().join("empty.img");
     std::fs::File::create(&empty).unwrap();
     let e = tracker_fails(&[

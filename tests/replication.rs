@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1210,4 +1210,123 @@ fn every_recovery_point_reads_back_its_moment_over_nbd() {
     check(&site, &[(last, last_digest)]);
     site.wait_caught_up();
     site.assert_identical();
+}
+
+fn point_create_app(site: &Site) -> Output {
+    Command::new(bin("redun"))
+        .args(["point", "create", EXPORT, "--app", "--tracker-socket"])
+        .arg(&site.tracker.admin)
+        .arg("--shipper-socket")
+        .arg(site.dir().join("shipper-shipper.sock"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_app_consistent_point_of_ext4_is_clean_and_holds_exactly_its_files() {
+    if !privileged() {
+        return;
+    }
+    require("nbdfuse");
+    require("mkfs.ext4");
+    require("fsfreeze");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let mnt = w.join("src/mnt");
+    // The freeze hook fails while `fail` exists; the thaw hook logs every run.
+    let pre = format!(
+        "disk=test ! -e {w}/fail && fsfreeze -f {m}",
+        w = w.display(),
+        m = mnt.display()
+    );
+    let post = format!(
+        "disk=echo post >> {w}/post.log; fsfreeze -u {m} 2>/dev/null || true",
+        w = w.display(),
+        m = mnt.display()
+    );
+    let site = Site::build_with(
+        256 << 20,
+        |d| d.join("data"),
+        &[
+            "--crash-interval",
+            "0",
+            "--pre-hook",
+            &pre,
+            "--post-hook",
+            &post,
+        ],
+    );
+    let src = Stack::attach(&site.tracker.uri(), &w.join("src"), false);
+    run(Command::new("mkfs.ext4").args(["-F", "-q", src.dev()]));
+    src.mount("");
+    sh(&format!(
+        "cd {m} && mkdir d && for i in $(seq 1 12); do head -c $((i * 613 * 1024)) /dev/urandom > d/f$i; done \
+         && sync && sha256sum d/* > {w}/sums",
+        m = mnt.display(),
+        w = w.display()
+    ));
+    let out = point_create_app(&site);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let posts = || {
+        std::fs::read_to_string(w.join("post.log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(posts(), 1);
+    // After the point: a new file, a changed one.
+    sh(&format!(
+        "cd {m} && head -c 1M /dev/urandom > later && head -c 4096 /dev/urandom >> d/f1 && sync",
+        m = mnt.display()
+    ));
+    // A freeze that fails places no point, and the thaw hook still runs.
+    std::fs::write(w.join("fail"), "").unwrap();
+    let out = point_create_app(&site);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("pre-hook") && err.contains("no point placed"),
+        "{err}"
+    );
+    assert_eq!(posts(), 2);
+    std::fs::remove_file(w.join("fail")).unwrap();
+    sh(&format!(
+        "cd {m} && echo alive > alive && sync",
+        m = mnt.display()
+    ));
+    site.wait_caught_up();
+    let listed = points_json(&site);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["kind"], "app");
+    // The point, read-only through a second stack: a clean ext4 with exactly its files.
+    let uri = format!(
+        "nbd+unix:///{EXPORT}@{id}?socket={}",
+        site.nbd_socket().display()
+    );
+    let point = Stack::attach(&uri, &w.join("point"), true);
+    run(Command::new("e2fsck").args(["-fn", point.dev()]));
+    point.mount("ro,noload");
+    let check = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && sha256sum -c --quiet {}/sums",
+            point.mnt.display(),
+            w.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "the point's files differ: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    assert!(!point.mnt.join("later").exists());
+    assert!(!point.mnt.join("alive").exists());
+    drop(point);
+    drop(src);
 }

@@ -270,3 +270,106 @@ pub fn python(script: &str, args: &[&str]) -> Output {
     );
     run(Command::new("nbdsh").arg("-n").arg("-c").arg(code))
 }
+
+/// A block device made of an NBD export (this machine has no kernel NBD client): nbdfuse
+/// exposes the export as a file, a loop device turns it into a block device, optionally
+/// mounted. Dropping it undoes the stack in reverse order, whatever happened to the test.
+pub struct Stack {
+    pub mnt: PathBuf,
+    pub loopdev: Option<String>,
+    pub fuse_dir: PathBuf,
+    pub nbdfuse: Option<Child>,
+}
+
+impl Stack {
+    /// Attaches `uri` under `dir` (`dir/fuse`, mount point `dir/mnt`).
+    pub fn attach(uri: &str, dir: &Path, read_only: bool) -> Stack {
+        let fuse_dir = dir.join("fuse");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&fuse_dir).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mut stack = Stack {
+            mnt,
+            loopdev: None,
+            fuse_dir: fuse_dir.clone(),
+            nbdfuse: None,
+        };
+        let mut cmd = Command::new("nbdfuse");
+        if read_only {
+            cmd.arg("-r");
+        }
+        stack.nbdfuse = Some(
+            cmd.arg(&fuse_dir)
+                .arg(uri)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("nbdfuse"),
+        );
+        let node = fuse_dir.join("nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !node.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse did not expose {}",
+                node.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut losetup = Command::new("losetup");
+        losetup.args(["-f", "--show", "--direct-io=on"]);
+        if read_only {
+            losetup.arg("--read-only");
+        }
+        let out = run(losetup.arg(&node));
+        stack.loopdev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        stack
+    }
+
+    pub fn dev(&self) -> &str {
+        self.loopdev.as_deref().expect("attached")
+    }
+
+    /// Mounts the loop device on `mnt` with `options` (e.g. "ro,noload"; "" for none).
+    pub fn mount(&self, options: &str) {
+        let mut cmd = Command::new("mount");
+        if !options.is_empty() {
+            cmd.args(["-o", options]);
+        }
+        run(cmd.arg(self.dev()).arg(&self.mnt));
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        if let Some(l) = self.loopdev.take() {
+            let _ = Command::new("losetup").arg("-d").arg(l).status();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .status();
+        if let Some(mut c) = self.nbdfuse.take() {
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// True when filesystem tests can run (root and /dev/fuse); otherwise fails, unless
+/// `REDUN_SKIP_PRIVILEGED` says to skip them.
+pub fn privileged() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let fuse = Path::new("/dev/fuse").exists();
+    if root && fuse {
+        return true;
+    }
+    let why = format!("needs root and /dev/fuse (root={root}, /dev/fuse={fuse})");
+    if std::env::var_os("REDUN_SKIP_PRIVILEGED").is_some() {
+        eprintln!("SKIPPED: ext4 on nbdfuse {why}");
+        return false;
+    }
+    panic!("ext4 on nbdfuse {why}; set REDUN_SKIP_PRIVILEGED=1 to skip it explicitly");
+}

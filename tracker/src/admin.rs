@@ -295,8 +295,17 @@ fn serve(stream: UnixStream, handler: &LineHandler, allowed: bool) -> io::Result
 /// Client side: sends one JSON request line and reads the JSON response line, for any
 /// daemon's admin socket.
 pub fn request_json(socket: &Path, req: &serde_json::Value) -> io::Result<serde_json::Value> {
+    request_json_within(socket, req, Duration::from_secs(30))
+}
+
+/// [`request_json`] for requests that take long (an app-consistent point runs two hooks).
+pub fn request_json_within(
+    socket: &Path,
+    req: &serde_json::Value,
+    timeout: Duration,
+) -> io::Result<serde_json::Value> {
     let stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut w = &stream;
     writeln!(w, "{req}")?;
     let mut line = String::new();
@@ -311,7 +320,12 @@ pub fn request_json(socket: &Path, req: &serde_json::Value) -> io::Result<serde_
 
 /// Client side: sends one request and reads one response.
 pub fn request(socket: &Path, req: &AdminRequest) -> io::Result<AdminResponse> {
-    let v = request_json(socket, &serde_json::to_value(req)?)?;
+    // Points may run hooks (two of at most `points.hook_timeout` each).
+    let timeout = match req {
+        AdminRequest::Point { .. } => Duration::from_secs(600),
+        AdminRequest::Status => Duration::from_secs(30),
+    };
+    let v = request_json_within(socket, &serde_json::to_value(req)?, timeout)?;
     serde_json::from_value(v).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,

@@ -43,6 +43,11 @@ pub struct PointsSection {
     /// How often a crash-consistent marker is placed in each written volume's journal, e.g.
     /// "5s" [default: 5s]; "0" turns scheduled points off.
     pub crash_interval: Option<String>,
+    /// How often an app-consistent point (with the volume's hooks) is taken in each volume
+    /// that has hooks, e.g. "15m" [default: 0, only on demand].
+    pub app_interval: Option<String>,
+    /// How long a hook may run before it is killed [default: 30s].
+    pub hook_timeout: Option<String>,
 }
 
 /// Parses a duration: a number followed by `ms`, `s`, `m`, `h` or `d` ("0" alone is zero).
@@ -108,6 +113,13 @@ pub struct JournalSection {
 pub struct VolumeEntry {
     pub name: String,
     pub path: PathBuf,
+    /// Freezes the application for an app-consistent point (`sh -c`), e.g.
+    /// "fsfreeze -f /mnt/db".
+    #[serde(default)]
+    pub pre_hook: Option<String>,
+    /// Thaws it again; runs even when the freeze or the point failed.
+    #[serde(default)]
+    pub post_hook: Option<String>,
 }
 
 /// Settings after merging flags and file.
@@ -125,6 +137,9 @@ pub struct TrackerConfig {
     pub region_size: u64,
     /// Crash-consistent markers every this many milliseconds (0: only on demand).
     pub crash_interval_ms: u64,
+    /// App-consistent points every this many milliseconds (0: only on demand).
+    pub app_interval_ms: u64,
+    pub hook_timeout_ms: u64,
 }
 
 impl TrackerConfig {
@@ -195,6 +210,8 @@ pub fn parse_volume_flag(s: &str) -> Result<VolumeEntry, String> {
     Ok(VolumeEntry {
         name: name.to_string(),
         path: PathBuf::from(path),
+        pre_hook: None,
+        post_hook: None,
     })
 }
 
@@ -272,13 +289,27 @@ pub fn merge(
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR)),
         )
     };
-    let crash_interval_ms = match &file.points.crash_interval {
+    let duration = |key: &str, v: &Option<String>, default: u64| match v {
         Some(s) => parse_duration(s)
-            .map_err(|e| ConfigError::Invalid(format!("points.crash_interval = {s:?}: {e}")))?,
-        None => DEFAULT_CRASH_INTERVAL_MS,
+            .map_err(|e| ConfigError::Invalid(format!("points.{key} = {s:?}: {e}"))),
+        None => Ok(default),
     };
+    let crash_interval_ms = duration(
+        "crash_interval",
+        &file.points.crash_interval,
+        DEFAULT_CRASH_INTERVAL_MS,
+    )?;
+    let app_interval_ms = duration("app_interval", &file.points.app_interval, 0)?;
+    let hook_timeout_ms = duration("hook_timeout", &file.points.hook_timeout, 30_000)?;
+    if hook_timeout_ms == 0 {
+        return Err(ConfigError::Invalid(
+            "points.hook_timeout = \"0\": a hook needs some time, e.g. \"30s\"".into(),
+        ));
+    }
     Ok(TrackerConfig {
         crash_interval_ms,
+        app_interval_ms,
+        hook_timeout_ms,
         journal_dir,
         journal_size,
         on_full: journal.on_full.or(fj.on_full).unwrap_or_default(),

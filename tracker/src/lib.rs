@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod hooks;
 pub mod io;
 pub mod journal;
 pub mod nbd;

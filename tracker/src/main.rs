@@ -1,5 +1,6 @@
 //! `redun-tracker`: serves each protected volume over NBD.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use redun_tracker::admin::{
     AdminRequest, AdminResponse, AdminServer, PlacedPoint, TrackerStatus, VolumeStatus,
 };
 use redun_tracker::config::{self, ConfigFile};
+use redun_tracker::hooks::Hooks;
 use redun_tracker::io::{Engine, EngineChoice, FileBackend};
 use redun_tracker::journal::format::PointKind;
 use redun_tracker::nbd::{Exports, Listener, Server};
@@ -63,6 +65,13 @@ struct Args {
     /// e.g. 5s or 1s; 0 places points only on demand [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
     crash_interval: Option<u64>,
+    /// The command that freezes volume NAME's application for an app-consistent point (run
+    /// with `sh -c`), e.g. "db=fsfreeze -f /mnt/db"; repeatable.
+    #[arg(long, value_name = "NAME=CMD")]
+    pre_hook: Vec<String>,
+    /// The command that thaws it again (runs even when the freeze or the point failed).
+    #[arg(long, value_name = "NAME=CMD")]
+    post_hook: Vec<String>,
 }
 
 fn parse_region(s: &str) -> Result<u64, String> {
@@ -104,6 +113,26 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     )?;
     if let Some(ms) = args.crash_interval {
         cfg.crash_interval_ms = ms;
+    }
+    for (flag, list, pre) in [
+        ("--pre-hook", &args.pre_hook, true),
+        ("--post-hook", &args.post_hook, false),
+    ] {
+        for h in list {
+            let (name, cmd) = h.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("{flag} {h:?}: expected NAME=CMD, e.g. db=\"fsfreeze -f /mnt/db\"")
+            })?;
+            let v = cfg
+                .volumes
+                .iter_mut()
+                .find(|v| v.name == name)
+                .ok_or_else(|| anyhow::anyhow!("{flag} {h:?}: there is no volume {name:?}"))?;
+            if pre {
+                v.pre_hook = Some(cmd.to_string());
+            } else {
+                v.post_hook = Some(cmd.to_string());
+            }
+        }
     }
     let engine = Engine::resolve(cfg.backend)?;
 
@@ -150,6 +179,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         accept_threads.push(server.spawn_listener(l)?);
     }
 
+    let hooks: Arc<HashMap<String, Hooks>> = Arc::new(
+        cfg.volumes
+            .iter()
+            .map(|v| {
+                let h = Hooks {
+                    pre: v.pre_hook.clone(),
+                    post: v.post_hook.clone(),
+                    timeout: Duration::from_millis(cfg.hook_timeout_ms),
+                };
+                (v.name.clone(), h)
+            })
+            .collect(),
+    );
+    let hooks_for_admin = hooks.clone();
     let started = Instant::now();
     let status_server = server.clone();
     let listen_for_status = listen_names.clone();
@@ -160,7 +203,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             status: Some(status(&status_server, &listen_for_status, started)),
             point: None,
         },
-        AdminRequest::Point { volume, kind } => place_point(&status_server, &volume, kind),
+        AdminRequest::Point { volume, kind } => {
+            place_point(&status_server, &volume, kind, &hooks_for_admin)
+        }
     });
     let points_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let points_thread = (cfg.crash_interval_ms > 0)
@@ -171,6 +216,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             std::thread::Builder::new()
                 .name("points".into())
                 .spawn(move || crash_points(&server, every, &stop))
+        })
+        .transpose()?;
+    let app_thread = (cfg.app_interval_ms > 0)
+        .then(|| {
+            let server = server.clone();
+            let stop = points_stop.clone();
+            let every = Duration::from_millis(cfg.app_interval_ms);
+            let hooks = hooks.clone();
+            std::thread::Builder::new()
+                .name("app-points".into())
+                .spawn(move || app_points(&server, &hooks, every, &stop))
         })
         .transpose()?;
     let admin = AdminServer::bind(&cfg.admin_socket, handler)?;
@@ -190,7 +246,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     points_stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    if let Some(t) = points_thread {
+    for t in [points_thread, app_thread].into_iter().flatten() {
         let _ = t.join();
     }
     let clean = server.shutdown(SHUTDOWN_GRACE);
@@ -213,7 +269,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Places a recovery point in `volume`'s journal.
-fn place_point(server: &Server<FileBackend>, volume: &str, kind: PointKind) -> AdminResponse {
+fn place_point(
+    server: &Server<FileBackend>,
+    volume: &str,
+    kind: PointKind,
+    hooks: &HashMap<String, Hooks>,
+) -> AdminResponse {
     let Some(e) = server.exports().iter().find(|e| e.name == volume) else {
         return AdminResponse::error(format!(
             "no volume named {volume:?} on this tracker (redun status lists them)"
@@ -225,7 +286,16 @@ fn place_point(server: &Server<FileBackend>, volume: &str, kind: PointKind) -> A
              recovery points"
         ));
     };
-    match log.mark(kind, false) {
+    let placed = match kind {
+        PointKind::Crash => log
+            .mark(kind, false)
+            .map_err(|e| format!("volume {volume}: {e}")),
+        PointKind::App => {
+            let h = hooks.get(volume).cloned().unwrap_or_default();
+            redun_tracker::hooks::app_point(log, volume, &h).map(Some)
+        }
+    };
+    match placed {
         Ok(Some(id)) => {
             info!(
                 "volume {volume}: {} recovery point {id} placed",
@@ -243,7 +313,35 @@ fn place_point(server: &Server<FileBackend>, volume: &str, kind: PointKind) -> A
             }
         }
         Ok(None) => AdminResponse::error(format!("volume {volume}: no point placed")),
-        Err(err) => AdminResponse::error(format!("volume {volume}: {err}")),
+        Err(err) => AdminResponse::error(err),
+    }
+}
+
+/// Takes an app-consistent point in every volume that has hooks and was written since its
+/// last point, every `every`, until `stop`.
+fn app_points(
+    server: &Server<FileBackend>,
+    hooks: &HashMap<String, Hooks>,
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut next = Instant::now() + every;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        next = now + every;
+        for e in server.exports().iter() {
+            let (Some(log), Some(h)) = (e.backend.log(), hooks.get(&e.name)) else {
+                continue;
+            };
+            if (h.pre.is_some() || h.post.is_some()) && log.changed_since_mark() {
+                // Failures are logged by app_point.
+                let _ = redun_tracker::hooks::app_point(log, &e.name, h);
+            }
+        }
     }
 }
 

@@ -658,6 +658,11 @@ impl ChangeLog {
         r
     }
 
+    /// A change was recorded since the last marker.
+    pub fn changed_since_mark(&self) -> bool {
+        self.lock().changed_since_mark
+    }
+
     /// Appends a consistency marker (a recovery point of `kind`) after every change recorded
     /// so far, and returns its sequence number. With `only_if_changed`, nothing is placed
     /// (`Ok(None)`) when no change was recorded since the last marker. Fails when the journal
