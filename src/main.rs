@@ -60,6 +60,10 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
         target_socket: PathBuf,
     },
+    /// Test failover on the target: a point exported writable as VOLUME@test, replication
+    /// going on underneath.
+    #[command(subcommand)]
+    TestFailover(TestFailoverCommand),
     /// Inspect and replay journal files (read-only on the journal).
     #[command(subcommand)]
     Journal(JournalCommand),
@@ -89,6 +93,27 @@ enum PointCommand {
         /// How long to wait for the target, in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         timeout: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TestFailoverCommand {
+    /// Export VOLUME@test: the point, writable; its writes go to a scratch overlay.
+    Start {
+        volume: String,
+        /// The point to test [default: the newest usable one].
+        #[arg(long, value_name = "ID")]
+        point: Option<u64>,
+        /// The target's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
+        target_socket: PathBuf,
+    },
+    /// Remove VOLUME@test and discard what was written to it.
+    Cleanup {
+        volume: String,
+        /// The target's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
+        target_socket: PathBuf,
     },
 }
 
@@ -211,6 +236,15 @@ fn main() -> ExitCode {
             json,
             target_socket,
         } => points::list(&volume, json, &target_socket),
+        Command::TestFailover(TestFailoverCommand::Start {
+            volume,
+            point,
+            target_socket,
+        }) => points::test_failover(&volume, Some(point), &target_socket),
+        Command::TestFailover(TestFailoverCommand::Cleanup {
+            volume,
+            target_socket,
+        }) => points::test_failover(&volume, None, &target_socket),
         Command::Journal(cmd) => match journal::run(cmd) {
             Ok(code) => code,
             Err(e) => {

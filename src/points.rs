@@ -162,6 +162,53 @@ fn utc(ms: u64) -> String {
     )
 }
 
+/// `redun test-failover start|cleanup`: asks the target; prints what it did.
+pub fn test_failover(volume: &str, start: Option<Option<u64>>, target: &Path) -> ExitCode {
+    let req = match start {
+        Some(point) => serde_json::json!({
+            "cmd": "test-failover-start", "volume": volume, "point": point,
+        }),
+        None => serde_json::json!({"cmd": "test-failover-cleanup", "volume": volume}),
+    };
+    let t = Instant::now();
+    match admin::request_json(target, &req) {
+        Ok(v) if v["ok"] == true => {
+            let tf = &v["test_failover"];
+            if start.is_some() {
+                println!(
+                    "{} serves point {} of volume {volume}, writable; writes go to a scratch \
+                     overlay and never reach the replica (ready in {:.0?})",
+                    tf["export"].as_str().unwrap_or("?"),
+                    tf["point"],
+                    t.elapsed()
+                );
+            } else {
+                println!(
+                    "test failover of volume {volume} cleaned up: {} bytes written to the \
+                     overlay discarded",
+                    tf["bytes_written"]
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            eprintln!(
+                "redun test-failover: {}",
+                v["error"].as_str().unwrap_or("the target refused")
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!(
+                "redun test-failover: cannot reach the target on {}: {e} (is redun-target \
+                 running on this host? --target-socket)",
+                target.display()
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1223,7 +1223,7 @@ fn point_create_app(site: &Site) -> Output {
 }
 
 #[test]
-fn an_app_consistent_point_of_ext4_is_clean_and_holds_exactly_its_files() {
+fn an_app_consistent_point_of_ext4_is_clean_and_its_test_failover_leaves_the_replica_alone() {
     if !privileged() {
         return;
     }
@@ -1303,7 +1303,73 @@ fn an_app_consistent_point_of_ext4_is_clean_and_holds_exactly_its_files() {
     let listed = points_json(&site);
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["kind"], "app");
-    // The point, read-only through a second stack: a clean ext4 with exactly its files.
+    // Test failover at that point: writable, its writes in a scratch overlay, replication
+    // going on underneath.
+    let redun = |args: &[&str]| {
+        Command::new(bin("redun"))
+            .args(args)
+            .arg("--target-socket")
+            .arg(site.dir().join("target.sock"))
+            .output()
+            .unwrap()
+    };
+    let out = redun(&["test-failover", "start", EXPORT, "--point", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("disk@test"));
+    let again = redun(&["test-failover", "start", EXPORT]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("under way"));
+    let test_uri = format!(
+        "nbd+unix:///{EXPORT}@test?socket={}",
+        site.nbd_socket().display()
+    );
+    let test = Stack::attach(&test_uri, &w.join("test"), false);
+    run(Command::new("e2fsck").args(["-fn", test.dev()]));
+    test.mount("");
+    let check = sh(&format!(
+        "cd {} && sha256sum -c --quiet {}/sums && test ! -e later && echo test > only-in-test \
+         && rm d/f2 && sync",
+        test.mnt.display(),
+        w.display()
+    ));
+    assert!(check.status.success());
+    let seq_before = site.head_seq();
+    sh(&format!(
+        "cd {m} && head -c 256K /dev/urandom > during-test && sync",
+        m = mnt.display()
+    ));
+    site.wait_caught_up();
+    assert!(site.head_seq() > seq_before, "the source kept writing");
+    let t = request_json(
+        &site.dir().join("target.sock"),
+        &serde_json::json!({"cmd": "status"}),
+    )
+    .unwrap();
+    let tv = &t["status"]["volumes"][0];
+    assert_eq!(tv["test_failover"]["point"].as_u64(), Some(id), "{tv}");
+    assert_eq!(tv["applied_seq"].as_u64(), Some(site.head_seq()), "{tv}");
+    let busy = redun(&["test-failover", "cleanup", EXPORT]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("still use"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    drop(test);
+    let out = redun(&["test-failover", "cleanup", EXPORT]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = Command::new("nbdinfo").arg(&test_uri).output().unwrap();
+    assert!(!gone.status.success(), "disk@test is still exported");
+    // The point, read-only through a second stack: a clean ext4 with exactly its files;
+    // nothing the test failover wrote reached it.
     let uri = format!(
         "nbd+unix:///{EXPORT}@{id}?socket={}",
         site.nbd_socket().display()
@@ -1327,6 +1393,8 @@ fn an_app_consistent_point_of_ext4_is_clean_and_holds_exactly_its_files() {
     );
     assert!(!point.mnt.join("later").exists());
     assert!(!point.mnt.join("alive").exists());
+    assert!(!point.mnt.join("only-in-test").exists());
+    assert!(point.mnt.join("d/f2").exists());
     drop(point);
     drop(src);
 }

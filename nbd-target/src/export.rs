@@ -1,10 +1,19 @@
 //! NBD exports of recovery points, served by the tracker's NBD server over a [`View`] of the
 //! replica store: `NAME@latest` (everything durable when the client connects) and
-//! `NAME@ID` for every usable point, read-only.
+//! `NAME@ID` for every usable point, read-only; and `NAME@test` during a test failover, a
+//! point made writable by an [`Overlay`] whose writes go to a scratch file and never reach
+//! the replica.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+
+use serde::{Deserialize, Serialize};
 
 use log::{debug, warn};
 use redun_tracker::io::MAX_REQUEST;
@@ -15,17 +24,161 @@ use redun_tracker::nbd::{
 use crate::server::Target;
 use crate::store::View;
 
-/// A point of a volume, read-only.
+/// A point of a volume: read-only, or writable through an overlay.
 #[derive(Debug)]
 pub struct ViewBackend {
     view: Arc<View>,
+    overlay: Option<Arc<Overlay>>,
     description: String,
+}
+
+/// Granularity of an overlay: whole blocks are copied up from the point before a partial
+/// write, so that every block the overlay holds is whole.
+const OVERLAY_BLOCK: u64 = 4096;
+
+/// The writable layer of a test failover: written blocks live in a sparse scratch file of
+/// the volume's size; everything else reads from the point underneath. Not kept across a
+/// target restart.
+#[derive(Debug)]
+pub struct Overlay {
+    view: Arc<View>,
+    file: File,
+    path: PathBuf,
+    point: u64,
+    started_unix: u64,
+    /// Block-aligned ranges held in the scratch file, start -> end, merged. Written only
+    /// after their data is in the file.
+    written: Mutex<BTreeMap<u64, u64>>,
+    /// Serialises writes (their read-modify-write of partial blocks).
+    writing: Mutex<()>,
+    bytes_written: AtomicU64,
+}
+
+/// What `status` says of a test failover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailover {
+    pub export: String,
+    pub point: u64,
+    pub started_unix: u64,
+    pub bytes_written: u64,
+}
+
+impl Overlay {
+    /// A new, empty overlay on `view` in scratch file `path` (created, sparse).
+    pub fn create(view: Arc<View>, point: u64, path: PathBuf) -> io::Result<Overlay> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.set_len(view.size())?;
+        Ok(Overlay {
+            view,
+            file,
+            path,
+            point,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            written: Mutex::new(BTreeMap::new()),
+            writing: Mutex::new(()),
+            bytes_written: AtomicU64::new(0),
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn info(&self, volume: &str) -> TestFailover {
+        TestFailover {
+            export: format!("{volume}@test"),
+            point: self.point,
+            started_unix: self.started_unix,
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The overlay's ranges overlapping `[start, end)`, clipped.
+    fn held(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let w = self.written.lock().unwrap();
+        let first = w.range(..=start).next_back().filter(|(_, e)| **e > start);
+        let rest = w.range((Bound::Excluded(start), Bound::Excluded(end)));
+        first
+            .into_iter()
+            .chain(rest)
+            .map(|(&s, &e)| (s.max(start), e.min(end)))
+            .collect()
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let at = |x: u64| usize::try_from(x - offset).unwrap_or(usize::MAX);
+        let mut pos = offset;
+        for (s, e) in self.held(offset, end) {
+            if s > pos {
+                self.view.read_at(&mut buf[at(pos)..at(s)], pos)?;
+            }
+            self.file.read_exact_at(&mut buf[at(s)..at(e)], s)?;
+            pos = e;
+        }
+        if pos < end {
+            self.view.read_at(&mut buf[at(pos)..], pos)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (`None`: zeroes of `len`): whole blocks go to the scratch
+    /// file, partial ones completed from what the export shows now.
+    pub fn write_at(&self, data: Option<&[u8]>, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let _one = self.writing.lock().unwrap();
+        let a = offset / OVERLAY_BLOCK * OVERLAY_BLOCK;
+        let b = (offset + len).div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK;
+        let b = b.min(self.view.size().div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK);
+        let n = usize::try_from(b - a).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut block = vec![0u8; n];
+        let head = usize::try_from(offset - a).unwrap_or(0);
+        let size = self.view.size();
+        // The partial blocks at both ends keep what the export shows there.
+        if head > 0 || offset + len < b {
+            let readable = usize::try_from(size.min(b) - a).unwrap_or(n);
+            self.read_at(&mut block[..readable], a)?;
+        }
+        let body = &mut block[head..head + usize::try_from(len).unwrap_or(0)];
+        match data {
+            Some(d) => body.copy_from_slice(d),
+            None => body.fill(0),
+        }
+        self.file.write_all_at(&block, a)?;
+        let mut w = self.written.lock().unwrap();
+        let (mut s, mut e) = (a, b);
+        // Merge with what overlaps or touches.
+        let touching: Vec<(u64, u64)> = w
+            .range(..=e)
+            .rev()
+            .take_while(|(_, end)| **end >= s)
+            .map(|(&x, &y)| (x, y))
+            .collect();
+        for (x, y) in touching {
+            w.remove(&x);
+            s = s.min(x);
+            e = e.max(y);
+        }
+        w.insert(s, e);
+        self.bytes_written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// Reads complete inline on the connection's thread (page cache or disk reads of the
 /// segments and the base).
 pub struct ViewQueue {
     view: Arc<View>,
+    overlay: Option<Arc<Overlay>>,
     sink: Arc<dyn CompletionSink>,
 }
 
@@ -39,15 +192,25 @@ impl std::fmt::Debug for ViewQueue {
 
 impl IoQueue for ViewQueue {
     fn submit(&mut self, req: IoRequest) {
-        let r = match req.op {
-            IoOp::Read { offset, len } => {
+        let r = match (&self.overlay, req.op) {
+            (None, IoOp::Read { offset, len }) => {
                 let mut buf = vec![0u8; len as usize];
                 self.view.read_at(&mut buf, offset).map(|()| buf)
             }
-            // Prefetching a point is not worth a thread; flushing has nothing to do.
-            IoOp::Cache { .. } | IoOp::Flush => Ok(Vec::new()),
+            (Some(o), IoOp::Read { offset, len }) => {
+                let mut buf = vec![0u8; len as usize];
+                o.read_at(&mut buf, offset).map(|()| buf)
+            }
+            (Some(o), IoOp::Write { offset, data, .. }) => o
+                .write_at(Some(&data), offset, data.len() as u64)
+                .map(|()| Vec::new()),
+            (Some(o), IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. }) => o
+                .write_at(None, offset, u64::from(len))
+                .map(|()| Vec::new()),
+            // A test failover's writes are thrown away: they need not survive a crash.
+            (_, IoOp::Cache { .. } | IoOp::Flush) => Ok(Vec::new()),
             // The server refuses these on a read-only export before they get here.
-            IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. } => {
+            (None, IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. }) => {
                 Err(io::Error::from_raw_os_error(libc::EROFS))
             }
         };
@@ -66,6 +229,14 @@ impl BlockBackend for ViewBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
+        if self.overlay.is_some() {
+            return Capabilities {
+                fast_zero: false,
+                cache: false,
+                // Every connection writes through the same overlay.
+                ..Capabilities::full(MAX_REQUEST)
+            };
+        }
         Capabilities {
             read_only: true,
             flush: false,
@@ -89,11 +260,32 @@ impl BlockBackend for ViewBackend {
     fn open_queue(&self, sink: Arc<dyn CompletionSink>) -> io::Result<ViewQueue> {
         Ok(ViewQueue {
             view: self.view.clone(),
+            overlay: self.overlay.clone(),
             sink,
         })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        if let Some(o) = &self.overlay {
+            // Written blocks are data; the rest is as the point says.
+            let end = offset + len;
+            let mut out = Vec::new();
+            let mut pos = offset;
+            for (s, e) in o.held(offset, end) {
+                if s > pos {
+                    out.extend(self.view.block_status(pos, s - pos)?);
+                }
+                out.push(Extent {
+                    length: e - s,
+                    flags: 0,
+                });
+                pos = e;
+            }
+            if pos < end {
+                out.extend(self.view.block_status(pos, end - pos)?);
+            }
+            return Ok(out);
+        }
         self.view.block_status(offset, len)
     }
 }
@@ -103,13 +295,15 @@ impl BlockBackend for ViewBackend {
 pub enum Which {
     Latest,
     Point(u64),
+    Test,
 }
 
-/// Splits `NAME@latest` / `NAME@ID`.
+/// Splits `NAME@latest` / `NAME@ID` / `NAME@test`.
 pub fn parse_export(name: &str) -> Option<(&str, Which)> {
     let (vol, which) = name.rsplit_once('@')?;
     let which = match which {
         "latest" => Which::Latest,
+        "test" => Which::Test,
         n => Which::Point(n.parse().ok()?),
     };
     Some((vol, which))
@@ -133,10 +327,59 @@ impl PointExports {
     }
 }
 
+impl PointExports {
+    /// Clients connected to export `name` now.
+    pub fn connections(&self, name: &str) -> u64 {
+        self.live
+            .lock()
+            .unwrap()
+            .get(name)
+            .and_then(Weak::upgrade)
+            .map_or(0, |e| e.stats.connections.load(Ordering::Relaxed))
+    }
+}
+
+impl Resolve<ViewBackend> for Arc<PointExports> {
+    fn find(&self, name: &str) -> Option<Arc<Export<ViewBackend>>> {
+        self.as_ref().find(name)
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        self.as_ref().list()
+    }
+}
+
 impl Resolve<ViewBackend> for PointExports {
     fn find(&self, name: &str) -> Option<Arc<Export<ViewBackend>>> {
         let (vol, which) = parse_export(name)?;
         crate::replica::check_name(vol).ok()?;
+        if which == Which::Test {
+            let overlay = self.target.test_failover(vol)?;
+            let mut live = self.live.lock().unwrap();
+            live.retain(|_, w| w.strong_count() > 0);
+            if let Some(e) = live.get(name).and_then(Weak::upgrade) {
+                if e.backend
+                    .overlay
+                    .as_ref()
+                    .is_some_and(|o| Arc::ptr_eq(o, &overlay))
+                {
+                    return Some(e);
+                }
+            }
+            let e = Arc::new(Export::new(
+                name.to_string(),
+                ViewBackend {
+                    view: overlay.view.clone(),
+                    description: format!(
+                        "volume {vol}, test failover of point {} (writes are discarded at \
+                         cleanup)",
+                        overlay.point
+                    ),
+                    overlay: Some(overlay),
+                },
+            ));
+            live.insert(name.to_string(), Arc::downgrade(&e));
+            return Some(e);
+        }
         let store = match self.target.store(vol) {
             Ok(Some(s)) => s,
             Ok(None) => return None,
@@ -147,6 +390,7 @@ impl Resolve<ViewBackend> for PointExports {
         };
         let seq = match which {
             Which::Latest => store.latest(),
+            Which::Test => return None,
             Which::Point(id) => {
                 let usable = store.points().iter().any(|(p, ok)| p.id == id && *ok);
                 if !usable {
@@ -166,6 +410,7 @@ impl Resolve<ViewBackend> for PointExports {
         let view = store.view(seq)?;
         let description = match which {
             Which::Latest => format!("volume {vol}, latest replicated data (seq {seq})"),
+            Which::Test => return None,
             Which::Point(id) => {
                 let kind = store
                     .points()
@@ -179,6 +424,7 @@ impl Resolve<ViewBackend> for PointExports {
             name.to_string(),
             ViewBackend {
                 view: Arc::new(view),
+                overlay: None,
                 description,
             },
         ));
@@ -196,6 +442,15 @@ impl Resolve<ViewBackend> for PointExports {
                 format!("{}@latest", v.name),
                 format!("volume {}, latest replicated data", v.name),
             ));
+            if let Some(o) = self.target.test_failover(&v.name) {
+                out.push((
+                    format!("{}@test", v.name),
+                    format!(
+                        "volume {}, test failover of point {} (writable)",
+                        v.name, o.point
+                    ),
+                ));
+            }
             for (p, usable) in store.points() {
                 if usable {
                     out.push((
@@ -217,6 +472,44 @@ impl Resolve<ViewBackend> for PointExports {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overlay_keeps_partial_blocks_whole_and_leaves_the_point_alone() {
+        use crate::store::{Identity, Store};
+        use redun_tracker::journal::format::Kind;
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity {
+            name: "v".into(),
+            uuid: "00112233445566778899aabbccddeeff".into(),
+            size: 20_000,
+            generation: 1,
+        };
+        let store = Store::create(dir.path(), &id).unwrap();
+        store
+            .append(Kind::Write, 1, 0, 20_000, &[7u8; 20_000])
+            .unwrap();
+        store.commit().unwrap();
+        let view = Arc::new(store.view(1).unwrap());
+        let o = Overlay::create(view.clone(), 1, dir.path().join("v.test.img")).unwrap();
+        // Unaligned write inside a block, a zeroed range across blocks, a write at the end.
+        o.write_at(Some(&[1u8; 10]), 5000, 10).unwrap();
+        o.write_at(None, 8000, 1000).unwrap();
+        o.write_at(Some(&[2u8; 30]), 19_970, 30).unwrap();
+        let mut want = vec![7u8; 20_000];
+        want[5000..5010].fill(1);
+        want[8000..9000].fill(0);
+        want[19_970..].fill(2);
+        let mut got = vec![0u8; 20_000];
+        o.read_at(&mut got, 0).unwrap();
+        assert!(got == want);
+        let mut piece = vec![0u8; 3001];
+        o.read_at(&mut piece, 4999).unwrap();
+        assert!(piece[..] == want[4999..8000]);
+        // The point underneath is untouched.
+        view.read_at(&mut got, 0).unwrap();
+        assert!(got.iter().all(|&b| b == 7));
+        assert_eq!(o.info("v").bytes_written, 1040);
+    }
 
     #[test]
     fn export_names_parse() {

@@ -142,7 +142,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let target = Arc::new(Target::new(data_dir.clone(), tls).with_segment_size(segment_size));
     // Every replica is opened now: damage shows at start, and retention covers them all.
+    // Test failovers do not survive a restart: their overlays are scratch.
     for v in target.status() {
+        let scratch = data_dir.join(format!("{}.test.img", v.name));
+        if scratch.exists() {
+            info!(
+                "volume {}: discarding the test failover overlay {} of before the restart",
+                v.name,
+                scratch.display()
+            );
+            let _ = std::fs::remove_file(&scratch);
+        }
         match target.store(&v.name) {
             Ok(Some(s)) => info!(
                 "replica {}: {} recovery points, latest seq {}",
@@ -155,8 +165,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
+    let exports = Arc::new(PointExports::new(target.clone()));
     let handler: JsonHandler = {
         let target = target.clone();
+        let exports = exports.clone();
         let local = local.clone();
         let nbd_local = nbd_local.clone();
         Arc::new(move |req| match req.get("cmd").and_then(|c| c.as_str()) {
@@ -172,17 +184,34 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             })),
             Some("points") => points(&target, req),
+            Some("test-failover-start") => {
+                let volume = volume_arg(req)?;
+                let point = req.get("point").and_then(serde_json::Value::as_u64);
+                let o = target.start_test_failover(volume, point)?;
+                Ok(serde_json::json!({ "test_failover": o.info(volume) }))
+            }
+            Some("test-failover-cleanup") => {
+                let volume = volume_arg(req)?;
+                let export = format!("{volume}@test");
+                let n = exports.connections(&export);
+                if n > 0 {
+                    return Err(format!(
+                        "{n} client(s) still use {export}: disconnect them first (umount, then \
+                         nbd-client -d or stop nbdfuse), then clean up"
+                    ));
+                }
+                let o = target.end_test_failover(volume)?;
+                Ok(serde_json::json!({ "test_failover": o.info(volume) }))
+            }
             _ => Err(format!(
-                "Unknown request {req}: the target answers {{\"cmd\":\"status\"}} and \
-                 {{\"cmd\":\"points\",\"volume\":NAME}}"
+                "Unknown request {req}: the target answers status, points, \
+                 test-failover-start and test-failover-cleanup (docs/PROTOCOL.md)"
             )),
         })
     };
     let _admin = AdminServer::bind_json(&admin_socket, handler)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let nbd = Server::new(Exports::dynamic(Box::new(PointExports::new(
-        target.clone(),
-    ))));
+    let nbd = Server::new(Exports::dynamic(Box::new(exports.clone())));
     let nbd_thread = match nbd_listener {
         Some(l) => Some(nbd.spawn_listener(l)?),
         None => None,
@@ -242,13 +271,19 @@ fn maintain(target: &Target, retention: &Retention, stop: &AtomicBool) {
 
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
 
-/// `{"cmd":"points","volume":NAME}`: the volume's recovery points, oldest first.
-fn points(target: &Target, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+/// The request's `volume`, a valid name.
+fn volume_arg(req: &serde_json::Value) -> Result<&str, String> {
     let name = req
         .get("volume")
         .and_then(|v| v.as_str())
-        .ok_or("points needs \"volume\": NAME")?;
+        .ok_or_else(|| format!("{req} needs \"volume\": NAME"))?;
     redun_target::replica::check_name(name).map_err(|r| r.message)?;
+    Ok(name)
+}
+
+/// `{"cmd":"points","volume":NAME}`: the volume's recovery points, oldest first.
+fn points(target: &Target, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let name = volume_arg(req)?;
     let store = target
         .store(name)
         .map_err(|e| e.to_string())?

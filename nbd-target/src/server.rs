@@ -14,6 +14,7 @@ use log::{debug, info, warn};
 use redun_shipper::proto::{self, Frame, ProtoError, RefuseCode};
 use serde::{Deserialize, Serialize};
 
+use crate::export::Overlay;
 use crate::replica::{Refusal, Replica};
 use crate::store::{self, ReplicaState, Store, StoreError};
 
@@ -44,6 +45,8 @@ pub struct TargetVolumeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_point: Option<store::Point>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failover: Option<crate::export::TestFailover>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Unix time of the last applied batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,6 +70,8 @@ pub struct Target {
     stores: Mutex<HashMap<String, Arc<Store>>>,
     /// Segments are sealed at this size.
     segment_size: u64,
+    /// Test failovers under way, by volume.
+    tests: Mutex<HashMap<String, Arc<Overlay>>>,
 }
 
 /// Frees a volume's slot when its connection ends.
@@ -93,7 +98,88 @@ impl Target {
             slots: Mutex::new(HashMap::new()),
             stores: Mutex::new(HashMap::new()),
             segment_size: store::SEAL_BYTES,
+            tests: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The test failover of `volume`, if one is under way.
+    pub fn test_failover(&self, volume: &str) -> Option<Arc<Overlay>> {
+        self.tests.lock().unwrap().get(volume).cloned()
+    }
+
+    /// Starts a test failover of `volume` at `point` (default: the newest usable point):
+    /// export `VOLUME@test`, writable, over an empty overlay. No data is copied.
+    pub fn start_test_failover(
+        &self,
+        volume: &str,
+        point: Option<u64>,
+    ) -> Result<Arc<Overlay>, String> {
+        let store = self
+            .store(volume)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("this target holds no replica of volume {volume}"))?;
+        let mut tests = self.tests.lock().unwrap();
+        if let Some(o) = tests.get(volume) {
+            return Err(format!(
+                "a test failover of volume {volume} is under way (point {}): run \
+                 `redun test-failover cleanup {volume}` first",
+                o.info(volume).point
+            ));
+        }
+        let points = store.points();
+        let id = match point {
+            Some(id) => match points.iter().find(|(p, _)| p.id == id) {
+                Some((_, true)) => id,
+                Some((_, false)) => {
+                    return Err(format!(
+                        "point {id} of volume {volume} is not usable (not durable yet, or \
+                             merged away): `redun points {volume}` lists the usable ones"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "volume {volume} has no point {id}: `redun points {volume}` lists \
+                             them"
+                    ));
+                }
+            },
+            None => points
+                .iter()
+                .rev()
+                .find(|(_, ok)| *ok)
+                .map(|(p, _)| p.id)
+                .ok_or_else(|| {
+                    format!(
+                        "volume {volume} has no usable recovery point yet (redun point create \
+                         {volume})"
+                    )
+                })?,
+        };
+        let view = store
+            .view(id)
+            .ok_or_else(|| format!("point {id} of volume {volume} cannot be read"))?;
+        let path = self.data_dir.join(format!("{volume}.test.img"));
+        let o = Overlay::create(Arc::new(view), id, path.clone())
+            .map_err(|e| format!("cannot create the scratch overlay {}: {e}", path.display()))?;
+        let o = Arc::new(o);
+        tests.insert(volume.to_string(), o.clone());
+        info!("volume {volume}: test failover of point {id} exported as {volume}@test");
+        Ok(o)
+    }
+
+    /// Ends the test failover of `volume`: its export goes and its overlay is deleted.
+    pub fn end_test_failover(&self, volume: &str) -> Result<Arc<Overlay>, String> {
+        let o = self
+            .tests
+            .lock()
+            .unwrap()
+            .remove(volume)
+            .ok_or_else(|| format!("no test failover of volume {volume} is under way"))?;
+        if let Err(e) = std::fs::remove_file(o.path()) {
+            warn!("cannot delete {}: {e}", o.path().display());
+        }
+        info!("volume {volume}: test failover cleaned up");
+        Ok(o)
     }
 
     /// Seals the stores' segments at `bytes` instead of [`store::SEAL_BYTES`].
@@ -200,6 +286,7 @@ impl Target {
                 st.points = points.iter().filter(|(_, ok)| *ok).count() as u64;
                 st.latest_point = points.iter().rev().find(|(_, ok)| *ok).map(|(p, _)| *p);
             }
+            st.test_failover = self.test_failover(&st.name).map(|o| o.info(&st.name));
         }
         v
     }
