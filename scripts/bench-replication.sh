@@ -34,7 +34,8 @@ cp vol.img data-seed.img 2>/dev/null || true
 rm -f data-seed.img
 port=$((20000 + RANDOM % 20000))
 "$bin/redun-target" --data-dir data --listen "127.0.0.1:$port" --tls-ca pki/ca.crt \
-    --tls-cert pki/localhost.crt --tls-key pki/localhost.key --admin-socket target.sock 2>target.log &
+    --tls-cert pki/localhost.crt --tls-key pki/localhost.key --admin-socket target.sock \
+    --nbd-listen off 2>target.log &
 pids+=($!)
 "$bin/redun-tracker" --volume vol="$work/vol.img" --listen unix:"$work/nbd.sock" \
     --admin-socket tracker.sock --journal-dir journal --journal-size 8G 2>tracker.log &
