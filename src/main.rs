@@ -11,6 +11,7 @@ const DEFAULT_SHIPPER_SOCKET: &str = "/run/redun/shipper.sock";
 const DEFAULT_TARGET_SOCKET: &str = "/run/redun/target.sock";
 
 mod config_check;
+mod failover;
 mod journal;
 mod points;
 
@@ -64,6 +65,17 @@ enum Command {
     /// going on underneath.
     #[command(subcommand)]
     TestFailover(TestFailoverCommand),
+    /// Fail a volume over to the target: --planned (fence the source, ship everything,
+    /// promote the final point: nothing lost) or --unplanned (the source is gone: promote a
+    /// point the target holds). `redun failover commit VOLUME` makes it final.
+    Failover(FailoverArgs),
+    /// Let the source take writes again after a fence (an abandoned planned failover).
+    Unfence {
+        volume: String,
+        /// The tracker's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+        tracker_socket: PathBuf,
+    },
     /// Inspect and replay journal files (read-only on the journal).
     #[command(subcommand)]
     Journal(JournalCommand),
@@ -93,6 +105,47 @@ enum PointCommand {
         /// How long to wait for the target, in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         timeout: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct FailoverArgs {
+    #[command(subcommand)]
+    commit: Option<FailoverCommand>,
+    /// The volume to fail over.
+    volume: Option<String>,
+    /// The source is alive: refuse its writes, ship everything, promote the final point.
+    #[arg(long, conflicts_with = "unplanned")]
+    planned: bool,
+    /// The source is gone: promote a point the target holds.
+    #[arg(long)]
+    unplanned: bool,
+    /// With --unplanned: the point to promote, or latest [default: latest].
+    #[arg(long, value_name = "ID|latest", requires = "unplanned")]
+    point: Option<String>,
+    /// The tracker's admin socket (--planned).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+    tracker_socket: PathBuf,
+    /// The shipper's admin socket (--planned).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+    shipper_socket: PathBuf,
+    /// The target's admin socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
+    target_socket: PathBuf,
+    /// --planned: how long to wait for the final point to reach the target, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum FailoverCommand {
+    /// Make the failover of VOLUME final: no other point can be chosen afterwards.
+    Commit {
+        volume: String,
+        /// The target's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
+        target_socket: PathBuf,
     },
 }
 
@@ -236,6 +289,42 @@ fn main() -> ExitCode {
             json,
             target_socket,
         } => points::list(&volume, json, &target_socket),
+        Command::Failover(a) => match (a.commit, a.volume) {
+            (
+                Some(FailoverCommand::Commit {
+                    volume,
+                    target_socket,
+                }),
+                _,
+            ) => failover::commit(&volume, &target_socket),
+            (None, Some(volume)) if a.planned => failover::planned(
+                &volume,
+                &a.tracker_socket,
+                &a.shipper_socket,
+                &a.target_socket,
+                std::time::Duration::from_secs(a.timeout),
+            ),
+            (None, Some(volume)) if a.unplanned => failover::unplanned(
+                &volume,
+                a.point.as_deref().unwrap_or("latest"),
+                &a.target_socket,
+            ),
+            (None, Some(volume)) => {
+                eprintln!(
+                    "redun failover {volume}: say --planned (the source is alive) or \
+                     --unplanned (it is gone)"
+                );
+                ExitCode::from(2)
+            }
+            (None, None) => {
+                eprintln!("redun failover: name the volume (redun failover --help)");
+                ExitCode::from(2)
+            }
+        },
+        Command::Unfence {
+            volume,
+            tracker_socket,
+        } => failover::unfence(&volume, &tracker_socket),
         Command::TestFailover(TestFailoverCommand::Start {
             volume,
             point,

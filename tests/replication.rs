@@ -1398,3 +1398,210 @@ fn an_app_consistent_point_of_ext4_is_clean_and_its_test_failover_leaves_the_rep
     drop(point);
     drop(src);
 }
+
+fn redun_ok(args: &[&str], sockets: &[(&str, PathBuf)]) -> String {
+    let mut cmd = Command::new(bin("redun"));
+    cmd.args(args);
+    for (flag, p) in sockets {
+        cmd.arg(flag).arg(p);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "redun {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primary() {
+    require("fio");
+    require("nbdcopy");
+    require("qemu-io");
+    let mut site = Site::new();
+    let target_sock = site.dir().join("target.sock");
+    // A writer that runs until the source refuses its writes.
+    let mut writer = Command::new("fio")
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", site.tracker.uri()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            &format!("--size={VOL}"),
+            "--time_based",
+            "--runtime=60",
+            "--rate=20m",
+            "--refill_buffers",
+            "--thread",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = redun_ok(
+        &["failover", EXPORT, "--planned"],
+        &[
+            ("--tracker-socket", site.tracker.admin.clone()),
+            ("--shipper-socket", site.dir().join("shipper-shipper.sock")),
+            ("--target-socket", target_sock.clone()),
+        ],
+    );
+    assert!(out.contains("nothing lost"), "{out}");
+    // The writer met the fence and gave up.
+    assert!(
+        wait_timeout(&mut writer, Duration::from_secs(30)).is_some(),
+        "the writer was not stopped by the fence"
+    );
+    let st = site.tracker.status_json();
+    assert_eq!(
+        st["tracker"]["status"]["volumes"][0]["fenced"], true,
+        "{st}"
+    );
+    // The promoted volume is the source as it was when writes were refused.
+    let source = std::fs::read(&site.tracker.image).unwrap();
+    let promoted = site.read_export(EXPORT);
+    assert!(
+        digest(&promoted) == digest(&source),
+        "the promoted volume differs from the source at the fence"
+    );
+    // It is served read-write and keeps what is written to it.
+    let uri = format!(
+        "nbd+unix:///{EXPORT}?socket={}",
+        site.nbd_socket().display()
+    );
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "flush"])
+        .arg(&uri));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-r", "-c", "read -P 0x5a 1M 64k"])
+        .arg(&uri));
+    let t = request_json(&target_sock, &serde_json::json!({"cmd": "status"})).unwrap();
+    let tv = &t["status"]["volumes"][0];
+    assert_eq!(tv["failed_over"]["committed"], false, "{tv}");
+    assert_eq!(tv["generation"], 2, "{tv}");
+    // The old primary's shipper, restarted, is refused for good and says why.
+    site.shipper.as_mut().unwrap().stop();
+    let pki = site.dir().join("pki");
+    site.start_shipper(&pki, "shipper");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = site.shipper_status("shipper") {
+            if st["state"] == "critical" {
+                let e = st["last_error"].as_str().unwrap();
+                assert!(e.contains("failed over"), "{e}");
+                assert_eq!(st["retries"].as_u64(), Some(0), "{st}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the old primary was not refused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Committed, the failover is final.
+    redun_ok(
+        &["failover", "commit", EXPORT],
+        &[("--target-socket", target_sock.clone())],
+    );
+    let again = Command::new(bin("redun"))
+        .args(["failover", EXPORT, "--unplanned", "--target-socket"])
+        .arg(&target_sock)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("final"));
+    // A target restart serves the promoted volume again, with its writes.
+    site.target.as_mut().unwrap().stop();
+    site.start_target();
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-r", "-c", "read -P 0x5a 1M 64k"])
+        .arg(&uri));
+}
+
+#[test]
+fn an_unplanned_failover_after_kill_9_serves_a_filesystem_that_recovers() {
+    if !privileged() {
+        return;
+    }
+    require("nbdfuse");
+    require("mkfs.ext4");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let mut site = Site::build_with(256 << 20, |d| d.join("data"), &["--crash-interval", "1s"]);
+    let target_sock = site.dir().join("target.sock");
+    let src = Stack::attach(&site.tracker.uri(), &w.join("src"), false);
+    run(Command::new("mkfs.ext4").args(["-F", "-q", src.dev()]));
+    src.mount("");
+    let files = |set: &str, n: u32| {
+        sh(&format!(
+            "cd {m} && mkdir -p {set} && for i in $(seq 1 {n}); do \
+             head -c $((i * 421 * 1024)) /dev/urandom > {set}/f$i; done && sync \
+             && sha256sum {set}/* > {w}/sums-{set}",
+            m = src.mnt.display(),
+            w = w.display()
+        ))
+    };
+    files("a", 8);
+    let early = point_create(&site);
+    files("b", 8);
+    site.wait_caught_up();
+    // The source dies: tracker and shipper killed, the filesystem never unmounted cleanly.
+    kill(site.tracker.pid(), Signal::SIGKILL).unwrap();
+    site.shipper.as_mut().unwrap().kill9();
+    drop(src);
+    let out = redun_ok(
+        &["failover", EXPORT, "--unplanned"],
+        &[("--target-socket", target_sock.clone())],
+    );
+    assert!(out.contains("unplanned"), "{out}");
+    let uri = format!(
+        "nbd+unix:///{EXPORT}?socket={}",
+        site.nbd_socket().display()
+    );
+    let check = |stack: &Stack, set: &str| {
+        sh(&format!(
+            "cd {} && sha256sum -c --quiet {}/sums-{set}",
+            stack.mnt.display(),
+            w.display()
+        ))
+        .status
+        .success()
+    };
+    {
+        // The journal replays onto the promoted volume; everything synced before the crash
+        // and shipped is there.
+        let promoted = Stack::attach(&uri, &w.join("promoted"), false);
+        promoted.mount("");
+        assert!(check(&promoted, "a") && check(&promoted, "b"));
+        sh(&format!(
+            "cd {} && echo new > new && sync",
+            promoted.mnt.display()
+        ));
+        let _ = Command::new("umount").arg(&promoted.mnt).status();
+        run(Command::new("e2fsck").args(["-fn", promoted.dev()]));
+    }
+    // Before the commit another point may be chosen: the earlier one, without set b.
+    redun_ok(
+        &[
+            "failover",
+            EXPORT,
+            "--unplanned",
+            "--point",
+            &early.to_string(),
+        ],
+        &[("--target-socket", target_sock.clone())],
+    );
+    {
+        let promoted = Stack::attach(&uri, &w.join("promoted2"), false);
+        promoted.mount("");
+        assert!(check(&promoted, "a"));
+        assert!(!promoted.mnt.join("b").exists());
+        assert!(!promoted.mnt.join("new").exists());
+    }
+    redun_ok(
+        &["failover", "commit", EXPORT],
+        &[("--target-socket", target_sock)],
+    );
+}

@@ -52,6 +52,18 @@ pub struct Overlay {
     /// Serialises writes (their read-modify-write of partial blocks).
     writing: Mutex<()>,
     bytes_written: AtomicU64,
+    /// For a promoted volume: the durable record of the written ranges.
+    log: Option<Mutex<RangeLog>>,
+}
+
+/// `NAME.promoted.ranges`: the ranges a promoted volume's overlay holds, 16 bytes each
+/// (offset, end; little-endian), appended at each flush after the overlay's data is synced.
+#[derive(Debug)]
+struct RangeLog {
+    file: File,
+    path: PathBuf,
+    pending: Vec<u8>,
+    len: u64,
 }
 
 /// What `status` says of a test failover.
@@ -73,7 +85,68 @@ impl Overlay {
             .truncate(true)
             .open(&path)?;
         file.set_len(view.size())?;
-        Ok(Overlay {
+        Ok(Overlay::new(view, point, path, file, None))
+    }
+
+    /// The overlay of a promoted volume: its writes survive a crash once flushed, and the
+    /// ranges it holds (what was written since the failover) are kept in `log_path`. With
+    /// `fresh`, both files start empty; otherwise they are read back.
+    pub fn tracked(
+        view: Arc<View>,
+        point: u64,
+        path: PathBuf,
+        log_path: PathBuf,
+        fresh: bool,
+    ) -> io::Result<Overlay> {
+        let open = |p: &PathBuf| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(fresh)
+                .open(p)
+        };
+        let file = open(&path)?;
+        if fresh {
+            file.set_len(view.size())?;
+            file.sync_all()?;
+        }
+        let log_file = open(&log_path)?;
+        let bytes = std::fs::read(&log_path)?;
+        // A torn last entry (a crash during a flush) is dropped.
+        let whole = bytes.len() / 16 * 16;
+        let mut ranges = Vec::new();
+        for e in bytes[..whole].chunks_exact(16) {
+            let a = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+            let b = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+            if a < b {
+                ranges.push((a, b));
+            }
+        }
+        let log = RangeLog {
+            file: log_file,
+            path: log_path,
+            pending: Vec::new(),
+            len: whole as u64,
+        };
+        let o = Overlay::new(view, point, path, file, Some(Mutex::new(log)));
+        {
+            let mut w = o.written.lock().unwrap();
+            for (a, b) in ranges {
+                insert_range(&mut w, a, b);
+            }
+        }
+        Ok(o)
+    }
+
+    fn new(
+        view: Arc<View>,
+        point: u64,
+        path: PathBuf,
+        file: File,
+        log: Option<Mutex<RangeLog>>,
+    ) -> Overlay {
+        Overlay {
             view,
             file,
             path,
@@ -84,7 +157,45 @@ impl Overlay {
             written: Mutex::new(BTreeMap::new()),
             writing: Mutex::new(()),
             bytes_written: AtomicU64::new(0),
-        })
+            log,
+        }
+    }
+
+    /// Makes every write so far durable (a promoted volume's; a test failover's writes are
+    /// thrown away and need not be).
+    pub fn flush(&self) -> io::Result<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let mut l = log.lock().unwrap();
+        self.file.sync_data()?;
+        if !l.pending.is_empty() {
+            l.file
+                .write_all_at(&l.pending, l.len)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", l.path.display())))?;
+            l.file.sync_data()?;
+            l.len += l.pending.len() as u64;
+            l.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// The ranges written since the overlay began, merged.
+    pub fn written_ranges(&self) -> Vec<(u64, u64)> {
+        self.written
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(&a, &b)| (a, b))
+            .collect()
+    }
+
+    pub fn point(&self) -> u64 {
+        self.point
+    }
+
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -154,24 +265,32 @@ impl Overlay {
             None => body.fill(0),
         }
         self.file.write_all_at(&block, a)?;
-        let mut w = self.written.lock().unwrap();
-        let (mut s, mut e) = (a, b);
-        // Merge with what overlaps or touches.
-        let touching: Vec<(u64, u64)> = w
-            .range(..=e)
-            .rev()
-            .take_while(|(_, end)| **end >= s)
-            .map(|(&x, &y)| (x, y))
-            .collect();
-        for (x, y) in touching {
-            w.remove(&x);
-            s = s.min(x);
-            e = e.max(y);
+        insert_range(&mut self.written.lock().unwrap(), a, b);
+        if let Some(log) = &self.log {
+            let mut l = log.lock().unwrap();
+            l.pending.extend_from_slice(&a.to_le_bytes());
+            l.pending.extend_from_slice(&b.to_le_bytes());
         }
-        w.insert(s, e);
         self.bytes_written.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Adds `[a, b)` to a set of merged ranges, merging with what overlaps or touches.
+fn insert_range(w: &mut BTreeMap<u64, u64>, a: u64, b: u64) {
+    let (mut s, mut e) = (a, b);
+    let touching: Vec<(u64, u64)> = w
+        .range(..=e)
+        .rev()
+        .take_while(|(_, end)| **end >= s)
+        .map(|(&x, &y)| (x, y))
+        .collect();
+    for (x, y) in touching {
+        w.remove(&x);
+        s = s.min(x);
+        e = e.max(y);
+    }
+    w.insert(s, e);
 }
 
 /// Reads complete inline on the connection's thread (page cache or disk reads of the
@@ -201,13 +320,24 @@ impl IoQueue for ViewQueue {
                 let mut buf = vec![0u8; len as usize];
                 o.read_at(&mut buf, offset).map(|()| buf)
             }
-            (Some(o), IoOp::Write { offset, data, .. }) => o
+            (Some(o), IoOp::Write { offset, data, fua }) => o
                 .write_at(Some(&data), offset, data.len() as u64)
+                .and_then(|()| if fua { o.flush() } else { Ok(()) })
                 .map(|()| Vec::new()),
-            (Some(o), IoOp::Trim { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. }) => o
+            (
+                Some(o),
+                IoOp::Trim {
+                    offset, len, fua, ..
+                }
+                | IoOp::WriteZeroes {
+                    offset, len, fua, ..
+                },
+            ) => o
                 .write_at(None, offset, u64::from(len))
+                .and_then(|()| if fua { o.flush() } else { Ok(()) })
                 .map(|()| Vec::new()),
-            // A test failover's writes are thrown away: they need not survive a crash.
+            // Durable for a promoted volume; a test failover's writes are thrown away.
+            (Some(o), IoOp::Flush) => o.flush().map(|()| Vec::new()),
             (_, IoOp::Cache { .. } | IoOp::Flush) => Ok(Vec::new()),
             // The server refuses these on a read-only export before they get here.
             (None, IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::WriteZeroes { .. }) => {
@@ -339,6 +469,37 @@ impl PointExports {
     }
 }
 
+impl PointExports {
+    /// The export of a volume failed over to the target: read-write, tracked.
+    fn promoted(&self, name: &str) -> Option<Arc<Export<ViewBackend>>> {
+        let (p, overlay) = self.target.promoted(name)?;
+        let mut live = self.live.lock().unwrap();
+        live.retain(|_, w| w.strong_count() > 0);
+        if let Some(e) = live.get(name).and_then(Weak::upgrade) {
+            if e.backend
+                .overlay
+                .as_ref()
+                .is_some_and(|o| Arc::ptr_eq(o, &overlay))
+            {
+                return Some(e);
+            }
+        }
+        let e = Arc::new(Export::new(
+            name.to_string(),
+            ViewBackend {
+                view: overlay.view().clone(),
+                description: format!(
+                    "volume {name}, failed over at point {} (generation {}), read-write",
+                    p.point, p.generation
+                ),
+                overlay: Some(overlay),
+            },
+        ));
+        live.insert(name.to_string(), Arc::downgrade(&e));
+        Some(e)
+    }
+}
+
 impl Resolve<ViewBackend> for Arc<PointExports> {
     fn find(&self, name: &str) -> Option<Arc<Export<ViewBackend>>> {
         self.as_ref().find(name)
@@ -350,6 +511,9 @@ impl Resolve<ViewBackend> for Arc<PointExports> {
 
 impl Resolve<ViewBackend> for PointExports {
     fn find(&self, name: &str) -> Option<Arc<Export<ViewBackend>>> {
+        if !name.contains('@') {
+            return self.promoted(name);
+        }
         let (vol, which) = parse_export(name)?;
         crate::replica::check_name(vol).ok()?;
         if which == Which::Test {
@@ -442,6 +606,15 @@ impl Resolve<ViewBackend> for PointExports {
                 format!("{}@latest", v.name),
                 format!("volume {}, latest replicated data", v.name),
             ));
+            if let Some((p, _)) = self.target.promoted(&v.name) {
+                out.push((
+                    v.name.clone(),
+                    format!(
+                        "volume {}, failed over at point {} (read-write)",
+                        v.name, p.point
+                    ),
+                ));
+            }
             if let Some(o) = self.target.test_failover(&v.name) {
                 out.push((
                     format!("{}@test", v.name),

@@ -16,7 +16,7 @@ use redun_target::config::{
     ConfigFile, DEFAULT_ADMIN_SOCKET, DEFAULT_LISTEN, DEFAULT_NBD_LISTEN, TargetSection,
 };
 use redun_target::export::PointExports;
-use redun_target::server::Target;
+use redun_target::server::{Choice, Target};
 use redun_target::store::Retention;
 use redun_tracker::admin::{AdminServer, JsonHandler};
 use redun_tracker::nbd::{Exports, ListenAddr, Listener, Server};
@@ -163,6 +163,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             Ok(None) => {}
             Err(e) => warn!("replica {}: {e}", v.name),
         }
+        if let Err(e) = target.load_promotion(&v.name) {
+            warn!(
+                "volume {}: cannot serve the failed-over volume: {e}",
+                v.name
+            );
+        }
     }
     let started = Instant::now();
     let exports = Arc::new(PointExports::new(target.clone()));
@@ -190,6 +196,24 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let o = target.start_test_failover(volume, point)?;
                 Ok(serde_json::json!({ "test_failover": o.info(volume) }))
             }
+            Some("failover") => {
+                let volume = volume_arg(req)?;
+                let choice = match req.get("point") {
+                    None | Some(serde_json::Value::Null) => Choice::Latest,
+                    Some(serde_json::Value::String(s)) if s == "latest" => Choice::Latest,
+                    Some(v) => Choice::Point(v.as_u64().ok_or_else(|| {
+                        format!("point {v} is neither a point id nor \"latest\"")
+                    })?),
+                };
+                let in_use = exports.connections(volume) > 0;
+                let p = target.failover(volume, choice, in_use)?;
+                Ok(serde_json::json!({ "failover": p, "export": volume }))
+            }
+            Some("failover-commit") => {
+                let volume = volume_arg(req)?;
+                let p = target.failover_commit(volume)?;
+                Ok(serde_json::json!({ "failover": p, "export": volume }))
+            }
             Some("test-failover-cleanup") => {
                 let volume = volume_arg(req)?;
                 let export = format!("{volume}@test");
@@ -205,7 +229,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             _ => Err(format!(
                 "Unknown request {req}: the target answers status, points, \
-                 test-failover-start and test-failover-cleanup (docs/PROTOCOL.md)"
+                 test-failover-start, test-failover-cleanup, failover and failover-commit \
+                 (docs/PROTOCOL.md)"
             )),
         })
     };

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -46,6 +47,9 @@ pub struct TargetVolumeStatus {
     pub latest_point: Option<store::Point>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_failover: Option<crate::export::TestFailover>,
+    /// Set once the volume was failed over to this target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_over: Option<Promotion>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Unix time of the last applied batch.
@@ -72,6 +76,31 @@ pub struct Target {
     segment_size: u64,
     /// Test failovers under way, by volume.
     tests: Mutex<HashMap<String, Arc<Overlay>>>,
+    /// Volumes failed over to this target: served read-write as NAME.
+    promoted: Mutex<HashMap<String, (Promotion, Arc<Overlay>)>>,
+}
+
+/// `DATA/NAME.promoted`: a volume failed over to the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The point (sequence number) the promoted volume started from.
+    pub point: u64,
+    /// The relationship's generation from the failover on.
+    pub generation: u64,
+    /// `redun failover commit` was run: no other point may be chosen.
+    pub committed: bool,
+    pub since_unix: u64,
+    /// Bytes written to the promoted volume since (not kept across restarts).
+    #[serde(default)]
+    pub bytes_written: u64,
+}
+
+/// Which point a failover promotes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// Everything durable on the target (any prefix of the journal is crash-consistent).
+    Latest,
+    Point(u64),
 }
 
 /// Frees a volume's slot when its connection ends.
@@ -99,7 +128,152 @@ impl Target {
             stores: Mutex::new(HashMap::new()),
             segment_size: store::SEAL_BYTES,
             tests: Mutex::new(HashMap::new()),
+            promoted: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn promotion_path(&self, volume: &str) -> PathBuf {
+        self.data_dir.join(format!("{volume}.promoted"))
+    }
+
+    fn overlay_paths(&self, volume: &str) -> (PathBuf, PathBuf) {
+        (
+            self.data_dir.join(format!("{volume}.promoted.img")),
+            self.data_dir.join(format!("{volume}.promoted.ranges")),
+        )
+    }
+
+    /// The promoted volume `volume`, if it was failed over to this target.
+    pub fn promoted(&self, volume: &str) -> Option<(Promotion, Arc<Overlay>)> {
+        self.promoted.lock().unwrap().get(volume).map(|(p, o)| {
+            let mut p = p.clone();
+            p.bytes_written = o.info(volume).bytes_written;
+            (p, o.clone())
+        })
+    }
+
+    /// Serves again, at start-up, what was failed over before a restart.
+    pub fn load_promotion(&self, volume: &str) -> Result<(), String> {
+        let path = self.promotion_path(volume);
+        if !path.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let p: Promotion = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is damaged: {e}", path.display()))?;
+        let store = self
+            .store(volume)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} names no replica", path.display()))?;
+        let view = store
+            .view(p.point)
+            .ok_or_else(|| format!("point {} of volume {volume} cannot be read", p.point))?;
+        let (img, ranges) = self.overlay_paths(volume);
+        let o = Overlay::tracked(Arc::new(view), p.point, img.clone(), ranges, false)
+            .map_err(|e| format!("cannot open {}: {e}", img.display()))?;
+        info!(
+            "volume {volume}: failed over at point {} (generation {}), served read-write",
+            p.point, p.generation
+        );
+        self.promoted
+            .lock()
+            .unwrap()
+            .insert(volume.to_string(), (p, Arc::new(o)));
+        Ok(())
+    }
+
+    /// Fails `volume` over to this target at `choice`: the point becomes the volume, served
+    /// read-write as `volume` with its writes tracked, and the relationship moves to the next
+    /// generation, so the old primary's shipper is refused. Before `failover_commit`, another
+    /// point may be chosen (what was written to the promoted volume is then discarded);
+    /// `in_use` tells whether clients are connected to it.
+    pub fn failover(
+        &self,
+        volume: &str,
+        choice: Choice,
+        in_use: bool,
+    ) -> Result<Promotion, String> {
+        let store = self
+            .store(volume)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("this target holds no replica of volume {volume}"))?;
+        let mut promoted = self.promoted.lock().unwrap();
+        let before = promoted.get(volume).map(|(p, _)| p.clone());
+        if let Some(p) = &before {
+            if p.committed {
+                return Err(format!(
+                    "volume {volume} was failed over at point {} and committed: it is final",
+                    p.point
+                ));
+            }
+            if in_use {
+                return Err(format!(
+                    "volume {volume} is failed over at point {} and clients use it: disconnect \
+                     them before choosing another point",
+                    p.point
+                ));
+            }
+        }
+        let seq = match choice {
+            Choice::Latest => store.latest(),
+            Choice::Point(id) => match store.points().iter().find(|(p, _)| p.id == id) {
+                Some((_, true)) => id,
+                Some((_, false)) => {
+                    return Err(format!(
+                        "point {id} of volume {volume} is not usable: `redun points {volume}` \
+                         lists the usable ones"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "volume {volume} has no point {id}: `redun points {volume}` lists them"
+                    ));
+                }
+            },
+        };
+        let view = store
+            .view(seq)
+            .ok_or_else(|| format!("volume {volume} cannot be read at seq {seq}"))?;
+        let generation = match &before {
+            Some(p) => p.generation,
+            None => store.state().generation + 1,
+        };
+        let (img, ranges) = self.overlay_paths(volume);
+        let o = Overlay::tracked(Arc::new(view), seq, img.clone(), ranges, true)
+            .map_err(|e| format!("cannot create {}: {e}", img.display()))?;
+        let p = Promotion {
+            point: seq,
+            generation,
+            committed: false,
+            since_unix: now_unix(),
+            bytes_written: 0,
+        };
+        // The generation first: from here on the old primary is refused.
+        store
+            .set_generation(generation)
+            .map_err(|e| e.to_string())?;
+        write_json(&self.promotion_path(volume), &p)?;
+        promoted.insert(volume.to_string(), (p.clone(), Arc::new(o)));
+        info!(
+            "volume {volume}: failed over at seq {seq} (generation {generation}), served \
+             read-write as {volume}"
+        );
+        Ok(p)
+    }
+
+    /// Makes the failover of `volume` final.
+    pub fn failover_commit(&self, volume: &str) -> Result<Promotion, String> {
+        let mut promoted = self.promoted.lock().unwrap();
+        let (p, _) = promoted
+            .get_mut(volume)
+            .ok_or_else(|| format!("volume {volume} is not failed over to this target"))?;
+        let mut next = p.clone();
+        next.committed = true;
+        write_json(&self.promotion_path(volume), &next)?;
+        *p = next.clone();
+        info!("volume {volume}: failover at point {} committed", p.point);
+        Ok(next)
     }
 
     /// The test failover of `volume`, if one is under way.
@@ -287,6 +461,7 @@ impl Target {
                 st.latest_point = points.iter().rev().find(|(_, ok)| *ok).map(|(p, _)| *p);
             }
             st.test_failover = self.test_failover(&st.name).map(|o| o.info(&st.name));
+            st.failed_over = self.promoted(&st.name).map(|(p, _)| p);
         }
         v
     }
@@ -377,6 +552,10 @@ impl Target {
             return;
         }
         if let Err(r) = crate::replica::check_name(&hello.name) {
+            refuse(&mut tls, peer, &r);
+            return;
+        }
+        if let Some(r) = self.refusal_if_promoted(&hello.name) {
             refuse(&mut tls, peer, &r);
             return;
         }
@@ -471,6 +650,9 @@ impl Target {
             let records = decoder.decode(&batch).map_err(|e| {
                 StreamEnd::Refused(Refusal::new(RefuseCode::Protocol, e.to_string()))
             })?;
+            if let Some(r) = self.refusal_if_promoted(&replica.state().name) {
+                return Err(StreamEnd::Refused(r));
+            }
             replica.apply(&records).map_err(StreamEnd::Refused)?;
             {
                 let mut s = slot.status.lock().unwrap();
@@ -491,6 +673,38 @@ impl Target {
             proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
         }
     }
+}
+
+impl Target {
+    /// A shipper of a volume failed over to this target is a stale primary.
+    fn refusal_if_promoted(&self, volume: &str) -> Option<Refusal> {
+        let p = self.promoted(volume)?.0;
+        Some(Refusal::new(
+            RefuseCode::GenerationMismatch,
+            format!(
+                "volume {volume} was failed over to the target at point {} (generation {}): \
+                 this source is no longer the primary and may not write to the replica",
+                p.point, p.generation
+            ),
+        ))
+    }
+}
+
+/// Writes `v` as JSON to `path`, atomically and durably.
+fn write_json<T: Serialize>(path: &std::path::Path, v: &T) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec_pretty(v).expect("serializable");
+    let r = (|| {
+        let f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut &f, &text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(d) = path.parent() {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+        Ok::<(), io::Error>(())
+    })();
+    r.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;

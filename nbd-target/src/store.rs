@@ -973,6 +973,22 @@ impl Store {
         Ok(done)
     }
 
+    /// Moves the replication relationship to generation `g` (a failover): shippers of the
+    /// older generation are refused from now on. Durable when this returns.
+    pub fn set_generation(&self, g: u64) -> Result<(), StoreError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut m = inner.manifest.clone();
+        m.generation = g;
+        replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+        inner.manifest = m;
+        let mut st = inner.state.clone();
+        st.generation = g;
+        replace_file(&self.state_path, &to_json(&st))?;
+        inner.state = st;
+        Ok(())
+    }
+
     /// How many sealed segments the store holds, and the base's sequence number.
     pub fn layout(&self) -> (usize, u64) {
         let g = self.lock();

@@ -33,6 +33,15 @@ pub enum AdminRequest {
         #[serde(default = "crash")]
         kind: crate::journal::format::PointKind,
     },
+    /// Refuse writes on the volume from now on, flush, and place a final point (a planned
+    /// failover's first step). The answer's `point` is that final point.
+    Fence {
+        volume: String,
+    },
+    /// Take writes on the volume again.
+    Unfence {
+        volume: String,
+    },
 }
 
 fn crash() -> crate::journal::format::PointKind {
@@ -74,6 +83,9 @@ pub struct VolumeStatus {
     /// The volume's journal, when changes are tracked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<crate::track::JournalStatus>,
+    /// Writes are refused (`redun failover --planned` fenced the volume).
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 /// The tracker's answer to `status`.
@@ -323,7 +335,7 @@ pub fn request(socket: &Path, req: &AdminRequest) -> io::Result<AdminResponse> {
     // Points may run hooks (two of at most `points.hook_timeout` each).
     let timeout = match req {
         AdminRequest::Point { .. } => Duration::from_secs(600),
-        AdminRequest::Status => Duration::from_secs(30),
+        _ => Duration::from_secs(60),
     };
     let v = request_json_within(socket, &serde_json::to_value(req)?, timeout)?;
     serde_json::from_value(v).map_err(|e| {

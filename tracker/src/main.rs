@@ -206,6 +206,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         AdminRequest::Point { volume, kind } => {
             place_point(&status_server, &volume, kind, &hooks_for_admin)
         }
+        AdminRequest::Fence { volume } => fence(&status_server, &volume, true),
+        AdminRequest::Unfence { volume } => fence(&status_server, &volume, false),
     });
     let points_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let points_thread = (cfg.crash_interval_ms > 0)
@@ -317,6 +319,53 @@ fn place_point(
     }
 }
 
+/// Fences `volume` (refuses writes, flushes, places the final point) or takes writes again.
+fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse {
+    let Some(e) = server.exports().iter().find(|e| e.name == volume) else {
+        return AdminResponse::error(format!(
+            "no volume named {volume:?} on this tracker (redun status lists them)"
+        ));
+    };
+    let Some(log) = e.backend.log() else {
+        return AdminResponse::error(format!(
+            "volume {volume}: changes are not journaled (--no-journal): it cannot fail over"
+        ));
+    };
+    if !on {
+        return match log.unfence() {
+            Ok(()) => {
+                info!("volume {volume}: writes are taken again");
+                AdminResponse {
+                    ok: true,
+                    error: None,
+                    status: None,
+                    point: None,
+                }
+            }
+            Err(err) => AdminResponse::error(format!("volume {volume}: {err}")),
+        };
+    }
+    // Fenced first, so that nothing is written after the final point; then what was
+    // written before it is made durable.
+    let placed = log.fence().and_then(|id| e.backend.sync().map(|()| id));
+    match placed {
+        Ok(id) => {
+            info!("volume {volume}: fenced; final point {id}");
+            AdminResponse {
+                ok: true,
+                error: None,
+                status: None,
+                point: Some(PlacedPoint {
+                    volume: volume.to_string(),
+                    id,
+                    kind: PointKind::Crash,
+                }),
+            }
+        }
+        Err(err) => AdminResponse::error(format!("volume {volume}: cannot fence: {err}")),
+    }
+}
+
 /// Takes an app-consistent point in every volume that has hooks and was written since its
 /// last point, every `every`, until `stop`.
 fn app_points(
@@ -413,6 +462,7 @@ fn status(server: &Server<FileBackend>, listen: &[String], started: Instant) -> 
                     r
                 }),
                 journal: e.backend.log().and_then(|l| l.status()),
+                fenced: e.backend.log().is_some_and(|l| l.fenced()),
             }
         })
         .collect();

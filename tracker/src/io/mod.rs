@@ -158,6 +158,11 @@ impl FileBackend {
         &self.path
     }
 
+    /// Makes every completed write durable on the backing device.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     pub fn engine(&self) -> Engine {
         self.engine
     }

@@ -157,6 +157,8 @@ struct State {
     stopping: bool,
     /// A change was recorded since the last marker.
     changed_since_mark: bool,
+    /// Writes are refused: the volume was (being) failed over (`NAME.fenced` exists).
+    fenced: bool,
 }
 
 #[derive(Debug)]
@@ -351,6 +353,11 @@ impl<J: Store, M: Store> Change<'_, J, M> {
     }
 }
 
+/// `NAME.fenced` beside `NAME.journal`.
+fn fence_path(journal: &Path) -> PathBuf {
+    journal.with_extension("fenced")
+}
+
 fn payload_len(payload: &[u8]) -> u32 {
     u32::try_from(payload.len()).unwrap_or(u32::MAX)
 }
@@ -511,6 +518,7 @@ impl ChangeLog {
                 no_waiting: false,
                 stopping: false,
                 changed_since_mark: false,
+                fenced: fence_path(&path).exists(),
             }),
             wake: Condvar::new(),
             stop_waiting: Condvar::new(),
@@ -558,6 +566,9 @@ impl ChangeLog {
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
         let mut guard = self.lock();
+        if guard.fenced {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         let mut waited = false;
         let r = loop {
             let st = &mut *guard;
@@ -656,6 +667,50 @@ impl ChangeLog {
             self.shared.wake.notify_one();
         }
         r
+    }
+
+    /// Refuses every write from now on (`EPERM`), durably (`NAME.fenced` beside the
+    /// journal, so a restart keeps refusing), places a final crash-consistent marker after
+    /// every write recorded so far, and makes the journal durable. Returns the marker's
+    /// sequence number: the planned failover promotes it.
+    pub fn fence(&self) -> io::Result<u64> {
+        {
+            let mut st = self.lock();
+            if !st.fenced {
+                let f = fence_path(&self.path);
+                std::fs::write(&f, b"writes refused: failed over to the target\n")
+                    .and_then(|()| File::open(&f)?.sync_all())
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
+                st.fenced = true;
+                warn!(
+                    "journal {}: fenced: writes are refused from now on",
+                    self.path.display()
+                );
+            }
+        }
+        let seq = self
+            .mark(PointKind::Crash, false)?
+            .ok_or_else(|| io::Error::other("no point placed"))?;
+        self.sync()?;
+        Ok(seq)
+    }
+
+    /// Takes writes again (after a failover was abandoned, or once the volume is the
+    /// primary again).
+    pub fn unfence(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        let f = fence_path(&self.path);
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", f.display()))),
+        }
+        st.fenced = false;
+        Ok(())
+    }
+
+    pub fn fenced(&self) -> bool {
+        self.lock().fenced
     }
 
     /// A change was recorded since the last marker.
