@@ -43,29 +43,9 @@ pub fn planned(
     let req = AdminRequest::Fence {
         volume: volume.to_string(),
     };
-    let id = match admin::request(tracker, &req) {
-        Ok(r) if r.ok => match r.point {
-            Some(p) => p.id,
-            None => {
-                eprintln!("redun failover: the tracker answered without a final point");
-                return ExitCode::from(1);
-            }
-        },
-        Ok(r) => {
-            eprintln!(
-                "redun failover: {}",
-                r.error.as_deref().unwrap_or("the tracker refused")
-            );
-            return ExitCode::from(1);
-        }
-        Err(e) => {
-            eprintln!(
-                "redun failover: cannot reach the tracker on {}: {e} (--tracker-socket; if the \
-                 source is gone, use --unplanned)",
-                tracker.display()
-            );
-            return ExitCode::from(2);
-        }
+    let id = match crate::points::tracker_point(tracker, &req, "redun failover") {
+        Ok(id) => id,
+        Err(code) => return code,
     };
     println!("volume {volume}: writes refused on the source; final point {id}");
     let deadline = Instant::now() + timeout;

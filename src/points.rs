@@ -9,6 +9,32 @@ use std::time::{Duration, Instant};
 use redun_tracker::admin::{self, AdminRequest};
 use redun_tracker::journal::format::PointKind;
 
+/// Sends `req` (a point or a fence) to the tracker and returns the point it placed; on
+/// failure, says why (as `cmd`) and returns the exit code.
+pub fn tracker_point(tracker: &Path, req: &AdminRequest, cmd: &str) -> Result<u64, ExitCode> {
+    match admin::request(tracker, req) {
+        Ok(r) if r.ok => r.point.map(|p| p.id).ok_or_else(|| {
+            eprintln!("{cmd}: the tracker answered without a point");
+            ExitCode::from(1)
+        }),
+        Ok(r) => {
+            eprintln!(
+                "{cmd}: {}",
+                r.error.as_deref().unwrap_or("the tracker refused")
+            );
+            Err(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!(
+                "{cmd}: cannot reach the tracker on {}: {e} (is redun-tracker running? \
+                 --tracker-socket)",
+                tracker.display()
+            );
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 /// Places a point and waits until the shipper reports it acknowledged by the target.
 pub fn create(
     volume: &str,
@@ -26,29 +52,9 @@ pub fn create(
         volume: volume.to_string(),
         kind,
     };
-    let id = match admin::request(tracker, &req) {
-        Ok(r) if r.ok => match r.point {
-            Some(p) => p.id,
-            None => {
-                eprintln!("redun point create: the tracker answered without a point");
-                return ExitCode::from(1);
-            }
-        },
-        Ok(r) => {
-            eprintln!(
-                "redun point create: {}",
-                r.error.as_deref().unwrap_or("the tracker refused")
-            );
-            return ExitCode::from(1);
-        }
-        Err(e) => {
-            eprintln!(
-                "redun point create: cannot reach the tracker on {}: {e} (is redun-tracker \
-                 running? --tracker-socket)",
-                tracker.display()
-            );
-            return ExitCode::from(2);
-        }
+    let id = match tracker_point(tracker, &req, "redun point create") {
+        Ok(id) => id,
+        Err(code) => return code,
     };
     let deadline = Instant::now() + timeout;
     let mut last: String;

@@ -354,6 +354,24 @@ impl Site {
         }
     }
 
+    /// Waits until the shipper says the volume is `critical` (never retried) for a reason
+    /// that contains `why`.
+    fn wait_critical(&self, why: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.shipper_status("shipper") {
+                if st["state"] == "critical" {
+                    let e = st["last_error"].as_str().unwrap();
+                    assert!(e.contains(why), "{e}");
+                    assert_eq!(st["retries"].as_u64(), Some(0), "{st}");
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the shipper did not go critical");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The position the shipper released must never pass what the target holds durably.
     fn assert_release_not_early(&self) {
         let released = read_release(&self.tracker.journal_path())
@@ -623,19 +641,7 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     let before = site.head_seq();
     let pki = site.dir().join("pki");
     site.start_shipper(&pki, "shipper");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = site.shipper_status("shipper") {
-            if st["state"] == "critical" {
-                let e = st["last_error"].as_str().unwrap();
-                assert!(e.contains("uuid"), "{e}");
-                assert_eq!(st["retries"].as_u64(), Some(0), "{st}");
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "the shipper did not go critical");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    site.wait_critical("uuid");
     let m = site.merged();
     assert_eq!(m["state"], "critical", "{m}");
     assert!(m["last_error"].as_str().unwrap().contains("uuid"), "{m}");
@@ -1487,19 +1493,7 @@ fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primary() {
     site.shipper.as_mut().unwrap().stop();
     let pki = site.dir().join("pki");
     site.start_shipper(&pki, "shipper");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = site.shipper_status("shipper") {
-            if st["state"] == "critical" {
-                let e = st["last_error"].as_str().unwrap();
-                assert!(e.contains("failed over"), "{e}");
-                assert_eq!(st["retries"].as_u64(), Some(0), "{st}");
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "the old primary was not refused");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    site.wait_critical("failed over");
     // Committed, the failover is final.
     redun_ok(
         &["failover", "commit", EXPORT],

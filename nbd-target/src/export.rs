@@ -473,6 +473,20 @@ impl PointExports {
     /// The export of a volume failed over to the target: read-write, tracked.
     fn promoted(&self, name: &str) -> Option<Arc<Export<ViewBackend>>> {
         let (p, overlay) = self.target.promoted(name)?;
+        let description = format!(
+            "volume {name}, failed over at point {} (generation {}), read-write",
+            p.point, p.generation
+        );
+        Some(self.overlay_export(name, overlay, description))
+    }
+
+    /// The export `name` of a writable overlay: the one clients already use, or a new one.
+    fn overlay_export(
+        &self,
+        name: &str,
+        overlay: Arc<Overlay>,
+        description: String,
+    ) -> Arc<Export<ViewBackend>> {
         let mut live = self.live.lock().unwrap();
         live.retain(|_, w| w.strong_count() > 0);
         if let Some(e) = live.get(name).and_then(Weak::upgrade) {
@@ -481,22 +495,19 @@ impl PointExports {
                 .as_ref()
                 .is_some_and(|o| Arc::ptr_eq(o, &overlay))
             {
-                return Some(e);
+                return e;
             }
         }
         let e = Arc::new(Export::new(
             name.to_string(),
             ViewBackend {
                 view: overlay.view().clone(),
-                description: format!(
-                    "volume {name}, failed over at point {} (generation {}), read-write",
-                    p.point, p.generation
-                ),
+                description,
                 overlay: Some(overlay),
             },
         ));
         live.insert(name.to_string(), Arc::downgrade(&e));
-        Some(e)
+        e
     }
 }
 
@@ -518,31 +529,11 @@ impl Resolve<ViewBackend> for PointExports {
         crate::replica::check_name(vol).ok()?;
         if which == Which::Test {
             let overlay = self.target.test_failover(vol)?;
-            let mut live = self.live.lock().unwrap();
-            live.retain(|_, w| w.strong_count() > 0);
-            if let Some(e) = live.get(name).and_then(Weak::upgrade) {
-                if e.backend
-                    .overlay
-                    .as_ref()
-                    .is_some_and(|o| Arc::ptr_eq(o, &overlay))
-                {
-                    return Some(e);
-                }
-            }
-            let e = Arc::new(Export::new(
-                name.to_string(),
-                ViewBackend {
-                    view: overlay.view.clone(),
-                    description: format!(
-                        "volume {vol}, test failover of point {} (writes are discarded at \
-                         cleanup)",
-                        overlay.point
-                    ),
-                    overlay: Some(overlay),
-                },
-            ));
-            live.insert(name.to_string(), Arc::downgrade(&e));
-            return Some(e);
+            let description = format!(
+                "volume {vol}, test failover of point {} (writes are discarded at cleanup)",
+                overlay.point
+            );
+            return Some(self.overlay_export(name, overlay, description));
         }
         let store = match self.target.store(vol) {
             Ok(Some(s)) => s,

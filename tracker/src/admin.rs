@@ -112,6 +112,24 @@ pub struct AdminResponse {
 }
 
 impl AdminResponse {
+    /// Success with nothing more to say.
+    pub fn ok() -> Self {
+        AdminResponse {
+            ok: true,
+            error: None,
+            status: None,
+            point: None,
+        }
+    }
+
+    /// Success: `point` was placed.
+    pub fn placed(point: PlacedPoint) -> Self {
+        AdminResponse {
+            point: Some(point),
+            ..AdminResponse::ok()
+        }
+    }
+
     pub fn error(msg: impl Into<String>) -> Self {
         AdminResponse {
             ok: false,

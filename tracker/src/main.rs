@@ -17,7 +17,7 @@ use redun_tracker::config::{self, ConfigFile};
 use redun_tracker::hooks::Hooks;
 use redun_tracker::io::{Engine, EngineChoice, FileBackend};
 use redun_tracker::journal::format::PointKind;
-use redun_tracker::nbd::{Exports, Listener, Server};
+use redun_tracker::nbd::{Export, Exports, Listener, Server};
 use redun_tracker::track::{ChangeLog, OnFull, TrackState};
 
 /// How long a stop waits for connections to finish their in-flight requests.
@@ -198,10 +198,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let listen_for_status = listen_names.clone();
     let handler = Arc::new(move |req: AdminRequest| match req {
         AdminRequest::Status => AdminResponse {
-            ok: true,
-            error: None,
             status: Some(status(&status_server, &listen_for_status, started)),
-            point: None,
+            ..AdminResponse::ok()
         },
         AdminRequest::Point { volume, kind } => {
             place_point(&status_server, &volume, kind, &hooks_for_admin)
@@ -270,6 +268,25 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The export and change log of `volume`, or why there is none.
+fn tracked<'a>(
+    server: &'a Server<FileBackend>,
+    volume: &str,
+) -> Result<(&'a Arc<Export<FileBackend>>, &'a Arc<ChangeLog>), String> {
+    let Some(e) = server.exports().iter().find(|e| e.name == volume) else {
+        return Err(format!(
+            "no volume named {volume:?} on this tracker (redun status lists them)"
+        ));
+    };
+    let Some(log) = e.backend.log() else {
+        return Err(format!(
+            "volume {volume}: changes are not journaled (--no-journal), so it has no recovery \
+             points and cannot fail over"
+        ));
+    };
+    Ok((e, log))
+}
+
 /// Places a recovery point in `volume`'s journal.
 fn place_point(
     server: &Server<FileBackend>,
@@ -277,90 +294,61 @@ fn place_point(
     kind: PointKind,
     hooks: &HashMap<String, Hooks>,
 ) -> AdminResponse {
-    let Some(e) = server.exports().iter().find(|e| e.name == volume) else {
-        return AdminResponse::error(format!(
-            "no volume named {volume:?} on this tracker (redun status lists them)"
-        ));
-    };
-    let Some(log) = e.backend.log() else {
-        return AdminResponse::error(format!(
-            "volume {volume}: changes are not journaled (--no-journal), so there are no \
-             recovery points"
-        ));
+    let (_, log) = match tracked(server, volume) {
+        Ok(t) => t,
+        Err(e) => return AdminResponse::error(e),
     };
     let placed = match kind {
         PointKind::Crash => log
             .mark(kind, false)
-            .map_err(|e| format!("volume {volume}: {e}")),
+            .map_err(|e| format!("volume {volume}: {e}"))
+            .and_then(|id| id.ok_or_else(|| format!("volume {volume}: no point placed"))),
         PointKind::App => {
             let h = hooks.get(volume).cloned().unwrap_or_default();
-            redun_tracker::hooks::app_point(log, volume, &h).map(Some)
+            redun_tracker::hooks::app_point(log, volume, &h)
         }
     };
     match placed {
-        Ok(Some(id)) => {
+        Ok(id) => {
             info!(
                 "volume {volume}: {} recovery point {id} placed",
                 kind.name()
             );
-            AdminResponse {
-                ok: true,
-                error: None,
-                status: None,
-                point: Some(PlacedPoint {
-                    volume: volume.to_string(),
-                    id,
-                    kind,
-                }),
-            }
+            AdminResponse::placed(PlacedPoint {
+                volume: volume.to_string(),
+                id,
+                kind,
+            })
         }
-        Ok(None) => AdminResponse::error(format!("volume {volume}: no point placed")),
         Err(err) => AdminResponse::error(err),
     }
 }
 
 /// Fences `volume` (refuses writes, flushes, places the final point) or takes writes again.
 fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse {
-    let Some(e) = server.exports().iter().find(|e| e.name == volume) else {
-        return AdminResponse::error(format!(
-            "no volume named {volume:?} on this tracker (redun status lists them)"
-        ));
-    };
-    let Some(log) = e.backend.log() else {
-        return AdminResponse::error(format!(
-            "volume {volume}: changes are not journaled (--no-journal): it cannot fail over"
-        ));
+    let (e, log) = match tracked(server, volume) {
+        Ok(t) => t,
+        Err(e) => return AdminResponse::error(e),
     };
     if !on {
         return match log.unfence() {
             Ok(()) => {
                 info!("volume {volume}: writes are taken again");
-                AdminResponse {
-                    ok: true,
-                    error: None,
-                    status: None,
-                    point: None,
-                }
+                AdminResponse::ok()
             }
             Err(err) => AdminResponse::error(format!("volume {volume}: {err}")),
         };
     }
     // Fenced first, so that nothing is written after the final point; then what was
     // written before it is made durable.
-    let placed = log.fence().and_then(|id| e.backend.sync().map(|()| id));
-    match placed {
+    match log.fence().and_then(|id| e.backend.sync().map(|()| id)) {
         Ok(id) => {
             info!("volume {volume}: fenced; final point {id}");
-            AdminResponse {
-                ok: true,
-                error: None,
-                status: None,
-                point: Some(PlacedPoint {
-                    volume: volume.to_string(),
-                    id,
-                    kind: PointKind::Crash,
-                }),
-            }
+            AdminResponse::placed(PlacedPoint {
+                volume: volume.to_string(),
+                id,
+                kind: PointKind::Crash,
+            })
         }
         Err(err) => AdminResponse::error(format!("volume {volume}: cannot fence: {err}")),
     }
