@@ -11,7 +11,8 @@ apt-get update -qq
 # nbdfuse (in libnbd-bin) + fuse3 + e2fsprogs + util-linux (losetup, mount): ext4 on an export;
 # qemu-utils: qemu-io, qemu-img, qemu-nbd; nbdkit and fio: load and benchmark references;
 # iproute2 and nftables: network namespaces and packet loss for the replication fault tests;
-# systemd: systemd-analyze verify for the unit files.
+# systemd: systemd-analyze verify for the unit files; postgresql: a real database (pgbench,
+# pg_amcheck) through an unplanned failover.
 apt-get install -y -qq libnbd-bin python3-libnbd fuse3 e2fsprogs util-linux mount \
-    qemu-utils nbdkit fio procps iproute2 nftables systemd >/dev/null
+    qemu-utils nbdkit fio procps iproute2 nftables systemd postgresql >/dev/null
 echo "install-test-deps.sh: test dependencies installed"

@@ -1599,3 +1599,198 @@ fn an_unplanned_failover_after_kill_9_serves_a_filesystem_that_recovers() {
         &[("--target-socket", target_sock)],
     );
 }
+
+/// The newest PostgreSQL server binaries installed (Debian keeps them per version).
+fn pg_bin() -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed: run scripts/install-test-deps.sh")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    v.sort();
+    v.pop()
+        .expect("no PostgreSQL server in /usr/lib/postgresql")
+}
+
+/// Runs a PostgreSQL tool as the postgres user.
+fn as_postgres(tool: &Path, args: &[&str]) -> Output {
+    run(Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(tool)
+        .args(args))
+}
+
+/// Every process whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn postgresql_survives_an_unplanned_failover_after_kill_9_of_the_whole_source() {
+    if !privileged() {
+        return;
+    }
+    require("nbdfuse");
+    require("mkfs.ext4");
+    require("runuser");
+    let pg = pg_bin();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // The postgres user must reach the mount points and the socket directory.
+    sh(&format!(
+        "chmod 755 {w} && mkdir -m 1777 {w}/sock {w}/logs",
+        w = w.display()
+    ));
+    let sock = w.join("sock");
+    let port = (20_000 + std::process::id() % 20_000).to_string();
+    let mut site = Site::build_with(768 << 20, |d| d.join("data"), &["--crash-interval", "1s"]);
+    let src = Stack::attach(&site.tracker.uri(), &w.join("src"), false);
+    run(Command::new("mkfs.ext4").args(["-F", "-q", src.dev()]));
+    src.mount("");
+    let pgdata = src.mnt.join("pg");
+    sh(&format!(
+        "mkdir {d} && chown postgres: {d} && chmod 700 {d}",
+        d = pgdata.display()
+    ));
+    let opts = format!("-k {} -p {port} -c listen_addresses=''", sock.display());
+    as_postgres(
+        &pg.join("initdb"),
+        &["-D", &s(&pgdata), "-A", "trust", "-U", "postgres"],
+    );
+    let start = |data: &Path, log: &str| {
+        let log = w.join("logs").join(log);
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg.join("pg_ctl"))
+            .args(["-D", &s(data), "-o", &opts, "-l", &s(&log), "-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not start on {}:\n{}",
+            data.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    start(&pgdata, "pg-source.log");
+    let conn = ["-h", &s(&sock), "-p", &port];
+    let mut init = vec!["-i", "-s", "4", "-q"];
+    init.extend_from_slice(&conn);
+    init.push("postgres");
+    as_postgres(&pg.join("pgbench"), &init);
+    let mut bench: Vec<&str> = vec!["-c", "4", "-T", "120", "-n"];
+    bench.extend_from_slice(&conn);
+    bench.push("postgres");
+    let mut load = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.join("pgbench"))
+        .args(&bench)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    // The whole source side dies at once: PostgreSQL, the tracker, the shipper.
+    let postmaster: i32 = std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut victims = children(postmaster);
+    victims.push(postmaster);
+    for &p in &victims {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+    kill(site.tracker.pid(), Signal::SIGKILL).unwrap();
+    site.shipper.as_mut().unwrap().kill9();
+    let _ = load.kill();
+    let _ = load.wait();
+    // On another host the old postmaster's PID would mean nothing; here PostgreSQL would see
+    // it alive until it is reaped (and the source filesystem stays busy).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while victims
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "killed PostgreSQL processes linger"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(src);
+    // The target promotes everything it holds.
+    redun_ok(
+        &["failover", EXPORT, "--unplanned", "--point", "latest"],
+        &[("--target-socket", site.dir().join("target.sock"))],
+    );
+    let uri = format!(
+        "nbd+unix:///{EXPORT}?socket={}",
+        site.nbd_socket().display()
+    );
+    let promoted = Stack::attach(&uri, &w.join("promoted"), false);
+    promoted.mount("");
+    let data = promoted.mnt.join("pg");
+    // A stale pid file from the dead postmaster stays; PostgreSQL sees no such process.
+    start(&data, "pg-promoted.log");
+    let stop = || {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg.join("pg_ctl"))
+            .args(["-D", &s(&data), "-m", "immediate", "stop"])
+            .output();
+    };
+    let checked = std::panic::catch_unwind(|| {
+        let mut amcheck = vec!["--install-missing", "-d", "postgres"];
+        amcheck.extend_from_slice(&conn);
+        as_postgres(&pg.join("pg_amcheck"), &amcheck);
+        let mut q = vec![
+            "-At",
+            "-c",
+            "select (select sum(abalance) from pgbench_accounts), \
+             (select sum(bbalance) from pgbench_branches), \
+             (select sum(tbalance) from pgbench_tellers), \
+             (select coalesce(sum(delta), 0) from pgbench_history), \
+             (select count(*) from pgbench_history)",
+        ];
+        q.extend_from_slice(&conn);
+        q.push("postgres");
+        let out = as_postgres(&pg.join("psql"), &q);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let v: Vec<i64> = text.split('|').map(|x| x.parse().unwrap()).collect();
+        assert!(
+            v[4] > 0,
+            "pgbench committed nothing before the kill: {text}"
+        );
+        assert!(
+            v[0] == v[1] && v[1] == v[2] && v[2] == v[3],
+            "balances disagree after recovery: {text}"
+        );
+    });
+    stop();
+    drop(promoted);
+    if let Err(e) = checked {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -339,16 +339,41 @@ impl Stack {
     }
 }
 
+/// True while something is mounted on `dir`.
+fn mounted(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let d = dir.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(d.as_str()))
+}
+
+/// Unmounts `dir` with `cmd`, retrying for a while (processes that used it may still be on
+/// their way out), lazily as a last resort.
+fn unmount(cmd: &str, args: &[&str], lazy: &str, dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mounted(dir) && Instant::now() < deadline {
+        let _ = Command::new(cmd)
+            .args(args)
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status();
+        if mounted(dir) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if mounted(dir) {
+        let _ = Command::new(cmd).args(args).arg(lazy).arg(dir).status();
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
+        unmount("umount", &[], "-l", &self.mnt);
         if let Some(l) = self.loopdev.take() {
             let _ = Command::new("losetup").arg("-d").arg(l).status();
         }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.fuse_dir)
-            .status();
+        unmount("fusermount3", &["-u"], "-z", &self.fuse_dir);
         if let Some(mut c) = self.nbdfuse.take() {
             if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
                 let _ = c.kill();
