@@ -104,6 +104,17 @@ fn check_shipper(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String
             ));
         }
     }
+    if let Some(r) = &s.rpo_warning {
+        if let Err(e) = redun_tracker::config::parse_duration(r) {
+            problems.push(format!(
+                "config {}: shipper.rpo_warning = {r:?}: {e}",
+                path.display()
+            ));
+        }
+    }
+    if let Err(e) = s.metrics.validate("shipper") {
+        problems.push(format!("config {}: {e}", path.display()));
+    }
     if let Some(l) = s.compression_level.filter(|l| !(1..=19).contains(l)) {
         problems.push(format!(
             "config {}: shipper.compression_level = {l}: use 1 to 19",

@@ -325,6 +325,18 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
             example.replace("crash_interval = \"5s\"", "crash_interval = \"5\""),
             vec!["points.crash_interval", "no unit"],
         ),
+        (
+            example.replace("rpo_warning = \"30s\"", "rpo_warning = \"soon\""),
+            vec!["shipper.rpo_warning", "soon"],
+        ),
+        (
+            example.replace("127.0.0.1:9752", "localhost"),
+            vec!["target.metrics.listen", "localhost"],
+        ),
+        (
+            example.replace("127.0.0.1:9750", "port 9750"),
+            vec!["tracker.metrics.listen", "port 9750"],
+        ),
     ] {
         let (code, out, err) = check(&bad);
         assert_eq!(code, Some(1), "{out}{err}");

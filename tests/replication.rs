@@ -1794,3 +1794,110 @@ fn postgresql_survives_an_unplanned_failover_after_kill_9_of_the_whole_source() 
         std::panic::resume_unwind(e);
     }
 }
+
+/// The address a daemon logged for its metrics listener.
+fn metrics_addr(log: &str) -> String {
+    log.split("metrics on http://")
+        .nth(1)
+        .and_then(|r| r.split("/metrics").next())
+        .unwrap_or_else(|| panic!("no metrics listener in the log:\n{log}"))
+        .to_string()
+}
+
+/// `GET /metrics` from `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+/// The value of the series `name{labels}` (labels as printed) in a scrape.
+fn series(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{text}"))
+}
+
+#[test]
+fn metrics_and_the_rpo_warning_tell_what_replication_does() {
+    require("fio");
+    let mut site = Site::build_with(
+        VOL,
+        |d| d.join("data"),
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    site.target_args = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
+    site.target.as_mut().unwrap().stop();
+    site.start_target();
+    site.shipper.as_mut().unwrap().stop();
+    let pki = site.dir().join("pki");
+    site.start_shipper_with(
+        &pki,
+        "shipper",
+        &[
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--rpo-warning".into(),
+            "1s".into(),
+        ],
+    );
+    site.fio("randwrite", "4k", "2m", 7);
+    site.wait_caught_up();
+    let tracker = scrape(&metrics_addr(&site.tracker.log_text()));
+    assert!(series(&tracker, "redun_nbd_writes_total{volume=\"disk\"}") >= 512.0);
+    assert!(series(&tracker, "redun_bytes_written_total{volume=\"disk\"}") >= 2097152.0);
+    assert_eq!(
+        series(
+            &tracker,
+            "redun_volume_state{volume=\"disk\",state=\"protected\"}"
+        ),
+        1.0
+    );
+    assert!(series(&tracker, "redun_journal_capacity_bytes{volume=\"disk\"}") > 0.0);
+    assert!(
+        series(
+            &tracker,
+            "redun_nbd_request_duration_seconds_count{volume=\"disk\",request=\"write\"}"
+        ) >= 512.0
+    );
+    let shipper_log = || site.shipper.as_ref().unwrap().log_text();
+    let shipper_addr = metrics_addr(&shipper_log());
+    let shipper = scrape(&shipper_addr);
+    assert_eq!(series(&shipper, "redun_lag_bytes{volume=\"disk\"}"), 0.0);
+    assert!(series(&shipper, "redun_bytes_shipped_total{volume=\"disk\"}") >= 2097152.0);
+    assert_eq!(series(&shipper, "redun_rpo_warning{volume=\"disk\"}"), 0.0);
+    let target = scrape(&metrics_addr(&site.target.as_ref().unwrap().log_text()));
+    assert_eq!(
+        series(&target, "redun_replica_applied_seq{volume=\"disk\"}"),
+        site.head_seq() as f64
+    );
+    // The target goes away while writes go on: past 1 s of RPO the shipper warns, in status,
+    // in the metrics and in its log; once the target is back, the warning goes.
+    site.target.as_mut().unwrap().stop();
+    site.fio("randwrite", "4k", "256k", 8);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while site.shipper_status("shipper").unwrap()["rpo_warning"] != true {
+        assert!(Instant::now() < deadline, "no RPO warning");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        series(&scrape(&shipper_addr), "redun_rpo_warning{volume=\"disk\"}"),
+        1.0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !shipper_log().contains("exceeds shipper.rpo_warning") {
+        assert!(Instant::now() < deadline, "no RPO warning in the log");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    site.start_target();
+    site.wait_caught_up();
+    assert_eq!(
+        site.shipper_status("shipper").unwrap()["rpo_warning"],
+        false
+    );
+}

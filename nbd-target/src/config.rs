@@ -86,6 +86,9 @@ pub struct TargetSection {
     pub nbd_listen: Option<String>,
     /// Size at which a segment is sealed, e.g. "64M".
     pub segment_size: Option<String>,
+    /// `metrics.listen = "127.0.0.1:9752"` inside `[target]`.
+    #[serde(default)]
+    pub metrics: redun_tracker::config::MetricsSection,
 }
 
 impl ConfigFile {
@@ -113,6 +116,12 @@ impl TargetSection {
                     message: format!("target.nbd_listen = {l:?}: {e}"),
                 })?;
         }
+        self.metrics
+            .validate("target")
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
         if let Some(v) = &self.segment_size {
             redun_tracker::track::parse_size(v).map_err(|e| ConfigError::Parse {
                 path: path.to_path_buf(),

@@ -56,6 +56,9 @@ struct Args {
     /// [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = redun_tracker::track::parse_size)]
     segment_size: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9752) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -235,6 +238,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     let _admin = AdminServer::bind_json(&admin_socket, handler)?;
+    let _metrics = match args.metrics_listen.or(file.metrics.listen.clone()) {
+        Some(addr) => {
+            let target = target.clone();
+            let render: redun_tracker::metrics::Render = Arc::new(move || metrics(&target));
+            let m = redun_tracker::metrics::MetricsServer::bind(&addr, render)?;
+            info!("metrics on http://{}/metrics", m.addr());
+            Some(m)
+        }
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let nbd = Server::new(Exports::dynamic(Box::new(exports.clone())));
     let nbd_thread = match nbd_listener {
@@ -295,6 +308,71 @@ fn maintain(target: &Target, retention: &Retention, stop: &AtomicBool) {
 }
 
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
+
+/// The target's metrics (docs/OPERATIONS.md lists them).
+fn metrics(target: &Target) -> String {
+    use redun_tracker::metrics::{Scrape, volume};
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut m = Scrape::new();
+    for v in target.status() {
+        let l = || volume(&v.name);
+        let g = |m: &mut Scrape, name, help, x: f64| m.gauge(name, help, l(), x);
+        g(
+            &mut m,
+            "redun_replica_applied_seq",
+            "Durable in the replica through this sequence number.",
+            v.applied_seq as f64,
+        );
+        g(
+            &mut m,
+            "redun_replica_connected",
+            "1 while a shipper is connected.",
+            f64::from(u8::from(v.connected)),
+        );
+        g(
+            &mut m,
+            "redun_recovery_points",
+            "Usable recovery points.",
+            v.points as f64,
+        );
+        if let Some(p) = v.latest_point {
+            g(
+                &mut m,
+                "redun_latest_point_age_seconds",
+                "Age of the newest usable recovery point.",
+                now_ms.saturating_sub(p.unix_ms) as f64 / 1000.0,
+            );
+        }
+        g(
+            &mut m,
+            "redun_failed_over",
+            "1 once the volume was failed over to this target.",
+            f64::from(u8::from(v.failed_over.is_some())),
+        );
+        g(
+            &mut m,
+            "redun_test_failover",
+            "1 while a test failover is under way.",
+            f64::from(u8::from(v.test_failover.is_some())),
+        );
+        m.counter("redun_replica_batches", "Batches applied.", l(), v.batches);
+        m.counter(
+            "redun_replica_bytes_received",
+            "Batch bytes received (compressed).",
+            l(),
+            v.bytes_received,
+        );
+        m.counter(
+            "redun_replica_bytes_applied",
+            "Record bytes applied.",
+            l(),
+            v.bytes_applied,
+        );
+    }
+    m.render()
+}
 
 /// The request's `volume`, a valid name.
 fn volume_arg(req: &serde_json::Value) -> Result<&str, String> {

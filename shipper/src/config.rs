@@ -34,6 +34,11 @@ pub struct ShipperSection {
     pub bandwidth_limit: Option<String>,
     #[serde(default)]
     pub bandwidth_schedule: Vec<ScheduleEntry>,
+    /// An RPO above this (e.g. "30s") is a warning in status, in the metrics and in the log.
+    pub rpo_warning: Option<String>,
+    /// `metrics.listen = "127.0.0.1:9751"` inside `[shipper]`.
+    #[serde(default)]
+    pub metrics: redun_tracker::config::MetricsSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]

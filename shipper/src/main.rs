@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use log::{error, warn};
+use log::{error, info, warn};
 use redun_shipper::config::{ConfigFile, ShipperSection};
 use redun_shipper::heads::Heads;
-use redun_shipper::ship::{ShipOptions, VolumeShipper};
+use redun_shipper::ship::{ShipOptions, ShipStatus, VolumeShipper};
 use redun_shipper::throttle::Throttle;
 use redun_shipper::tls::TlsFiles;
 use redun_tracker::admin::{AdminServer, JsonHandler};
@@ -72,6 +72,12 @@ struct Args {
     /// (outside the config file's bandwidth_schedule windows) [default: unlimited].
     #[arg(long, value_name = "RATE")]
     bandwidth_limit: Option<String>,
+    /// Warn (status, metric, log) when a volume's RPO exceeds this, e.g. 30s [default: off].
+    #[arg(long, value_name = "DURATION", value_parser = redun_tracker::config::parse_duration)]
+    rpo_warning: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9751) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -189,18 +195,55 @@ fn run(args: Args) -> anyhow::Result<()> {
             journal_dir.display()
         );
     }
+    let rpo_warning = match (args.rpo_warning, &file.rpo_warning) {
+        (Some(ms), _) => Some(ms),
+        (None, Some(v)) => Some(redun_tracker::config::parse_duration(v).map_err(|e| {
+            anyhow::anyhow!(
+                "config {}: shipper.rpo_warning = {v:?}: {e}",
+                cfg_path.display()
+            )
+        })?),
+        (None, None) => None,
+    }
+    .map(|ms| Duration::from_millis(ms).as_secs_f64());
+    file.metrics
+        .validate("shipper")
+        .map_err(|e| anyhow::anyhow!("config {}: {e}", cfg_path.display()))?;
+    let metrics_listen = args.metrics_listen.or(file.metrics.listen.clone());
     let signals = service::block_stop_signals().context("blocking SIGTERM/SIGINT")?;
     let stop = Arc::new(AtomicBool::new(false));
     let shippers: Arc<Mutex<HashMap<String, Arc<VolumeShipper>>>> = Arc::default();
     let started = Instant::now();
+    let statuses = {
+        let shippers = shippers.clone();
+        move || volume_statuses(&shippers, rpo_warning)
+    };
     let handler: JsonHandler = {
         let shippers = shippers.clone();
         let target = opts.target.clone();
-        Arc::new(move |line| admin(line, &shippers, &target, started))
+        let statuses = statuses.clone();
+        Arc::new(move |line| admin(line, &shippers, &statuses(), &target, started))
+    };
+    let _metrics = match &metrics_listen {
+        Some(addr) => {
+            let statuses = statuses.clone();
+            let render: redun_tracker::metrics::Render = Arc::new(move || metrics(&statuses()));
+            let m = redun_tracker::metrics::MetricsServer::bind(addr, render)?;
+            info!("metrics on http://{}/metrics", m.addr());
+            Some(m)
+        }
+        None => None,
     };
     let target_shown = opts.target.clone();
     let _admin = AdminServer::bind_json(&admin_socket, handler)?;
     let threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    if let Some(limit) = rpo_warning {
+        let (statuses, stop) = (statuses.clone(), stop.clone());
+        let t = std::thread::Builder::new()
+            .name("rpo-watch".into())
+            .spawn(move || watch_rpo(&statuses, limit, &stop))?;
+        threads.lock().unwrap().push(t);
+    }
     let heads = Arc::new(Heads::new(tracker_socket));
     {
         let (heads, stop) = (heads.clone(), stop.clone());
@@ -276,32 +319,136 @@ fn journals(dir: &std::path::Path, wanted: &[String]) -> Vec<String> {
     v
 }
 
+/// Every volume's figures, with the RPO warning applied.
+fn volume_statuses(
+    shippers: &Mutex<HashMap<String, Arc<VolumeShipper>>>,
+    rpo_warning: Option<f64>,
+) -> Vec<ShipStatus> {
+    let mut vols: Vec<ShipStatus> = shippers
+        .lock()
+        .unwrap()
+        .values()
+        .map(|s| s.status())
+        .collect();
+    vols.sort_by(|a, b| a.name.cmp(&b.name));
+    for v in &mut vols {
+        v.rpo_warning = rpo_warning.is_some_and(|limit| v.rpo_seconds > limit);
+    }
+    vols
+}
+
+/// Logs each volume's RPO crossing `limit` (seconds), once per crossing.
+fn watch_rpo(statuses: &dyn Fn() -> Vec<ShipStatus>, limit: f64, stop: &AtomicBool) {
+    let mut over = std::collections::HashSet::new();
+    while !stop.load(Ordering::SeqCst) {
+        for v in statuses() {
+            if v.rpo_warning && over.insert(v.name.clone()) {
+                warn!(
+                    "volume {}: RPO {:.1}s exceeds shipper.rpo_warning ({limit}s); state={:?} \
+                     lag_bytes={}",
+                    v.name, v.rpo_seconds, v.state, v.lag_bytes
+                );
+            } else if !v.rpo_warning && over.remove(&v.name) {
+                info!(
+                    "volume {}: RPO {:.1}s is back within shipper.rpo_warning ({limit}s)",
+                    v.name, v.rpo_seconds
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The shipper's metrics (docs/OPERATIONS.md lists them).
+fn metrics(vols: &[ShipStatus]) -> String {
+    use redun_tracker::metrics::{Scrape, volume};
+    let mut m = Scrape::new();
+    for v in vols {
+        let l = || volume(&v.name);
+        m.gauge(
+            "redun_rpo_seconds",
+            "Age of the oldest change not yet durable on the target.",
+            l(),
+            v.rpo_seconds,
+        );
+        m.gauge(
+            "redun_rpo_warning",
+            "1 while the RPO exceeds shipper.rpo_warning.",
+            l(),
+            f64::from(u8::from(v.rpo_warning)),
+        );
+        m.gauge(
+            "redun_lag_bytes",
+            "Journal bytes not yet durable on the target.",
+            l(),
+            v.lag_bytes as f64,
+        );
+        m.gauge(
+            "redun_acked_seq",
+            "Durable on the target through this sequence number.",
+            l(),
+            v.acked_seq as f64,
+        );
+        m.gauge(
+            "redun_throughput_bytes_per_second",
+            "Record bytes acknowledged per second.",
+            l(),
+            v.throughput_bytes_per_second,
+        );
+        m.counter(
+            "redun_bytes_shipped",
+            "Record bytes shipped.",
+            l(),
+            v.bytes_shipped,
+        );
+        m.counter(
+            "redun_bytes_on_wire",
+            "Bytes on the wire for them (compressed).",
+            l(),
+            v.bytes_sent,
+        );
+        m.counter("redun_batches", "Batches shipped.", l(), v.batches);
+        m.counter(
+            "redun_retries",
+            "Connection attempts that failed and were retried.",
+            l(),
+            v.retries,
+        );
+        for state in ["connecting", "shipping", "retrying", "critical"] {
+            let mut labels = l();
+            labels.push(("state".into(), state.into()));
+            let on = serde_json::to_value(v.state)
+                .ok()
+                .and_then(|s| s.as_str().map(|s| s == state));
+            m.gauge(
+                "redun_ship_state",
+                "1 for the volume's shipping state.",
+                labels,
+                f64::from(u8::from(on == Some(true))),
+            );
+        }
+    }
+    m.render()
+}
+
 fn admin(
     req: &serde_json::Value,
     shippers: &Mutex<HashMap<String, Arc<VolumeShipper>>>,
+    vols: &[ShipStatus],
     target: &str,
     started: Instant,
 ) -> Result<serde_json::Value, String> {
     match req.get("cmd").and_then(|c| c.as_str()) {
-        Some("status") => {
-            let mut vols: Vec<_> = shippers
-                .lock()
-                .unwrap()
-                .values()
-                .map(|s| s.status())
-                .collect();
-            vols.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(serde_json::json!({
-                "status": {
-                    "daemon": "redun-shipper",
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "pid": std::process::id(),
-                    "uptime_seconds": started.elapsed().as_secs(),
-                    "target": target,
-                    "volumes": vols,
-                }
-            }))
-        }
+        Some("status") => Ok(serde_json::json!({
+            "status": {
+                "daemon": "redun-shipper",
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "uptime_seconds": started.elapsed().as_secs(),
+                "target": target,
+                "volumes": vols,
+            }
+        })),
         Some("resume") => {
             let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
                 return Err(

@@ -103,6 +103,9 @@ pub struct ShipStatus {
     pub next_retry_unix: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The RPO is above `shipper.rpo_warning`.
+    #[serde(default)]
+    pub rpo_warning: bool,
 }
 
 /// Why a session ended.

@@ -86,6 +86,14 @@ pub struct VolumeStatus {
     /// Writes are refused (`redun failover --planned` fenced the volume).
     #[serde(default)]
     pub fenced: bool,
+    /// Recovery points placed since start: crash- and app-consistent, and app-consistent
+    /// ones that failed.
+    #[serde(default)]
+    pub points_crash: u64,
+    #[serde(default)]
+    pub points_app: u64,
+    #[serde(default)]
+    pub points_failed: u64,
 }
 
 /// The tracker's answer to `status`.

@@ -89,6 +89,31 @@ pub struct TrackerSection {
     /// `[tracker.journal]`, or `journal.KEY = ...` inside `[tracker]`.
     #[serde(default)]
     pub journal: JournalSection,
+    /// `metrics.listen = "127.0.0.1:9750"` inside `[tracker]`.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `metrics.*` inside a daemon's section.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `HOST:PORT` of the Prometheus listener (off when absent).
+    pub listen: Option<String>,
+}
+
+impl MetricsSection {
+    /// Checks the address, naming `section.metrics.listen` when it does not parse.
+    pub fn validate(&self, section: &str) -> Result<(), String> {
+        match &self.listen {
+            Some(l) => l.parse::<std::net::SocketAddr>().map(|_| ()).map_err(|e| {
+                format!(
+                    "{section}.metrics.listen = {l:?}: {e} (expected IP:PORT, e.g. 127.0.0.1:9750)"
+                )
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +165,8 @@ pub struct TrackerConfig {
     /// App-consistent points every this many milliseconds (0: only on demand).
     pub app_interval_ms: u64,
     pub hook_timeout_ms: u64,
+    /// Prometheus listener (`tracker.metrics.listen`).
+    pub metrics_listen: Option<String>,
 }
 
 impl TrackerConfig {
@@ -306,7 +333,12 @@ pub fn merge(
             "points.hook_timeout = \"0\": a hook needs some time, e.g. \"30s\"".into(),
         ));
     }
+    file.tracker
+        .metrics
+        .validate("tracker")
+        .map_err(ConfigError::Invalid)?;
     Ok(TrackerConfig {
+        metrics_listen: file.tracker.metrics.listen.clone(),
         crash_interval_ms,
         app_interval_ms,
         hook_timeout_ms,

@@ -118,6 +118,7 @@ pub fn app_point(log: &ChangeLog, volume: &str, hooks: &Hooks) -> Result<u64, St
             Ok(id)
         }
         (Ok(id), Err(e)) => {
+            log.note_point_failed();
             warn!("volume {volume}: app-consistent point {id} placed, but {e}");
             Err(format!(
                 "volume {volume}: point {id} was placed while frozen, but {e}: check that the \
@@ -125,10 +126,12 @@ pub fn app_point(log: &ChangeLog, volume: &str, hooks: &Hooks) -> Result<u64, St
             ))
         }
         (Err(e), Ok(())) => {
+            log.note_point_failed();
             warn!("{e}");
             Err(e)
         }
         (Err(e), Err(p)) => {
+            log.note_point_failed();
             warn!("{e}; and {p}");
             Err(format!(
                 "{e}; and {p}: check that the application is running again"

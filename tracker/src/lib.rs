@@ -13,6 +13,7 @@ pub mod config;
 pub mod hooks;
 pub mod io;
 pub mod journal;
+pub mod metrics;
 pub mod nbd;
 pub mod service;
 pub mod track;

@@ -72,6 +72,9 @@ struct Args {
     /// The command that thaws it again (runs even when the freeze or the point failed).
     #[arg(long, value_name = "NAME=CMD")]
     post_hook: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9750) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_region(s: &str) -> Result<u64, String> {
@@ -230,6 +233,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .transpose()?;
     let admin = AdminServer::bind(&cfg.admin_socket, handler)?;
+    let metrics_listen = args.metrics_listen.or(cfg.metrics_listen.clone());
+    let _metrics = match &metrics_listen {
+        Some(addr) => {
+            let server = server.clone();
+            let listen = listen_names.clone();
+            let render: redun_tracker::metrics::Render =
+                Arc::new(move || metrics(&status(&server, &listen, started)));
+            let m = redun_tracker::metrics::MetricsServer::bind(addr, render)?;
+            info!("metrics on http://{}/metrics", m.addr());
+            Some(m)
+        }
+        None => None,
+    };
     let ready = format!(
         "{} volume(s), listening on {}",
         cfg.volumes.len(),
@@ -420,6 +436,130 @@ fn crash_points(
     }
 }
 
+/// The tracker's metrics (docs/OPERATIONS.md lists them).
+fn metrics(st: &TrackerStatus) -> String {
+    use redun_tracker::metrics::{Scrape, volume};
+    let mut m = Scrape::new();
+    for v in &st.volumes {
+        let l = || volume(&v.name);
+        let c = |m: &mut Scrape, name, help, x| m.counter(name, help, l(), x);
+        c(&mut m, "redun_nbd_reads", "NBD reads answered.", v.reads);
+        c(&mut m, "redun_nbd_writes", "NBD writes answered.", v.writes);
+        c(
+            &mut m,
+            "redun_nbd_flushes",
+            "NBD flushes answered.",
+            v.flushes,
+        );
+        c(&mut m, "redun_nbd_trims", "NBD trims answered.", v.trims);
+        c(
+            &mut m,
+            "redun_nbd_zeroes",
+            "NBD write-zeroes answered.",
+            v.zeroes,
+        );
+        c(
+            &mut m,
+            "redun_nbd_errors",
+            "NBD requests that failed.",
+            v.errors,
+        );
+        c(
+            &mut m,
+            "redun_bytes_read",
+            "Bytes read by NBD clients.",
+            v.bytes_read,
+        );
+        c(
+            &mut m,
+            "redun_bytes_written",
+            "Bytes written by NBD clients.",
+            v.bytes_written,
+        );
+        for (kind, n) in [("crash", v.points_crash), ("app", v.points_app)] {
+            let mut labels = l();
+            labels.push(("kind".into(), kind.into()));
+            m.counter("redun_points_created", "Recovery points placed.", labels, n);
+        }
+        c(
+            &mut m,
+            "redun_points_failed",
+            "App-consistent points that failed (hook or marker).",
+            v.points_failed,
+        );
+        let g = |m: &mut Scrape, name, help, x: u64| m.gauge(name, help, l(), x as f64);
+        g(
+            &mut m,
+            "redun_nbd_connections",
+            "Connected NBD clients.",
+            v.connections,
+        );
+        g(
+            &mut m,
+            "redun_dirty_bytes",
+            "Bytes in dirty regions (need a resync).",
+            v.dirty_bytes,
+        );
+        g(
+            &mut m,
+            "redun_fenced",
+            "1 while writes are refused (failover).",
+            u64::from(v.fenced),
+        );
+        for state in ["protected", "resync-required", "untracked"] {
+            let mut labels = l();
+            labels.push(("state".into(), state.into()));
+            let on = serde_json::to_value(v.state)
+                .ok()
+                .and_then(|s| s.as_str().map(|s| s == state));
+            m.gauge(
+                "redun_volume_state",
+                "1 for the volume's state.",
+                labels,
+                f64::from(u8::from(on == Some(true))),
+            );
+        }
+        if let Some(j) = &v.journal {
+            g(
+                &mut m,
+                "redun_journal_used_bytes",
+                "Unreleased journal bytes.",
+                j.used_bytes,
+            );
+            g(
+                &mut m,
+                "redun_journal_capacity_bytes",
+                "Journal capacity.",
+                j.capacity,
+            );
+            g(
+                &mut m,
+                "redun_journal_head_seq",
+                "Last sequence number written.",
+                j.head_seq,
+            );
+            g(
+                &mut m,
+                "redun_journal_released_seq",
+                "Released through this sequence number.",
+                j.released_seq,
+            );
+            g(
+                &mut m,
+                "redun_journal_waiting_writes",
+                "Writes waiting for journal space.",
+                j.waiting_writes,
+            );
+        }
+    }
+    m.histograms(
+        "redun_nbd_request_duration_seconds",
+        "NBD request durations, from reading the request to its completion.",
+        redun_tracker::nbd::server::NBD_LATENCY.clone(),
+    );
+    m.render()
+}
+
 fn status(server: &Server<FileBackend>, listen: &[String], started: Instant) -> TrackerStatus {
     use std::sync::atomic::Ordering::Relaxed;
     let volumes = server
@@ -451,6 +591,9 @@ fn status(server: &Server<FileBackend>, listen: &[String], started: Instant) -> 
                 }),
                 journal: e.backend.log().and_then(|l| l.status()),
                 fenced: e.backend.log().is_some_and(|l| l.fenced()),
+                points_crash: e.backend.log().map_or(0, |l| l.point_counts().0),
+                points_app: e.backend.log().map_or(0, |l| l.point_counts().1),
+                points_failed: e.backend.log().map_or(0, |l| l.point_counts().2),
             }
         })
         .collect();

@@ -52,6 +52,8 @@ impl Capabilities {
 /// Opaque identity of a request, handed back unchanged with its completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
+    /// When the request was read (for its latency).
+    pub(crate) started: std::time::Instant,
     pub(crate) cookie: u64,
     pub(crate) command: u16,
     pub(crate) flags: u16,

@@ -8,6 +8,12 @@
 //! batched in a per-connection buffer and flushed when a batch of completions ends or when
 //! the reader has no more buffered input.
 
+use std::sync::LazyLock;
+
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::metrics;
 use std::collections::HashMap;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -32,8 +38,21 @@ const COPY_THRESHOLD: usize = 16 * 1024;
 /// Zero runs shorter than this are sent as data in structured reads.
 const HOLE_GRANULE: usize = 4096;
 
+/// NBD request durations, by volume and request type, for every export of the process.
+pub static NBD_LATENCY: LazyLock<metrics::HistogramFamily> =
+    LazyLock::new(|| Family::new_with_constructor(metrics::latency_histogram));
+
+/// Request types with a latency histogram.
+const TIMED: [(u16, &str); 5] = [
+    (CMD_READ, "read"),
+    (CMD_WRITE, "write"),
+    (CMD_FLUSH, "flush"),
+    (CMD_TRIM, "trim"),
+    (CMD_WRITE_ZEROES, "zero"),
+];
+
 /// Counters of one export, reported by the admin socket.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ExportStats {
     pub connections: AtomicU64,
     pub total_connections: AtomicU64,
@@ -45,6 +64,39 @@ pub struct ExportStats {
     pub trims: AtomicU64,
     pub zeroes: AtomicU64,
     pub errors: AtomicU64,
+    /// This export's series of [`NBD_LATENCY`], in the order of `TIMED`.
+    latency: [Histogram; 5],
+}
+
+impl ExportStats {
+    pub fn new(export: &str) -> ExportStats {
+        let h = |kind: &str| {
+            let labels = vec![
+                ("volume".to_string(), export.to_string()),
+                ("request".to_string(), kind.to_string()),
+            ];
+            NBD_LATENCY.get_or_create(&labels).clone()
+        };
+        ExportStats {
+            connections: AtomicU64::new(0),
+            total_connections: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            trims: AtomicU64::new(0),
+            zeroes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: TIMED.map(|(_, name)| h(name)),
+        }
+    }
+
+    fn observe(&self, token: &Token) {
+        if let Some(i) = TIMED.iter().position(|(c, _)| *c == token.command) {
+            self.latency[i].observe(token.started.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// One named export.
@@ -74,9 +126,9 @@ pub struct Exports<B: BlockBackend> {
 impl<B: BlockBackend> Export<B> {
     pub fn new(name: String, backend: B) -> Export<B> {
         Export {
+            stats: ExportStats::new(&name),
             name,
             backend,
-            stats: ExportStats::default(),
         }
     }
 }
@@ -520,6 +572,7 @@ fn request_loop<B: BlockBackend, R: Read, W: Write + Send + 'static>(
             }
         };
         let token = Token {
+            started: std::time::Instant::now(),
             cookie: req.cookie,
             command: req.kind,
             flags: req.flags,
@@ -842,6 +895,7 @@ fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::
 impl<B: BlockBackend, W: Write + Send> CompletionSink for ConnWriter<B, W> {
     fn complete(&self, token: Token, result: io::Result<Vec<u8>>) {
         let stats = &self.export.stats;
+        stats.observe(&token);
         match result {
             Err(e) => {
                 let errno = Errno::from_io(&e);

@@ -21,6 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -181,6 +182,9 @@ pub struct ChangeLog {
     /// The thread that writes records out after [`COMMIT_INTERVAL`].
     committer: Mutex<Option<JoinHandle<()>>>,
     on_full: OnFull,
+    /// Points placed (crash, app) and app-consistent points that failed.
+    points: [AtomicU64; 2],
+    points_failed: AtomicU64,
 }
 
 /// Why a journal could not be opened.
@@ -538,6 +542,8 @@ impl ChangeLog {
             sync_file,
             committer: Mutex::new(Some(committer)),
             on_full: opts.on_full,
+            points: Default::default(),
+            points_failed: AtomicU64::new(0),
         })
     }
 
@@ -713,6 +719,20 @@ impl ChangeLog {
         self.lock().fenced
     }
 
+    /// Points placed so far: crash-consistent, app-consistent, and app-consistent ones that
+    /// failed (hook or marker).
+    pub fn point_counts(&self) -> (u64, u64, u64) {
+        (
+            self.points[0].load(Ordering::Relaxed),
+            self.points[1].load(Ordering::Relaxed),
+            self.points_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn note_point_failed(&self) {
+        self.points_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A change was recorded since the last marker.
     pub fn changed_since_mark(&self) -> bool {
         self.lock().changed_since_mark
@@ -752,6 +772,7 @@ impl ChangeLog {
             ))
         })?;
         st.changed_since_mark = false;
+        self.points[usize::from(kind == PointKind::App)].fetch_add(1, Ordering::Relaxed);
         if !st.commit_armed {
             st.commit_armed = true;
             self.shared.wake.notify_one();

@@ -1,0 +1,254 @@
+//! Prometheus metrics of a daemon on an HTTP listener of its own (`metrics.listen` in its
+//! section of the config file, off by default): `GET /metrics` answers the OpenMetrics text
+//! that the `prometheus-client` crate encodes. Each scrape builds its families from the
+//! daemon's state at that moment ([`Scrape`]); histograms that must accumulate (NBD request
+//! latency) live in the daemon and are added to the scrape.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, warn};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label pairs of one series.
+pub type Labels = Vec<(String, String)>;
+
+/// `[("volume", name)]`.
+pub fn volume(name: &str) -> Labels {
+    vec![("volume".to_string(), name.to_string())]
+}
+
+type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
+/// Histograms by label set, made with [`latency_histogram`].
+pub type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+type CounterFamily = Family<Labels, Counter>;
+
+/// A histogram of request durations in seconds: 10 µs to about 10 s.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1e-5, 4.0, 11))
+}
+
+/// The metrics of one scrape.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    registry: Registry,
+    gauges: BTreeMap<&'static str, GaugeFamily>,
+    counters: BTreeMap<&'static str, CounterFamily>,
+}
+
+impl Scrape {
+    pub fn new() -> Scrape {
+        Scrape::default()
+    }
+
+    /// Sets gauge `name{labels}` to `v`.
+    pub fn gauge(&mut self, name: &'static str, help: &str, labels: Labels, v: f64) {
+        let registry = &mut self.registry;
+        let f = self.gauges.entry(name).or_insert_with(|| {
+            let f = GaugeFamily::default();
+            registry.register(name, help, f.clone());
+            f
+        });
+        f.get_or_create(&labels).set(v);
+    }
+
+    /// Sets counter `name{labels}` (exposed as `name_total`) to `v`.
+    pub fn counter(&mut self, name: &'static str, help: &str, labels: Labels, v: u64) {
+        let registry = &mut self.registry;
+        let f = self.counters.entry(name).or_insert_with(|| {
+            let f = CounterFamily::default();
+            registry.register(name, help, f.clone());
+            f
+        });
+        f.get_or_create(&labels).inc_by(v);
+    }
+
+    /// Adds a family of histograms the daemon keeps.
+    pub fn histograms(&mut self, name: &'static str, help: &str, family: HistogramFamily) {
+        self.registry.register(name, help, family);
+    }
+
+    /// The OpenMetrics text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            warn!("metrics: cannot encode: {e}");
+        }
+        out
+    }
+}
+
+/// What answers a scrape.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// A running metrics listener; dropping it stops it.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listens on `listen` (`HOST:PORT`) and answers `GET /metrics` with `render()`.
+    pub fn bind(listen: &str, render: Render) -> io::Result<MetricsServer> {
+        let l = TcpListener::bind(listen).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot serve metrics on {listen}: {e} (metrics.listen)"),
+            )
+        })?;
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || accept(&l, &render, &stop))?
+        };
+        Ok(MetricsServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on (with the port chosen when `:0` was asked).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept(l: &TcpListener, render: &Render, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match l.accept() {
+            Ok((s, peer)) => {
+                // Scrapes are rare and small: one at a time, on this thread.
+                if let Err(e) = answer(s, render) {
+                    debug!("metrics: {peer}: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                warn!("metrics: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// One HTTP/1.x exchange: the request line and headers are read, one response written.
+fn answer(s: TcpStream, render: &Render) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut r = BufReader::new(io::Read::take(&s, 16 * 1024));
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let mut header = String::new();
+    loop {
+        header.clear();
+        if r.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+            break;
+        }
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render(),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "redun serves its metrics at /metrics\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET /metrics\n".to_string(),
+        ),
+    };
+    let mut w = &s;
+    write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    w.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn a_scrape_encodes_gauges_counters_and_histograms() {
+        let mut s = Scrape::new();
+        s.gauge("redun_lag_bytes", "Lag.", volume("db"), 42.0);
+        s.gauge("redun_lag_bytes", "Lag.", volume("web"), 7.0);
+        s.counter("redun_retries", "Retries.", volume("db"), 3);
+        let h: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        h.get_or_create(&volume("db")).observe(0.001);
+        s.histograms("redun_nbd_request_duration_seconds", "Latency.", h);
+        let text = s.render();
+        assert!(
+            text.contains("redun_lag_bytes{volume=\"db\"} 42.0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redun_retries_total{volume=\"db\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redun_nbd_request_duration_seconds_count{volume=\"db\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn the_listener_answers_get_metrics_and_nothing_else() {
+        let m =
+            MetricsServer::bind("127.0.0.1:0", Arc::new(|| "x 1\n# EOF\n".to_string())).unwrap();
+        let get = |req: &str| {
+            let mut c = TcpStream::connect(m.addr()).unwrap();
+            c.write_all(req.as_bytes()).unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            out
+        };
+        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("x 1\n# EOF\n"),
+            "{ok}"
+        );
+        assert!(get("GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    }
+}
