@@ -83,3 +83,50 @@ fn sigterm_completes_in_flight_requests() {
         }
     }
 }
+
+/// A client writing through a tracker restart (SIGTERM, or kill -9) reconnects as soon as the
+/// new process listens and reads back every write it had acknowledged: what an attached
+/// kernel client with `nbd-client -persist` relies on during an upgrade.
+#[test]
+fn a_client_reconnects_after_a_restart_and_sees_every_acknowledged_write() {
+    for (backend, crash) in [("uring", false), ("uring", true), ("sync", false)] {
+        let mut t = Tracker::start(backend, 32 << 20);
+        let ready = t.dir.path().join("writing");
+        let client = python_spawn(
+            "reconnect_after_restart.py",
+            &[&t.uri(), ready.to_str().unwrap()],
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client never wrote"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if crash {
+            let mut c = t.child.take().unwrap();
+            let _ = c.kill();
+            let _ = c.wait();
+        } else {
+            assert!(t.stop().success(), "{}", t.log_text());
+        }
+        t.spawn(backend, &[]);
+        let out = client.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{backend} (kill -9: {crash}): {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let acked: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("acked "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+        eprintln!("{backend} (kill -9: {crash}): {}", text.replace('\n', "; "));
+        assert!(acked >= 64, "{text}");
+        assert!(text.contains("verified"), "{text}");
+    }
+}

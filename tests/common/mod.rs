@@ -254,6 +254,37 @@ impl Drop for Tracker {
     }
 }
 
+/// Starts a script of tests/scripts in `nbdsh` like [`python`], without waiting; its output
+/// is piped.
+pub fn python_spawn(script: &str, args: &[&str]) -> Child {
+    require("nbdsh");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/scripts")
+        .join(script);
+    let argv: Vec<String> = std::iter::once(path.display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+    let code = format!(
+        "import sys; sys.argv = {}; exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'))",
+        serde_json::to_string(&argv).unwrap()
+    );
+    Command::new("nbdsh")
+        .arg("-n")
+        .arg("-c")
+        .arg(code)
+        .env(
+            "PATH",
+            format!(
+                "/usr/bin:/usr/sbin:/sbin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdsh")
+}
+
 /// Runs a script of tests/scripts in `nbdsh` (libnbd's Python shell; `-n`: the script makes
 /// its own handles) with `args` as `sys.argv[1..]`.
 pub fn python(script: &str, args: &[&str]) -> Output {
