@@ -7,10 +7,6 @@ use std::process::ExitCode;
 use redun_tracker::config::{self as tracker_config, JournalFlags};
 
 /// Nearest existing directory at or above `p`.
-fn existing_ancestor(p: &Path) -> Option<&Path> {
-    p.ancestors().find(|a| a.is_dir())
-}
-
 fn check_tracker(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
     let file = match tracker_config::ConfigFile::load(path) {
         Ok(f) => f,
@@ -25,7 +21,6 @@ fn check_tracker(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String
         Ok(c) => c,
         Err(e) => return problems.push(format!("config {}: {e}", path.display())),
     };
-    let mut new_journals = 0u64;
     for v in &cfg.volumes {
         if let Err(e) = std::fs::metadata(&v.path) {
             problems.push(format!(
@@ -36,29 +31,9 @@ fn check_tracker(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String
                 v.path.display()
             ));
         }
-        if let Some(dir) = &cfg.journal_dir {
-            if !dir.join(format!("{}.journal", v.name)).exists() {
-                new_journals += cfg.journal_size;
-            }
-        }
     }
-    if let Some(dir) = &cfg.journal_dir {
-        if let Some(base) = existing_ancestor(dir) {
-            if let Ok(st) = nix::sys::statvfs::statvfs(base) {
-                let free = st.blocks_available() * st.fragment_size();
-                if new_journals > free {
-                    problems.push(format!(
-                        "config {}: tracker.journal: {} new journals of {} bytes need {new_journals} \
-                         bytes in {} but only {free} are free: lower tracker.journal.size or \
-                         choose another tracker.journal.dir",
-                        path.display(),
-                        new_journals / cfg.journal_size.max(1),
-                        cfg.journal_size,
-                        dir.display()
-                    ));
-                }
-            }
-        }
+    if let Err(e) = tracker_config::check_journal_space(&cfg) {
+        problems.push(format!("config {}: {e}", path.display()));
     }
     notes.push(format!(
         "tracker: {} volume(s), journals in {}",

@@ -98,6 +98,25 @@ fn bad_flags_and_config_name_the_problem() {
         admin,
     ]);
     assert!(e.contains("nowhere"), "{e}");
+    let jdir = dir.path().join("journals");
+    let e = tracker_fails(&[
+        "--volume",
+        &vol,
+        "--journal-dir",
+        jdir.to_str().unwrap(),
+        "--journal-size",
+        "900T",
+        "--admin-socket",
+        admin,
+    ]);
+    assert!(
+        e.contains("tracker.journal.size") && e.contains("free"),
+        "{e}"
+    );
+    assert!(
+        !jdir.exists(),
+        "a journal that cannot fit left files behind"
+    );
     let e = tracker_fails(&[
         "--volume",
         &vol,

@@ -258,6 +258,37 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks that the journals still to be created fit in their directory's filesystem, before
+/// anything is created.
+pub fn check_journal_space(cfg: &TrackerConfig) -> Result<(), String> {
+    let Some(dir) = &cfg.journal_dir else {
+        return Ok(());
+    };
+    let new = cfg
+        .volumes
+        .iter()
+        .filter(|v| !dir.join(format!("{}.journal", v.name)).exists())
+        .count() as u64;
+    let need = new.saturating_mul(cfg.journal_size);
+    let Some(base) = dir.ancestors().find(|a| a.is_dir()) else {
+        return Ok(());
+    };
+    let Ok(st) = nix::sys::statvfs::statvfs(base) else {
+        return Ok(());
+    };
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    if need > free {
+        return Err(format!(
+            "tracker.journal.size (--journal-size) = {}: {new} new journal(s) need {need} bytes \
+             in {} but only {free} are free: lower tracker.journal.size or choose another \
+             tracker.journal.dir",
+            cfg.journal_size,
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Merges flags over the file: flag volumes add to the file's, other flags replace.
 pub fn merge(
     file: ConfigFile,

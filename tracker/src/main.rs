@@ -137,6 +137,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    config::check_journal_space(&cfg).map_err(|e| anyhow::anyhow!(e))?;
     let engine = Engine::resolve(cfg.backend)?;
 
     let mut list = Vec::new();

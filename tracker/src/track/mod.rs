@@ -196,7 +196,7 @@ pub enum TrackError {
         #[source]
         source: JournalError,
     },
-    #[error("Cannot create journal {path}: {source}")]
+    #[error("Cannot create {path}")]
     Create {
         path: PathBuf,
         #[source]
@@ -976,7 +976,11 @@ fn create_preallocated(path: &Path, size: u64) -> io::Result<File> {
         .create_new(true)
         .open(path)?;
     let len = i64::try_from(size).unwrap_or(i64::MAX);
-    nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, len)?;
+    if let Err(e) = nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, len) {
+        // Nothing half-made is left for the next start to trip over.
+        let _ = std::fs::remove_file(path);
+        return Err(e.into());
+    }
     Ok(f)
 }
 
