@@ -15,4 +15,6 @@ apt-get update -qq
 # pg_amcheck) through an unplanned failover.
 apt-get install -y -qq libnbd-bin python3-libnbd fuse3 e2fsprogs util-linux mount \
     qemu-utils nbdkit fio procps iproute2 nftables systemd postgresql >/dev/null
+# promtool (in prometheus, without its web UI's recommends) lints the daemons' metrics.
+apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 echo "install-test-deps.sh: test dependencies installed"

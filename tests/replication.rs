@@ -1816,6 +1816,26 @@ fn scrape(addr: &str) -> String {
     out
 }
 
+/// Lints a scrape's body with `promtool check metrics`.
+fn promtool_check(scrape: &str) {
+    let body = scrape.split_once("\r\n\r\n").map_or(scrape, |(_, b)| b);
+    let mut c = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The value of the series `name{labels}` (labels as printed) in a scrape.
 fn series(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
@@ -1826,6 +1846,7 @@ fn series(text: &str, name_and_labels: &str) -> f64 {
 #[test]
 fn metrics_and_the_rpo_warning_tell_what_replication_does() {
     require("fio");
+    require("promtool");
     let mut site = Site::build_with(
         VOL,
         |d| d.join("data"),
@@ -1872,6 +1893,9 @@ fn metrics_and_the_rpo_warning_tell_what_replication_does() {
     assert!(series(&shipper, "redun_bytes_shipped_total{volume=\"disk\"}") >= 2097152.0);
     assert_eq!(series(&shipper, "redun_rpo_warning{volume=\"disk\"}"), 0.0);
     let target = scrape(&metrics_addr(&site.target.as_ref().unwrap().log_text()));
+    for s in [&tracker, &shipper, &target] {
+        promtool_check(s);
+    }
     assert_eq!(
         series(&target, "redun_replica_applied_seq{volume=\"disk\"}"),
         site.head_seq() as f64
@@ -1885,10 +1909,11 @@ fn metrics_and_the_rpo_warning_tell_what_replication_does() {
         assert!(Instant::now() < deadline, "no RPO warning");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        series(&scrape(&shipper_addr), "redun_rpo_warning{volume=\"disk\"}"),
-        1.0
-    );
+    let stalled = scrape(&shipper_addr);
+    assert_eq!(series(&stalled, "redun_rpo_warning{volume=\"disk\"}"), 1.0);
+    assert!(series(&stalled, "redun_lag_bytes{volume=\"disk\"}") > 0.0);
+    assert!(series(&stalled, "redun_rpo_seconds{volume=\"disk\"}") > 1.0);
+    promtool_check(&stalled);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !shipper_log().contains("exceeds shipper.rpo_warning") {
         assert!(Instant::now() < deadline, "no RPO warning in the log");
@@ -1900,4 +1925,7 @@ fn metrics_and_the_rpo_warning_tell_what_replication_does() {
         site.shipper_status("shipper").unwrap()["rpo_warning"],
         false
     );
+    let healed = scrape(&shipper_addr);
+    assert_eq!(series(&healed, "redun_lag_bytes{volume=\"disk\"}"), 0.0);
+    assert_eq!(series(&healed, "redun_rpo_warning{volume=\"disk\"}"), 0.0);
 }

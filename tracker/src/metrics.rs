@@ -88,6 +88,38 @@ impl Scrape {
     }
 }
 
+/// The Prometheus text format (0.0.4) of OpenMetrics text, for scrapers that do not ask for
+/// OpenMetrics: the same samples, counter families named with their `_total` suffix in
+/// `# HELP`/`# TYPE`, no `# EOF`.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for l in openmetrics.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| l.strip_prefix(p).map(|rest| (*p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{p}{name}_total {tail}"));
+                } else {
+                    out.push_str(l);
+                }
+            }
+            None => out.push_str(l),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// What answers a scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -168,19 +200,29 @@ fn answer(s: TcpStream, render: &Render) -> io::Result<()> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let mut header = String::new();
+    let mut openmetrics = false;
     loop {
         header.clear();
         if r.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
             break;
         }
+        let h = header.to_ascii_lowercase();
+        if h.starts_with("accept:") && h.contains("application/openmetrics-text") {
+            openmetrics = true;
+        }
     }
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => (
+        ("GET", "/metrics") if openmetrics => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             render(),
+        ),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus_text(&render()),
         ),
         ("GET", _) => (
             "404 Not Found",
@@ -230,6 +272,17 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+        let plain = prometheus_text(&text);
+        assert!(
+            plain.contains("# TYPE redun_retries_total counter"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("# HELP redun_retries_total Retries."),
+            "{plain}"
+        );
+        assert!(plain.contains("# TYPE redun_lag_bytes gauge"), "{plain}");
+        assert!(!plain.contains("# EOF"), "{plain}");
     }
 
     #[test]
@@ -243,10 +296,16 @@ mod tests {
             c.read_to_string(&mut out).unwrap();
             out
         };
-        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let ok =
+            get("GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text\r\n\r\n");
         assert!(
             ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("x 1\n# EOF\n"),
             "{ok}"
+        );
+        let plain = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            plain.contains("version=0.0.4") && plain.ends_with("x 1\n"),
+            "{plain}"
         );
         assert!(get("GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
