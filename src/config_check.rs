@@ -150,6 +150,9 @@ pub fn run(path: &Path) -> ExitCode {
     check_tracker(path, &mut problems, &mut notes);
     check_shipper(path, &mut problems, &mut notes);
     check_target(path, &mut problems, &mut notes);
+    // A file every daemon fails to parse is said once, not once per daemon.
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
     for n in &notes {
         println!("{n}");
     }

@@ -301,60 +301,150 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
     let (code, out, err) = check(&example);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("valid") && out.contains("1 volume"), "{out}");
+    // Each mistake, made alone in the example, and the one line that names it: {P} is the
+    // file, {L} the number of the line the mistake is on.
+    let table: &[(&str, &str, &str)] = &[
+        (
+            "backend = \"auto\"",
+            "backend = \"fast\"",
+            "config {P}: line {L}: backend = \"fast\": unknown variant `fast`, expected one of `auto`, `uring`, `sync`",
+        ),
+        (
+            "on_full = \"bitmap\"",
+            "on_full = \"drop\"",
+            "config {P}: line {L}: on_full = \"drop\": unknown variant `drop`, expected `bitmap` or `block`",
+        ),
+        (
+            "full_percent = 100",
+            "full_percent = 0",
+            "config {P}: tracker.journal.full_percent = 0: expected a percentage from 1 to 100",
+        ),
+        (
+            "region_size = \"64K\"",
+            "region_size = \"3K\"",
+            "config {P}: tracker.journal.region_size: region size 3072: expected a power of two from 4K to 4M, e.g. 64K",
+        ),
+        (
+            "size = \"64M\"",
+            "size = \"1Q\"",
+            "config {P}: tracker.journal.size: size \"1Q\": unknown unit \"q\" (use K, M, G or T)",
+        ),
+        (
+            "listen = [\"127.0.0.1:10809\"]",
+            "listen = [\"nowhere\"]",
+            "config {P}: tracker.listen (--listen): \"nowhere\" is neither HOST:PORT nor unix:/path (invalid socket address syntax)",
+        ),
+        (
+            "127.0.0.1:9750",
+            "port 9750",
+            "config {P}: tracker.metrics.listen = \"port 9750\": invalid socket address syntax (expected IP:PORT, e.g. 127.0.0.1:9750)",
+        ),
+        (
+            "name = \"db\"",
+            "name = \"d b\"",
+            "config {P}: volume name \"d b\" is invalid: use 1 to 64 characters of A-Z a-z 0-9 - _ .",
+        ),
+        (
+            "crash_interval = \"5s\"",
+            "crash_interval = \"5\"",
+            "config {P}: points.crash_interval = \"5\": \"5\" has no unit: write e.g. 500ms, 5s, 10m, 2h or 7d",
+        ),
+        (
+            "compression_level = 3",
+            "compression_level = 30",
+            "config {P}: shipper.compression_level = 30: use 1 to 19",
+        ),
+        (
+            "batch_size = \"4M\"",
+            "batch_size = \"4X\"",
+            "config {P}: shipper.batch_size = \"4X\": size \"4X\": unknown unit \"x\" (use K, M, G or T)",
+        ),
+        (
+            "generation = 1",
+            "generation = \"one\"",
+            "config {P}: line {L}: generation = \"one\": invalid type: string \"one\", expected u64",
+        ),
+        (
+            "bandwidth_limit = \"unlimited\"",
+            "bandwidth_limit = \"fast\"",
+            "config {P}: shipper.bandwidth_limit = \"fast\": rate \"fast\": expected e.g. 50MiB/s, 800K/s or unlimited",
+        ),
+        (
+            "window = \"08:00-18:00\"",
+            "window = \"8-18\"",
+            "config {P}: shipper.bandwidth_schedule[0].window = \"8-18\": window \"8-18\": expected HH:MM-HH:MM, e.g. 08:00-18:00",
+        ),
+        (
+            "rpo_warning = \"30s\"",
+            "rpo_warning = \"soon\"",
+            "config {P}: shipper.rpo_warning = \"soon\": \"soon\" is not a duration: write e.g. 500ms, 5s, 10m, 2h or 7d",
+        ),
+        (
+            "127.0.0.1:9751",
+            "localhost",
+            "config {P}: shipper.metrics.listen = \"localhost\": invalid socket address syntax (expected IP:PORT, e.g. 127.0.0.1:9750)",
+        ),
+        (
+            "listen = \"0.0.0.0:9443\"",
+            "listen = \"everywhere\"",
+            "config {P}: target.listen = \"everywhere\": invalid socket address syntax (expected IP:PORT, e.g. 0.0.0.0:9443)",
+        ),
+        (
+            "nbd_listen = \"127.0.0.1:10810\"",
+            "nbd_listen = \"anywhere\"",
+            "config {P}: target.nbd_listen = \"anywhere\": \"anywhere\" is neither HOST:PORT nor unix:/path (invalid socket address syntax)",
+        ),
+        (
+            "segment_size = \"64MiB\"",
+            "segment_size = \"big\"",
+            "config {P}: target.segment_size = \"big\": size \"big\": expected a number with an optional unit, e.g. 1G",
+        ),
+        (
+            "keep_all = \"2h\"",
+            "keep_all = \"2 hours\"",
+            "config {P}: retention.keep_all = \"2 hours\": \"2 hours\": unknown unit \" hours\" (use ms, s, m, h or d)",
+        ),
+        (
+            "{ every = \"10m\", for = \"24h\" }",
+            "{ every = \"0s\", for = \"24h\" }",
+            "config {P}: retention.tiers[0].every = \"0s\": must be longer than 0",
+        ),
+        (
+            "[[shipper.bandwidth_schedule]]",
+            "[shipper]\n[[shipper.bandwidth_schedule]]",
+            "config {P}: line {L}: [shipper]: invalid table header duplicate key `shipper` in document root",
+        ),
+        (
+            "[target]",
+            "[targett]",
+            "config {P}: line {L}: [targett]: unknown field `targett`, expected one of `tracker`, `volume`, `shipper`, `target`, `points`, `retention`",
+        ),
+    ];
+    assert!(table.len() >= 15);
+    let file = d.join("redun.toml").display().to_string();
+    for (from, to, want) in table {
+        assert_eq!(
+            example.matches(from).count(),
+            1,
+            "{from:?} is not once in the example"
+        );
+        let bad = example.replacen(from, to, 1);
+        let line = bad[..bad.find(to).unwrap()].matches('\n').count() + 1;
+        let want = want.replace("{P}", &file).replace("{L}", &line.to_string());
+        let (code, out, err) = check(&bad);
+        assert_eq!(code, Some(1), "{to}: {out}{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines, vec![format!("error: {want}")], "{to}");
+    }
+    // What depends on the machine: the free space, files that are not there.
     for (bad, names) in [
         (
-            example.replace(
-                "compression_level = 3",
-                "compression_level = 3\ntargett = \"x\"",
-            ),
-            vec!["targett"],
-        ),
-        (
-            example.replace("size = \"64M\"", "size = \"1Q\""),
-            vec!["tracker.journal.size", "1Q"],
-        ),
-        (
-            example.replace(
-                "bandwidth_limit = \"unlimited\"",
-                "bandwidth_limit = \"fast\"",
-            ),
-            vec!["shipper.bandwidth_limit", "fast"],
+            example.replace("size = \"64M\"", "size = \"900T\""),
+            vec!["tracker.journal.size", "free"],
         ),
         (
             example.replace(&img.display().to_string(), "/nonexistent/disk"),
             vec!["/nonexistent/disk", "volume.path"],
-        ),
-        (
-            example.replace("size = \"64M\"", "size = \"900T\""),
-            vec!["tracker.journal", "free"],
-        ),
-        (
-            example.replace("listen = \"0.0.0.0:9443\"", "listen = \"everywhere\""),
-            vec!["target.listen", "everywhere"],
-        ),
-        (
-            example.clone() + "\n[groupp]\nname = \"x\"\n",
-            vec!["groupp"],
-        ),
-        (
-            example.replace("keep_all = \"2h\"", "keep_all = \"2 hours\""),
-            vec!["retention.keep_all", "2 hours"],
-        ),
-        (
-            example.replace("crash_interval = \"5s\"", "crash_interval = \"5\""),
-            vec!["points.crash_interval", "no unit"],
-        ),
-        (
-            example.replace("rpo_warning = \"30s\"", "rpo_warning = \"soon\""),
-            vec!["shipper.rpo_warning", "soon"],
-        ),
-        (
-            example.replace("127.0.0.1:9752", "localhost"),
-            vec!["target.metrics.listen", "localhost"],
-        ),
-        (
-            example.replace("127.0.0.1:9750", "port 9750"),
-            vec!["tracker.metrics.listen", "port 9750"],
         ),
     ] {
         let (code, out, err) = check(&bad);

@@ -203,7 +203,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Config file {path}: {message}")]
+    #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
@@ -225,8 +225,24 @@ pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: toml_message(&text, &e),
     })
+}
+
+/// One line for a TOML error: where, the line as written (key and value), and what is
+/// expected (toml's own message).
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("");
+            // Comments are the reader's, not part of the value.
+            let line = line.split(" #").next().unwrap_or(line).trim();
+            format!("line {line_no}: {line}: {what}")
+        }
+        None => what,
+    }
 }
 
 /// Parses `NAME=PATH` of `--volume`.
@@ -326,7 +342,7 @@ pub fn merge(
         .iter()
         .map(|l| {
             l.parse::<ListenAddr>()
-                .map_err(|e| ConfigError::Invalid(format!("listen address: {e}")))
+                .map_err(|e| ConfigError::Invalid(format!("tracker.listen (--listen): {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let fj = file.tracker.journal;
