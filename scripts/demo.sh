@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The demo: builds redun, serves a sparse file through redun-tracker on a Unix socket with
-# every change journaled, writes and reads it back with real NBD clients (nbdcopy, nbdinfo,
-# qemu-img), prints the tracker's status, stops it, checks the journal and replays it onto a
-# zero image, which must equal the volume. Everything lives in a temporary directory.
+# The demo, on local files and loopback: a protected volume served by redun-tracker, shipped by
+# redun-shipper over mutual TLS to redun-target; recovery points; a point read back over NBD; a
+# test failover; a planned failover that loses nothing. Real NBD clients (nbdcopy, nbdinfo,
+# qemu-io) do the I/O. Everything lives in a temporary directory and stops at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for t in nbdinfo nbdcopy qemu-img; do command -v "$t" >/dev/null || need+=("$t"); done
+for t in nbdinfo nbdcopy qemu-io; do command -v "$t" >/dev/null || need+=("$t"); done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         bash scripts/install-test-deps.sh
@@ -16,41 +16,74 @@ if [ ${#need[@]} -gt 0 ]; then
         exit 1
     fi
 fi
+export PATH=/usr/bin:$PATH
 
 cargo build --release --workspace
 bin=$PWD/target/release
 work=$(mktemp -d /tmp/redun-demo.XXXXXX)
-pid=
+pids=()
 cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
+cd "$work"
+wait_for() { for _ in $(seq 400); do [ -e "$1" ] && return; sleep 0.05; done; echo "demo: $1 never appeared" >&2; exit 1; }
+redun() { "$bin/redun" "$@"; }
+sockets=(--tracker-socket tracker.sock --shipper-socket shipper.sock --target-socket target.sock)
 
-truncate -s 1G "$work/volume.img"
-"$bin/redun-tracker" --volume demo="$work/volume.img" \
-    --listen "unix:$work/nbd.sock" --admin-socket "$work/tracker.sock" \
-    --journal-dir "$work/journal" --journal-size 256M 2>"$work/tracker.log" &
-pid=$!
-for _ in $(seq 100); do [ -S "$work/tracker.sock" ] && break; sleep 0.05; done
-uri="nbd+unix:///demo?socket=$work/nbd.sock"
+echo "== certificates for mutual TLS: a CA, the target (localhost) and the shipper"
+redun pki init --dir pki --name localhost --name shipper
+echo "== the master target, the tracker in front of a 256 MiB volume, the shipper"
+"$bin/redun-target" --data-dir data --listen 127.0.0.1:0 --tls-ca pki/ca.crt \
+    --tls-cert pki/localhost.crt --tls-key pki/localhost.key --admin-socket target.sock \
+    --nbd-listen "unix:$work/target-nbd.sock" 2>target.log &
+pids+=($!)
+truncate -s 256M volume.img
+"$bin/redun-tracker" --volume demo="$work/volume.img" --listen "unix:$work/nbd.sock" \
+    --admin-socket tracker.sock --journal-dir journal --journal-size 128M 2>tracker.log &
+pids+=($!)
+wait_for target.sock
+wait_for tracker.sock
+port=$(sed -n 's/.*shippers on 127.0.0.1:\([0-9]*\).*/\1/p' target.log | head -1)
+"$bin/redun-shipper" --journal-dir journal --tracker-socket tracker.sock --target "localhost:$port" \
+    --tls-ca pki/ca.crt --tls-cert pki/shipper.crt --tls-key pki/shipper.key \
+    --admin-socket shipper.sock 2>shipper.log &
+pids+=($!)
+wait_for shipper.sock
+src="nbd+unix:///demo?socket=$work/nbd.sock"
+at() { echo "nbd+unix:///demo@$1?socket=$work/target-nbd.sock"; }
 
-echo "== the export, as a client sees it"
-PATH=/usr/bin:$PATH nbdinfo "$uri"
-echo "== write 64 MiB of random data through the tracker, then read it back"
-head -c 64M /dev/urandom >"$work/data"
-nbdcopy --connections=4 --requests=16 --flush "$work/data" "$uri"
-qemu-img convert -f raw -O raw "$uri" "$work/back"
-cmp -n $((64 << 20)) "$work/data" "$work/back" && echo "read back: identical"
-cmp -n $((64 << 20)) "$work/data" "$work/volume.img" && echo "backing file: identical"
-echo "== redun status"
-"$bin/redun" status --tracker-socket "$work/tracker.sock"
-kill -TERM "$pid"
-wait "$pid" && echo "== tracker stopped cleanly"
-pid=
-echo "== the journal: check, then replay onto a zero image"
-"$bin/redun" journal check "$work/journal/demo.journal"
-truncate -s 1G "$work/zero.img"
-"$bin/redun" journal replay --base "$work/zero.img" --journal "$work/journal/demo.journal" \
-    --out "$work/replayed.img"
-cmp "$work/replayed.img" "$work/volume.img" && echo "journal replay: identical to the volume"
+echo "== write 64 MiB through the tracker, place a recovery point, write 16 MiB more"
+head -c 64M /dev/urandom >data1
+nbdcopy --flush data1 "$src"
+p1=$(redun point create demo "${sockets[@]:0:4}")
+cp --sparse=always volume.img at-p1.img
+qemu-io -f raw -c "write -P 0x5a 128M 16M" -c flush "$src" >/dev/null
+p2=$(redun point create demo "${sockets[@]:0:4}")
+echo "points $p1 and $p2 are on the target"
+redun status "${sockets[@]}"
+redun points demo --target-socket target.sock
+
+echo "== point $p1 read back from the target over NBD"
+nbdcopy "$(at "$p1")" p1.img
+cmp p1.img at-p1.img && echo "point $p1: identical to the volume at that moment"
+
+echo "== test failover of point $p1: writable, replication goes on, the replica untouched"
+redun test-failover start demo --point "$p1" --target-socket target.sock
+qemu-io -f raw -c "write -P 0x77 0 1M" "$(at test)" >/dev/null
+qemu-io -f raw -r -c "read -P 0x77 0 1M" "$(at test)" | grep -q "read 1048576" && echo "demo@test took a write"
+redun test-failover cleanup demo --target-socket target.sock
+nbdcopy "$(at "$p1")" p1-again.img
+cmp p1-again.img at-p1.img && echo "point $p1: still identical after the test"
+
+echo "== planned failover: the source refuses writes, everything ships, the final point is promoted"
+redun failover demo --planned "${sockets[@]}"
+if qemu-io -f raw -c "write 0 4k" "$src" >/dev/null 2>&1; then
+    echo "demo: the source still took a write after the failover" >&2; exit 1
+fi
+echo "the source refuses writes"
+nbdcopy "nbd+unix:///demo?socket=$work/target-nbd.sock" promoted.img
+cmp promoted.img volume.img && echo "the promoted volume on the target: identical to the source, nothing lost"
+redun failover commit demo --target-socket target.sock
+echo "== done; the logs were in $work (removed now)"

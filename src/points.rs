@@ -132,7 +132,7 @@ pub fn list(volume: &str, json: bool, target: &Path) -> ExitCode {
         let ms = p["unix_ms"].as_u64().unwrap_or(0);
         println!(
             "{:>12}  {:<24}  {:<5}  {}",
-            p["id"],
+            p["id"].as_u64().unwrap_or(0),
             utc(ms),
             p["kind"].as_str().unwrap_or("?"),
             if p["usable"] == true { "yes" } else { "no" }
