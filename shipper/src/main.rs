@@ -414,19 +414,17 @@ fn metrics(vols: &[ShipStatus]) -> String {
             l(),
             v.retries,
         );
-        for state in ["connecting", "shipping", "retrying", "critical"] {
-            let mut labels = l();
-            labels.push(("state".into(), state.into()));
-            let on = serde_json::to_value(v.state)
-                .ok()
-                .and_then(|s| s.as_str().map(|s| s == state));
-            m.gauge(
-                "redun_ship_state",
-                "1 for the volume's shipping state.",
-                labels,
-                f64::from(u8::from(on == Some(true))),
-            );
-        }
+        let current = serde_json::to_value(v.state)
+            .ok()
+            .and_then(|s| s.as_str().map(String::from))
+            .unwrap_or_default();
+        m.state(
+            "redun_ship_state",
+            "1 for the volume's shipping state.",
+            &l(),
+            &["connecting", "shipping", "retrying", "critical"],
+            &current,
+        );
     }
     m.render()
 }

@@ -254,9 +254,9 @@ impl Drop for Tracker {
     }
 }
 
-/// Starts a script of tests/scripts in `nbdsh` like [`python`], without waiting; its output
-/// is piped.
-pub fn python_spawn(script: &str, args: &[&str]) -> Child {
+/// `nbdsh` running a script of tests/scripts (libnbd's Python shell; `-n`: the script makes
+/// its own handles) with `args` as `sys.argv[1..]`, with /usr/bin first in PATH.
+fn nbdsh(script: &str, args: &[&str]) -> Command {
     require("nbdsh");
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/scripts")
@@ -268,38 +268,30 @@ pub fn python_spawn(script: &str, args: &[&str]) -> Child {
         "import sys; sys.argv = {}; exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'))",
         serde_json::to_string(&argv).unwrap()
     );
-    Command::new("nbdsh")
-        .arg("-n")
-        .arg("-c")
-        .arg(code)
-        .env(
-            "PATH",
-            format!(
-                "/usr/bin:/usr/sbin:/sbin:{}",
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
+    let mut cmd = Command::new("nbdsh");
+    cmd.arg("-n").arg("-c").arg(code).env(
+        "PATH",
+        format!(
+            "/usr/bin:/usr/sbin:/sbin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
+    cmd
+}
+
+/// Starts a script like [`python`], without waiting; its output is piped.
+pub fn python_spawn(script: &str, args: &[&str]) -> Child {
+    nbdsh(script, args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("nbdsh")
 }
 
-/// Runs a script of tests/scripts in `nbdsh` (libnbd's Python shell; `-n`: the script makes
-/// its own handles) with `args` as `sys.argv[1..]`.
+/// Runs a script of tests/scripts in `nbdsh` with `args` as `sys.argv[1..]`; panics with its
+/// output if it fails.
 pub fn python(script: &str, args: &[&str]) -> Output {
-    require("nbdsh");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/scripts")
-        .join(script);
-    let argv: Vec<String> = std::iter::once(path.display().to_string())
-        .chain(args.iter().map(|a| a.to_string()))
-        .collect();
-    let code = format!(
-        "import sys; sys.argv = {}; exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'))",
-        serde_json::to_string(&argv).unwrap()
-    );
-    run(Command::new("nbdsh").arg("-n").arg("-c").arg(code))
+    run(&mut nbdsh(script, args))
 }
 
 /// A block device made of an NBD export (this machine has no kernel NBD client): nbdfuse

@@ -507,19 +507,17 @@ fn metrics(st: &TrackerStatus) -> String {
             "1 while writes are refused (failover).",
             u64::from(v.fenced),
         );
-        for state in ["protected", "resync-required", "untracked"] {
-            let mut labels = l();
-            labels.push(("state".into(), state.into()));
-            let on = serde_json::to_value(v.state)
-                .ok()
-                .and_then(|s| s.as_str().map(|s| s == state));
-            m.gauge(
-                "redun_volume_state",
-                "1 for the volume's state.",
-                labels,
-                f64::from(u8::from(on == Some(true))),
-            );
-        }
+        let current = serde_json::to_value(v.state)
+            .ok()
+            .and_then(|s| s.as_str().map(String::from))
+            .unwrap_or_default();
+        m.state(
+            "redun_volume_state",
+            "1 for the volume's state.",
+            &l(),
+            &["protected", "resync-required", "untracked"],
+            &current,
+        );
         if let Some(j) = &v.journal {
             g(
                 &mut m,

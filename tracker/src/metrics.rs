@@ -73,6 +73,22 @@ impl Scrape {
         f.get_or_create(&labels).inc_by(v);
     }
 
+    /// A state set: `name{labels, state}` is 1 for `current` and 0 for the other `states`.
+    pub fn state(
+        &mut self,
+        name: &'static str,
+        help: &str,
+        labels: &Labels,
+        states: &[&str],
+        current: &str,
+    ) {
+        for s in states {
+            let mut l = labels.clone();
+            l.push(("state".into(), (*s).into()));
+            self.gauge(name, help, l, f64::from(u8::from(*s == current)));
+        }
+    }
+
     /// Adds a family of histograms the daemon keeps.
     pub fn histograms(&mut self, name: &'static str, help: &str, family: HistogramFamily) {
         self.registry.register(name, help, family);
