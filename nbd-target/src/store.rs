@@ -865,11 +865,23 @@ impl Store {
         })
     }
 
-    /// Applies the retention policy at `now_ms`: prunes points, then merges the sealed
-    /// segments that no remaining point and no open view needs into the base image.
+    /// Applies the retention policy at `now_ms`: prunes points, merges the sealed segments
+    /// that no remaining point and no open view needs into the base image, then compacts the
+    /// runs of segments between two needed points into one.
     pub fn maintain(&self, retention: &Retention, now_ms: u64) -> Result<Maintained, StoreError> {
         let _one = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = Maintained::default();
+        self.prune_and_merge(retention, now_ms, &mut done)?;
+        self.compact(&mut done)?;
+        Ok(done)
+    }
+
+    fn prune_and_merge(
+        &self,
+        retention: &Retention,
+        now_ms: u64,
+        done: &mut Maintained,
+    ) -> Result<(), StoreError> {
         // 1. Prune points, durably, before any base write can make them unreadable.
         let (merge, through) = {
             let mut g = self.lock();
@@ -916,7 +928,7 @@ impl Store {
             (merge, through)
         };
         let Some(through) = through else {
-            return Ok(done);
+            return Ok(());
         };
         // 2. Merge into the base. Views that need these segments read them from the
         //    segments (they are pinned at or above `through`), never from the base ranges
@@ -970,7 +982,178 @@ impl Store {
             done.merged_segments,
             done.merged_bytes
         );
-        Ok(done)
+        Ok(())
+    }
+
+    /// Replaces each run of two or more sealed segments that lie between two needed sequence
+    /// numbers (kept points and open views) by one segment holding only what the later of the
+    /// two sees: the last data of every range. Its entries all carry the run's last sequence
+    /// number. The new file is complete and synced before the manifest names it; the old files
+    /// go after.
+    fn compact(&self, done: &mut Maintained) -> Result<(), StoreError> {
+        let (runs, id) = {
+            let g = self.lock();
+            let mut needed: Vec<u64> = g
+                .manifest
+                .points
+                .iter()
+                .chain(g.open.points.iter())
+                .map(|p| p.id)
+                .collect();
+            needed.extend(self.pins.lock().unwrap().keys().copied());
+            needed.sort_unstable();
+            needed.dedup();
+            let mut runs: Vec<Vec<Arc<Sealed>>> = Vec::new();
+            let mut cur: Vec<Arc<Sealed>> = Vec::new();
+            let mut cur_bucket = None;
+            for s in &g.sealed {
+                let straddles = needed
+                    .iter()
+                    .any(|&n| n >= s.r.first_seq && n < s.r.last_seq);
+                // The first needed sequence number at or after the segment's end.
+                let bucket = needed.partition_point(|&n| n < s.r.last_seq);
+                if straddles || cur_bucket != Some(bucket) {
+                    runs.push(std::mem::take(&mut cur));
+                    cur_bucket = (!straddles).then_some(bucket);
+                }
+                if !straddles {
+                    cur.push(s.clone());
+                }
+            }
+            runs.push(cur);
+            runs.retain(|r| r.len() >= 2);
+            let id = Identity {
+                name: g.state.name.clone(),
+                uuid: g.state.uuid.clone(),
+                size: g.state.size,
+                generation: g.state.generation,
+            };
+            (runs, id)
+        };
+        for run in runs {
+            self.compact_run(&run, &id, done)?;
+        }
+        Ok(())
+    }
+
+    fn compact_run(
+        &self,
+        run: &[Arc<Sealed>],
+        id: &Identity,
+        done: &mut Maintained,
+    ) -> Result<(), StoreError> {
+        let last = run.last().expect("a run").r.last_seq;
+        let mut map = ExtentMap::default();
+        for (i, s) in run.iter().enumerate() {
+            let file = u32::try_from(i).expect("a short run");
+            for e in &s.entries {
+                let src = match e.kind {
+                    Kind::Write => Src::Data { file, pos: e.data },
+                    Kind::Trim | Kind::Zero => Src::Zero,
+                    Kind::Marker | Kind::Pad => continue,
+                };
+                if e.length > 0 {
+                    map.insert(e.offset, e.offset + u64::from(e.length), src);
+                }
+            }
+        }
+        if map.pieces.is_empty() {
+            return Ok(());
+        }
+        let mut n = 1;
+        let name = loop {
+            let name = format!("{last:020}-c{n}.seg");
+            if !self.dir.join(&name).exists() {
+                break name;
+            }
+            n += 1;
+        };
+        let path = self.dir.join(&name);
+        let file = open_rw(&path, true)?;
+        let werr = io_err("cannot write", &path);
+        let mut buf = segment_header(id, last).to_vec();
+        let mut written = 0u64;
+        let mut entries = Vec::with_capacity(map.pieces.len());
+        for (&start, p) in &map.pieces {
+            let len = u32::try_from(p.end - start).expect("pieces come from records");
+            let (kind, payload) = match p.src {
+                Src::Zero => (Kind::Zero, Vec::new()),
+                Src::Data { file: f, pos } => {
+                    let s = &run[f as usize];
+                    let mut b = vec![0u8; len as usize];
+                    s.file
+                        .read_exact_at(&mut b, pos)
+                        .map_err(io_err("cannot read", &self.dir.join(&s.r.file)))?;
+                    (Kind::Write, b)
+                }
+            };
+            let data = written + buf.len() as u64 + ENTRY_HEADER_LEN as u64;
+            encode_entry(&mut buf, last, kind, last, start, len, &payload);
+            entries.push(Entry {
+                seq: last,
+                offset: start,
+                data,
+                length: len,
+                kind,
+            });
+            if buf.len() >= WRITE_BYTES {
+                file.write_all_at(&buf, written)
+                    .map_err(io_err("cannot write", &path))?;
+                written += buf.len() as u64;
+                buf.clear();
+            }
+        }
+        let at = written + buf.len() as u64;
+        buf.extend_from_slice(&encode_index(&entries, at));
+        file.write_all_at(&buf, written)
+            .and_then(|()| file.sync_all())
+            .map_err(werr)?;
+        sync_dir(&self.dir)?;
+        let r = SegmentRef {
+            file: name,
+            first_seq: last,
+            last_seq: last,
+            bytes: written + buf.len() as u64,
+        };
+        let old_bytes: u64 = run.iter().map(|s| s.r.bytes).sum();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let files: Vec<&str> = run.iter().map(|s| s.r.file.as_str()).collect();
+            let at = inner
+                .manifest
+                .segments
+                .iter()
+                .position(|s| s.file == files[0])
+                .expect("the run is listed");
+            let mut m = inner.manifest.clone();
+            m.segments
+                .splice(at..at + run.len(), std::iter::once(r.clone()));
+            replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+            inner.manifest = m;
+            inner.sealed.splice(
+                at..at + run.len(),
+                std::iter::once(Arc::new(Sealed {
+                    r: r.clone(),
+                    file: Arc::new(file),
+                    entries,
+                })),
+            );
+        }
+        for s in run {
+            let _ = std::fs::remove_file(self.dir.join(&s.r.file));
+        }
+        sync_dir(&self.dir)?;
+        done.compacted_segments += run.len();
+        done.compacted_bytes_freed += old_bytes.saturating_sub(r.bytes);
+        info!(
+            "replica {}: compacted {} segments into {} ({} bytes freed)",
+            id.name,
+            run.len(),
+            r.file,
+            old_bytes.saturating_sub(r.bytes)
+        );
+        Ok(())
     }
 
     /// Moves the replication relationship to generation `g` (a failover): shippers of the
@@ -1002,6 +1185,9 @@ pub struct Maintained {
     pub pruned: usize,
     pub merged_segments: usize,
     pub merged_bytes: u64,
+    /// Segments replaced by compaction, and the bytes that saved.
+    pub compacted_segments: usize,
+    pub compacted_bytes_freed: u64,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {

@@ -164,6 +164,92 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn thinned_points_compact_and_still_read_back(ops in proptest::collection::vec(op(), 20..150)) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, model) = run(dir.path(), &ops, 8_000);
+        // One point per 5 ms of (op-index) time: the segments between kept points compact.
+        let r = Retention {
+            keep_all_ms: 0,
+            tiers: vec![Tier { every_ms: 5, for_ms: u64::MAX / 2 }],
+        };
+        store.maintain(&r, ops.len() as u64).unwrap();
+        check_points(&store, &model);
+        let latest = store.view(store.latest()).unwrap();
+        prop_assert!(read_all(&latest) == model.bytes);
+        drop(latest);
+        drop(store);
+        let store = Store::open(dir.path(), "vol").unwrap();
+        check_points(&store, &model);
+        let latest = store.view(store.latest()).unwrap();
+        prop_assert!(read_all(&latest) == model.bytes);
+    }
+}
+
+#[test]
+fn segments_between_kept_points_compact_into_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path(), &id()).unwrap().with_seal_bytes(1);
+    let mut seq = 1;
+    let mut put = |store: &Store, kind: Kind, off: u64, data: &[u8]| {
+        let len = u32::try_from(data.len()).unwrap();
+        store.append(kind, seq, off, len, data).unwrap();
+        seq += 1;
+        store.commit().unwrap();
+        seq - 1
+    };
+    let p1 = put(&store, Kind::Marker, 0, &marker(0));
+    // Four segments overwriting the same 8 KiB, then a point.
+    for b in 1..=4u8 {
+        put(&store, Kind::Write, 0, &[b; 8192]);
+    }
+    let p2 = put(&store, Kind::Marker, 0, &marker(1));
+    put(&store, Kind::Write, 4096, &[9u8; 100]);
+    let before = store.layout().0;
+    let r = Retention {
+        keep_all_ms: 10,
+        tiers: vec![],
+    };
+    let m = store.maintain(&r, 5).unwrap();
+    // The four writes and p2's marker are five segments between p1 and p2.
+    assert_eq!(m.compacted_segments, 5, "{m:?}");
+    assert!(m.compacted_bytes_freed > 3 * 8192, "{m:?}");
+    // p1's own segment merged into the base; the five became one.
+    assert_eq!(store.layout().0, before - 5);
+    let mut b = vec![0u8; 8192];
+    store.view(p2).unwrap().read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 4));
+    store.view(p1).unwrap().read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    drop(store);
+    let store = Store::open(dir.path(), "vol").unwrap();
+    let v = store.view(store.latest()).unwrap();
+    v.read_at(&mut b, 0).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 4) && b[4096..4196].iter().all(|&x| x == 9));
+    let files = std::fs::read_dir(store_dir(dir.path(), "vol"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".seg")
+        })
+        .count();
+    assert_eq!(
+        files,
+        store.layout().0 + 1,
+        "old segment files are gone: {:?}",
+        std::fs::read_dir(store_dir(dir.path(), "vol"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn a_pinned_view_keeps_its_segments_from_merging() {
     let dir = tempfile::tempdir().unwrap();
