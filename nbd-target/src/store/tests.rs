@@ -135,6 +135,25 @@ fn run(dir: &Path, ops: &[Op], seal: u64) -> (Store, Model) {
     (store, model)
 }
 
+/// Every listed point and `latest` read back as the model says, before and after reopening
+/// the store from its files.
+fn check_all(dir: &Path, store: Store, model: &Model) -> Store {
+    check_points(&store, model);
+    let latest = store.view(store.latest()).unwrap();
+    assert!(read_all(&latest) == model.bytes, "latest reads other bytes");
+    drop(latest);
+    drop(store);
+    let store = Store::open(dir, "vol").unwrap();
+    check_points(&store, model);
+    let latest = store.view(store.latest()).unwrap();
+    assert!(
+        read_all(&latest) == model.bytes,
+        "latest reads other bytes after reopening"
+    );
+    drop(latest);
+    store
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -142,30 +161,12 @@ proptest! {
     fn every_point_reads_back_its_moment(ops in proptest::collection::vec(op(), 1..120)) {
         let dir = tempfile::tempdir().unwrap();
         let (store, model) = run(dir.path(), &ops, 40_000);
-        check_points(&store, &model);
-        let latest = store.view(store.latest()).unwrap();
-        prop_assert!(read_all(&latest) == model.bytes);
-        drop(latest);
-        drop(store);
-        let store = Store::open(dir.path(), "vol").unwrap();
-        check_points(&store, &model);
+        let store = check_all(dir.path(), store, &model);
         // Keep only the newest few points: the rest merge into the base.
-        let keep_all_ms = 10;
-        let now = ops.len() as u64;
-        let r = Retention { keep_all_ms, tiers: vec![] };
-        store.maintain(&r, now).unwrap();
-        check_points(&store, &model);
-        let latest = store.view(store.latest()).unwrap();
-        prop_assert!(read_all(&latest) == model.bytes);
-        drop(latest);
-        drop(store);
-        let store = Store::open(dir.path(), "vol").unwrap();
-        check_points(&store, &model);
+        let r = Retention { keep_all_ms: 10, tiers: vec![] };
+        store.maintain(&r, ops.len() as u64).unwrap();
+        check_all(dir.path(), store, &model);
     }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
     fn thinned_points_compact_and_still_read_back(ops in proptest::collection::vec(op(), 20..150)) {
@@ -177,15 +178,7 @@ proptest! {
             tiers: vec![Tier { every_ms: 5, for_ms: u64::MAX / 2 }],
         };
         store.maintain(&r, ops.len() as u64).unwrap();
-        check_points(&store, &model);
-        let latest = store.view(store.latest()).unwrap();
-        prop_assert!(read_all(&latest) == model.bytes);
-        drop(latest);
-        drop(store);
-        let store = Store::open(dir.path(), "vol").unwrap();
-        check_points(&store, &model);
-        let latest = store.view(store.latest()).unwrap();
-        prop_assert!(read_all(&latest) == model.bytes);
+        check_all(dir.path(), store, &model);
     }
 }
 
