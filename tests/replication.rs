@@ -1178,7 +1178,7 @@ fn every_recovery_point_reads_back_its_moment_over_nbd() {
     // Retention keeps only the newest points: the rest merge into the base image, and
     // what is left still reads back.
     let cfg = site.dir().join("retention.toml");
-    std::fs::write(&cfg, "[retention]\nkeep_all = \"1s\"\n").unwrap();
+    std::fs::write(&cfg, "[retention]\nkeep_all = \"1s\"\ntiers = []\n").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     site.fio("randwrite", "4k", "256k", 400);
     let last = point_create(&site);

@@ -28,8 +28,8 @@ pub struct RetentionSection {
     pub keep_all: Option<String>,
     /// Then one point per `every` for points up to `for` old, e.g.
     /// `tiers = [{ every = "10m", for = "24h" }, { every = "1d", for = "7d" }]`.
-    #[serde(default)]
-    pub tiers: Vec<TierEntry>,
+    /// Absent: the default tiers; `[]`: none.
+    pub tiers: Option<Vec<TierEntry>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,7 +52,11 @@ impl RetentionSection {
             r.keep_all_ms =
                 parse_duration(k).map_err(|e| bad("retention.keep_all".into(), k, e))?;
         }
-        for (i, t) in self.tiers.iter().enumerate() {
+        let Some(tiers) = &self.tiers else {
+            return Ok(r);
+        };
+        r.tiers.clear();
+        for (i, t) in tiers.iter().enumerate() {
             let every = parse_duration(&t.every)
                 .map_err(|e| bad(format!("retention.tiers[{i}].every"), &t.every, e))?;
             let for_ms = parse_duration(&t.span)
@@ -135,6 +139,39 @@ impl TargetSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_defaults_to_tiers_that_a_section_can_replace() {
+        let p = Path::new("c.toml");
+        let policy = |text: &str| {
+            toml::from_str::<ConfigFile>(text)
+                .unwrap()
+                .retention
+                .policy(p)
+        };
+        let d = policy("").unwrap();
+        assert_eq!(d, Retention::default());
+        assert_eq!(d.tiers.len(), 2);
+        let r = policy("[retention]\nkeep_all = \"1h\"\n").unwrap();
+        assert_eq!((r.keep_all_ms, r.tiers.len()), (3_600_000, 2));
+        let r = policy("[retention]\ntiers = []\n").unwrap();
+        assert!(r.tiers.is_empty());
+        let r = policy("[retention]\ntiers = [{ every = \"1h\", for = \"2d\" }]\n").unwrap();
+        assert_eq!(
+            r.tiers,
+            vec![Tier {
+                every_ms: 3_600_000,
+                for_ms: 172_800_000
+            }]
+        );
+        let e = policy("[retention]\ntiers = [{ every = \"1h\", for = \"soon\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("retention.tiers[0].for") && e.contains("soon"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_section_parses_and_names_bad_keys() {

@@ -1260,10 +1260,21 @@ pub struct Tier {
 }
 
 impl Default for Retention {
+    /// Every point for 2 h, then one per 10 min for 24 h, then one per day for 7 days.
     fn default() -> Retention {
+        const MIN: u64 = 60 * 1000;
         Retention {
-            keep_all_ms: 2 * 3600 * 1000,
-            tiers: Vec::new(),
+            keep_all_ms: 120 * MIN,
+            tiers: vec![
+                Tier {
+                    every_ms: 10 * MIN,
+                    for_ms: 24 * 60 * MIN,
+                },
+                Tier {
+                    every_ms: 24 * 60 * MIN,
+                    for_ms: 7 * 24 * 60 * MIN,
+                },
+            ],
         }
     }
 }
