@@ -572,14 +572,16 @@ impl ChangeLog {
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
         let mut guard = self.lock();
-        if guard.fenced {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
-        }
         let mut waited = false;
         let r = loop {
             let st = &mut *guard;
             if st.stopping || st.journal.is_none() && st.map.is_none() {
                 break Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+            }
+            // Checked on every pass: a write that waited for journal space must not land
+            // after a fence's final point.
+            if st.fenced {
+                break Err(io::Error::from_raw_os_error(libc::EPERM));
             }
             st.since_release_check += 1;
             let (need, limit) = st.journal.as_ref().map_or((0, u64::MAX), |j| {
@@ -668,9 +670,8 @@ impl ChangeLog {
         }
         let unwritten = st.journal.as_ref().is_some_and(|j| j.has_unwritten())
             || st.map.as_ref().is_some_and(|m| m.has_unwritten_dirty());
-        if !st.commit_armed && unwritten {
-            st.commit_armed = true;
-            self.shared.wake.notify_one();
+        if unwritten {
+            self.arm_committer(st);
         }
         r
     }
@@ -773,11 +774,16 @@ impl ChangeLog {
         })?;
         st.changed_since_mark = false;
         self.points[usize::from(kind == PointKind::App)].fetch_add(1, Ordering::Relaxed);
+        self.arm_committer(st);
+        Ok(Some(seq))
+    }
+
+    /// Tells the committer that records wait in memory (once until it writes them out).
+    fn arm_committer(&self, st: &mut State) {
         if !st.commit_armed {
             st.commit_armed = true;
             self.shared.wake.notify_one();
         }
-        Ok(Some(seq))
     }
 
     /// Makes writes that wait for journal space give up (with `ESHUTDOWN`) and refuses new
