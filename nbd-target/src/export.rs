@@ -151,9 +151,7 @@ impl Overlay {
             file,
             path,
             point,
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started_unix: crate::server::now_unix(),
             written: Mutex::new(BTreeMap::new()),
             writing: Mutex::new(()),
             bytes_written: AtomicU64::new(0),

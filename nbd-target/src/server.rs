@@ -113,7 +113,7 @@ impl Drop for Claim {
     }
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -253,7 +253,7 @@ impl Target {
         store
             .set_generation(generation)
             .map_err(|e| e.to_string())?;
-        write_json(&self.promotion_path(volume), &p)?;
+        store::write_json(&self.promotion_path(volume), &p).map_err(|e| e.to_string())?;
         promoted.insert(volume.to_string(), (p.clone(), Arc::new(o)));
         info!(
             "volume {volume}: failed over at seq {seq} (generation {generation}), served \
@@ -270,7 +270,7 @@ impl Target {
             .ok_or_else(|| format!("volume {volume} is not failed over to this target"))?;
         let mut next = p.clone();
         next.committed = true;
-        write_json(&self.promotion_path(volume), &next)?;
+        store::write_json(&self.promotion_path(volume), &next).map_err(|e| e.to_string())?;
         *p = next.clone();
         info!("volume {volume}: failover at point {} committed", p.point);
         Ok(next)
@@ -688,23 +688,6 @@ impl Target {
             ),
         ))
     }
-}
-
-/// Writes `v` as JSON to `path`, atomically and durably.
-fn write_json<T: Serialize>(path: &std::path::Path, v: &T) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let text = serde_json::to_vec_pretty(v).expect("serializable");
-    let r = (|| {
-        let f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut &f, &text)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(d) = path.parent() {
-            std::fs::File::open(d)?.sync_all()?;
-        }
-        Ok::<(), io::Error>(())
-    })();
-    r.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;

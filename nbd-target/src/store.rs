@@ -69,6 +69,17 @@ pub struct ReplicaState {
     pub open_len: u64,
 }
 
+impl ReplicaState {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            name: self.name.clone(),
+            uuid: self.uuid.clone(),
+            size: self.size,
+            generation: self.generation,
+        }
+    }
+}
+
 /// A recovery point: the volume as of the marker record with sequence number `id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Point {
@@ -231,6 +242,11 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         Ok::<(), io::Error>(())
     })();
     r.map_err(io_err("cannot write", path))
+}
+
+/// Writes `v` as JSON to `path`, atomically and durably ([`replace_file`]).
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StoreError> {
+    replace_file(path, &to_json(v))
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, StoreError> {
@@ -496,24 +512,21 @@ impl Store {
             open_segment: open.name.clone(),
             open_len: open.written,
         };
-        replace_file(&dir.join("manifest.json"), &to_json(&manifest))?;
+        write_json(&dir.join("manifest.json"), &manifest)?;
         let state_path = state_path(data_dir, &id.name);
-        replace_file(&state_path, &to_json(&state))?;
-        Ok(Store {
+        write_json(&state_path, &state)?;
+        Ok(Store::assemble(
             dir,
             state_path,
-            inner: Mutex::new(Inner {
+            Inner {
                 state,
                 manifest,
                 base: Arc::new(base),
                 sealed: Vec::new(),
                 open,
                 applied: 0,
-            }),
-            pins: Arc::default(),
-            maintenance: Mutex::new(()),
-            seal_bytes: SEAL_BYTES,
-        })
+            },
+        ))
     }
 
     /// Opens the store of volume `name` (whose state file exists), recovering from a crash
@@ -539,12 +552,7 @@ impl Store {
                 ),
             ));
         }
-        let id = Identity {
-            name: name.to_string(),
-            uuid: state.uuid.clone(),
-            size: state.size,
-            generation: state.generation,
-        };
+        let id = state.identity();
         let base_path = dir.join("base.img");
         let base = open_rw(&base_path, false)?;
         let mut sealed = Vec::new();
@@ -572,7 +580,7 @@ impl Store {
             state.open_segment = open.name.clone();
             state.open_len = open.written;
             state.next_seq = state.next_seq.max(sealed_end + 1);
-            replace_file(&state_path, &to_json(&state))?;
+            write_json(&state_path, &state)?;
             open
         } else {
             let p = dir.join(&state.open_segment);
@@ -608,21 +616,33 @@ impl Store {
             }
         }
         let applied = state.next_seq;
-        Ok(Store {
+        Ok(Store::assemble(
             dir,
             state_path,
-            inner: Mutex::new(Inner {
+            Inner {
                 state,
                 manifest,
                 base: Arc::new(base),
                 sealed,
                 open,
                 applied,
-            }),
+            },
+        ))
+    }
+
+    fn assemble(dir: PathBuf, state_path: PathBuf, inner: Inner) -> Store {
+        Store {
+            dir,
+            state_path,
+            inner: Mutex::new(inner),
             pins: Arc::default(),
             maintenance: Mutex::new(()),
             seal_bytes: SEAL_BYTES,
-        })
+        }
+    }
+
+    fn save_manifest(&self, m: &Manifest) -> Result<(), StoreError> {
+        write_json(&self.dir.join("manifest.json"), m)
     }
 
     /// Seals segments at `bytes` instead of [`SEAL_BYTES`] (tests and benchmarks).
@@ -728,7 +748,7 @@ impl Store {
         st.next_seq = inner.applied;
         st.open_segment = inner.open.name.clone();
         st.open_len = inner.open.written;
-        replace_file(&self.state_path, &to_json(&st))?;
+        write_json(&self.state_path, &st)?;
         inner.state = st;
         Ok(())
     }
@@ -744,12 +764,7 @@ impl Store {
         };
         let path = self.dir.join(&o.name);
         let tail = encode_index(&o.entries, o.written);
-        let id = Identity {
-            name: inner.state.name.clone(),
-            uuid: inner.state.uuid.clone(),
-            size: inner.state.size,
-            generation: inner.state.generation,
-        };
+        let id = inner.state.identity();
         let r = SegmentRef {
             file: o.name.clone(),
             first_seq: first.seq,
@@ -766,7 +781,7 @@ impl Store {
             .map_err(io_err("cannot seal", &path))
             .and_then(|()| new_open(&self.dir, &id, last.seq + 1))
             .and_then(|next| {
-                replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+                self.save_manifest(&m)?;
                 Ok(next)
             });
         let next = match prepared {
@@ -785,7 +800,7 @@ impl Store {
         }));
         inner.state.open_segment = inner.open.name.clone();
         inner.state.open_len = inner.open.written;
-        replace_file(&self.state_path, &to_json(&inner.state))
+        write_json(&self.state_path, &inner.state)
     }
 
     /// Every recovery point, oldest first, with whether it can be read (durable and not yet
@@ -899,7 +914,7 @@ impl Store {
                 let kept = |p: &Point| keep.iter().any(|k| k.id == p.id);
                 let mut m = inner.manifest.clone();
                 m.points.retain(kept);
-                replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+                self.save_manifest(&m)?;
                 inner.manifest = m;
                 inner.open.points.retain(kept);
             }
@@ -968,7 +983,7 @@ impl Store {
             let mut m = inner.manifest.clone();
             m.base_seq = through;
             m.segments.retain(|s| s.last_seq > through);
-            replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+            self.save_manifest(&m)?;
             inner.manifest = m;
             inner.sealed.retain(|s| s.r.last_seq > through);
         }
@@ -1022,12 +1037,7 @@ impl Store {
             }
             runs.push(cur);
             runs.retain(|r| r.len() >= 2);
-            let id = Identity {
-                name: g.state.name.clone(),
-                uuid: g.state.uuid.clone(),
-                size: g.state.size,
-                generation: g.state.generation,
-            };
+            let id = g.state.identity();
             (runs, id)
         };
         for run in runs {
@@ -1129,7 +1139,7 @@ impl Store {
             let mut m = inner.manifest.clone();
             m.segments
                 .splice(at..at + run.len(), std::iter::once(r.clone()));
-            replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+            self.save_manifest(&m)?;
             inner.manifest = m;
             inner.sealed.splice(
                 at..at + run.len(),
@@ -1163,11 +1173,11 @@ impl Store {
         let inner = &mut *guard;
         let mut m = inner.manifest.clone();
         m.generation = g;
-        replace_file(&self.dir.join("manifest.json"), &to_json(&m))?;
+        self.save_manifest(&m)?;
         inner.manifest = m;
         let mut st = inner.state.clone();
         st.generation = g;
-        replace_file(&self.state_path, &to_json(&st))?;
+        write_json(&self.state_path, &st)?;
         inner.state = st;
         Ok(())
     }
