@@ -130,9 +130,19 @@ impl Site {
     }
 
     fn build_with(size: u64, data: impl FnOnce(&Path) -> PathBuf, tracker_args: &[&str]) -> Site {
+        Site::build_on(size, data, tracker_args, |_| {})
+    }
+
+    /// A site whose volume `prepare` fills before the tracker first sees it.
+    fn build_on(
+        size: u64,
+        data: impl FnOnce(&Path) -> PathBuf,
+        tracker_args: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) -> Site {
         let mut args = vec!["--journal-size", "256M"];
         args.extend_from_slice(tracker_args);
-        let tracker = Tracker::start_with("uring", size, &args);
+        let tracker = Tracker::start_on("uring", size, &args, prepare);
         let d = tracker.dir.path().to_path_buf();
         pki(&d.join("pki"), &["localhost", "shipper"]);
         let mut site = Site {
@@ -1928,4 +1938,142 @@ fn metrics_and_the_rpo_warning_tell_what_replication_does() {
     let healed = scrape(&shipper_addr);
     assert_eq!(series(&healed, "redun_lag_bytes{volume=\"disk\"}"), 0.0);
     assert_eq!(series(&healed, "redun_rpo_warning{volume=\"disk\"}"), 0.0);
+}
+
+fn sync_status(site: &Site) -> Option<serde_json::Value> {
+    site.shipper_status("shipper")
+        .map(|s| s["sync"].clone())
+        .filter(|s| !s.is_null())
+}
+
+/// Waits until the tracker says the volume is `protected` and the shipper runs no job.
+fn wait_protected(site: &Site, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = site.tracker.status_json();
+        let v = &st["tracker"]["status"]["volumes"][0];
+        if v["state"] == "protected" && sync_status(site).is_none() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the volume did not become protected: {v}\nshipper:\n{}",
+            site.shipper
+                .as_ref()
+                .map(Daemon::log_text)
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identical() {
+    require("fio");
+    const BIG: u64 = 4 << 30;
+    let mut site = Site::build_on(
+        BIG,
+        |d| d.join("data"),
+        &[],
+        |img| {
+            sh(&format!(
+                "head -c 4G /dev/urandom | dd of={} bs=4M conv=notrunc iflag=fullblock status=none",
+                img.display()
+            ));
+        },
+    );
+    // The application writes while the initial replication runs.
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", site.tracker.uri()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            &format!("--size={BIG}"),
+            "--io_size=64m",
+            "--rate=8m",
+            "--randseed=5",
+            "--refill_buffers",
+            "--thread",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Until it is done, the replica is inconsistent and says so.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let before = loop {
+        if let Some(s) = sync_status(&site) {
+            if s["percent"].as_f64().unwrap() >= 50.0 {
+                break s;
+            }
+            assert_eq!(s["kind"], "initial-replication", "{s}");
+        }
+        // Once the target answered a hash request, it committed the job's begin.
+        if let Some(s) = sync_status(&site).filter(|s| s["compared_bytes"].as_u64() > Some(0)) {
+            let t = request_json(
+                &site.dir().join("target.sock"),
+                &serde_json::json!({"cmd": "status"}),
+            )
+            .unwrap();
+            let since = &t["status"]["volumes"][0]["sync"]["since_seq"];
+            assert!(
+                since.is_u64(),
+                "the target does not say it is syncing: {t} {s}"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the initial replication did not get to 50%"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    site.shipper.as_mut().unwrap().kill9();
+    let total = before["total_bytes"].as_u64().unwrap();
+    let done_before = before["compared_bytes"].as_u64().unwrap();
+    assert!(total >= BIG - (4 << 20), "{before}");
+    site.start_shipper(&site.dir().join("pki"), "shipper");
+    // The new shipper takes the job over where the replica's cursor says.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let resumed = loop {
+        if let Some(s) = sync_status(&site) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the job was not taken over");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(resumed["job"], before["job"], "{resumed} {before}");
+    let skipped = resumed["resumed_bytes"].as_u64().unwrap();
+    assert!(
+        skipped + (32 << 20) >= done_before,
+        "started over: {resumed} after {before}"
+    );
+    wait_protected(&site, Duration::from_secs(300));
+    assert!(fio.wait().unwrap().success());
+    let log = site.shipper.as_ref().unwrap().log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("synchronisation") && l.contains(" done: "))
+        .unwrap_or_else(|| panic!("no end of the job in the log:\n{log}"));
+    let sent: u64 = line
+        .split(" compared, ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // The second shipper sent the second half, not everything again.
+    assert!(
+        sent <= total - skipped + (8 << 20),
+        "{sent} bytes sent after resuming at {skipped} of {total}"
+    );
+    let t = request_json(
+        &site.dir().join("target.sock"),
+        &serde_json::json!({"cmd": "status"}),
+    )
+    .unwrap();
+    assert!(t["status"]["volumes"][0]["sync"].is_null(), "{t}");
+    site.wait_caught_up();
+    site.assert_identical();
+    site.assert_release_not_early();
 }

@@ -542,7 +542,18 @@ impl Resolve<ViewBackend> for PointExports {
             }
         };
         let seq = match which {
-            Which::Latest => store.latest(),
+            Which::Latest => match store.syncing() {
+                // Mid-synchronisation, the latest state is no image of the volume.
+                Some(s) => {
+                    warn!(
+                        "nbd export={name}: volume {vol} is being synchronised since seq {}: \
+                         latest is not a consistent image; use a point before it",
+                        s.since_seq
+                    );
+                    return None;
+                }
+                None => store.latest(),
+            },
             Which::Test => return None,
             Which::Point(id) => {
                 let usable = store.points().iter().any(|(p, ok)| p.id == id && *ok);

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use redun_shipper::proto::{Hello, RecordRef, RefuseCode};
-use redun_tracker::journal::format::Kind;
+use redun_shipper::proto::{self, Hello, RecordRef, RefuseCode};
+use redun_tracker::journal::format::{Kind, SyncInfo, SyncRole};
 
 use crate::store::{Identity, ReplicaState, Store, StoreError};
 
@@ -167,6 +167,59 @@ impl Replica {
         Ok(through)
     }
 
+    /// Commits, then checksums the blocks of `[offset, offset + length)` as of the last
+    /// record applied: what a HASH_REQUEST asks. Returns that record's sequence number too.
+    pub fn hashes(
+        &mut self,
+        offset: u64,
+        length: u64,
+        block: u32,
+    ) -> Result<(u64, Vec<u128>), Refusal> {
+        let size = self.store.size();
+        if offset.checked_add(length).is_none_or(|e| e > size) {
+            return Err(Refusal::new(
+                RefuseCode::Protocol,
+                format!("hash request {offset}+{length} beyond the volume's {size} bytes"),
+            ));
+        }
+        let through = self.commit()?;
+        let view = self.store.view(through).ok_or_else(|| {
+            Refusal::new(
+                RefuseCode::InvalidState,
+                format!(
+                    "replica {}: no view at seq {through}",
+                    self.store.state().name
+                ),
+            )
+        })?;
+        let hashes = view
+            .hashes(offset, length, u64::from(block))
+            .map_err(|e| Refusal::new(RefuseCode::Io, format!("cannot read the replica: {e}")))?;
+        Ok((through, hashes))
+    }
+
+    /// A sync record: a begin, a slot with the blocks that differed (or none, when its
+    /// shipper went away before filling it), or an end.
+    fn apply_sync(&self, r: &RecordRef<'_>) -> Result<(), Refusal> {
+        let malformed = |why: String| {
+            Refusal::new(
+                RefuseCode::Protocol,
+                format!("sync record seq {}: {why}", r.seq),
+            )
+        };
+        let info = SyncInfo::decode(r.payload)
+            .ok_or_else(|| malformed("payload is not a sync record".into()))?;
+        let blocks = if info.role == SyncRole::Slot {
+            let end = r.offset + u64::from(r.length);
+            proto::decode_slot(r.payload, r.offset, end).map_err(|e| malformed(e.to_string()))?
+        } else {
+            None
+        };
+        self.store
+            .append_sync(r.seq, info, (r.offset, r.length), blocks.as_deref())
+            .map_err(Refusal::from)
+    }
+
     fn apply_one(&self, r: &RecordRef<'_>) -> Result<(), Refusal> {
         let size = self.store.size();
         let end = r.offset.checked_add(u64::from(r.length));
@@ -191,6 +244,7 @@ impl Replica {
             }
             Some(k @ (Kind::Trim | Kind::Zero)) => k,
             Some(Kind::Marker) => Kind::Marker,
+            Some(Kind::Sync) => return self.apply_sync(r),
             Some(Kind::Pad) | None => {
                 return Err(Refusal::new(
                     RefuseCode::Protocol,

@@ -55,6 +55,9 @@ pub struct TargetVolumeStatus {
     /// Unix time of the last applied batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_batch_unix: Option<u64>,
+    /// The synchronisation under way: the replica is inconsistent since `since_seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<store::SyncState>,
 }
 
 #[derive(Debug, Default)]
@@ -216,7 +219,17 @@ impl Target {
             }
         }
         let seq = match choice {
-            Choice::Latest => store.latest(),
+            Choice::Latest => match store.syncing() {
+                Some(s) => {
+                    return Err(format!(
+                        "volume {volume} is being synchronised since seq {}: its latest state \
+                         is not a consistent image; choose a point (`redun points {volume}` \
+                         lists the usable ones)",
+                        s.since_seq
+                    ));
+                }
+                None => store.latest(),
+            },
             Choice::Point(id) => match store.points().iter().find(|(p, _)| p.id == id) {
                 Some((_, true)) => id,
                 Some((_, false)) => {
@@ -430,6 +443,7 @@ impl Target {
                                 size: st.size,
                                 generation: st.generation,
                                 applied_seq: st.next_seq.saturating_sub(1),
+                                sync: st.sync,
                                 ..Default::default()
                             },
                         );
@@ -449,6 +463,7 @@ impl Target {
                 },
                 generation: live.generation.max(on_disk.generation),
                 applied_seq: live.applied_seq.max(on_disk.applied_seq),
+                sync: on_disk.sync,
                 ..live
             };
         }
@@ -597,6 +612,8 @@ impl Target {
         let welcome = Frame::Welcome {
             next_seq: st.next_seq,
             generation: st.generation,
+            sync_job: st.sync.map_or(0, |s| s.job),
+            sync_cursor: st.sync.map_or(0, |s| s.cursor),
         };
         if let Err(e) = proto::write_frame(&mut tls, &welcome) {
             warn!("replication: volume {}: {peer}: {e}", st.name);
@@ -630,6 +647,29 @@ impl Target {
                 Ok(Frame::Ping) => {
                     let through = replica.commit().map_err(StreamEnd::Refused)?;
                     proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
+                    continue;
+                }
+                Ok(Frame::HashRequest {
+                    job,
+                    offset,
+                    length,
+                    block,
+                }) => {
+                    // As of every record before the request: commit (and say so), then hash.
+                    let (as_of, hashes) = replica
+                        .hashes(offset, length, block)
+                        .map_err(StreamEnd::Refused)?;
+                    slot.status.lock().unwrap().applied_seq = as_of;
+                    proto::write_frame(tls, &Frame::Ack { through: as_of })
+                        .map_err(StreamEnd::Io)?;
+                    let answer = Frame::Hashes {
+                        job,
+                        offset,
+                        block,
+                        as_of,
+                        hashes,
+                    };
+                    proto::write_frame(tls, &answer).map_err(StreamEnd::Io)?;
                     continue;
                 }
                 Ok(f) => {
@@ -725,6 +765,8 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Batch(_) => "BATCH",
         Frame::Ack { .. } => "ACK",
         Frame::Ping => "PING",
+        Frame::HashRequest { .. } => "HASH_REQUEST",
+        Frame::Hashes { .. } => "HASHES",
     }
 }
 

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
-use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind};
+use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind, SyncInfo, SyncRole};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -67,6 +67,33 @@ pub struct ReplicaState {
     pub open_segment: String,
     #[serde(default)]
     pub open_len: u64,
+    /// The block-checksum synchronisation under way: points from its begin on are
+    /// inconsistent, and `latest` is not an image of the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncState>,
+    /// `[begin, end]` sequence numbers of finished synchronisations: the points inside are
+    /// inconsistent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inconsistent: Vec<[u64; 2]>,
+}
+
+/// A synchronisation as the replica knows it (docs/PROTOCOL.md, "Synchronisation").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// The job that fills the slots (0: a begin no job claimed yet).
+    pub job: u64,
+    /// The first begin record: from here on the replica is inconsistent.
+    pub since_seq: u64,
+    /// Every range of the job below this offset is synchronised (from filled slots).
+    pub cursor: u64,
+}
+
+impl ReplicaState {
+    /// True when the point placed by marker `id` is a consistent image.
+    pub fn consistent_at(&self, id: u64) -> bool {
+        self.sync.is_none_or(|s| id < s.since_seq)
+            && !self.inconsistent.iter().any(|w| w[0] <= id && id <= w[1])
+    }
 }
 
 impl ReplicaState {
@@ -214,6 +241,9 @@ struct Inner {
     open: Open,
     /// The first sequence number not yet appended (durable or not).
     applied: u64,
+    /// `state.sync` and `state.inconsistent` with what was appended since the last commit.
+    sync: Option<SyncState>,
+    inconsistent: Vec<[u64; 2]>,
 }
 
 pub fn state_path(data_dir: &Path, name: &str) -> PathBuf {
@@ -481,17 +511,42 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Creates the store of a volume seen for the first time: an empty (sparse) base, an
-    /// empty open segment, the manifest, and last the state file that says it exists.
+    /// Creates the store of a volume seen for the first time: an empty (sparse) base, or
+    /// the seed image `DATA/NAME.seed` when an operator copied one there (offline seeding:
+    /// the initial synchronisation then sends only the blocks that differ), an empty open
+    /// segment, the manifest, and last the state file that says it exists.
     pub fn create(data_dir: &Path, id: &Identity) -> Result<Store, StoreError> {
         let dir = store_dir(data_dir, &id.name);
         std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
         let base_path = dir.join("base.img");
+        let seed = data_dir.join(format!("{}.seed", id.name));
+        if let Ok(m) = std::fs::metadata(&seed) {
+            if m.len() != id.size {
+                return Err(damaged(
+                    &seed,
+                    format!(
+                        "the seed image has {} bytes, volume {} has {}: copy an image of this \
+                         volume, or remove the file",
+                        m.len(),
+                        id.name,
+                        id.size
+                    ),
+                ));
+            }
+            std::fs::rename(&seed, &base_path).map_err(io_err("cannot adopt", &seed))?;
+            info!(
+                "replica {}: seeded from {} (only blocks that differ will be sent)",
+                id.name,
+                seed.display()
+            );
+        }
         let base = open_rw(&base_path, true)?;
-        base.set_len(0)
-            .and_then(|()| base.set_len(id.size))
-            .and_then(|()| base.sync_all())
-            .map_err(io_err("cannot size", &base_path))?;
+        if base.metadata().map(|m| m.len()).ok() != Some(id.size) {
+            base.set_len(0)
+                .and_then(|()| base.set_len(id.size))
+                .map_err(io_err("cannot size", &base_path))?;
+        }
+        base.sync_all().map_err(io_err("cannot sync", &base_path))?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             name: id.name.clone(),
@@ -511,6 +566,8 @@ impl Store {
             next_seq: 0,
             open_segment: open.name.clone(),
             open_len: open.written,
+            sync: None,
+            inconsistent: Vec::new(),
         };
         write_json(&dir.join("manifest.json"), &manifest)?;
         let state_path = state_path(data_dir, &id.name);
@@ -525,6 +582,8 @@ impl Store {
                 sealed: Vec::new(),
                 open,
                 applied: 0,
+                sync: None,
+                inconsistent: Vec::new(),
             },
         ))
     }
@@ -616,6 +675,7 @@ impl Store {
             }
         }
         let applied = state.next_seq;
+        let (sync, inconsistent) = (state.sync, state.inconsistent.clone());
         Ok(Store::assemble(
             dir,
             state_path,
@@ -626,6 +686,8 @@ impl Store {
                 sealed,
                 open,
                 applied,
+                sync,
+                inconsistent,
             },
         ))
     }
@@ -675,7 +737,61 @@ impl Store {
         payload: &[u8],
     ) -> Result<(), StoreError> {
         let mut g = self.lock();
+        self.push(&mut g, kind, seq, offset, length, payload)
+    }
+
+    /// Appends a sync record: a slot's blocks (data or zeroes) as entries of the slot's
+    /// sequence number, then the record itself, and follows the job (begin, cursor, end).
+    pub fn append_sync(
+        &self,
+        seq: u64,
+        info: SyncInfo,
+        range: (u64, u32),
+        blocks: Option<&[redun_shipper::proto::SyncBlock<'_>]>,
+    ) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        for b in blocks.unwrap_or_default() {
+            let (kind, data) = match b.data {
+                Some(d) => (Kind::Write, d),
+                None => (Kind::Zero, &[][..]),
+            };
+            self.push(&mut g, kind, seq, b.offset, b.length, data)?;
+        }
+        self.push(&mut g, Kind::Sync, seq, range.0, range.1, &info.encode())?;
         let inner = &mut *g;
+        match (info.role, inner.sync.as_mut()) {
+            (SyncRole::Begin, None) => {
+                inner.sync = Some(SyncState {
+                    job: info.job,
+                    since_seq: seq,
+                    cursor: 0,
+                });
+            }
+            (SyncRole::Begin, Some(s)) if info.job != 0 && info.job != s.job => {
+                s.job = info.job;
+                s.cursor = 0;
+            }
+            (SyncRole::Slot, Some(s)) if s.job == info.job && blocks.is_some() => {
+                s.cursor = s.cursor.max(range.0 + u64::from(range.1));
+            }
+            (SyncRole::End, Some(s)) if s.job == info.job => {
+                inner.inconsistent.push([s.since_seq, seq]);
+                inner.sync = None;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn push(
+        &self,
+        inner: &mut Inner,
+        kind: Kind,
+        seq: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
         let o = &mut inner.open;
         let data = o.len() + ENTRY_HEADER_LEN as u64;
         encode_entry(&mut o.buf, o.first_seq, kind, seq, offset, length, payload);
@@ -746,6 +862,8 @@ impl Store {
             .map_err(io_err("cannot sync", &path))?;
         let mut st = inner.state.clone();
         st.next_seq = inner.applied;
+        st.sync = inner.sync;
+        st.inconsistent.clone_from(&inner.inconsistent);
         st.open_segment = inner.open.name.clone();
         st.open_len = inner.open.written;
         write_json(&self.state_path, &st)?;
@@ -812,8 +930,18 @@ impl Store {
             .points
             .iter()
             .chain(g.open.points.iter())
-            .map(|p| (*p, p.id < durable && p.id >= g.manifest.base_seq))
+            .map(|p| {
+                let usable =
+                    p.id < durable && p.id >= g.manifest.base_seq && g.state.consistent_at(p.id);
+                (*p, usable)
+            })
             .collect()
+    }
+
+    /// The synchronisation under way (durably), if any: `latest` is then no image of the
+    /// volume.
+    pub fn syncing(&self) -> Option<SyncState> {
+        self.lock().state.sync
     }
 
     /// The last durable sequence number, which `latest` reads at (0: nothing yet).
@@ -863,7 +991,7 @@ impl Store {
                         pos: e.data,
                     },
                     Kind::Trim | Kind::Zero => Src::Zero,
-                    Kind::Marker | Kind::Pad => continue,
+                    Kind::Marker | Kind::Pad | Kind::Sync => continue,
                 };
                 if e.length > 0 {
                     map.insert(e.offset, e.offset + u64::from(e.length), src);
@@ -968,7 +1096,7 @@ impl Store {
                         )
                         .map_err(io_err("cannot zero", &base_path))?;
                     }
-                    Kind::Marker | Kind::Pad => {}
+                    Kind::Marker | Kind::Pad | Kind::Sync => {}
                 }
                 done.merged_bytes += u64::from(e.length);
             }
@@ -1060,7 +1188,7 @@ impl Store {
                 let src = match e.kind {
                     Kind::Write => Src::Data { file, pos: e.data },
                     Kind::Trim | Kind::Zero => Src::Zero,
-                    Kind::Marker | Kind::Pad => continue,
+                    Kind::Marker | Kind::Pad | Kind::Sync => continue,
                 };
                 if e.length > 0 {
                     map.insert(e.offset, e.offset + u64::from(e.length), src);
@@ -1237,6 +1365,8 @@ fn rollback(inner: &mut Inner) {
         let _ = o.file.set_len(o.written);
     }
     inner.applied = durable;
+    inner.sync = inner.state.sync;
+    inner.inconsistent.clone_from(&inner.state.inconsistent);
 }
 
 fn write_buf(o: &mut Open, dir: &Path) -> Result<(), StoreError> {
@@ -1476,6 +1606,45 @@ impl View {
             };
         });
         r
+    }
+
+    /// The checksum of each `block`-sized block of `[offset, offset + len)`
+    /// ([`redun_shipper::proto::block_hash`]); blocks the view knows to be holes or zeroes are
+    /// not read.
+    pub fn hashes(&self, offset: u64, len: u64, block: u64) -> io::Result<Vec<u128>> {
+        use redun_shipper::proto::{ZERO_HASH, block_hash};
+        let end = (offset + len).min(self.size);
+        let mut zero =
+            vec![false; usize::try_from(end.saturating_sub(offset).div_ceil(block)).unwrap_or(0)];
+        let mut at = offset;
+        for x in self.block_status(offset, end - offset)? {
+            if x.flags & redun_tracker::nbd::proto::STATE_ZERO != 0 {
+                // Blocks wholly inside this zero extent.
+                let first = (at - offset).div_ceil(block);
+                let last = (at + x.length - offset) / block;
+                for z in zero
+                    .iter_mut()
+                    .take(usize::try_from(last).unwrap_or(0))
+                    .skip(usize::try_from(first).unwrap_or(0))
+                {
+                    *z = true;
+                }
+            }
+            at += x.length;
+        }
+        let mut buf = vec![0u8; usize::try_from(block).unwrap_or(0)];
+        let mut out = Vec::with_capacity(zero.len());
+        for (i, known_zero) in zero.iter().enumerate() {
+            let at = offset + i as u64 * block;
+            if *known_zero {
+                out.push(ZERO_HASH);
+                continue;
+            }
+            let n = usize::try_from(block.min(end - at)).unwrap_or(0);
+            self.read_at(&mut buf[..n], at)?;
+            out.push(block_hash(&buf[..n]));
+        }
+        Ok(out)
     }
 
     /// Allocation extents of `[offset, offset + len)`: zeroed pieces and the base's holes

@@ -20,6 +20,8 @@ struct Volume {
     samples: VecDeque<(Instant, u64)>,
     /// Unreleased journal bytes at the last sample.
     used_bytes: u64,
+    /// Bytes in dirty regions at the last sample (a synchronisation is due).
+    dirty_bytes: u64,
 }
 
 /// Head samples of every volume of one tracker.
@@ -66,6 +68,7 @@ impl Heads {
             let Some(j) = v.journal else { continue };
             let e = vols.entry(v.name).or_default();
             e.used_bytes = j.used_bytes;
+            e.dirty_bytes = v.dirty_bytes;
             if e.samples.back().is_none_or(|&(_, h)| j.head_seq > h) {
                 e.samples.push_back((now, j.head_seq));
             } else if e.samples.back().is_some_and(|&(_, h)| j.head_seq < h) {
@@ -74,6 +77,23 @@ impl Heads {
                 e.samples.push_back((now, j.head_seq));
             }
         }
+    }
+
+    /// The tracker's admin socket.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Bytes in the volume's dirty regions at the last sample (`None`: not known).
+    pub fn dirty(&self, name: &str) -> Option<u64> {
+        if !self.reachable.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.volumes
+            .lock()
+            .unwrap()
+            .get(name)
+            .map(|v| v.dirty_bytes)
     }
 
     /// Samples until `stop`.

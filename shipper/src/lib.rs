@@ -7,5 +7,6 @@ pub mod heads;
 pub mod pki;
 pub mod proto;
 pub mod ship;
+pub mod sync;
 pub mod throttle;
 pub mod tls;

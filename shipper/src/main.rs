@@ -461,9 +461,29 @@ fn admin(
                 None => Err(format!("No volume {name:?} is shipped here")),
             }
         }
+        Some("resync") => {
+            let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
+                return Err(
+                    "resync needs a volume: {\"cmd\":\"resync\",\"volume\":\"NAME\"}".into(),
+                );
+            };
+            let full = req
+                .get("full")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
+            match shippers.lock().unwrap().get(name) {
+                Some(s) => {
+                    s.request_resync(full)?;
+                    s.resume();
+                    Ok(serde_json::json!({}))
+                }
+                None => Err(format!("No volume {name:?} is shipped here")),
+            }
+        }
         _ => Err(format!(
-            "Unknown request {req}: the shipper answers {{\"cmd\":\"status\"}} and \
-             {{\"cmd\":\"resume\",\"volume\":\"NAME\"}}"
+            "Unknown request {req}: the shipper answers {{\"cmd\":\"status\"}}, \
+             {{\"cmd\":\"resume\",\"volume\":\"NAME\"}} and \
+             {{\"cmd\":\"resync\",\"volume\":\"NAME\",\"full\":false}}"
         )),
     }
 }

@@ -18,7 +18,7 @@ use std::io::{self, Read, Write};
 use xxhash_rust::xxh3::Xxh3;
 
 pub const MAGIC: [u8; 4] = *b"RDR1";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const DEFAULT_PORT: u16 = 9443;
 pub const HEADER_LEN: usize = 20;
 /// Largest frame body: a batch of compressed records.
@@ -38,6 +38,13 @@ const T_REFUSE: u8 = 3;
 const T_BATCH: u8 = 4;
 const T_ACK: u8 = 5;
 const T_PING: u8 = 6;
+const T_HASH_REQUEST: u8 = 7;
+const T_HASHES: u8 = 8;
+
+/// Most blocks one HASH_REQUEST may ask for.
+pub const MAX_HASHES: u64 = 1 << 16;
+/// The hash that stands for a block of zeroes (whose content is not hashed).
+pub const ZERO_HASH: u128 = 0;
 
 /// What the shipper says first: which volume, and what it knows about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +130,10 @@ pub enum Frame {
     Welcome {
         next_seq: u64,
         generation: u64,
+        /// The synchronisation under way on the replica (0: none) and how far its slots got:
+        /// every dirty range below `sync_cursor` is synchronised.
+        sync_job: u64,
+        sync_cursor: u64,
     },
     Refuse {
         code: RefuseCode,
@@ -135,6 +146,23 @@ pub enum Frame {
     },
     /// Asks for an ACK (keeps an idle connection alive).
     Ping,
+    /// Asks for the checksums of the replica's blocks of `[offset, offset + length)` as of
+    /// every record sent before this frame (answered by [`Frame::Hashes`]).
+    HashRequest {
+        job: u64,
+        offset: u64,
+        length: u64,
+        block: u32,
+    },
+    /// xxh3-128 of each block from `offset` on ([`ZERO_HASH`] for a block of zeroes), as of
+    /// the record `as_of` (every record up to it applied).
+    Hashes {
+        job: u64,
+        offset: u64,
+        block: u32,
+        as_of: u64,
+        hashes: Vec<u128>,
+    },
 }
 
 /// One journal record in a batch.
@@ -224,9 +252,12 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
         Frame::Welcome {
             next_seq,
             generation,
+            sync_job,
+            sync_cursor,
         } => {
-            body.extend_from_slice(&next_seq.to_le_bytes());
-            body.extend_from_slice(&generation.to_le_bytes());
+            for v in [next_seq, generation, sync_job, sync_cursor] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
             T_WELCOME
         }
         Frame::Refuse { code, message } => {
@@ -248,6 +279,39 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
             T_ACK
         }
         Frame::Ping => T_PING,
+        Frame::HashRequest {
+            job,
+            offset,
+            length,
+            block,
+        } => {
+            for v in [job, offset, length] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            body.extend_from_slice(&block.to_le_bytes());
+            T_HASH_REQUEST
+        }
+        Frame::Hashes {
+            job,
+            offset,
+            block,
+            as_of,
+            hashes,
+        } => {
+            for v in [job, offset, as_of] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            body.extend_from_slice(&block.to_le_bytes());
+            body.extend_from_slice(
+                &u32::try_from(hashes.len())
+                    .unwrap_or(u32::MAX)
+                    .to_le_bytes(),
+            );
+            for h in hashes {
+                body.extend_from_slice(&h.to_le_bytes());
+            }
+            T_HASHES
+        }
     };
     let mut head = [0u8; HEADER_LEN];
     head[..4].copy_from_slice(&MAGIC);
@@ -336,6 +400,8 @@ pub fn decode(h: &[u8; HEADER_LEN], body: &[u8]) -> Result<Frame, ProtoError> {
         T_WELCOME => Frame::Welcome {
             next_seq: b.u64()?,
             generation: b.u64()?,
+            sync_job: b.u64()?,
+            sync_cursor: b.u64()?,
         },
         T_REFUSE => {
             let raw = b.u16()?;
@@ -359,10 +425,150 @@ pub fn decode(h: &[u8; HEADER_LEN], body: &[u8]) -> Result<Frame, ProtoError> {
         }
         T_ACK => Frame::Ack { through: b.u64()? },
         T_PING => Frame::Ping,
+        T_HASH_REQUEST => {
+            let (job, offset, length, block) = (b.u64()?, b.u64()?, b.u64()?, b.u32()?);
+            check_blocks(offset, length, block)?;
+            Frame::HashRequest {
+                job,
+                offset,
+                length,
+                block,
+            }
+        }
+        T_HASHES => {
+            let (job, offset, as_of, block) = (b.u64()?, b.u64()?, b.u64()?, b.u32()?);
+            let n = u64::from(b.u32()?);
+            check_blocks(offset, n * u64::from(block), block)?;
+            let raw = b.take(usize::try_from(n * 16).map_err(|_| bad("too many hashes"))?)?;
+            let hashes = raw
+                .chunks_exact(16)
+                .map(|c| u128::from_le_bytes(c.try_into().expect("16")))
+                .collect();
+            Frame::Hashes {
+                job,
+                offset,
+                block,
+                as_of,
+                hashes,
+            }
+        }
         t => return Err(bad(format!("unknown frame type {t}"))),
     };
     b.end()?;
     Ok(f)
+}
+
+/// Checks the block geometry of a hash request or answer: a power-of-two block from 4 KiB to
+/// 4 MiB, an aligned range of at most [`MAX_HASHES`] blocks.
+fn check_blocks(offset: u64, length: u64, block: u32) -> Result<(), ProtoError> {
+    let b = u64::from(block);
+    if !block.is_power_of_two() || !(4096..=4 << 20).contains(&b) {
+        return Err(bad(format!(
+            "block size {block}: expected a power of two from 4K to 4M"
+        )));
+    }
+    if offset % b != 0 || length.div_ceil(b) > MAX_HASHES || offset.checked_add(length).is_none() {
+        return Err(bad(format!(
+            "hash range {offset}+{length} is not aligned to {block} or too long"
+        )));
+    }
+    Ok(())
+}
+
+/// A block's checksum for synchronisation: [`ZERO_HASH`] for zeroes (checked without
+/// hashing), else xxh3-128 (never [`ZERO_HASH`]).
+pub fn block_hash(b: &[u8]) -> u128 {
+    let (tail, words) = b.split_at(b.len() % 16);
+    let zero = tail.iter().all(|&x| x == 0)
+        && words
+            .chunks_exact(16)
+            .all(|c| u128::from_ne_bytes(c.try_into().expect("16")) == 0);
+    if zero {
+        ZERO_HASH
+    } else {
+        xxhash_rust::xxh3::xxh3_128(b).max(1)
+    }
+}
+
+/// One block range a sync slot carries on the wire: data, or zeroes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncBlock<'a> {
+    pub offset: u64,
+    pub length: u32,
+    /// `None`: the range is zeroes.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Bytes before a slot's blocks: the journal's sync payload, then the flags word.
+pub const SYNC_SLOT_PREFIX: usize = redun_tracker::journal::format::SYNC_LEN + 8;
+/// Header of one block in a slot: offset u64, length u32, kind u8 (1 data, 3 zeroes), 3 zero.
+pub const SYNC_BLOCK_LEN: usize = 16;
+/// Flag of a filled slot: its blocks are every block of the slot's range that differed.
+pub const SLOT_FILLED: u64 = 1;
+
+/// The wire payload of a filled sync slot: the journal's sync payload, flags, then each block.
+pub fn encode_slot(journal_payload: &[u8], blocks: &[SyncBlock<'_>], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(journal_payload);
+    out.extend_from_slice(&SLOT_FILLED.to_le_bytes());
+    for b in blocks {
+        out.extend_from_slice(&b.offset.to_le_bytes());
+        out.extend_from_slice(&b.length.to_le_bytes());
+        out.extend_from_slice(&[if b.data.is_some() { 1 } else { 3 }, 0, 0, 0]);
+        if let Some(d) = b.data {
+            out.extend_from_slice(d);
+        }
+    }
+}
+
+/// The blocks of a slot's wire payload (empty when the slot was not filled: its shipper is
+/// gone, a later slot will cover the range). Each block must lie inside `[start, end)`.
+pub fn decode_slot(
+    payload: &[u8],
+    start: u64,
+    end: u64,
+) -> Result<Option<Vec<SyncBlock<'_>>>, ProtoError> {
+    use redun_tracker::journal::format::SYNC_LEN;
+    if payload.len() == SYNC_LEN {
+        return Ok(None);
+    }
+    let mut b = Body(
+        payload
+            .get(SYNC_LEN..)
+            .ok_or_else(|| bad("short sync slot"))?,
+    );
+    if b.u64()? != SLOT_FILLED {
+        return Err(bad("sync slot flags"));
+    }
+    let mut out = Vec::new();
+    while !b.0.is_empty() {
+        let offset = b.u64()?;
+        let length = b.u32()?;
+        let kind = b.u8()?;
+        if b.take(3)? != [0, 0, 0] {
+            return Err(bad("sync block reserved bytes"));
+        }
+        if offset < start
+            || offset
+                .checked_add(u64::from(length))
+                .is_none_or(|e| e > end)
+        {
+            return Err(bad(format!(
+                "sync block {offset}+{length} outside its slot {start}..{end}"
+            )));
+        }
+        let data = match kind {
+            1 => Some(b.take(length as usize)?),
+            3 => None,
+            k => return Err(bad(format!("sync block kind {k}"))),
+        };
+        out.push(SyncBlock {
+            offset,
+            length,
+            data,
+        });
+    }
+    Ok(Some(out))
 }
 
 /// Reads one frame. A peer that closes between frames gives [`ProtoError::Closed`].
@@ -648,6 +854,8 @@ mod tests {
             Frame::Welcome {
                 next_seq: 7,
                 generation: 3,
+                sync_job: 11,
+                sync_cursor: 1 << 20,
             },
             Frame::Refuse {
                 code: RefuseCode::Gap,
@@ -656,6 +864,19 @@ mod tests {
             Frame::Batch(encode_batch(&recs, 3).unwrap()),
             Frame::Ack { through: 8 },
             Frame::Ping,
+            Frame::HashRequest {
+                job: 11,
+                offset: 1 << 20,
+                length: 8 << 20,
+                block: 65536,
+            },
+            Frame::Hashes {
+                job: 11,
+                offset: 1 << 20,
+                block: 65536,
+                as_of: 8,
+                hashes: vec![ZERO_HASH, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210],
+            },
         ]
     }
 
@@ -672,6 +893,48 @@ mod tests {
         let recs = decode_batch(b).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[0].payload, b"hello");
+    }
+
+    #[test]
+    fn slots_round_trip_and_stay_inside_their_range() {
+        use redun_tracker::journal::format::{SyncInfo, SyncRole};
+        let head = SyncInfo {
+            role: SyncRole::Slot,
+            job: 4,
+        }
+        .encode();
+        let data = [7u8; 4096];
+        let blocks = [
+            SyncBlock {
+                offset: 65536,
+                length: 4096,
+                data: Some(&data),
+            },
+            SyncBlock {
+                offset: 131072,
+                length: 65536,
+                data: None,
+            },
+        ];
+        let mut out = Vec::new();
+        encode_slot(&head, &blocks, &mut out);
+        assert_eq!(decode_slot(&out, 65536, 196608).unwrap().unwrap(), blocks);
+        assert!(decode_slot(&out, 65536, 196607).is_err());
+        assert_eq!(decode_slot(&head, 0, 1).unwrap(), None);
+        assert!(decode_slot(&out[..out.len() - 1], 65536, 196608).is_err());
+    }
+
+    #[test]
+    fn hash_requests_need_aligned_power_of_two_blocks() {
+        for (offset, length, block) in [(1, 65536, 65536), (0, 65536, 3000), (0, 1 << 40, 65536)] {
+            let f = Frame::HashRequest {
+                job: 1,
+                offset,
+                length,
+                block,
+            };
+            assert!(read_frame(&mut &encode(&f)[..]).is_err(), "{f:?}");
+        }
     }
 
     #[test]

@@ -11,13 +11,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
-use redun_tracker::journal::JournalError;
+use redun_tracker::journal::format::Kind;
 use redun_tracker::journal::reader::JournalReader;
+use redun_tracker::journal::{JournalError, Record};
 use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 use crate::heads::Heads;
 use crate::proto::{self, Frame, Hello, ProtoError, WireRecord};
+use crate::sync::{Fill, JobStatus, Sync};
 use crate::throttle::Throttle;
 
 /// How long connecting and the TLS handshake may take.
@@ -106,6 +108,9 @@ pub struct ShipStatus {
     /// The RPO is above `shipper.rpo_warning`.
     #[serde(default)]
     pub rpo_warning: bool,
+    /// The synchronisation under way (initial replication or resync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<JobStatus>,
 }
 
 /// Why a session ended.
@@ -183,6 +188,8 @@ pub struct VolumeShipper {
     heads: Option<Arc<Heads>>,
     /// Set by [`VolumeShipper::resume`]; wakes a critical volume.
     resume: (Mutex<bool>, Condvar),
+    /// A resync asked for by hand (`Some(full)`), until a job takes it.
+    resync: Mutex<Option<bool>>,
 }
 
 /// A batch sent and not yet acknowledged.
@@ -215,6 +222,54 @@ impl VolumeShipper {
             status: Mutex::new(status),
             heads: None,
             resume: (Mutex::new(false), Condvar::new()),
+            resync: Mutex::new(None),
+        }
+    }
+
+    /// Asks for a resync of the volume's dirty ranges (the whole volume with `full`), which
+    /// starts as soon as the volume is shipping. Needs the tracker (`--tracker-socket`).
+    pub fn request_resync(&self, full: bool) -> Result<(), String> {
+        if self.heads.is_none() {
+            return Err(format!(
+                "volume {}: a resync needs the tracker's admin socket (--tracker-socket)",
+                self.name
+            ));
+        }
+        let mut r = self.resync.lock().unwrap();
+        *r = Some(r.unwrap_or(false) || full);
+        Ok(())
+    }
+
+    /// Starts a synchronisation when one was asked for or the tracker has dirty regions.
+    fn maybe_sync(&self, replica: (u64, u64), size: u64, next_try: &mut Instant) -> Option<Sync> {
+        let heads = self.heads.as_ref()?;
+        if Instant::now() < *next_try {
+            return None;
+        }
+        let asked = *self.resync.lock().unwrap();
+        if asked.is_none() && heads.dirty(&self.name).unwrap_or(0) == 0 {
+            return None;
+        }
+        match Sync::begin(
+            &self.name,
+            heads.socket(),
+            asked == Some(true),
+            replica,
+            size,
+        ) {
+            Ok(s) => {
+                *self.resync.lock().unwrap() = None;
+                Some(s)
+            }
+            Err(e) => {
+                warn!(
+                    "volume {}: cannot synchronise now: {}; trying again in 5s",
+                    self.name, e.0
+                );
+                self.status.lock().unwrap().last_error = Some(e.0);
+                *next_try = Instant::now() + Duration::from_secs(5);
+                None
+            }
         }
     }
 
@@ -392,24 +447,30 @@ impl VolumeShipper {
             tail_seq: sb.tail_seq,
         };
         proto::write_frame(&mut tls, &Frame::Hello(hello)).map_err(|e| classify_io(&target, &e))?;
-        let next_seq = match proto::read_frame(&mut tls).map_err(|e| proto_err(&target, e))? {
-            Frame::Welcome { next_seq, .. } => next_seq,
-            Frame::Refuse { code, message } if code.recoverable() => {
-                return Err(ShipError::Retry(format!(
-                    "target {target} refused: {message}"
-                )));
-            }
-            Frame::Refuse { message, .. } => {
-                return Err(ShipError::Fatal(format!(
-                    "target {target} refused: {message}"
-                )));
-            }
-            _ => {
-                return Err(ShipError::Retry(format!(
-                    "target {target}: unexpected answer to HELLO"
-                )));
-            }
-        };
+        let (next_seq, replica_job) =
+            match proto::read_frame(&mut tls).map_err(|e| proto_err(&target, e))? {
+                Frame::Welcome {
+                    next_seq,
+                    sync_job,
+                    sync_cursor,
+                    ..
+                } => (next_seq, (sync_job, sync_cursor)),
+                Frame::Refuse { code, message } if code.recoverable() => {
+                    return Err(ShipError::Retry(format!(
+                        "target {target} refused: {message}"
+                    )));
+                }
+                Frame::Refuse { message, .. } => {
+                    return Err(ShipError::Fatal(format!(
+                        "target {target} refused: {message}"
+                    )));
+                }
+                _ => {
+                    return Err(ShipError::Retry(format!(
+                        "target {target}: unexpected answer to HELLO"
+                    )));
+                }
+            };
         let tail = reader.superblock().tail_seq;
         let start = if next_seq == 0 { tail } else { next_seq };
         if start < tail {
@@ -445,12 +506,33 @@ impl VolumeShipper {
         let mut window: VecDeque<InFlight> = VecDeque::new();
         let mut encoder = proto::BatchEncoder::new(self.opts.level)
             .map_err(|e| ShipError::Retry(format!("cannot set up zstd: {e}")))?;
+        // The synchronisation under way, and a sync slot read from the journal before its
+        // blocks were compared.
+        let mut sync: Option<Sync> = None;
+        let mut held: Option<Record> = None;
+        let mut next_sync_try = Instant::now();
+        let mut acked = start - 1;
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            if sync.is_none() {
+                sync = self.maybe_sync(replica_job, sb.volume_size, &mut next_sync_try);
+            }
+            if let Some(s) = sync.as_mut() {
+                let pumped = s
+                    .poll_source(None)
+                    .and_then(|()| s.pump(&mut |f| proto::write_frame(&mut tls, f)));
+                if let Err(e) = pumped {
+                    warn!("volume {}: synchronisation stopped: {}", self.name, e.0);
+                    self.status.lock().unwrap().last_error = Some(e.0);
+                    sync = None;
+                    next_sync_try = Instant::now() + Duration::from_secs(5);
+                }
+                self.status.lock().unwrap().sync = sync.as_ref().map(Sync::status);
+            }
             let records = if window.len() < WINDOW {
-                self.read_batch(&mut reader)?
+                self.read_batch(&mut reader, &mut held, sync.as_mut())?
             } else {
                 Vec::new()
             };
@@ -486,8 +568,47 @@ impl VolumeShipper {
                 self.note_lag(&window);
                 continue;
             }
-            if let Some(oldest) = window.front() {
-                let through = self.expect_ack(&mut tls, oldest.last_seq)?;
+            let awaiting = sync.as_ref().map_or(0, Sync::awaiting_hashes);
+            if !window.is_empty() || awaiting > 0 {
+                let through = match self.receive(&mut tls)? {
+                    Frame::Hashes {
+                        job,
+                        offset,
+                        hashes,
+                        ..
+                    } => {
+                        if let Some(s) = sync.as_mut() {
+                            s.on_hashes(job, offset, hashes)
+                                .map_err(|e| ShipError::Retry(e.0))?;
+                        }
+                        continue;
+                    }
+                    Frame::Ack { through } if through >= acked => through,
+                    Frame::Ack { through } => {
+                        return Err(ShipError::Retry(format!(
+                            "target {target} acknowledged seq {through} after {acked}"
+                        )));
+                    }
+                    _ => unreachable!("receive answers ACKs and HASHES"),
+                };
+                acked = through;
+                if let Some(s) = sync.as_mut() {
+                    match s.acked(through) {
+                        Ok(true) => {
+                            sync = None;
+                            self.status.lock().unwrap().sync = None;
+                            // Until the tracker's heads were sampled again, they still show
+                            // the job's dirty bytes.
+                            next_sync_try = Instant::now() + 3 * crate::heads::INTERVAL;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!("volume {}: {}", self.name, e.0);
+                            sync = None;
+                            self.status.lock().unwrap().sync = None;
+                        }
+                    }
+                }
                 // Progress: the retry schedule starts over at the next failure.
                 *connected = true;
                 last_io = Instant::now();
@@ -523,22 +644,49 @@ impl VolumeShipper {
                 self.expect_ack(&mut tls, 0)?;
                 last_io = Instant::now();
             }
+            if let Some(s) = sync.as_mut().filter(|s| s.awaiting_source()) {
+                // A slot waits for the source blocks being read.
+                s.poll_source(Some(Duration::from_millis(20)))
+                    .map_err(|e| ShipError::Retry(e.0))?;
+                continue;
+            }
             reader
                 .wait(IDLE_WAIT)
                 .map_err(|e| journal_err(&self.journal, e.into()))?;
         }
     }
 
-    /// The next records, up to the batch size; none when none are waiting.
-    fn read_batch(&self, reader: &mut JournalReader) -> Result<Vec<WireRecord>, ShipError> {
+    /// The next records, up to the batch size; none when none are waiting. A sync slot whose
+    /// blocks are still being compared ends the batch and is `held` until they are.
+    fn read_batch(
+        &self,
+        reader: &mut JournalReader,
+        held: &mut Option<Record>,
+        mut sync: Option<&mut Sync>,
+    ) -> Result<Vec<WireRecord>, ShipError> {
         let mut records = Vec::new();
         let mut bytes = 0usize;
         while bytes < self.opts.batch_bytes {
-            match reader
-                .next_record()
-                .map_err(|e| journal_err(&self.journal, e))?
-            {
-                Some(r) => {
+            let next = match held.take() {
+                Some(r) => Some(r),
+                None => reader
+                    .next_record()
+                    .map_err(|e| journal_err(&self.journal, e))?,
+            };
+            match next {
+                Some(mut r) => {
+                    if r.header.kind == Kind::Sync {
+                        if let Some(s) = sync.as_deref_mut() {
+                            match s.fill(r.header.seq, &r.payload) {
+                                Fill::Filled(p) => r.payload = p,
+                                Fill::AsIs => {}
+                                Fill::NotYet => {
+                                    *held = Some(r);
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     bytes += proto::RECORD_LEN + r.payload.len();
                     records.push(WireRecord {
                         seq: r.header.seq,
@@ -587,6 +735,23 @@ impl VolumeShipper {
             }
         }
         None
+    }
+
+    /// Reads the target's next ACK or HASHES; a refusal or anything else is an error.
+    fn receive<S: Read + Write>(&self, tls: &mut S) -> Result<Frame, ShipError> {
+        let target = &self.opts.target;
+        match proto::read_frame(tls).map_err(|e| proto_err(target, e))? {
+            f @ (Frame::Ack { .. } | Frame::Hashes { .. }) => Ok(f),
+            Frame::Refuse { code, message } if code.recoverable() => Err(ShipError::Retry(
+                format!("target {target} refused: {message}"),
+            )),
+            Frame::Refuse { message, .. } => Err(ShipError::Fatal(format!(
+                "target {target} refused: {message}"
+            ))),
+            _ => Err(ShipError::Retry(format!(
+                "target {target}: unexpected frame instead of an ACK"
+            ))),
+        }
     }
 
     /// Reads the target's answer to a batch or ping: an ACK through at least `want`.

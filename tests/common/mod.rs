@@ -99,6 +99,17 @@ impl Tracker {
     }
 
     pub fn start_with(backend: &str, size: u64, extra: &[&str]) -> Tracker {
+        Self::start_on(backend, size, extra, |_| {})
+    }
+
+    /// Starts a tracker on a new image of `size` bytes that `prepare` may fill first (data
+    /// that exists before the volume is protected).
+    pub fn start_on(
+        backend: &str,
+        size: u64,
+        extra: &[&str],
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Tracker {
         let dir = tempfile::Builder::new()
             .prefix("redun-test-")
             .tempdir_in(std::env::var_os("REDUN_TEST_TMP").unwrap_or_else(|| "/tmp".into()))
@@ -107,6 +118,7 @@ impl Tracker {
         let f = std::fs::File::create(&image).unwrap();
         f.set_len(size).unwrap();
         drop(f);
+        prepare(&image);
         let mut t = Tracker {
             child: None,
             image,

@@ -42,6 +42,28 @@ pub enum AdminRequest {
     Unfence {
         volume: String,
     },
+    /// Begin synchronising the volume's dirty ranges (the whole volume with `full`), or get
+    /// the job under way (the shipper's side of a resync; docs/PROTOCOL.md).
+    SyncBegin {
+        volume: String,
+        #[serde(default)]
+        full: bool,
+    },
+    /// Append a slot for `[offset, offset + length)`, or the end, of a synchronisation.
+    SyncRecord {
+        volume: String,
+        job: u64,
+        role: crate::journal::format::SyncRole,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        length: u32,
+    },
+    /// The target holds the job's end durably: its ranges are clean again.
+    SyncDone {
+        volume: String,
+        job: u64,
+    },
 }
 
 fn crash() -> crate::journal::format::PointKind {
@@ -117,6 +139,15 @@ pub struct AdminResponse {
     pub status: Option<TrackerStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub point: Option<PlacedPoint>,
+    /// The synchronisation job (`sync-begin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::track::SyncJob>,
+    /// The sequence number of the record appended (`sync-record`), or the dirty bytes left
+    /// (`sync-done`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes: Option<u64>,
 }
 
 impl AdminResponse {
@@ -127,6 +158,9 @@ impl AdminResponse {
             error: None,
             status: None,
             point: None,
+            sync: None,
+            seq: None,
+            dirty_bytes: None,
         }
     }
 
@@ -144,6 +178,9 @@ impl AdminResponse {
             error: Some(msg.into()),
             status: None,
             point: None,
+            sync: None,
+            seq: None,
+            dirty_bytes: None,
         }
     }
 }
@@ -392,6 +429,9 @@ mod tests {
                 volumes: vec![],
             }),
             point: None,
+            sync: None,
+            seq: None,
+            dirty_bytes: None,
         });
         let srv = AdminServer::bind(&path, handler).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -147,7 +147,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         match &cfg.journal_dir {
             Some(dir) => {
                 let size = redun_tracker::nbd::BlockBackend::size(&b);
-                let log = ChangeLog::open_or_create(dir, &v.name, size, &cfg.log_options())
+                let log =
+                    ChangeLog::open_or_create(dir, &v.name, size, &cfg.log_options(), &|| {
+                        b.data_ranges()
+                    })
                     .with_context(|| format!("volume {:?}", v.name))?;
                 b = b.with_log(Arc::new(log));
             }
@@ -210,6 +213,45 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         AdminRequest::Fence { volume } => fence(&status_server, &volume, true),
         AdminRequest::Unfence { volume } => fence(&status_server, &volume, false),
+        AdminRequest::SyncBegin { volume, full } => {
+            sync_request(&status_server, &volume, |e, log| {
+                let mut job = log.sync_begin(full)?;
+                job.path = e.backend.path().display().to_string();
+                info!(
+                    "volume {volume}: synchronisation {} of {} bytes begins at seq {}",
+                    job.job,
+                    job.ranges.iter().map(|r| r.1).sum::<u64>(),
+                    job.begin_seq
+                );
+                Ok(AdminResponse {
+                    sync: Some(job),
+                    ..AdminResponse::ok()
+                })
+            })
+        }
+        AdminRequest::SyncRecord {
+            volume,
+            job,
+            role,
+            offset,
+            length,
+        } => sync_request(&status_server, &volume, |_, log| {
+            let seq = log.sync_record(job, role, offset, length)?;
+            Ok(AdminResponse {
+                seq: Some(seq),
+                ..AdminResponse::ok()
+            })
+        }),
+        AdminRequest::SyncDone { volume, job } => {
+            sync_request(&status_server, &volume, |_, log| {
+                let left = log.sync_done(job)?;
+                info!("volume {volume}: synchronisation {job} done; {left} dirty bytes left");
+                Ok(AdminResponse {
+                    dirty_bytes: Some(left),
+                    ..AdminResponse::ok()
+                })
+            })
+        }
     });
     let points_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let points_thread = (cfg.crash_interval_ms > 0)
@@ -342,6 +384,20 @@ fn place_point(
 }
 
 /// Fences `volume` (refuses writes, flushes, places the final point) or takes writes again.
+/// Runs a synchronisation request on a tracked volume; errors name the volume.
+fn sync_request(
+    server: &Server<FileBackend>,
+    volume: &str,
+    f: impl FnOnce(&Export<FileBackend>, &ChangeLog) -> std::io::Result<AdminResponse>,
+) -> AdminResponse {
+    match tracked(server, volume) {
+        Ok((e, log)) => {
+            f(e, log).unwrap_or_else(|e| AdminResponse::error(format!("volume {volume}: {e}")))
+        }
+        Err(e) => AdminResponse::error(e),
+    }
+}
+
 fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse {
     let (e, log) = match tracked(server, volume) {
         Ok(t) => t,

@@ -154,6 +154,11 @@ impl FileBackend {
         self.log.as_ref()
     }
 
+    /// The ranges of the backing file that may hold data (holes left out).
+    pub fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        ops::data_ranges(&self.file, self.regular, self.size)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -172,6 +172,26 @@ pub fn block_status(
     Ok(out)
 }
 
+/// The ranges of `file` that may hold data (not holes), merged: the whole file for block
+/// devices and filesystems without hole support.
+pub fn data_ranges(file: &File, is_regular: bool, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let extents = block_status(file, is_regular, pos, size - pos)?;
+        for e in extents {
+            if e.flags & STATE_HOLE == 0 {
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == pos => last.1 += e.length,
+                    _ => out.push((pos, e.length)),
+                }
+            }
+            pos += e.length;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,9 @@ pub enum Kind {
     /// Filler up to the end of the ring; `length` is the filler's size. Carries the sequence
     /// number of the next real record and does not consume it.
     Pad = 5,
+    /// A step of a block-checksum synchronisation ([`SyncInfo`]): its begin, a slot the
+    /// shipper fills with the blocks of `[offset, offset + length)` that differ, or its end.
+    Sync = 6,
 }
 
 impl Kind {
@@ -70,6 +73,7 @@ impl Kind {
             3 => Kind::Zero,
             4 => Kind::Marker,
             5 => Kind::Pad,
+            6 => Kind::Sync,
             _ => return None,
         })
     }
@@ -81,6 +85,7 @@ impl Kind {
             Kind::Zero => "zero",
             Kind::Marker => "marker",
             Kind::Pad => "pad",
+            Kind::Sync => "sync",
         }
     }
 }
@@ -487,10 +492,80 @@ impl MarkerInfo {
     }
 }
 
+/// Payload length of a sync record.
+pub const SYNC_LEN: usize = 16;
+
+/// What a sync record is (docs/FORMAT.md, "Sync payload").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncRole {
+    /// From here on the replica lacks changes that only dirty regions know of (after an
+    /// overflow, an unclean stop, or for a new volume): it is inconsistent until an end.
+    Begin = 1,
+    /// A place in the stream for the blocks of `[offset, offset + length)` that differ: every
+    /// record before it was applied to the backing device before the shipper read them.
+    Slot = 2,
+    /// Every dirty region of the job was synchronised before this record was appended.
+    End = 3,
+}
+
+/// The payload of a [`Kind::Sync`] record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncInfo {
+    pub role: SyncRole,
+    /// The job the record belongs to (0: a begin that no job has claimed yet).
+    pub job: u64,
+}
+
+impl SyncInfo {
+    pub fn encode(&self) -> [u8; SYNC_LEN] {
+        let mut b = [0u8; SYNC_LEN];
+        b[0] = 1;
+        b[1] = self.role as u8;
+        b[8..16].copy_from_slice(&self.job.to_le_bytes());
+        b
+    }
+
+    /// `None` for bytes that do not start with a version-1 sync payload. Bytes after the
+    /// first [`SYNC_LEN`] are ignored (the replication protocol appends blocks to slots).
+    pub fn decode(b: &[u8]) -> Option<SyncInfo> {
+        if b.len() < SYNC_LEN || b[0] != 1 || b[2..8].iter().any(|&x| x != 0) {
+            return None;
+        }
+        let role = match b[1] {
+            1 => SyncRole::Begin,
+            2 => SyncRole::Slot,
+            3 => SyncRole::End,
+            _ => return None,
+        };
+        let job = u64::from_le_bytes(b[8..16].try_into().ok()?);
+        Some(SyncInfo { role, job })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn sync_payloads_round_trip_and_reject_other_bytes() {
+        for role in [SyncRole::Begin, SyncRole::Slot, SyncRole::End] {
+            let s = SyncInfo {
+                role,
+                job: 0xfeed_0000_0001,
+            };
+            assert_eq!(SyncInfo::decode(&s.encode()), Some(s));
+        }
+        let mut b = SyncInfo {
+            role: SyncRole::Slot,
+            job: 3,
+        }
+        .encode();
+        b[1] = 4;
+        assert_eq!(SyncInfo::decode(&b), None);
+        assert_eq!(SyncInfo::decode(&b[..8]), None);
+    }
 
     const SALT: u64 = 0x5eed_1234_abcd_0001;
 
@@ -500,7 +575,8 @@ mod tests {
             Just(Kind::Trim),
             Just(Kind::Zero),
             Just(Kind::Marker),
-            Just(Kind::Pad)
+            Just(Kind::Pad),
+            Just(Kind::Sync)
         ]
     }
 

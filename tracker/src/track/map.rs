@@ -220,6 +220,8 @@ pub struct RegionMap<S: Store> {
     max_hot: usize,
     /// Pages of the dirty bitmap changed in memory since they were last written.
     dirty_pages: BTreeSet<u64>,
+    /// While a synchronisation runs: the regions marked dirty since it took its ranges.
+    redirtied: Option<Bits>,
 }
 
 /// What opening a map found.
@@ -267,6 +269,7 @@ impl<S: Store> RegionMap<S> {
             lru: VecDeque::new(),
             max_hot: DEFAULT_MAX_HOT,
             dirty_pages: BTreeSet::new(),
+            redirtied: None,
         })
     }
 
@@ -300,6 +303,7 @@ impl<S: Store> RegionMap<S> {
             lru: VecDeque::new(),
             max_hot: DEFAULT_MAX_HOT,
             dirty_pages: BTreeSet::new(),
+            redirtied: None,
         };
         if !header.clean && map.hot.count > 0 {
             warn!(
@@ -415,7 +419,42 @@ impl<S: Store> RegionMap<S> {
             if self.dirty.set(r) {
                 self.dirty_pages.insert(Bits::page_of(r));
             }
+            if let Some(again) = self.redirtied.as_mut() {
+                again.set(r);
+            }
         }
+    }
+
+    /// A synchronisation took the dirty ranges: from now on, regions marked dirty are
+    /// remembered, so that [`RegionMap::finish_sync`] leaves them dirty.
+    pub fn start_sync(&mut self) {
+        self.redirtied = Some(Bits::new(self.dirty.words.len() as u64 * 64, 0));
+    }
+
+    /// The synchronisation of `ranges` ended before a change could be lost: their regions
+    /// are clean again, except those marked dirty since [`RegionMap::start_sync`]. Durable
+    /// when this returns.
+    pub fn finish_sync(&mut self, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let again = self.redirtied.take();
+        let region = self.header.region;
+        for &(offset, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            for r in offset / region..=(offset + len - 1) / region {
+                if self.dirty.get(r) && !again.as_ref().is_some_and(|a| a.get(r)) {
+                    self.dirty.clear(r);
+                    self.dirty_pages.insert(Bits::page_of(r));
+                }
+            }
+        }
+        self.write_dirty()?;
+        self.store.sync()
+    }
+
+    /// The synchronisation stopped short: its regions stay dirty.
+    pub fn abort_sync(&mut self) {
+        self.redirtied = None;
     }
 
     /// True when dirty bits were set in memory since [`RegionMap::write_dirty`].
@@ -456,6 +495,11 @@ impl<S: Store> RegionMap<S> {
 
     pub fn is_dirty(&self, offset: u64) -> bool {
         self.dirty.get(offset / self.header.region)
+    }
+
+    /// The dirty-region size.
+    pub fn region(&self) -> u64 {
+        self.header.region
     }
 
     pub fn dirty_bytes(&self) -> u64 {
@@ -609,6 +653,7 @@ impl DirtyView {
             lru: VecDeque::new(),
             max_hot: DEFAULT_MAX_HOT,
             dirty_pages: BTreeSet::new(),
+            redirtied: None,
         };
         Ok(DirtyView {
             volume_size: header.volume_size,

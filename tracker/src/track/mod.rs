@@ -30,7 +30,9 @@ use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::io::ops;
-use crate::journal::format::{Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, record_size};
+use crate::journal::format::{
+    Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole, record_size,
+};
 use crate::journal::inspect::find_damage;
 use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Policy, Store, read_superblock};
@@ -160,6 +162,25 @@ struct State {
     changed_since_mark: bool,
     /// Writes are refused: the volume was (being) failed over (`NAME.fenced` exists).
     fenced: bool,
+    /// The synchronisation the shipper runs, if any.
+    sync: Option<SyncJob>,
+}
+
+/// A block-checksum synchronisation of a volume's dirty ranges (docs/PROTOCOL.md,
+/// "Synchronisation"), as the tracker hands it to the shipper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncJob {
+    pub job: u64,
+    /// The begin record's sequence number.
+    pub begin_seq: u64,
+    /// What to synchronise: the dirty ranges when the job began (or the whole volume).
+    pub ranges: Vec<(u64, u64)>,
+    /// Dirty-region size: the ranges are aligned to it (or end at the volume's end).
+    pub region: u64,
+    pub full: bool,
+    /// The backing device or file the shipper reads the source blocks from.
+    #[serde(default)]
+    pub path: String,
 }
 
 #[derive(Debug)]
@@ -375,12 +396,14 @@ fn into_io(e: JournalError) -> io::Error {
 
 impl ChangeLog {
     /// Opens `dir/NAME.journal` and `dir/NAME.map`, or creates them (the journal with
-    /// `opts.size` bytes, preallocated).
+    /// `opts.size` bytes, preallocated). A new volume's map starts with `existing_data()`
+    /// dirty, durably, before the journal exists: that is its initial replication.
     pub fn open_or_create(
         dir: &Path,
         name: &str,
         volume_size: u64,
         opts: &LogOptions,
+        existing_data: &dyn Fn() -> io::Result<Vec<(u64, u64)>>,
     ) -> Result<ChangeLog, TrackError> {
         let size = opts.size;
         let path = dir.join(format!("{name}.journal"));
@@ -455,6 +478,19 @@ impl ChangeLog {
                 );
                 m.mark_all_dirty();
                 m.persist_dirty().map_err(|e| cerr(&map_path, e))?;
+            } else {
+                let data = existing_data().map_err(|e| cerr(&map_path, e))?;
+                for &(o, l) in &data {
+                    m.mark_dirty(o, l);
+                }
+                m.persist_dirty().map_err(|e| cerr(&map_path, e))?;
+                if m.dirty_bytes() > 0 {
+                    info!(
+                        "volume {name}: new journal; {} bytes of existing data need an initial \
+                         replication",
+                        m.dirty_bytes()
+                    );
+                }
             }
             m
         };
@@ -523,6 +559,7 @@ impl ChangeLog {
                 stopping: false,
                 changed_since_mark: false,
                 fenced: fence_path(&path).exists(),
+                sync: None,
             }),
             wake: Condvar::new(),
             stop_waiting: Condvar::new(),
@@ -776,6 +813,138 @@ impl ChangeLog {
         self.points[usize::from(kind == PointKind::App)].fetch_add(1, Ordering::Relaxed);
         self.arm_committer(st);
         Ok(Some(seq))
+    }
+
+    /// Starts synchronising the volume's dirty ranges (all of it with `full`), or returns the
+    /// job under way (a shipper that reconnects resumes it). Appends the job's begin record,
+    /// after which the journal takes records again if it had overflowed: from that record on
+    /// the replica is inconsistent until the job's end record.
+    pub fn sync_begin(&self, full: bool) -> io::Result<SyncJob> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if let Some(job) = st.sync.as_ref().filter(|j| !full || j.full) {
+            return Ok(job.clone());
+        }
+        if st.stopping {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        if st.journal_failed {
+            return Err(io::Error::other(format!(
+                "journal {} failed: restart the tracker before synchronising",
+                self.path.display()
+            )));
+        }
+        let (Some(journal), Some(map)) = (st.journal.as_mut(), st.map.as_mut()) else {
+            return Err(io::Error::other("changes are not journaled (--no-journal)"));
+        };
+        // Room the shipper released since the journal overflowed.
+        if let Some(seq) = read_release(&self.path)? {
+            if seq >= journal.tail_seq() && seq < journal.next_seq() {
+                journal.release(seq).map_err(into_io)?;
+            }
+        }
+        let size = journal.superblock().volume_size;
+        let ranges = if full {
+            vec![(0, size)]
+        } else {
+            map.dirty_ranges()
+        };
+        let mut id = [0u8; 8];
+        crate::journal::random_bytes(&mut id);
+        let job = u64::from_le_bytes(id).max(1);
+        let payload = SyncInfo {
+            role: SyncRole::Begin,
+            job,
+        }
+        .encode();
+        let begin_seq = journal.append(Kind::Sync, 0, 0, &payload).map_err(|e| {
+            io::Error::other(format!(
+                "journal {}: cannot begin a synchronisation: {e} (the shipper must drain it \
+                 first)",
+                self.path.display()
+            ))
+        })?;
+        map.start_sync();
+        st.overflowed = false;
+        let job = SyncJob {
+            job,
+            begin_seq,
+            ranges,
+            region: map.region(),
+            full,
+            path: String::new(),
+        };
+        st.sync = Some(job.clone());
+        self.arm_committer(st);
+        Ok(job)
+    }
+
+    /// Appends a sync record of `job` (a slot for `[offset, offset + length)`, or the end)
+    /// and returns its sequence number: every change recorded before it has been applied to
+    /// the backing device. Fails, and drops the job, when the journal overflowed again.
+    pub fn sync_record(
+        &self,
+        job: u64,
+        role: SyncRole,
+        offset: u64,
+        length: u32,
+    ) -> io::Result<u64> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.sync.as_ref().is_none_or(|j| j.job != job) {
+            return Err(io::Error::other(format!(
+                "volume journal {}: synchronisation {job} is not under way (the tracker \
+                 restarted, or another began): begin again",
+                self.path.display()
+            )));
+        }
+        let appended = if st.overflowed || st.journal_failed {
+            Err("the journal overflowed during the synchronisation".to_string())
+        } else {
+            let payload = SyncInfo { role, job }.encode();
+            st.journal
+                .as_mut()
+                .expect("a job needs a journal")
+                .append(Kind::Sync, offset, length, &payload)
+                .map_err(|e| e.to_string())
+        };
+        match appended {
+            Ok(seq) => {
+                self.arm_committer(st);
+                Ok(seq)
+            }
+            Err(why) => {
+                st.sync = None;
+                if let Some(m) = st.map.as_mut() {
+                    m.abort_sync();
+                }
+                Err(io::Error::other(format!(
+                    "journal {}: synchronisation {job} stopped: {why}; its ranges stay dirty",
+                    self.path.display()
+                )))
+            }
+        }
+    }
+
+    /// The target holds `job`'s end record durably: the job's ranges are clean again (except
+    /// regions dirtied since it began), durably.
+    pub fn sync_done(&self, job: u64) -> io::Result<u64> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(j) = st.sync.take_if(|j| j.job == job) else {
+            return Err(io::Error::other(format!(
+                "journal {}: synchronisation {job} is not under way",
+                self.path.display()
+            )));
+        };
+        let map = st.map.as_mut().expect("a job needs a region map");
+        map.finish_sync(&j.ranges)?;
+        Ok(map.dirty_bytes())
+    }
+
+    /// The synchronisation under way, if any.
+    pub fn sync_job(&self) -> Option<SyncJob> {
+        self.lock().sync.clone()
     }
 
     /// Tells the committer that records wait in memory (once until it writes them out).
