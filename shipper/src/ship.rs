@@ -111,6 +111,9 @@ pub struct ShipStatus {
     /// The synchronisation under way (initial replication or resync).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<JobStatus>,
+    /// Block bytes synchronisation jobs sent since the shipper started (uncompressed).
+    #[serde(default)]
+    pub sync_bytes_sent: u64,
 }
 
 /// Why a session ended.
@@ -516,9 +519,6 @@ impl VolumeShipper {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            if sync.is_none() {
-                sync = self.maybe_sync(replica_job, sb.volume_size, &mut next_sync_try);
-            }
             if let Some(s) = sync.as_mut() {
                 let pumped = s
                     .poll_source(None)
@@ -529,7 +529,11 @@ impl VolumeShipper {
                     sync = None;
                     next_sync_try = Instant::now() + Duration::from_secs(5);
                 }
-                self.status.lock().unwrap().sync = sync.as_ref().map(Sync::status);
+                let mut st = self.status.lock().unwrap();
+                let before = st.sync.as_ref().map_or(0, |j| j.sent_bytes);
+                st.sync = sync.as_ref().map(Sync::status);
+                let now = st.sync.as_ref().map_or(before, |j| j.sent_bytes);
+                st.sync_bytes_sent += now.saturating_sub(before);
             }
             let records = if window.len() < WINDOW {
                 self.read_batch(&mut reader, &mut held, sync.as_mut())?
@@ -643,6 +647,14 @@ impl VolumeShipper {
                 proto::write_frame(&mut tls, &Frame::Ping).map_err(|e| classify_io(&target, &e))?;
                 self.expect_ack(&mut tls, 0)?;
                 last_io = Instant::now();
+            }
+            // Caught up: nothing to send, nothing in flight. A synchronisation starts only now,
+            // so that its records find room in the journal.
+            if sync.is_none() {
+                sync = self.maybe_sync(replica_job, sb.volume_size, &mut next_sync_try);
+                if sync.is_some() {
+                    continue;
+                }
             }
             if let Some(s) = sync.as_mut().filter(|s| s.awaiting_source()) {
                 // A slot waits for the source blocks being read.
