@@ -12,6 +12,7 @@ const DEFAULT_TARGET_SOCKET: &str = "/run/redun/target.sock";
 
 mod config_check;
 mod failover;
+mod jobs;
 mod journal;
 mod points;
 
@@ -44,6 +45,29 @@ enum Command {
     /// retry back-off short.
     Resume {
         volume: String,
+        /// The shipper's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+        shipper_socket: PathBuf,
+    },
+    /// Synchronise a volume with its replica now: its dirty regions, or all of it with
+    /// `--full` (block checksums on both sides; only blocks that differ travel).
+    Resync {
+        volume: String,
+        /// Compare every block of the volume, not only the dirty regions.
+        #[arg(long)]
+        full: bool,
+        /// The shipper's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+        shipper_socket: PathBuf,
+    },
+    /// Synchronisation jobs under way (initial replication, resync) and their progress.
+    Jobs {
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Print the table again every second until no job is left.
+        #[arg(long)]
+        watch: bool,
         /// The shipper's admin socket.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
         shipper_socket: PathBuf,
@@ -253,6 +277,42 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Resync {
+            volume,
+            full,
+            shipper_socket,
+        } => {
+            let req = serde_json::json!({"cmd": "resync", "volume": volume, "full": full});
+            match admin::request_json(&shipper_socket, &req) {
+                Ok(r) if r["ok"] == true => {
+                    println!(
+                        "volume {volume}: {} resync asked for; `redun jobs` shows its progress",
+                        if full { "a full" } else { "a" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    eprintln!(
+                        "redun resync: {}",
+                        r["error"].as_str().unwrap_or("the shipper refused")
+                    );
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "redun resync: cannot reach the shipper on {}: {e} (is redun-shipper \
+                         running? --shipper-socket)",
+                        shipper_socket.display()
+                    );
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Jobs {
+            json,
+            watch,
+            shipper_socket,
+        } => jobs::show(json, watch, &shipper_socket),
         Command::Pki(PkiCommand::Init { dir, names }) => {
             match redun_shipper::pki::init(&dir, &names) {
                 Ok(r) => {

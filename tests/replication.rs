@@ -2032,6 +2032,11 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
         );
         std::thread::sleep(Duration::from_millis(20));
     };
+    let jobs = run(Command::new(bin("redun"))
+        .args(["jobs", "--json", "--shipper-socket"])
+        .arg(site.dir().join("shipper-shipper.sock")));
+    let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    assert_eq!(jobs["disk"]["kind"], "initial-replication", "{jobs}");
     site.shipper.as_mut().unwrap().kill9();
     let total = before["total_bytes"].as_u64().unwrap();
     let done_before = before["compared_bytes"].as_u64().unwrap();
@@ -2133,6 +2138,27 @@ fn after_an_overflow_only_dirty_regions_are_compared_and_sent() {
     );
     site.wait_caught_up();
     site.assert_identical();
+    // A full resync by hand compares every block and, the replica being identical, sends
+    // nothing.
+    let sent_before = site.shipper_status("shipper").unwrap()["sync_bytes_sent"]
+        .as_u64()
+        .unwrap();
+    run(Command::new(bin("redun"))
+        .args(["resync", "disk", "--full", "--shipper-socket"])
+        .arg(site.dir().join("shipper-shipper.sock")));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while last_job(&site).0 != SIZE {
+        assert!(Instant::now() < deadline, "the full resync did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_protected(&site, Duration::from_secs(120));
+    let sent_after = site.shipper_status("shipper").unwrap()["sync_bytes_sent"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        sent_after, sent_before,
+        "a full resync of an identical replica sent data"
+    );
     // Points after the resync are usable again.
     let id = point_create(&site);
     assert!(

@@ -1,0 +1,95 @@
+//! `redun jobs`: the synchronisation jobs the shipper runs (initial replication, resync) and
+//! their progress, from the shipper's status.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use redun_tracker::admin;
+
+/// One job per volume that has one: (volume, job status).
+fn jobs(shipper: &Path) -> Result<Vec<(String, serde_json::Value)>, String> {
+    let r = admin::request_json(shipper, &serde_json::json!({"cmd": "status"})).map_err(|e| {
+        format!(
+            "cannot reach the shipper on {}: {e} (is redun-shipper running? --shipper-socket)",
+            shipper.display()
+        )
+    })?;
+    let vols = r["status"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Ok(vols
+        .into_iter()
+        .filter(|v| !v["sync"].is_null())
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or("?").to_string(),
+                v["sync"].clone(),
+            )
+        })
+        .collect())
+}
+
+fn mib(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(0.0) / (1 << 20) as f64
+}
+
+fn print_table(list: &[(String, serde_json::Value)]) {
+    println!(
+        "{:<16} {:<20} {:<10} {:>7} {:>11} {:>11} {:>11} {:>9} {:>7}",
+        "VOLUME", "JOB", "PHASE", "DONE", "COMPARED", "TOTAL", "SENT", "RATE", "ETA"
+    );
+    for (name, j) in list {
+        let bar_len = 20usize;
+        let pct = j["percent"].as_f64().unwrap_or(0.0);
+        // Whole twentieths of the job: 0 to 20.
+        let filled = (0..=bar_len)
+            .rev()
+            .find(|&k| k as f64 <= pct / 100.0 * bar_len as f64)
+            .unwrap_or(0);
+        println!(
+            "{:<16} {:<20} {:<10} {:>6.1}% {:>7.1} MiB {:>7.1} MiB {:>7.1} MiB {:>5.0} MiB/s {:>6}  [{}{}]",
+            name,
+            j["kind"].as_str().unwrap_or("?"),
+            j["phase"].as_str().unwrap_or("?"),
+            pct,
+            mib(&j["compared_bytes"]),
+            mib(&j["total_bytes"]),
+            mib(&j["sent_bytes"]),
+            mib(&j["rate_bytes_per_second"]),
+            j["eta_seconds"]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |s| format!("{s:.0}s")),
+            "#".repeat(filled.min(bar_len)),
+            "-".repeat(bar_len - filled.min(bar_len)),
+        );
+    }
+}
+
+pub fn show(json: bool, watch: bool, shipper: &Path) -> ExitCode {
+    loop {
+        let list = match jobs(shipper) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("redun jobs: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if json {
+            let v: serde_json::Map<String, serde_json::Value> = list.iter().cloned().collect();
+            println!("{}", serde_json::Value::Object(v));
+        } else if list.is_empty() {
+            println!("no synchronisation job is running: every volume's replica is in step");
+        } else {
+            print_table(&list);
+        }
+        if !watch || list.is_empty() {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        if !json {
+            println!();
+        }
+    }
+}
