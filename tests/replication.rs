@@ -2220,3 +2220,64 @@ fn after_kill_9_of_the_tracker_under_writes_the_hot_regions_are_resynced() {
     site.wait_caught_up();
     site.assert_identical();
 }
+
+#[test]
+fn a_seeded_replica_receives_only_the_blocks_that_differ() {
+    const SIZE: u64 = 256 << 20;
+    let mut changed = 0u64;
+    let site = Site::build_on(
+        SIZE,
+        |d| {
+            // The operator copied the volume to the target by other means, then the volume
+            // changed in 1% of its 4 KiB blocks, scattered.
+            let data = d.join("data");
+            std::fs::create_dir_all(&data).unwrap();
+            let seed = data.join(format!("{EXPORT}.seed"));
+            std::fs::copy(d.join("disk.img"), &seed).unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(&seed).unwrap();
+            let blocks = SIZE / 4096;
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut picked = std::collections::BTreeSet::new();
+            while picked.len() < usize::try_from(blocks / 100).unwrap() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                picked.insert(x % blocks);
+            }
+            for b in &picked {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&[0x5a; 4096], b * 4096).unwrap();
+            }
+            changed = picked.len() as u64 * 4096;
+            data
+        },
+        &[],
+        |img| {
+            sh(&format!(
+                "head -c 256M /dev/urandom | dd of={} bs=4M conv=notrunc iflag=fullblock status=none",
+                img.display()
+            ));
+        },
+    );
+    wait_protected(&site, Duration::from_secs(120));
+    let (compared, _) = last_job(&site);
+    assert_eq!(compared, SIZE);
+    let sent = site.shipper_status("shipper").unwrap()["sync_bytes_sent"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        sent >= changed && sent * 100 <= changed * 105,
+        "sent {sent} for {changed} changed bytes"
+    );
+    assert!(
+        site.target
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("seeded from"),
+        "{}",
+        site.target.as_ref().unwrap().log_text()
+    );
+    site.wait_caught_up();
+    site.assert_identical();
+}

@@ -578,11 +578,12 @@ impl VolumeShipper {
                     Frame::Hashes {
                         job,
                         offset,
+                        block,
                         hashes,
                         ..
                     } => {
                         if let Some(s) = sync.as_mut() {
-                            s.on_hashes(job, offset, hashes)
+                            s.on_hashes(job, offset, block, hashes)
                                 .map_err(|e| ShipError::Retry(e.0))?;
                         }
                         continue;

@@ -28,6 +28,9 @@ pub const DEFAULT_BLOCK: u64 = 64 << 10;
 const CHUNK: u64 = 4 << 20;
 /// Chunks asked for ahead of the journal reader.
 const AHEAD: usize = 4;
+/// The finer block that differing blocks are compared in again, so that a 4 KiB change costs
+/// about 4 KiB on the wire.
+const FINE: u64 = 4096;
 
 /// What a job is, in the words of `redun jobs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +80,25 @@ struct Chunk {
     slot: u64,
     target: Option<Vec<u128>>,
     source: Option<Source>,
+    /// Whole blocks compared: `coarse` holds the runs to send as they are, `refine` the
+    /// blocks that hold data on both sides and differ, compared again in [`FINE`] blocks.
+    compared: bool,
+    coarse: Vec<(u64, u64, bool)>,
+    refine: Vec<Refine>,
+    /// The runs to send: (offset in the chunk, length, data or zeroes).
+    runs: Option<Vec<(u64, u64, bool)>>,
+}
+
+/// A run of blocks compared again at a finer grain. It is asked for in the stream after the
+/// chunk's slot was appended (the stream waits at that slot until it is filled), so the
+/// argument of docs/PROTOCOL.md holds with this request in place of the chunk's.
+#[derive(Debug)]
+struct Refine {
+    /// Offset in the chunk and length.
+    at: u64,
+    len: u64,
+    asked: bool,
+    target: Option<Vec<u128>>,
 }
 
 /// The source side of a chunk, read after its slot was appended.
@@ -276,7 +298,16 @@ impl Sync {
 
     /// Hash requests the target has not answered yet.
     pub fn awaiting_hashes(&self) -> usize {
-        self.asked.iter().filter(|c| c.target.is_none()).count()
+        self.asked
+            .iter()
+            .map(|c| {
+                usize::from(c.target.is_none())
+                    + c.refine
+                        .iter()
+                        .filter(|r| r.asked && r.target.is_none())
+                        .count()
+            })
+            .sum()
     }
 
     /// Chunks whose source side is still being read.
@@ -291,6 +322,18 @@ impl Sync {
         &mut self,
         send: &mut dyn FnMut(&proto::Frame) -> std::io::Result<()>,
     ) -> Result<(), SyncError> {
+        for c in &mut self.asked {
+            for r in c.refine.iter_mut().filter(|r| !r.asked) {
+                send(&proto::Frame::HashRequest {
+                    job: self.job.job,
+                    offset: c.offset + r.at,
+                    length: r.len,
+                    block: u32::try_from(FINE).expect("small"),
+                })
+                .map_err(|e| SyncError(format!("volume {}: {e}", self.volume)))?;
+                r.asked = true;
+            }
+        }
         while self.asked.len() < AHEAD {
             let Some((o, l)) = self.todo.pop_front() else {
                 break;
@@ -316,6 +359,10 @@ impl Sync {
                 slot,
                 target: None,
                 source: None,
+                compared: false,
+                coarse: Vec::new(),
+                refine: Vec::new(),
+                runs: None,
             });
         }
         if self.todo.is_empty() && self.asked.is_empty() && self.end_seq.is_none() {
@@ -342,7 +389,34 @@ impl Sync {
     }
 
     /// The target's checksums of a chunk.
-    pub fn on_hashes(&mut self, job: u64, offset: u64, hashes: Vec<u128>) -> Result<(), SyncError> {
+    pub fn on_hashes(
+        &mut self,
+        job: u64,
+        offset: u64,
+        block: u32,
+        hashes: Vec<u128>,
+    ) -> Result<(), SyncError> {
+        if u64::from(block) == FINE && job == self.job.job {
+            let fine = self.asked.iter_mut().find_map(|c| {
+                let at = offset.checked_sub(c.offset)?;
+                c.refine
+                    .iter_mut()
+                    .find(|r| r.at == at && r.asked && r.target.is_none())
+            });
+            if let Some(r) = fine {
+                if hashes.len() as u64 != r.len.div_ceil(FINE) {
+                    return Err(SyncError(format!(
+                        "volume {}: the target sent {} checksums for {} bytes",
+                        self.volume,
+                        hashes.len(),
+                        r.len
+                    )));
+                }
+                r.target = Some(hashes);
+                self.complete();
+                return Ok(());
+            }
+        }
         let Some(c) = self
             .asked
             .iter_mut()
@@ -402,33 +476,62 @@ impl Sync {
         Ok(())
     }
 
-    /// Compares the chunks at the front that have both sides and fills their slots.
+    /// Compares chunks that have both sides (planning the finer comparisons their
+    /// differing data blocks need), and fills the slots of those at the front that are done.
     fn complete(&mut self) {
-        while self
-            .asked
-            .front()
-            .is_some_and(|c| c.target.is_some() && c.source.is_some())
-        {
-            let c = self.asked.pop_front().expect("checked");
-            let target = c.target.expect("checked");
-            let src = c.source.expect("checked");
-            // Runs of differing blocks of one kind (data or zeroes), within the chunk.
-            let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-            for (i, (&s, &t)) in src.hashes.iter().zip(&target).enumerate() {
-                if s == t {
-                    continue;
-                }
-                let at = i as u64 * self.block;
-                let n = self.block.min(c.len - at);
-                let data = s != ZERO_HASH;
-                match runs.last_mut() {
-                    Some(r) if r.0 + r.1 == at && r.2 == data => r.1 += n,
-                    _ => runs.push((at, n, data)),
-                }
-                if data {
-                    self.status.sent_bytes += n;
+        let block = self.block;
+        for c in &mut self.asked {
+            let (Some(target), Some(src)) = (&c.target, &c.source) else {
+                continue;
+            };
+            if !c.compared {
+                c.compared = true;
+                for (i, (&s, &t)) in src.hashes.iter().zip(target).enumerate() {
+                    if s == t {
+                        continue;
+                    }
+                    let at = i as u64 * block;
+                    let n = block.min(c.len - at);
+                    if s != ZERO_HASH && t != ZERO_HASH && block > FINE {
+                        match c.refine.last_mut() {
+                            Some(r) if r.at + r.len == at => r.len += n,
+                            _ => c.refine.push(Refine {
+                                at,
+                                len: n,
+                                asked: false,
+                                target: None,
+                            }),
+                        }
+                    } else {
+                        push_run(&mut c.coarse, at, n, s != ZERO_HASH);
+                    }
                 }
             }
+            if c.runs.is_some() || c.refine.iter().any(|r| r.target.is_none()) {
+                continue;
+            }
+            let mut runs = std::mem::take(&mut c.coarse);
+            for r in &c.refine {
+                for (i, &t) in r.target.as_ref().expect("checked").iter().enumerate() {
+                    let at = r.at + i as u64 * FINE;
+                    let n = FINE.min(r.at + r.len - at);
+                    let s = block_hash(&src.data[ix(at)..ix(at + n)]);
+                    if s != t {
+                        runs.push((at, n, s != ZERO_HASH));
+                    }
+                }
+            }
+            runs.sort_unstable();
+            let mut merged = Vec::new();
+            for (at, n, data) in runs {
+                push_run(&mut merged, at, n, data);
+            }
+            c.runs = Some(merged);
+        }
+        while self.asked.front().is_some_and(|c| c.runs.is_some()) {
+            let c = self.asked.pop_front().expect("checked");
+            let src = c.source.expect("compared");
+            let runs = c.runs.expect("checked");
             let blocks: Vec<SyncBlock<'_>> = runs
                 .iter()
                 .map(|&(at, n, data)| SyncBlock {
@@ -437,6 +540,7 @@ impl Sync {
                     data: data.then(|| &src.data[ix(at)..ix(at + n)]),
                 })
                 .collect();
+            self.status.sent_bytes += runs.iter().filter(|r| r.2).map(|r| r.1).sum::<u64>();
             let head = SyncInfo {
                 role: SyncRole::Slot,
                 job: self.job.job,
@@ -493,6 +597,15 @@ impl Sync {
             }
             _ => Ok(false),
         }
+    }
+}
+
+/// Adds a run of differing bytes (data or zeroes) at `at`, merged with the last one when
+/// they touch and are of one kind.
+fn push_run(runs: &mut Vec<(u64, u64, bool)>, at: u64, n: u64, data: bool) {
+    match runs.last_mut() {
+        Some(r) if r.0 + r.1 == at && r.2 == data => r.1 += n,
+        _ => runs.push((at, n, data)),
     }
 }
 
