@@ -93,3 +93,64 @@ pub fn show(json: bool, watch: bool, shipper: &Path) -> ExitCode {
         }
     }
 }
+
+/// `redun verify VOLUME`: asks the shipper for an online verify and waits for its result.
+pub fn verify(volume: &str, json: bool, shipper: &Path) -> ExitCode {
+    let req = serde_json::json!({"cmd": "verify", "volume": volume});
+    let id = match admin::request_json(shipper, &req) {
+        Ok(r) if r["ok"] == true => r["verify"].as_u64().unwrap_or(0),
+        Ok(r) => {
+            eprintln!(
+                "redun verify: {}",
+                r["error"].as_str().unwrap_or("the shipper refused")
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!(
+                "redun verify: cannot reach the shipper on {}: {e} (is redun-shipper running? \
+                 --shipper-socket)",
+                shipper.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let result = loop {
+        let status = admin::request_json(shipper, &serde_json::json!({"cmd": "status"}));
+        let v = status.ok().and_then(|r| {
+            r["status"]["volumes"]
+                .as_array()?
+                .iter()
+                .find(|v| v["name"] == volume)
+                .map(|v| v["verify"].clone())
+        });
+        if let Some(v) = v.filter(|v| v["id"].as_u64() == Some(id) && v["done"] == true) {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let differing = result["differing"].as_array().cloned().unwrap_or_default();
+    if json {
+        println!("{result}");
+    } else if differing.is_empty() {
+        println!(
+            "volume {volume}: {} bytes compared: the replica matches the source{}",
+            result["compared_bytes"],
+            match result["unsettled_bytes"].as_u64() {
+                Some(n) if n > 0 => format!(" ({n} bytes kept changing and were not verified)"),
+                _ => String::new(),
+            }
+        );
+    } else {
+        println!("volume {volume}: the replica differs from the source in:");
+        for r in &differing {
+            println!("  offset {} length {}", r[0], r[1]);
+        }
+        println!("repair it with `redun resync {volume} --full`");
+    }
+    if differing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -60,6 +60,17 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
         shipper_socket: PathBuf,
     },
+    /// Compare the volume's blocks with the replica's while replication runs, and report the
+    /// ranges that differ (exit status 1 when some do).
+    Verify {
+        volume: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The shipper's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+        shipper_socket: PathBuf,
+    },
     /// Synchronisation jobs under way (initial replication, resync) and their progress.
     Jobs {
         /// Print JSON for scripts instead of a table.
@@ -313,6 +324,11 @@ fn main() -> ExitCode {
             watch,
             shipper_socket,
         } => jobs::show(json, watch, &shipper_socket),
+        Command::Verify {
+            volume,
+            json,
+            shipper_socket,
+        } => jobs::verify(&volume, json, &shipper_socket),
         Command::Pki(PkiCommand::Init { dir, names }) => {
             match redun_shipper::pki::init(&dir, &names) {
                 Ok(r) => {

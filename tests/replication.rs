@@ -2088,12 +2088,20 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
 
 /// The figures of the shipper's last finished job: (bytes compared, bytes sent).
 fn last_job(site: &Site) -> (u64, u64) {
+    last_job_opt(site).unwrap_or_else(|| {
+        panic!(
+            "no finished job in the log:\n{}",
+            site.shipper.as_ref().unwrap().log_text()
+        )
+    })
+}
+
+fn last_job_opt(site: &Site) -> Option<(u64, u64)> {
     let log = site.shipper.as_ref().unwrap().log_text();
     let line = log
         .lines()
         .rev()
-        .find(|l| l.contains("synchronisation") && l.contains(" done: "))
-        .unwrap_or_else(|| panic!("no finished job in the log:\n{log}"));
+        .find(|l| l.contains("synchronisation") && l.contains(" done: "))?;
     let num = |after: &str| -> u64 {
         line.split(after)
             .nth(1)
@@ -2101,7 +2109,7 @@ fn last_job(site: &Site) -> (u64, u64) {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{line}"))
     };
-    (num(" done: "), num(" compared, "))
+    Some((num(" done: "), num(" compared, ")))
 }
 
 #[test]
@@ -2278,6 +2286,89 @@ fn a_seeded_replica_receives_only_the_blocks_that_differ() {
         "{}",
         site.target.as_ref().unwrap().log_text()
     );
+    site.wait_caught_up();
+    site.assert_identical();
+}
+
+#[test]
+fn verify_names_a_corruption_planted_in_the_replica_while_writes_go_on() {
+    require("fio");
+    require("nbdcopy");
+    let site = Site::new();
+    let src = site.dir().join("random.bin");
+    // The first 32 MiB hold data; the rest was never written (the replica's base has it).
+    sh(&format!("head -c 32M /dev/urandom > {}", src.display()));
+    run(Command::new("nbdcopy").arg(&src).arg(site.tracker.uri()));
+    site.wait_caught_up();
+    // Behind the target's back, 4 KiB of the replica's base image rot at 40 MiB.
+    const ROT: u64 = 40 << 20;
+    let base = site.data.join(format!("{EXPORT}.store/base.img"));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+        f.write_all_at(&[0xa5; 4096], ROT + 8192).unwrap();
+    }
+    // The application goes on writing (elsewhere) while the verify runs.
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", site.tracker.uri()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16m",
+            "--time_based",
+            "--runtime=8",
+            "--rate=4m",
+            "--randseed=31",
+            "--refill_buffers",
+            "--thread",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let verify = |want: i32| -> serde_json::Value {
+        let out = Command::new(bin("redun"))
+            .args(["verify", EXPORT, "--json", "--shipper-socket"])
+            .arg(site.dir().join("shipper-shipper.sock"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(want),
+            "{}{}\nshipper:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            site.shipper.as_ref().unwrap().log_text()
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Several verifies while the writes go on: each names the rotten range, and only it (the
+    // blocks being written are not mistaken for differences).
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..3 {
+        let found = verify(1);
+        assert_eq!(
+            found["differing"],
+            serde_json::json!([[ROT, 65536]]),
+            "{found}"
+        );
+        // Blocks being written are compared again: at least the whole volume.
+        assert!(found["compared_bytes"].as_u64() >= Some(VOL), "{found}");
+    }
+    assert!(fio.wait().unwrap().success());
+    // A full resync repairs it; the next verify finds nothing.
+    run(Command::new(bin("redun"))
+        .args(["resync", EXPORT, "--full", "--shipper-socket"])
+        .arg(site.dir().join("shipper-shipper.sock")));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while last_job_opt(&site).is_none_or(|(c, _)| c != VOL) {
+        assert!(Instant::now() < deadline, "the full resync did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_protected(&site, Duration::from_secs(60));
+    let clean = verify(0);
+    assert_eq!(clean["differing"], serde_json::json!([]), "{clean}");
     site.wait_caught_up();
     site.assert_identical();
 }

@@ -10,3 +10,4 @@ pub mod ship;
 pub mod sync;
 pub mod throttle;
 pub mod tls;
+pub mod verify;

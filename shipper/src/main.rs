@@ -480,6 +480,21 @@ fn admin(
                 None => Err(format!("No volume {name:?} is shipped here")),
             }
         }
+        Some("verify") => {
+            let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
+                return Err(
+                    "verify needs a volume: {\"cmd\":\"verify\",\"volume\":\"NAME\"}".into(),
+                );
+            };
+            match shippers.lock().unwrap().get(name) {
+                Some(s) => {
+                    let id = s.request_verify()?;
+                    s.resume();
+                    Ok(serde_json::json!({ "verify": id }))
+                }
+                None => Err(format!("No volume {name:?} is shipped here")),
+            }
+        }
         _ => Err(format!(
             "Unknown request {req}: the shipper answers {{\"cmd\":\"status\"}}, \
              {{\"cmd\":\"resume\",\"volume\":\"NAME\"}} and \

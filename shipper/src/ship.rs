@@ -21,6 +21,7 @@ use crate::heads::Heads;
 use crate::proto::{self, Frame, Hello, ProtoError, WireRecord};
 use crate::sync::{Fill, JobStatus, Sync};
 use crate::throttle::Throttle;
+use crate::verify::{Verify, VerifyStatus};
 
 /// How long connecting and the TLS handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,6 +115,9 @@ pub struct ShipStatus {
     /// Block bytes synchronisation jobs sent since the shipper started (uncompressed).
     #[serde(default)]
     pub sync_bytes_sent: u64,
+    /// The online verify under way, or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyStatus>,
 }
 
 /// Why a session ended.
@@ -193,6 +197,9 @@ pub struct VolumeShipper {
     resume: (Mutex<bool>, Condvar),
     /// A resync asked for by hand (`Some(full)`), until a job takes it.
     resync: Mutex<Option<bool>>,
+    /// Online verifies asked for (the id the next one gets), and started.
+    verifies_asked: std::sync::atomic::AtomicU64,
+    verifies_started: std::sync::atomic::AtomicU64,
 }
 
 /// A batch sent and not yet acknowledged.
@@ -226,6 +233,59 @@ impl VolumeShipper {
             heads: None,
             resume: (Mutex::new(false), Condvar::new()),
             resync: Mutex::new(None),
+            verifies_asked: std::sync::atomic::AtomicU64::new(0),
+            verifies_started: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Asks for an online verify of the volume, which starts once the volume is shipping
+    /// with nothing else to do; returns its id (`status().verify.id`).
+    pub fn request_verify(&self) -> Result<u64, String> {
+        if self.heads.is_none() {
+            return Err(format!(
+                "volume {}: a verify needs the tracker's admin socket (--tracker-socket)",
+                self.name
+            ));
+        }
+        let started = self.verifies_started.load(Ordering::SeqCst);
+        let asked = self.verifies_asked.load(Ordering::SeqCst);
+        if asked > started {
+            return Ok(asked);
+        }
+        self.verifies_asked.store(started + 1, Ordering::SeqCst);
+        Ok(started + 1)
+    }
+
+    /// Starts the verify asked for, if any.
+    fn maybe_verify(&self, size: u64, path: &mut Option<String>) -> Option<Verify> {
+        let heads = self.heads.as_ref()?;
+        let asked = self.verifies_asked.load(Ordering::SeqCst);
+        if asked <= self.verifies_started.load(Ordering::SeqCst) {
+            return None;
+        }
+        if path.is_none() {
+            // The backing device, from the tracker.
+            let st = redun_tracker::admin::request(
+                heads.socket(),
+                &redun_tracker::admin::AdminRequest::Status,
+            )
+            .ok()
+            .and_then(|r| r.status);
+            *path = st
+                .and_then(|s| s.volumes.into_iter().find(|v| v.name == self.name))
+                .map(|v| v.path);
+        }
+        let p = path.as_deref()?;
+        match Verify::start(asked, &self.name, heads.socket(), p, size) {
+            Ok(v) => {
+                self.verifies_started.store(asked, Ordering::SeqCst);
+                Some(v)
+            }
+            Err(e) => {
+                warn!("volume {}: cannot verify: {}", self.name, e.0);
+                self.verifies_started.store(asked, Ordering::SeqCst);
+                None
+            }
         }
     }
 
@@ -344,6 +404,17 @@ impl VolumeShipper {
         while !stop.load(Ordering::SeqCst) {
             let mut connected = false;
             let r = self.session(stop, &mut connected);
+            if self
+                .status
+                .lock()
+                .unwrap()
+                .verify
+                .as_ref()
+                .is_some_and(|v| !v.done && v.id == self.verifies_started.load(Ordering::SeqCst))
+            {
+                // The verify did not finish: the next session runs it again.
+                self.verifies_started.fetch_sub(1, Ordering::SeqCst);
+            }
             if connected {
                 failures = 0;
             }
@@ -515,6 +586,10 @@ impl VolumeShipper {
         let mut held: Option<Record> = None;
         let mut next_sync_try = Instant::now();
         let mut acked = start - 1;
+        // The online verify under way, the last record sent, the source's path.
+        let mut verify: Option<Verify> = None;
+        let mut last_sent = start - 1;
+        let mut source_path: Option<String> = None;
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -535,11 +610,31 @@ impl VolumeShipper {
                 let now = st.sync.as_ref().map_or(before, |j| j.sent_bytes);
                 st.sync_bytes_sent += now.saturating_sub(before);
             }
+            if let Some(v) = verify.as_mut() {
+                let pumped = v
+                    .poll_source(None)
+                    .and_then(|()| v.pump(last_sent, &mut |f| proto::write_frame(&mut tls, f)));
+                if let Err(e) = pumped {
+                    warn!("volume {}: verify stopped: {}", self.name, e.0);
+                    verify = None;
+                }
+            }
             let records = if window.len() < WINDOW {
                 self.read_batch(&mut reader, &mut held, sync.as_mut())?
             } else {
                 Vec::new()
             };
+            if let Some(v) = verify.as_mut() {
+                for r in &records {
+                    v.observe(r.seq, r.offset, u64::from(r.length));
+                }
+                let read = records.last().map_or(reader.next_seq() - 1, |r| r.seq);
+                let over = v.settle(read);
+                self.status.lock().unwrap().verify = Some(v.status());
+                if over {
+                    verify = None;
+                }
+            }
             if !records.is_empty() {
                 let bytes: u64 = records
                     .iter()
@@ -562,6 +657,7 @@ impl VolumeShipper {
                 if let Frame::Batch(b) = frame {
                     encoder.recycle(b);
                 }
+                last_sent = last_seq;
                 last_io = Instant::now();
                 window.push_back(InFlight {
                     last_seq,
@@ -572,9 +668,22 @@ impl VolumeShipper {
                 self.note_lag(&window);
                 continue;
             }
-            let awaiting = sync.as_ref().map_or(0, Sync::awaiting_hashes);
+            let awaiting = sync.as_ref().map_or(0, Sync::awaiting_hashes)
+                + verify.as_ref().map_or(0, Verify::awaiting_hashes);
             if !window.is_empty() || awaiting > 0 {
                 let through = match self.receive(&mut tls)? {
+                    Frame::Hashes {
+                        offset,
+                        as_of,
+                        hashes,
+                        ..
+                    } if verify.is_some() => {
+                        if let Some(v) = verify.as_mut() {
+                            v.on_hashes(offset, as_of, hashes)
+                                .map_err(|e| ShipError::Retry(e.0))?;
+                        }
+                        continue;
+                    }
                     Frame::Hashes {
                         job,
                         offset,
@@ -651,11 +760,20 @@ impl VolumeShipper {
             }
             // Caught up: nothing to send, nothing in flight. A synchronisation starts only now,
             // so that its records find room in the journal.
-            if sync.is_none() {
+            if sync.is_none() && verify.is_none() {
                 sync = self.maybe_sync(replica_job, sb.volume_size, &mut next_sync_try);
                 if sync.is_some() {
                     continue;
                 }
+                verify = self.maybe_verify(sb.volume_size, &mut source_path);
+                if verify.is_some() {
+                    continue;
+                }
+            }
+            if let Some(v) = verify.as_mut().filter(|v| v.awaiting_source()) {
+                v.poll_source(Some(Duration::from_millis(20)))
+                    .map_err(|e| ShipError::Retry(e.0))?;
+                continue;
             }
             if let Some(s) = sync.as_mut().filter(|s| s.awaiting_source()) {
                 // A slot waits for the source blocks being read.

@@ -25,9 +25,9 @@ use crate::proto::{self, SyncBlock, ZERO_HASH, block_hash};
 /// Default block: the unit compared and sent.
 pub const DEFAULT_BLOCK: u64 = 64 << 10;
 /// Bytes one hash request and one slot cover.
-const CHUNK: u64 = 4 << 20;
+pub(crate) const CHUNK: u64 = 4 << 20;
 /// Chunks asked for ahead of the journal reader.
-const AHEAD: usize = 4;
+pub(crate) const AHEAD: usize = 4;
 /// The finer block that differing blocks are compared in again, so that a 4 KiB change costs
 /// about 4 KiB on the wire.
 const FINE: u64 = 4096;
@@ -103,15 +103,15 @@ struct Refine {
 
 /// The source side of a chunk, read after its slot was appended.
 #[derive(Debug)]
-struct Source {
-    hashes: Vec<u128>,
-    data: Vec<u8>,
+pub(crate) struct Source {
+    pub(crate) hashes: Vec<u128>,
+    pub(crate) data: Vec<u8>,
 }
 
 #[derive(Debug)]
-struct ReadReq {
-    offset: u64,
-    len: u64,
+pub(crate) struct ReadReq {
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
 }
 
 type ReadDone = (u64, std::io::Result<Source>);
@@ -139,7 +139,7 @@ pub struct Sync {
 }
 
 /// An offset within a chunk as an index.
-fn ix(x: u64) -> usize {
+pub(crate) fn ix(x: u64) -> usize {
     usize::try_from(x).expect("offsets within a chunk fit")
 }
 
@@ -154,14 +154,18 @@ pub enum Fill {
     NotYet,
 }
 
-fn now_unix() -> f64 {
+pub(crate) fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Asks the tracker; an error names the volume and says what to do.
-fn ask(socket: &Path, volume: &str, req: &AdminRequest) -> Result<AdminResponse, SyncError> {
+pub(crate) fn ask(
+    socket: &Path,
+    volume: &str,
+    req: &AdminRequest,
+) -> Result<AdminResponse, SyncError> {
     let r = admin::request(socket, req).map_err(|e| {
         SyncError(format!(
             "volume {volume}: the tracker's admin socket {} does not answer ({e}): a \
@@ -177,7 +181,12 @@ fn ask(socket: &Path, volume: &str, req: &AdminRequest) -> Result<AdminResponse,
 }
 
 /// The job's ranges as whole blocks, merged, from `cursor` on.
-fn block_ranges(ranges: &[(u64, u64)], block: u64, size: u64, cursor: u64) -> Vec<(u64, u64)> {
+pub(crate) fn block_ranges(
+    ranges: &[(u64, u64)],
+    block: u64,
+    size: u64,
+    cursor: u64,
+) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &(o, l) in ranges {
         let start = (o / block * block).max(cursor.div_ceil(block) * block);
@@ -602,7 +611,7 @@ impl Sync {
 
 /// Adds a run of differing bytes (data or zeroes) at `at`, merged with the last one when
 /// they touch and are of one kind.
-fn push_run(runs: &mut Vec<(u64, u64, bool)>, at: u64, n: u64, data: bool) {
+pub(crate) fn push_run(runs: &mut Vec<(u64, u64, bool)>, at: u64, n: u64, data: bool) {
     match runs.last_mut() {
         Some(r) if r.0 + r.1 == at && r.2 == data => r.1 += n,
         _ => runs.push((at, n, data)),
@@ -621,7 +630,12 @@ fn read_source(file: &File, block: u64, requests: &Receiver<ReadReq>, done: &Sen
     }
 }
 
-fn read_chunk(file: &File, regular: bool, block: u64, req: &ReadReq) -> std::io::Result<Source> {
+pub(crate) fn read_chunk(
+    file: &File,
+    regular: bool,
+    block: u64,
+    req: &ReadReq,
+) -> std::io::Result<Source> {
     let n = usize::try_from(req.len).expect("chunks are small");
     let mut data = vec![0u8; n];
     let mut at = 0u64;

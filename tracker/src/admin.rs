@@ -64,6 +64,11 @@ pub enum AdminRequest {
         volume: String,
         job: u64,
     },
+    /// The sequence number of the volume's last record: every change up to it is on the
+    /// backing device (an online verify brackets its reads with it).
+    Head {
+        volume: String,
+    },
 }
 
 fn crash() -> crate::journal::format::PointKind {

@@ -242,6 +242,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ..AdminResponse::ok()
             })
         }),
+        AdminRequest::Head { volume } => sync_request(&status_server, &volume, |_, log| {
+            Ok(AdminResponse {
+                seq: Some(log.head()?),
+                ..AdminResponse::ok()
+            })
+        }),
         AdminRequest::SyncDone { volume, job } => {
             sync_request(&status_server, &volume, |_, log| {
                 let left = log.sync_done(job)?;

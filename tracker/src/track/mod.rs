@@ -942,6 +942,16 @@ impl ChangeLog {
         Ok(map.dirty_bytes())
     }
 
+    /// The sequence number of the last record appended: under the volume's lock, so every
+    /// change up to it has been applied to the backing device.
+    pub fn head(&self) -> io::Result<u64> {
+        let st = self.lock();
+        st.journal
+            .as_ref()
+            .map(|j| j.next_seq() - 1)
+            .ok_or_else(|| io::Error::other("changes are not journaled (--no-journal)"))
+    }
+
     /// The synchronisation under way, if any.
     pub fn sync_job(&self) -> Option<SyncJob> {
         self.lock().sync.clone()
