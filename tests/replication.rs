@@ -2053,8 +2053,10 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
     };
     assert_eq!(resumed["job"], before["job"], "{resumed} {before}");
     let skipped = resumed["resumed_bytes"].as_u64().unwrap();
+    // Behind what was compared by at most the blocks compared ahead of the stream and those
+    // not committed yet on the target.
     assert!(
-        skipped + (32 << 20) >= done_before,
+        skipped + (256 << 20) >= done_before,
         "started over: {resumed} after {before}"
     );
     wait_protected(&site, Duration::from_secs(300));

@@ -167,8 +167,8 @@ impl Replica {
         Ok(through)
     }
 
-    /// Commits, then checksums the blocks of `[offset, offset + length)` as of the last
-    /// record applied: what a HASH_REQUEST asks. Returns that record's sequence number too.
+    /// Checksums the blocks of `[offset, offset + length)` as of the last record applied
+    /// (committed or not): what a HASH_REQUEST asks. Returns that record's sequence number.
     pub fn hashes(
         &mut self,
         offset: u64,
@@ -182,20 +182,11 @@ impl Replica {
                 format!("hash request {offset}+{length} beyond the volume's {size} bytes"),
             ));
         }
-        let through = self.commit()?;
-        let view = self.store.view(through).ok_or_else(|| {
-            Refusal::new(
-                RefuseCode::InvalidState,
-                format!(
-                    "replica {}: no view at seq {through}",
-                    self.store.state().name
-                ),
-            )
-        })?;
+        let (as_of, view) = self.store.applied_view(offset, length)?;
         let hashes = view
             .hashes(offset, length, u64::from(block))
             .map_err(|e| Refusal::new(RefuseCode::Io, format!("cannot read the replica: {e}")))?;
-        Ok((through, hashes))
+        Ok((as_of, hashes))
     }
 
     /// A sync record: a begin, a slot with the blocks that differed (or none, when its

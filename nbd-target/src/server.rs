@@ -655,13 +655,10 @@ impl Target {
                     length,
                     block,
                 }) => {
-                    // As of every record before the request: commit (and say so), then hash.
+                    // As of every record before the request, durable or not.
                     let (as_of, hashes) = replica
                         .hashes(offset, length, block)
                         .map_err(StreamEnd::Refused)?;
-                    slot.status.lock().unwrap().applied_seq = as_of;
-                    proto::write_frame(tls, &Frame::Ack { through: as_of })
-                        .map_err(StreamEnd::Io)?;
                     let answer = Frame::Hashes {
                         job,
                         offset,
@@ -670,6 +667,13 @@ impl Target {
                         hashes,
                     };
                     proto::write_frame(tls, &answer).map_err(StreamEnd::Io)?;
+                    if replica.uncommitted() == 0 || more_input(tls) {
+                        continue;
+                    }
+                    // Batches before the request wait for their ACK.
+                    let through = replica.commit().map_err(StreamEnd::Refused)?;
+                    slot.status.lock().unwrap().applied_seq = through;
+                    proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
                     continue;
                 }
                 Ok(f) => {

@@ -961,6 +961,24 @@ impl Store {
         if seq > g.state.next_seq.saturating_sub(1) || seq < g.manifest.base_seq {
             return None;
         }
+        Some(self.build_view(g, seq, None))
+    }
+
+    /// `[offset, offset + len)` of the volume as of every record appended so far, committed
+    /// or not (what a hash request compares: the connection that appended them uses it before
+    /// anything else can roll them back). Returns the last record's sequence number too.
+    pub fn applied_view(&self, offset: u64, len: u64) -> Result<(u64, View), StoreError> {
+        let mut g = self.lock();
+        write_buf(&mut g.open, &self.dir)?;
+        let seq = g.applied.saturating_sub(1).max(g.manifest.base_seq);
+        Ok((seq, self.build_view(g, seq, Some((offset, offset + len)))))
+    }
+
+    /// A view at `seq` of the whole volume, or of the entries that overlap `range` only.
+    fn build_view(&self, g: MutexGuard<'_, Inner>, seq: u64, range: Option<(u64, u64)>) -> View {
+        let overlaps = |e: &Entry| {
+            range.is_none_or(|(s, end)| e.offset < end && s < e.offset + u64::from(e.length))
+        };
         *self.pins.lock().unwrap().entry(seq).or_default() += 1;
         let pin = Pin {
             pins: self.pins.clone(),
@@ -972,12 +990,14 @@ impl Store {
             files.push(s.file.clone());
             let n = s.entries.partition_point(|e| e.seq <= seq);
             // Sealed entries are immutable: copying the prefix keeps the lock short enough.
-            parts.push((file_index(&files), s.entries[..n].to_vec()));
+            let part = s.entries[..n].iter().filter(|e| overlaps(e)).copied();
+            parts.push((file_index(&files), part.collect()));
         }
         if g.open.first_seq <= seq {
             files.push(g.open.file.clone());
             let n = g.open.entries.partition_point(|e| e.seq <= seq);
-            parts.push((file_index(&files), g.open.entries[..n].to_vec()));
+            let part = g.open.entries[..n].iter().filter(|e| overlaps(e)).copied();
+            parts.push((file_index(&files), part.collect()));
         }
         let base = g.base.clone();
         let size = g.state.size;
@@ -998,14 +1018,14 @@ impl Store {
                 }
             }
         }
-        Some(View {
+        View {
             seq,
             size,
             base,
             files,
             map,
             _pin: pin,
-        })
+        }
     }
 
     /// Applies the retention policy at `now_ms`: prunes points, merges the sealed segments

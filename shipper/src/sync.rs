@@ -12,6 +12,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::info;
@@ -25,9 +26,9 @@ use crate::proto::{self, SyncBlock, ZERO_HASH, block_hash};
 /// Default block: the unit compared and sent.
 pub const DEFAULT_BLOCK: u64 = 64 << 10;
 /// Bytes one hash request and one slot cover.
-pub(crate) const CHUNK: u64 = 4 << 20;
+pub(crate) const CHUNK: u64 = 8 << 20;
 /// Chunks asked for ahead of the journal reader.
-pub(crate) const AHEAD: usize = 4;
+pub(crate) const AHEAD: usize = 16;
 /// The finer block that differing blocks are compared in again, so that a 4 KiB change costs
 /// about 4 KiB on the wire.
 const FINE: u64 = 4096;
@@ -134,6 +135,7 @@ pub struct Sync {
     end_seq: Option<u64>,
     to_worker: Sender<ReadReq>,
     from_worker: Receiver<ReadDone>,
+    pool: Pool,
     status: JobStatus,
     started: Instant,
 }
@@ -238,9 +240,11 @@ impl Sync {
         let (to_worker, requests) = channel::<ReadReq>();
         let (done, from_worker) = channel::<ReadDone>();
         let block_size = block;
+        let pool = Pool::default();
+        let worker_pool = pool.clone();
         std::thread::Builder::new()
             .name(format!("sync-{volume}"))
-            .spawn(move || read_source(&file, block_size, &requests, &done))
+            .spawn(move || read_source(&file, block_size, &requests, &done, &worker_pool))
             .map_err(|e| SyncError(format!("cannot start a thread: {e}")))?;
         let kind = if job.full {
             JobKind::FullResync
@@ -287,6 +291,7 @@ impl Sync {
             end_seq: None,
             to_worker,
             from_worker,
+            pool,
             started: Instant::now(),
         })
     }
@@ -343,7 +348,9 @@ impl Sync {
                 r.asked = true;
             }
         }
-        while self.asked.len() < AHEAD {
+        // Compared blocks wait in memory until the journal reader reaches their slot: both
+        // count against the limit.
+        while self.asked.len() + self.filled.len() < AHEAD {
             let Some((o, l)) = self.todo.pop_front() else {
                 break;
             };
@@ -559,6 +566,8 @@ impl Sync {
             proto::encode_slot(&head, &blocks, &mut payload);
             self.filled.insert(c.slot, payload);
             self.status.compared_bytes += c.len;
+            drop(blocks);
+            self.pool.lock().unwrap().push(src.data);
         }
     }
 
@@ -593,7 +602,7 @@ impl Sync {
                 )?;
                 let s = self.status();
                 info!(
-                    "volume {}: synchronisation {} done: {} bytes compared, {} sent, in {:.1}s; \
+                    "volume {}: synchronisation {} done: {} bytes compared, {} sent, in {:.3}s; \
                      {} dirty bytes left",
                     self.volume,
                     self.job.job,
@@ -620,29 +629,43 @@ pub(crate) fn push_run(runs: &mut Vec<(u64, u64, bool)>, at: u64, n: u64, data: 
 
 /// The worker: reads each chunk asked for (holes of a sparse file are not read) and
 /// checksums its blocks.
-fn read_source(file: &File, block: u64, requests: &Receiver<ReadReq>, done: &Sender<ReadDone>) {
+fn read_source(
+    file: &File,
+    block: u64,
+    requests: &Receiver<ReadReq>,
+    done: &Sender<ReadDone>,
+    pool: &Pool,
+) {
     let regular = file.metadata().is_ok_and(|m| m.is_file());
     while let Ok(req) = requests.recv() {
-        let r = read_chunk(file, regular, block, &req);
+        let r = read_chunk(file, regular, block, &req, pool);
         if done.send((req.offset, r)).is_err() {
             return;
         }
     }
 }
 
+/// Chunk buffers given back once their slot is filled, so that reading does not fault in
+/// fresh memory for every chunk.
+pub(crate) type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
+
 pub(crate) fn read_chunk(
     file: &File,
     regular: bool,
     block: u64,
     req: &ReadReq,
+    pool: &Pool,
 ) -> std::io::Result<Source> {
     let n = usize::try_from(req.len).expect("chunks are small");
-    let mut data = vec![0u8; n];
+    let mut data = pool.lock().unwrap().pop().unwrap_or_default();
+    data.resize(n, 0);
     let mut at = 0u64;
     for x in redun_tracker::io::ops::block_status(file, regular, req.offset, req.len)? {
+        let (s, e) = (ix(at), ix(at + x.length));
         if x.flags & redun_tracker::nbd::proto::STATE_HOLE == 0 {
-            let (s, e) = (ix(at), ix(at + x.length));
             file.read_exact_at(&mut data[s..e], req.offset + at)?;
+        } else {
+            data[s..e].fill(0);
         }
         at += x.length;
     }

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto;
 use crate::sync::{
-    AHEAD, CHUNK, DEFAULT_BLOCK, ReadReq, Source, SyncError, ask, block_ranges, now_unix, push_run,
-    read_chunk,
+    AHEAD, CHUNK, DEFAULT_BLOCK, Pool, ReadReq, Source, SyncError, ask, block_ranges, now_unix,
+    push_run, read_chunk,
 };
 
 /// Passes over blocks that writes kept touching before they are reported as unsettled.
@@ -396,6 +396,7 @@ fn read_bracketed(
     done: &Sender<ReadDone>,
 ) {
     let regular = file.metadata().is_ok_and(|m| m.is_file());
+    let pool = Pool::default();
     let head = || -> Result<u64, String> {
         ask(
             socket,
@@ -417,9 +418,12 @@ fn read_bracketed(
                 std::thread::sleep(Duration::from_millis(1));
                 before = head()?;
             }
-            let src = read_chunk(file, regular, DEFAULT_BLOCK, &req)
+            let mut src = read_chunk(file, regular, DEFAULT_BLOCK, &req, &pool)
                 .map_err(|e| format!("cannot read the source at {}: {e}", req.offset))?;
-            Ok((src, head()?))
+            let q = head()?;
+            // Only the checksums are compared: the buffer goes back.
+            pool.lock().unwrap().push(std::mem::take(&mut src.data));
+            Ok((src, q))
         })();
         if done.send((req.offset, r)).is_err() {
             return;
