@@ -68,6 +68,9 @@ fn print_table(list: &[(String, serde_json::Value)]) {
 }
 
 pub fn show(json: bool, watch: bool, shipper: &Path) -> ExitCode {
+    if watch && !json {
+        return watch_bars(shipper);
+    }
     loop {
         let list = match jobs(shipper) {
             Ok(l) => l,
@@ -88,9 +91,67 @@ pub fn show(json: bool, watch: bool, shipper: &Path) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(Duration::from_secs(1));
-        if !json {
-            println!();
+    }
+}
+
+/// `redun jobs --watch`: a live progress bar per job until every job is over.
+fn watch_bars(shipper: &Path) -> ExitCode {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use std::collections::HashMap;
+    let style = ProgressStyle::with_template(
+        "{prefix:<16} {msg:<32} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    )
+    .expect("a valid template")
+    .progress_chars("#>-");
+    let multi = MultiProgress::new();
+    let mut bars: HashMap<String, (u64, ProgressBar)> = HashMap::new();
+    let mut seen_any = false;
+    loop {
+        let list = match jobs(shipper) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("redun jobs: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        for (name, j) in &list {
+            let id = j["job"].as_u64().unwrap_or(0);
+            let bar = &bars
+                .entry(name.clone())
+                .and_modify(|(old, b)| {
+                    if *old != id {
+                        b.finish();
+                        *b = multi.add(ProgressBar::new(0).with_style(style.clone()));
+                        *old = id;
+                    }
+                })
+                .or_insert_with(|| (id, multi.add(ProgressBar::new(0).with_style(style.clone()))))
+                .1;
+            bar.set_prefix(name.clone());
+            bar.set_length(j["total_bytes"].as_u64().unwrap_or(0));
+            bar.set_position(j["compared_bytes"].as_u64().unwrap_or(0));
+            bar.set_message(format!(
+                "{} {} sent {:.1} MiB",
+                j["kind"].as_str().unwrap_or("?"),
+                j["phase"].as_str().unwrap_or("?"),
+                mib(&j["sent_bytes"])
+            ));
         }
+        bars.retain(|name, (_, b)| {
+            let running = list.iter().any(|(n, _)| n == name);
+            if !running {
+                b.finish_with_message("done");
+            }
+            running
+        });
+        if list.is_empty() {
+            if !seen_any {
+                println!("no synchronisation job is running: every volume's replica is in step");
+            }
+            return ExitCode::SUCCESS;
+        }
+        seen_any = true;
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

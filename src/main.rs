@@ -514,7 +514,10 @@ fn merged_volumes(
             let ship_state = sv
                 .as_ref()
                 .and_then(|v| v["state"].as_str().map(String::from));
+            let job = sv.as_ref().map_or(Value::Null, |v| v["sync"].clone());
             let state = match (tracked.as_deref(), ship_state.as_deref()) {
+                // A synchronisation under way says which one.
+                _ if job["kind"].is_string() => job["kind"].as_str().unwrap_or("resync"),
                 (Some("resync-required"), _) => "resync-required",
                 (_, Some("critical")) => "critical",
                 (Some("untracked"), _) => "untracked",
@@ -536,6 +539,8 @@ fn merged_volumes(
                 "acked_seq": num(&sv, "acked_seq"),
                 "replica_applied_seq": num(&rv, "applied_seq"),
                 "dirty_bytes": tv.map(|v| v.dirty_bytes),
+                "sync": job,
+                "verify": num(&sv, "verify"),
             })
         })
         .collect()
@@ -597,6 +602,21 @@ fn status(json: bool, socket: &Path, shipper_socket: &Path, target_socket: &Path
                 v["retries"].as_u64().map_or("-".into(), |r| r.to_string()),
                 v["last_error"].as_str().unwrap_or("")
             );
+            let j = &v["sync"];
+            if j.is_object() {
+                println!(
+                    "                 job: {} {} {:.1}%: {} of {} compared, {} sent{}",
+                    j["kind"].as_str().unwrap_or("?"),
+                    j["phase"].as_str().unwrap_or("?"),
+                    j["percent"].as_f64().unwrap_or(0.0),
+                    human(j["compared_bytes"].as_u64().unwrap_or(0)),
+                    human(j["total_bytes"].as_u64().unwrap_or(0)),
+                    human(j["sent_bytes"].as_u64().unwrap_or(0)),
+                    j["eta_seconds"]
+                        .as_f64()
+                        .map_or(String::new(), |e| format!(", ETA {e:.0}s"))
+                );
+            }
         }
     }
     ExitCode::SUCCESS
