@@ -2025,6 +2025,11 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
                 since.is_u64(),
                 "the target does not say it is syncing: {t} {s}"
             );
+            let m = site.merged();
+            assert!(
+                m["state"] == "initial-replication" || m["sync"].is_null(),
+                "{m}"
+            );
         }
         assert!(
             Instant::now() < deadline,
@@ -2083,6 +2088,7 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
     )
     .unwrap();
     assert!(t["status"]["volumes"][0]["sync"].is_null(), "{t}");
+    assert_eq!(site.merged()["state"], "protected");
     site.wait_caught_up();
     site.assert_identical();
     site.assert_release_not_early();
