@@ -64,11 +64,14 @@ fn check_files(
 }
 
 fn check_shipper(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
-    let s = match redun_shipper::config::ConfigFile::load(path) {
-        Ok(f) => f.shipper,
+    let (s, resync) = match redun_shipper::config::ConfigFile::load(path) {
+        Ok(f) => (f.shipper, f.resync),
         Err(e) => return problems.push(e.to_string()),
     };
     if let Err(e) = s.schedule(path, None) {
+        problems.push(e.to_string());
+    }
+    if let Err(e) = resync.window(path, None) {
         problems.push(e.to_string());
     }
     if let Some(b) = &s.batch_size {

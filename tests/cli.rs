@@ -417,7 +417,12 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
         (
             "[target]",
             "[targett]",
-            "config {P}: line {L}: [targett]: unknown field `targett`, expected one of `tracker`, `volume`, `shipper`, `target`, `points`, `retention`",
+            "config {P}: line {L}: [targett]: unknown field `targett`, expected one of `tracker`, `volume`, `shipper`, `target`, `points`, `retention`, `resync`",
+        ),
+        (
+            "window = \"22:00-06:00\"",
+            "window = \"nights\"",
+            "config {P}: resync.window = \"nights\": window \"nights\": expected HH:MM-HH:MM, e.g. 08:00-18:00",
         ),
     ];
     assert!(table.len() >= 15);

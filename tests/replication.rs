@@ -2125,6 +2125,8 @@ fn after_an_overflow_only_dirty_regions_are_compared_and_sent() {
     require("fio");
     const SIZE: u64 = 1 << 30;
     let mut site = Site::build_with(SIZE, |d| d.join("data"), &["--journal-size", "16M"]);
+    // The replica holds something already.
+    site.fio("write", "64k", "1m", 20);
     site.wait_caught_up();
     // The target goes away; the journal fills up and the volume falls back to dirty regions.
     site.target.as_mut().unwrap().stop();
@@ -2134,8 +2136,43 @@ fn after_an_overflow_only_dirty_regions_are_compared_and_sent() {
     assert_eq!(v["state"], "resync-required", "{v}");
     let dirty = v["dirty_bytes"].as_u64().unwrap();
     assert!(dirty > 32 << 20 && dirty < 96 << 20, "{v}");
-    // The target comes back: the journal drains, then only the dirty regions are compared.
+    // Resyncs may only run outside business hours: the shipper starts again with a window
+    // that excludes now.
+    let hour: u32 = String::from_utf8(run(Command::new("date").arg("+%H")).stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let window = format!("{:02}:00-{:02}:00", (hour + 2) % 24, (hour + 3) % 24);
+    site.shipper.as_mut().unwrap().stop();
+    let pki = site.dir().join("pki");
+    site.start_shipper_with(&pki, "shipper", &["--resync-window".into(), window.clone()]);
+    // The target comes back: the journal drains, and the resync waits for its window.
     site.start_target();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = site.shipper_status("shipper").unwrap_or_default();
+        if st["waiting_for_window"] == window.as_str() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resync did not wait: {st}\n{}",
+            site.shipper.as_ref().unwrap().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let st = site.tracker.status_json();
+    assert_eq!(
+        st["tracker"]["status"]["volumes"][0]["state"],
+        "resync-required"
+    );
+    assert!(sync_status(&site).is_none());
+    // By hand it runs now; only the dirty regions are compared.
+    run(Command::new(bin("redun"))
+        .args(["resync", "disk", "--shipper-socket"])
+        .arg(site.dir().join("shipper-shipper.sock")));
     wait_protected(&site, Duration::from_secs(120));
     let (compared, _) = last_job(&site);
     assert_eq!(

@@ -12,6 +12,34 @@ use crate::throttle::{Schedule, Window, parse_rate};
 pub struct ConfigFile {
     #[serde(default)]
     pub shipper: ShipperSection,
+    #[serde(default)]
+    pub resync: ResyncSection,
+}
+
+/// `[resync]`: when synchronisations start by themselves.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncSection {
+    /// `HH:MM-HH:MM`, local time: automatic resyncs (after an overflow or an unclean stop)
+    /// wait for it; initial replications and `redun resync` do not.
+    pub window: Option<String>,
+}
+
+impl ResyncSection {
+    /// The window, with `flag` (`--resync-window`) over the file.
+    pub fn window(&self, path: &Path, flag: Option<&str>) -> Result<Option<Window>, ConfigError> {
+        let (key, v) = match (flag, self.window.as_deref()) {
+            (Some(f), _) => ("--resync-window", f),
+            (None, Some(v)) => ("resync.window", v),
+            (None, None) => return Ok(None),
+        };
+        Window::parse(v)
+            .map(Some)
+            .map_err(|why| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{key} = {v:?}: {why}"),
+            })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +135,16 @@ mod tests {
         assert_eq!(s.limit_at(9 * 3600), Some(10 << 20));
         let s = f.shipper.schedule(Path::new("x.toml"), Some("1M")).unwrap();
         assert_eq!(s.default, Some(1 << 20));
+        let f: ConfigFile = toml::from_str("[resync]\nwindow = \"22:00-06:00\"\n").unwrap();
+        let w = f.resync.window(Path::new("x.toml"), None).unwrap().unwrap();
+        assert!(w.contains(23 * 3600) && w.contains(3600) && !w.contains(12 * 3600));
+        let f: ConfigFile = toml::from_str("[resync]\nwindow = \"late\"\n").unwrap();
+        let e = f
+            .resync
+            .window(Path::new("x.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("resync.window") && e.contains("late"), "{e}");
         let e = toml::from_str::<ConfigFile>("[shipper]\ntargett = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("targett"), "{e}");
         let f: ConfigFile =

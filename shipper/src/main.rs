@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use log::{error, info, warn};
-use redun_shipper::config::{ConfigFile, ShipperSection};
+use redun_shipper::config::{ConfigFile, ResyncSection, ShipperSection};
 use redun_shipper::heads::Heads;
 use redun_shipper::ship::{ShipOptions, ShipStatus, VolumeShipper};
 use redun_shipper::throttle::Throttle;
@@ -72,6 +72,11 @@ struct Args {
     /// (outside the config file's bandwidth_schedule windows) [default: unlimited].
     #[arg(long, value_name = "RATE")]
     bandwidth_limit: Option<String>,
+    /// Automatic resyncs (after an overflow or an unclean stop) wait for this window of local
+    /// time, e.g. 22:00-06:00; initial replications and `redun resync` do not [default:
+    /// any time].
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    resync_window: Option<String>,
     /// Warn (status, metric, log) when a volume's RPO exceeds this, e.g. 30s [default: off].
     #[arg(long, value_name = "DURATION", value_parser = redun_tracker::config::parse_duration)]
     rpo_warning: Option<u64>,
@@ -109,9 +114,16 @@ fn host_of(target: &str) -> String {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let (file, cfg_path) = match &args.config {
-        Some(p) => (ConfigFile::load(p)?.shipper, p.clone()),
-        None => (ShipperSection::default(), PathBuf::from("(no config file)")),
+    let (file, resync, cfg_path) = match &args.config {
+        Some(p) => {
+            let f = ConfigFile::load(p)?;
+            (f.shipper, f.resync, p.clone())
+        }
+        None => (
+            ShipperSection::default(),
+            ResyncSection::default(),
+            PathBuf::from("(no config file)"),
+        ),
     };
     let missing = |flag: &str, key: &str| {
         anyhow::anyhow!(
@@ -154,6 +166,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let schedule = file.schedule(&cfg_path, args.bandwidth_limit.as_deref())?;
+    let resync_window = resync.window(&cfg_path, args.resync_window.as_deref())?;
     let opts = ShipOptions {
         server_name: args
             .target_name
@@ -171,6 +184,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .max(1),
         ),
         throttle: Arc::new(Throttle::new(schedule)),
+        resync_window,
     };
     let journal_dir = args
         .journal_dir

@@ -59,6 +59,8 @@ pub struct ShipOptions {
     pub retry_unit: Duration,
     /// The process's bandwidth limit, shared by every volume.
     pub throttle: Arc<Throttle>,
+    /// Automatic resyncs wait for this window of local time.
+    pub resync_window: Option<crate::throttle::Window>,
 }
 
 /// `connecting`, `shipping`, `retrying`, `critical`.
@@ -118,6 +120,9 @@ pub struct ShipStatus {
     /// The online verify under way, or the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyStatus>,
+    /// A resync is due and waits for this window (`resync.window`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_window: Option<String>,
 }
 
 /// Why a session ended.
@@ -304,7 +309,16 @@ impl VolumeShipper {
     }
 
     /// Starts a synchronisation when one was asked for or the tracker has dirty regions.
-    fn maybe_sync(&self, replica: (u64, u64), size: u64, next_try: &mut Instant) -> Option<Sync> {
+    /// `replica_started`: the replica held data and no job when this session began (a
+    /// resync of it may wait for the window; an initial replication, or a job under way,
+    /// does not).
+    fn maybe_sync(
+        &self,
+        replica: (u64, u64),
+        replica_started: bool,
+        size: u64,
+        next_try: &mut Instant,
+    ) -> Option<Sync> {
         let heads = self.heads.as_ref()?;
         if Instant::now() < *next_try {
             return None;
@@ -313,6 +327,25 @@ impl VolumeShipper {
         if asked.is_none() && heads.dirty(&self.name).unwrap_or(0) == 0 {
             return None;
         }
+        // An automatic resync of a replica that has data waits for the window; an initial
+        // replication (a new replica) does not.
+        let now = chrono::Timelike::num_seconds_from_midnight(&chrono::Local::now());
+        if let Some(w) = self
+            .opts
+            .resync_window
+            .filter(|w| asked.is_none() && replica_started && !w.contains(now))
+        {
+            let mut st = self.status.lock().unwrap();
+            if st.waiting_for_window.is_none() {
+                info!(
+                    "volume {}: a resync is due; it waits for the resync window {}",
+                    self.name, w
+                );
+            }
+            st.waiting_for_window = Some(w.to_string());
+            return None;
+        }
+        self.status.lock().unwrap().waiting_for_window = None;
         match Sync::begin(
             &self.name,
             heads.socket(),
@@ -761,7 +794,12 @@ impl VolumeShipper {
             // Caught up: nothing to send, nothing in flight. A synchronisation starts only now,
             // so that its records find room in the journal.
             if sync.is_none() && verify.is_none() {
-                sync = self.maybe_sync(replica_job, sb.volume_size, &mut next_sync_try);
+                sync = self.maybe_sync(
+                    replica_job,
+                    next_seq > 0 && replica_job.0 == 0,
+                    sb.volume_size,
+                    &mut next_sync_try,
+                );
                 if sync.is_some() {
                     continue;
                 }

@@ -56,6 +56,13 @@ impl Window {
     }
 }
 
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hm = |s: u32| format!("{:02}:{:02}", s / 3600, s % 3600 / 60);
+        write!(f, "{}-{}", hm(self.from), hm(self.to))
+    }
+}
+
 /// The limit by time of day.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Schedule {

@@ -34,6 +34,9 @@ pub struct ConfigFile {
     /// The target's retention policy (redun-target reads it).
     #[serde(default)]
     pub retention: Option<toml::Table>,
+    /// When automatic resyncs may run (redun-shipper reads it).
+    #[serde(default)]
+    pub resync: Option<toml::Table>,
 }
 
 /// `[points]`: recovery points the tracker places.
