@@ -1905,6 +1905,12 @@ fn metrics_and_the_rpo_warning_tell_what_replication_does() {
     assert_eq!(series(&shipper, "redun_lag_bytes{volume=\"disk\"}"), 0.0);
     assert!(series(&shipper, "redun_bytes_shipped_total{volume=\"disk\"}") >= 2097152.0);
     assert_eq!(series(&shipper, "redun_rpo_warning{volume=\"disk\"}"), 0.0);
+    // No synchronisation runs (the new volume held no data).
+    assert_eq!(series(&shipper, "redun_sync_running{volume=\"disk\"}"), 0.0);
+    assert_eq!(
+        series(&shipper, "redun_sync_bytes_sent_total{volume=\"disk\"}"),
+        0.0
+    );
     let target = scrape(&metrics_addr(&site.target.as_ref().unwrap().log_text()));
     for s in [&tracker, &shipper, &target] {
         promtool_check(s);

@@ -423,6 +423,45 @@ fn metrics(vols: &[ShipStatus]) -> String {
         );
         m.counter("redun_batches", "Batches shipped.", l(), v.batches);
         m.counter(
+            "redun_sync_bytes_sent",
+            "Block bytes synchronisation jobs sent (uncompressed).",
+            l(),
+            v.sync_bytes_sent,
+        );
+        let job = v.sync.as_ref();
+        m.gauge(
+            "redun_sync_running",
+            "1 while a synchronisation (initial replication, resync) runs.",
+            l(),
+            f64::from(u8::from(job.is_some())),
+        );
+        m.gauge(
+            "redun_sync_total_bytes",
+            "Bytes the running synchronisation covers (0 when none runs).",
+            l(),
+            job.map_or(0.0, |j| j.total_bytes as f64),
+        );
+        m.gauge(
+            "redun_sync_compared_bytes",
+            "Bytes the running synchronisation compared so far.",
+            l(),
+            job.map_or(0.0, |j| j.compared_bytes as f64),
+        );
+        m.gauge(
+            "redun_sync_progress_ratio",
+            "Share of the running synchronisation done, 0 to 1.",
+            l(),
+            job.map_or(0.0, |j| j.percent / 100.0),
+        );
+        m.gauge(
+            "redun_verify_differing_bytes",
+            "Bytes the last online verify found different from the source.",
+            l(),
+            v.verify
+                .as_ref()
+                .map_or(0.0, |r| r.differing.iter().map(|d| d.1).sum::<u64>() as f64),
+        );
+        m.counter(
             "redun_retries",
             "Connection attempts that failed and were retried.",
             l(),
