@@ -350,3 +350,68 @@ fn a_damaged_open_segment_is_reported_with_its_path() {
     let e = Store::open(dir.path(), "vol").unwrap_err().to_string();
     assert!(e.contains(&name) && e.contains("checksum"), "{e}");
 }
+
+#[test]
+fn a_synchronisation_makes_its_points_unusable_and_its_blocks_read_back() {
+    use redun_shipper::proto::SyncBlock;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path(), &id())
+        .unwrap()
+        .with_seal_bytes(200);
+    let sync = |role, job| SyncInfo { role, job };
+    store.append(Kind::Write, 1, 0, 4, b"aaaa").unwrap();
+    store.append(Kind::Marker, 2, 0, 0, &marker(1)).unwrap();
+    store
+        .append_sync(3, sync(SyncRole::Begin, 0), (0, 0), None)
+        .unwrap();
+    // The shipper claims the begin with its job.
+    store
+        .append_sync(4, sync(SyncRole::Begin, 9), (0, 0), None)
+        .unwrap();
+    store.append(Kind::Marker, 5, 0, 0, &marker(2)).unwrap();
+    let data = [7u8; 4096];
+    let blocks = [
+        SyncBlock {
+            offset: 4096,
+            length: 4096,
+            data: Some(&data),
+        },
+        SyncBlock {
+            offset: 0,
+            length: 4,
+            data: None,
+        },
+    ];
+    store
+        .append_sync(6, sync(SyncRole::Slot, 9), (0, 8192), Some(&blocks))
+        .unwrap();
+    // A slot its shipper never filled changes nothing, not even the cursor.
+    store
+        .append_sync(7, sync(SyncRole::Slot, 9), (8192, 8192), None)
+        .unwrap();
+    store.commit().unwrap();
+    let mid = store.syncing().unwrap();
+    assert_eq!((mid.job, mid.since_seq, mid.cursor), (9, 3, 8192));
+    let usable =
+        |s: &Store| -> Vec<(u64, bool)> { s.points().iter().map(|(p, ok)| (p.id, *ok)).collect() };
+    assert_eq!(usable(&store), [(2, true), (5, false)]);
+    store
+        .append_sync(8, sync(SyncRole::End, 9), (0, 0), None)
+        .unwrap();
+    store.append(Kind::Marker, 9, 0, 0, &marker(3)).unwrap();
+    store.commit().unwrap();
+    for s in [store, Store::open(dir.path(), "vol").unwrap()] {
+        assert!(s.syncing().is_none());
+        assert_eq!(s.state().inconsistent, [[3, 8]]);
+        assert_eq!(usable(&s), [(2, true), (5, false), (9, true)]);
+        let v = s.view(9).unwrap();
+        let all = read_all(&v);
+        assert_eq!(&all[..4], &[0; 4], "the zero block of the slot");
+        assert_eq!(&all[4096..8192], &data[..]);
+        let (as_of, applied) = s.applied_view(0, 8192).unwrap();
+        assert_eq!(as_of, 9);
+        let h = applied.hashes(0, 8192, 4096).unwrap();
+        assert_eq!(h[0], redun_shipper::proto::ZERO_HASH);
+        assert_eq!(h[1], redun_shipper::proto::block_hash(&data));
+    }
+}

@@ -43,6 +43,11 @@ impl CrashStore {
         }
     }
 
+    /// What was synced: the image a power loss now would leave.
+    pub fn durable_image(&self) -> Vec<u8> {
+        self.st.lock().unwrap().durable.clone()
+    }
+
     /// The image after a crash, chosen by `rng`.
     pub fn crash(&self, rng: &mut Rng) -> CrashStore {
         let st = self.st.lock().unwrap();

@@ -586,6 +586,31 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_sync_cleans_its_regions_but_not_those_dirtied_again() {
+        let mut m = new_map();
+        let r = 64 << 10;
+        m.mark_dirty(0, 2 * r);
+        m.mark_dirty(10 * r, r);
+        let job = m.dirty_ranges();
+        m.start_sync();
+        // Written again while the job runs (the journal overflowed again), and a new region.
+        m.mark_dirty(r, 10);
+        m.mark_dirty(20 * r, r);
+        m.finish_sync(&job).unwrap();
+        assert_eq!(m.dirty_ranges(), vec![(r, r), (20 * r, r)]);
+        // Durable: what is on disk says the same.
+        let (m2, _) =
+            RegionMap::open(CrashStore::from_image(m.store.durable_image()), VOL).unwrap();
+        assert_eq!(m2.dirty_ranges(), vec![(r, r), (20 * r, r)]);
+        // An aborted job leaves everything dirty.
+        let mut m = new_map();
+        m.mark_dirty(0, r);
+        m.start_sync();
+        m.abort_sync();
+        assert_eq!(m.dirty_bytes(), r);
+    }
+
+    #[test]
     fn cooling_syncs_first_and_keeps_the_limit() {
         let mut m = new_map();
         m.set_max_hot(2);
