@@ -74,6 +74,12 @@ fn check_shipper(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String
     if let Err(e) = resync.window(path, None) {
         problems.push(e.to_string());
     }
+    if let Err(e) = resync.block_size(path, None) {
+        problems.push(e.to_string());
+    }
+    if let Err(e) = resync.verify_every(path) {
+        problems.push(e.to_string());
+    }
     if let Some(b) = &s.batch_size {
         if let Err(e) = redun_tracker::track::parse_size(b) {
             problems.push(format!(

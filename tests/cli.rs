@@ -424,6 +424,11 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
             "window = \"nights\"",
             "config {P}: resync.window = \"nights\": window \"nights\": expected HH:MM-HH:MM, e.g. 08:00-18:00",
         ),
+        (
+            "block_size = \"64K\"",
+            "block_size = \"60K\"",
+            "config {P}: resync.block_size = \"60K\": expected a power of two from 4K to 4M, e.g. 64K",
+        ),
     ];
     assert!(table.len() >= 15);
     let file = d.join("redun.toml").display().to_string();

@@ -2423,3 +2423,35 @@ fn verify_names_a_corruption_planted_in_the_replica_while_writes_go_on() {
     site.wait_caught_up();
     site.assert_identical();
 }
+
+#[test]
+fn verify_runs_on_its_schedule_with_the_configured_block_size() {
+    let mut site = Site::new();
+    site.fio("randwrite", "4k", "4m", 41);
+    site.wait_caught_up();
+    let cfg = site.dir().join("resync.toml");
+    std::fs::write(
+        &cfg,
+        "[resync]\nverify_every = \"1s\"\nblock_size = \"16K\"\nwindow = \"00:00-23:59\"\n",
+    )
+    .unwrap();
+    site.shipper.as_mut().unwrap().stop();
+    let pki = site.dir().join("pki");
+    site.start_shipper_with(&pki, "shipper", &["--config".into(), s(&cfg)]);
+    // Nobody asks: the schedule does, twice.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = site.shipper_status("shipper").unwrap_or_default();
+        let v = &st["verify"];
+        if v["done"] == true && v["id"].as_u64() >= Some(2) {
+            assert_eq!(v["differing"], serde_json::json!([]), "{v}");
+            assert!(v["compared_bytes"].as_u64() >= Some(VOL), "{v}");
+            assert_eq!(v["block_bytes"], 16384, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no scheduled verify: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = site.shipper.as_ref().unwrap().log_text();
+    assert!(log.contains("source and replica agree"), "{log}");
+}

@@ -23,9 +23,49 @@ pub struct ResyncSection {
     /// `HH:MM-HH:MM`, local time: automatic resyncs (after an overflow or an unclean stop)
     /// wait for it; initial replications and `redun resync` do not.
     pub window: Option<String>,
+    /// The block compared and sent, a power of two from 4K to 4M [default: 64K].
+    pub block_size: Option<String>,
+    /// Verify every volume online this often, e.g. "7d" [default: only by hand].
+    pub verify_every: Option<String>,
 }
 
 impl ResyncSection {
+    /// The block size, with `flag` (`--sync-block-size`) over the file.
+    pub fn block_size(&self, path: &Path, flag: Option<&str>) -> Result<u64, ConfigError> {
+        let (key, v) = match (flag, self.block_size.as_deref()) {
+            (Some(f), _) => ("--sync-block-size", f),
+            (None, Some(v)) => ("resync.block_size", v),
+            (None, None) => return Ok(crate::sync::DEFAULT_BLOCK),
+        };
+        redun_tracker::track::parse_size(v)
+            .and_then(|b| {
+                if b.is_power_of_two() && (4096..=4 << 20).contains(&b) {
+                    Ok(b)
+                } else {
+                    Err("expected a power of two from 4K to 4M, e.g. 64K".into())
+                }
+            })
+            .map_err(|why| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{key} = {v:?}: {why}"),
+            })
+    }
+
+    /// How often every volume is verified online (`None`: only by hand).
+    pub fn verify_every(&self, path: &Path) -> Result<Option<std::time::Duration>, ConfigError> {
+        let Some(v) = self.verify_every.as_deref() else {
+            return Ok(None);
+        };
+        match redun_tracker::config::parse_duration(v) {
+            Ok(0) => Ok(None),
+            Ok(ms) => Ok(Some(std::time::Duration::from_millis(ms))),
+            Err(why) => Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("resync.verify_every = {v:?}: {why}"),
+            }),
+        }
+    }
+
     /// The window, with `flag` (`--resync-window`) over the file.
     pub fn window(&self, path: &Path, flag: Option<&str>) -> Result<Option<Window>, ConfigError> {
         let (key, v) = match (flag, self.window.as_deref()) {

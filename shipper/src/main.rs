@@ -77,6 +77,10 @@ struct Args {
     /// any time].
     #[arg(long, value_name = "HH:MM-HH:MM")]
     resync_window: Option<String>,
+    /// The block synchronisations compare and send, a power of two from 4K to 4M (blocks that
+    /// differ are compared again in 4K blocks) [default: 64K].
+    #[arg(long, value_name = "SIZE")]
+    sync_block_size: Option<String>,
     /// Warn (status, metric, log) when a volume's RPO exceeds this, e.g. 30s [default: off].
     #[arg(long, value_name = "DURATION", value_parser = redun_tracker::config::parse_duration)]
     rpo_warning: Option<u64>,
@@ -167,6 +171,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let schedule = file.schedule(&cfg_path, args.bandwidth_limit.as_deref())?;
     let resync_window = resync.window(&cfg_path, args.resync_window.as_deref())?;
+    let sync_block = resync.block_size(&cfg_path, args.sync_block_size.as_deref())?;
+    let verify_every = resync.verify_every(&cfg_path)?;
     let opts = ShipOptions {
         server_name: args
             .target_name
@@ -185,6 +191,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         ),
         throttle: Arc::new(Throttle::new(schedule)),
         resync_window,
+        sync_block,
+        verify_every,
     };
     let journal_dir = args
         .journal_dir

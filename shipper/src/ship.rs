@@ -61,6 +61,10 @@ pub struct ShipOptions {
     pub throttle: Arc<Throttle>,
     /// Automatic resyncs wait for this window of local time.
     pub resync_window: Option<crate::throttle::Window>,
+    /// The block synchronisations and verifies compare (`resync.block_size`).
+    pub sync_block: u64,
+    /// Every volume is verified online this often (`resync.verify_every`; `None`: by hand).
+    pub verify_every: Option<Duration>,
 }
 
 /// `connecting`, `shipping`, `retrying`, `critical`.
@@ -205,6 +209,8 @@ pub struct VolumeShipper {
     /// Online verifies asked for (the id the next one gets), and started.
     verifies_asked: std::sync::atomic::AtomicU64,
     verifies_started: std::sync::atomic::AtomicU64,
+    /// When this shipper started (the first scheduled verify is `verify_every` later).
+    started_unix: f64,
 }
 
 /// A batch sent and not yet acknowledged.
@@ -240,6 +246,7 @@ impl VolumeShipper {
             resync: Mutex::new(None),
             verifies_asked: std::sync::atomic::AtomicU64::new(0),
             verifies_started: std::sync::atomic::AtomicU64::new(0),
+            started_unix: unix_now(),
         }
     }
 
@@ -261,9 +268,22 @@ impl VolumeShipper {
         Ok(started + 1)
     }
 
-    /// Starts the verify asked for, if any.
+    /// Starts the verify asked for, or due (`resync.verify_every`), if any.
     fn maybe_verify(&self, size: u64, path: &mut Option<String>) -> Option<Verify> {
         let heads = self.heads.as_ref()?;
+        if let Some(every) = self.opts.verify_every {
+            let last = self
+                .status
+                .lock()
+                .unwrap()
+                .verify
+                .as_ref()
+                .map_or(Some(self.started_unix), |v| v.finished_unix);
+            // (A verify under way has no finish time: nothing is due.)
+            if last.is_some_and(|t| unix_now() - t >= every.as_secs_f64()) {
+                let _ = self.request_verify();
+            }
+        }
         let asked = self.verifies_asked.load(Ordering::SeqCst);
         if asked <= self.verifies_started.load(Ordering::SeqCst) {
             return None;
@@ -281,7 +301,14 @@ impl VolumeShipper {
                 .map(|v| v.path);
         }
         let p = path.as_deref()?;
-        match Verify::start(asked, &self.name, heads.socket(), p, size) {
+        match Verify::start(
+            asked,
+            &self.name,
+            heads.socket(),
+            p,
+            size,
+            self.opts.sync_block,
+        ) {
             Ok(v) => {
                 self.verifies_started.store(asked, Ordering::SeqCst);
                 Some(v)
@@ -352,6 +379,7 @@ impl VolumeShipper {
             asked == Some(true),
             replica,
             size,
+            self.opts.sync_block,
         ) {
             Ok(s) => {
                 *self.resync.lock().unwrap() = None;

@@ -213,6 +213,7 @@ impl Sync {
         full: bool,
         replica: (u64, u64),
         size: u64,
+        block: u64,
     ) -> Result<Sync, SyncError> {
         let r = ask(
             socket,
@@ -226,7 +227,6 @@ impl Sync {
             .sync
             .ok_or_else(|| SyncError(format!("volume {volume}: the tracker sent no job")))?;
         let cursor = if replica.0 == job.job { replica.1 } else { 0 };
-        let block = DEFAULT_BLOCK;
         let ranges = block_ranges(&job.ranges, block, size, 0);
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         let todo: VecDeque<_> = block_ranges(&job.ranges, block, size, cursor).into();

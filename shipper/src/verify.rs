@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto;
 use crate::sync::{
-    AHEAD, CHUNK, DEFAULT_BLOCK, Pool, ReadReq, Source, SyncError, ask, block_ranges, now_unix,
-    push_run, read_chunk,
+    AHEAD, CHUNK, Pool, ReadReq, Source, SyncError, ask, block_ranges, now_unix, push_run,
+    read_chunk,
 };
 
 /// Passes over blocks that writes kept touching before they are reported as unsettled.
@@ -34,6 +34,8 @@ pub struct VerifyStatus {
     /// Which verify (counts up per shipper process).
     pub id: u64,
     pub done: bool,
+    /// The block compared.
+    pub block_bytes: u64,
     pub total_bytes: u64,
     pub compared_bytes: u64,
     /// Ranges `[offset, length]` where source and replica differ.
@@ -105,6 +107,7 @@ impl Verify {
         socket: &Path,
         path: &str,
         size: u64,
+        block: u64,
     ) -> Result<Verify, SyncError> {
         let file = File::open(path).map_err(|e| {
             SyncError(format!(
@@ -116,13 +119,13 @@ impl Verify {
         let (sock, vol) = (socket.to_path_buf(), volume.to_string());
         std::thread::Builder::new()
             .name(format!("verify-{volume}"))
-            .spawn(move || read_bracketed(&file, &sock, &vol, &requests, &done))
+            .spawn(move || read_bracketed(&file, block, &sock, &vol, &requests, &done))
             .map_err(|e| SyncError(format!("cannot start a thread: {e}")))?;
         info!("volume {volume}: verify {id} of {size} bytes begins");
         Ok(Verify {
             volume: volume.to_string(),
             size,
-            block: DEFAULT_BLOCK,
+            block,
             todo: VecDeque::from(vec![(0, size)]),
             asked: VecDeque::new(),
             suspects: Vec::new(),
@@ -134,6 +137,7 @@ impl Verify {
             status: VerifyStatus {
                 id,
                 done: false,
+                block_bytes: block,
                 total_bytes: size,
                 compared_bytes: 0,
                 differing: Vec::new(),
@@ -390,6 +394,7 @@ fn push_run_pair(list: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
 /// to it on the backing device), the read, then the head again.
 fn read_bracketed(
     file: &File,
+    block: u64,
     socket: &Path,
     volume: &str,
     requests: &Receiver<(ReadReq, u64)>,
@@ -418,7 +423,7 @@ fn read_bracketed(
                 std::thread::sleep(Duration::from_millis(1));
                 before = head()?;
             }
-            let mut src = read_chunk(file, regular, DEFAULT_BLOCK, &req, &pool)
+            let mut src = read_chunk(file, regular, block, &req, &pool)
                 .map_err(|e| format!("cannot read the source at {}: {e}", req.offset))?;
             let q = head()?;
             // Only the checksums are compared: the buffer goes back.
