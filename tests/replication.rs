@@ -2018,6 +2018,12 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
                 break s;
             }
             assert_eq!(s["kind"], "initial-replication", "{s}");
+            // "Enable protection" checked what it needs before the copy began.
+            let checks = s["prerequisites"].to_string();
+            assert!(
+                checks.contains("reachable and authenticated") && checks.contains("readable"),
+                "{s}"
+            );
         }
         // Once the target answered a hash request, it committed the job's begin.
         if let Some(s) = sync_status(&site).filter(|s| s["compared_bytes"].as_u64() > Some(0)) {

@@ -380,6 +380,14 @@ impl VolumeShipper {
             replica,
             size,
             self.opts.sync_block,
+            &[
+                format!("journal {} open", self.journal.display()),
+                format!(
+                    "target {} reachable and authenticated (mutual TLS)",
+                    self.opts.target
+                ),
+                format!("replica accepted the volume's identity and size ({size} bytes)"),
+            ],
         ) {
             Ok(s) => {
                 *self.resync.lock().unwrap() = None;

@@ -49,7 +49,7 @@ pub enum JobPhase {
     /// Comparing blocks and sending those that differ.
     Comparing,
     /// Every block compared: waiting for the target to hold the end record.
-    Finalizing,
+    FinalizeProtection,
 }
 
 /// A job's progress, for `redun jobs` and `redun status`.
@@ -71,6 +71,9 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<f64>,
     pub started_unix: f64,
+    /// "Enable protection": what was checked before an initial replication began.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prerequisites: Vec<String>,
 }
 
 /// A chunk asked for: its slot, and the two sides' checksums as they arrive.
@@ -214,6 +217,7 @@ impl Sync {
         replica: (u64, u64),
         size: u64,
         block: u64,
+        checked: &[String],
     ) -> Result<Sync, SyncError> {
         let r = ask(
             socket,
@@ -282,6 +286,16 @@ impl Sync {
                 rate_bytes_per_second: 0.0,
                 eta_seconds: None,
                 started_unix: now_unix(),
+                prerequisites: if kind == JobKind::InitialReplication {
+                    let mut p = checked.to_vec();
+                    p.push(format!(
+                        "backing device {} readable ({size} bytes)",
+                        job.path
+                    ));
+                    p
+                } else {
+                    Vec::new()
+                },
             },
             job,
             block,
@@ -383,7 +397,7 @@ impl Sync {
         }
         if self.todo.is_empty() && self.asked.is_empty() && self.end_seq.is_none() {
             self.end_seq = Some(self.record(SyncRole::End, 0, 0)?);
-            self.status.phase = JobPhase::Finalizing;
+            self.status.phase = JobPhase::FinalizeProtection;
         }
         Ok(())
     }
