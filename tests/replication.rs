@@ -1441,11 +1441,9 @@ fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primary() {
     let mut site = Site::new();
     let target_sock = site.dir().join("target.sock");
     // A writer that runs until the source refuses its writes.
-    let mut writer = Command::new("fio")
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", site.tracker.uri()),
+    let mut writer = fio_spawn(
+        &site.tracker.uri(),
+        &[
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=8",
@@ -1453,13 +1451,8 @@ fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primary() {
             "--time_based",
             "--runtime=60",
             "--rate=20m",
-            "--refill_buffers",
-            "--thread",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_secs(2));
     let out = redun_ok(
         &["failover", EXPORT, "--planned"],
@@ -1949,6 +1942,18 @@ fn metrics_and_the_rpo_warning_tell_what_replication_does() {
     assert_eq!(series(&healed, "redun_rpo_warning{volume=\"disk\"}"), 0.0);
 }
 
+/// fio writing through NBD to `uri` in the background, with `opts` besides the usual ones.
+fn fio_spawn(uri: &str, opts: &[&str]) -> Child {
+    Command::new("fio")
+        .args(["--name=w", "--ioengine=nbd", &format!("--uri={uri}")])
+        .args(opts)
+        .args(["--refill_buffers", "--thread"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn sync_status(site: &Site) -> Option<serde_json::Value> {
     site.shipper_status("shipper")
         .map(|s| s["sync"].clone())
@@ -1992,11 +1997,9 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
         },
     );
     // The application writes while the initial replication runs.
-    let mut fio = Command::new("fio")
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", site.tracker.uri()),
+    let mut fio = fio_spawn(
+        &site.tracker.uri(),
+        &[
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=8",
@@ -2004,12 +2007,8 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
             "--io_size=64m",
             "--rate=8m",
             "--randseed=5",
-            "--refill_buffers",
-            "--thread",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     // Until it is done, the replica is inconsistent and says so.
     let deadline = Instant::now() + Duration::from_secs(300);
     let before = loop {
@@ -2025,8 +2024,13 @@ fn initial_replication_of_a_volume_in_use_resumes_after_kill_9_and_ends_identica
                 "{s}"
             );
         }
-        // Once the target answered a hash request, it committed the job's begin.
-        if let Some(s) = sync_status(&site).filter(|s| s["compared_bytes"].as_u64() > Some(0)) {
+        // Once the target acknowledged the job's begin (seq 1, the volume's first record), its
+        // state says the replica is being synchronised.
+        let acked = site
+            .shipper_status("shipper")
+            .and_then(|s| s["acked_seq"].as_u64())
+            .unwrap_or(0);
+        if let Some(s) = sync_status(&site).filter(|_| acked >= 1) {
             let t = request_json(
                 &site.dir().join("target.sock"),
                 &serde_json::json!({"cmd": "status"}),
@@ -2240,11 +2244,9 @@ fn after_kill_9_of_the_tracker_under_writes_the_hot_regions_are_resynced() {
     require("fio");
     let mut site = Site::new();
     site.wait_caught_up();
-    let mut fio = Command::new("fio")
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", site.tracker.uri()),
+    let mut fio = fio_spawn(
+        &site.tracker.uri(),
+        &[
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=16",
@@ -2253,13 +2255,8 @@ fn after_kill_9_of_the_tracker_under_writes_the_hot_regions_are_resynced() {
             "--time_based",
             "--runtime=30",
             "--randseed=22",
-            "--refill_buffers",
-            "--thread",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_secs(2));
     let child = site.tracker.child.take().unwrap();
     kill(
@@ -2366,11 +2363,9 @@ fn verify_names_a_corruption_planted_in_the_replica_while_writes_go_on() {
         f.write_all_at(&[0xa5; 4096], ROT + 8192).unwrap();
     }
     // The application goes on writing (elsewhere) while the verify runs.
-    let mut fio = Command::new("fio")
-        .args([
-            "--name=w",
-            "--ioengine=nbd",
-            &format!("--uri={}", site.tracker.uri()),
+    let mut fio = fio_spawn(
+        &site.tracker.uri(),
+        &[
             "--rw=randwrite",
             "--bs=4k",
             "--size=16m",
@@ -2378,12 +2373,8 @@ fn verify_names_a_corruption_planted_in_the_replica_while_writes_go_on() {
             "--runtime=8",
             "--rate=4m",
             "--randseed=31",
-            "--refill_buffers",
-            "--thread",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     let verify = |want: i32| -> serde_json::Value {
         let out = Command::new(bin("redun"))
             .args(["verify", EXPORT, "--json", "--shipper-socket"])

@@ -165,6 +165,27 @@ pub(crate) fn now_unix() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// What a worker finished: the first after waiting up to `wait` (if given), and everything
+/// else already there.
+pub(crate) fn drain<T>(rx: &Receiver<T>, wait: Option<Duration>) -> Result<Vec<T>, SyncError> {
+    let stopped = || SyncError("the source reader thread stopped".into());
+    let mut out = Vec::new();
+    if let Some(d) = wait {
+        match rx.recv_timeout(d) {
+            Ok(v) => out.push(v),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Ok(out),
+            Err(_) => return Err(stopped()),
+        }
+    }
+    loop {
+        match rx.try_recv() {
+            Ok(v) => out.push(v),
+            Err(TryRecvError::Empty) => return Ok(out),
+            Err(TryRecvError::Disconnected) => return Err(stopped()),
+        }
+    }
+}
+
 /// Asks the tracker; an error names the volume and says what to do.
 pub(crate) fn ask(
     socket: &Path,
@@ -473,21 +494,7 @@ impl Sync {
 
     /// Takes in what the worker read; with `wait`, waits up to that long for one chunk.
     pub fn poll_source(&mut self, wait: Option<Duration>) -> Result<(), SyncError> {
-        let mut first = wait;
-        loop {
-            let got = match first.take() {
-                Some(d) => match self.from_worker.recv_timeout(d) {
-                    Ok(v) => Some(v),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(_) => return Err(SyncError("the sync reader stopped".into())),
-                },
-                None => match self.from_worker.try_recv() {
-                    Ok(v) => Some(v),
-                    Err(TryRecvError::Empty) => None,
-                    Err(_) => return Err(SyncError("the sync reader stopped".into())),
-                },
-            };
-            let Some((offset, r)) = got else { break };
+        for (offset, r) in drain(&self.from_worker, wait)? {
             let src = r.map_err(|e| {
                 SyncError(format!(
                     "volume {}: cannot read the source {} at {offset}: {e}",

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto;
 use crate::sync::{
-    AHEAD, CHUNK, Pool, ReadReq, Source, SyncError, ask, block_ranges, now_unix, push_run,
+    AHEAD, CHUNK, Pool, ReadReq, Source, SyncError, ask, block_ranges, drain, now_unix, push_run,
     read_chunk,
 };
 
@@ -227,19 +227,7 @@ impl Verify {
 
     /// Takes in what the worker read; with `wait`, waits up to that long for one chunk.
     pub fn poll_source(&mut self, wait: Option<Duration>) -> Result<(), SyncError> {
-        let mut first = wait;
-        loop {
-            let got = match first.take() {
-                Some(d) => self.from_worker.recv_timeout(d).ok(),
-                None => match self.from_worker.try_recv() {
-                    Ok(v) => Some(v),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => {
-                        return Err(SyncError("the verify reader stopped".into()));
-                    }
-                },
-            };
-            let Some((offset, r)) = got else { break };
+        for (offset, r) in drain(&self.from_worker, wait)? {
             let src = r.map_err(|e| SyncError(format!("volume {}: {e}", self.volume)))?;
             if let Some(c) = self
                 .asked
