@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo, on local files and loopback: a protected volume served by redun-tracker, shipped by
-# redun-shipper over mutual TLS to redun-target; recovery points; a point read back over NBD; a
-# test failover; a planned failover that loses nothing. Real NBD clients (nbdcopy, nbdinfo,
+# The demo, on local files and loopback: a volume that already holds data, protected by
+# redun-tracker and shipped by redun-shipper over mutual TLS to redun-target (its initial
+# replication first); recovery points; an online verify; a point read back over NBD; a test
+# failover; a planned failover that loses nothing. Real NBD clients (nbdcopy, nbdinfo,
 # qemu-io) do the I/O. Everything lives in a temporary directory and stops at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,12 +35,13 @@ sockets=(--tracker-socket tracker.sock --shipper-socket shipper.sock --target-so
 
 echo "== certificates for mutual TLS: a CA, the target (localhost) and the shipper"
 redun pki init --dir pki --name localhost --name shipper
-echo "== the master target, the tracker in front of a 256 MiB volume, the shipper"
+echo "== the master target, the tracker in front of a 256 MiB volume holding 32 MiB of data, the shipper"
 "$bin/redun-target" --data-dir data --listen 127.0.0.1:0 --tls-ca pki/ca.crt \
     --tls-cert pki/localhost.crt --tls-key pki/localhost.key --admin-socket target.sock \
     --nbd-listen "unix:$work/target-nbd.sock" 2>target.log &
 pids+=($!)
 truncate -s 256M volume.img
+head -c 32M /dev/urandom | dd of=volume.img bs=1M seek=200 conv=notrunc status=none
 "$bin/redun-tracker" --volume demo="$work/volume.img" --listen "unix:$work/nbd.sock" \
     --admin-socket tracker.sock --journal-dir journal --journal-size 128M 2>tracker.log &
 pids+=($!)
@@ -54,6 +56,13 @@ wait_for shipper.sock
 src="nbd+unix:///demo?socket=$work/nbd.sock"
 at() { echo "nbd+unix:///demo@$1?socket=$work/target-nbd.sock"; }
 
+echo "== initial replication: the data the volume held is compared and copied while it stays in use"
+for _ in $(seq 600); do
+    redun status --json "${sockets[@]}" | grep -q '"state": "protected"' && break
+    sleep 0.1
+done
+grep 'synchronisation .* done' shipper.log | sed 's/.*INFO  redun_shipper::sync\] //'
+
 echo "== write 64 MiB through the tracker, place a recovery point, write 16 MiB more"
 head -c 64M /dev/urandom >data1
 nbdcopy --flush data1 "$src"
@@ -64,6 +73,9 @@ p2=$(redun point create demo "${sockets[@]:0:4}")
 echo "points $p1 and $p2 are on the target"
 redun status "${sockets[@]}"
 redun points demo --target-socket target.sock
+
+echo "== online verify: source and replica compared block by block while replication runs"
+redun verify demo --shipper-socket shipper.sock
 
 echo "== point $p1 read back from the target over NBD"
 nbdcopy "$(at "$p1")" p1.img
