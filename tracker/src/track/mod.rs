@@ -796,23 +796,37 @@ impl ChangeLog {
                 self.path.display()
             )));
         }
-        let Some(j) = st.journal.as_mut() else {
-            return Err(io::Error::other("changes are not journaled (--no-journal)"));
-        };
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let payload = MarkerInfo { kind, unix_ms }.encode();
-        let seq = j.append(Kind::Marker, 0, 0, &payload).map_err(|e| {
+        let seq = self.append_note(st, Kind::Marker, (0, 0), &payload, "place a recovery point")?;
+        st.changed_since_mark = false;
+        self.points[usize::from(kind == PointKind::App)].fetch_add(1, Ordering::Relaxed);
+        Ok(Some(seq))
+    }
+
+    /// Appends a record that is not a change (a marker, a sync record) covering `range`, and
+    /// tells the committer. An error says it could not `what`.
+    fn append_note(
+        &self,
+        st: &mut State,
+        kind: Kind,
+        range: (u64, u32),
+        payload: &[u8],
+        what: &str,
+    ) -> io::Result<u64> {
+        let Some(j) = st.journal.as_mut() else {
+            return Err(io::Error::other("changes are not journaled (--no-journal)"));
+        };
+        let seq = j.append(kind, range.0, range.1, payload).map_err(|e| {
             io::Error::other(format!(
-                "journal {}: cannot place a recovery point: {e}",
+                "journal {}: cannot {what}: {e}",
                 self.path.display()
             ))
         })?;
-        st.changed_since_mark = false;
-        self.points[usize::from(kind == PointKind::App)].fetch_add(1, Ordering::Relaxed);
         self.arm_committer(st);
-        Ok(Some(seq))
+        Ok(seq)
     }
 
     /// Starts synchronising the volume's dirty ranges (all of it with `full`), or returns the
@@ -834,21 +848,17 @@ impl ChangeLog {
                 self.path.display()
             )));
         }
-        let (Some(journal), Some(map)) = (st.journal.as_mut(), st.map.as_mut()) else {
+        let (Some(journal), Some(map)) = (st.journal.as_ref(), st.map.as_ref()) else {
             return Err(io::Error::other("changes are not journaled (--no-journal)"));
         };
-        // Room the shipper released since the journal overflowed.
-        if let Some(seq) = read_release(&self.path)? {
-            if seq >= journal.tail_seq() && seq < journal.next_seq() {
-                journal.release(seq).map_err(into_io)?;
-            }
-        }
-        let size = journal.superblock().volume_size;
         let ranges = if full {
-            vec![(0, size)]
+            vec![(0, journal.superblock().volume_size)]
         } else {
             map.dirty_ranges()
         };
+        let region = map.region();
+        // Room the shipper released since the journal overflowed.
+        self.absorb_release(st.journal.as_mut());
         let mut id = [0u8; 8];
         crate::journal::random_bytes(&mut id);
         let job = u64::from_le_bytes(id).max(1);
@@ -857,25 +867,24 @@ impl ChangeLog {
             job,
         }
         .encode();
-        let begin_seq = journal.append(Kind::Sync, 0, 0, &payload).map_err(|e| {
-            io::Error::other(format!(
-                "journal {}: cannot begin a synchronisation: {e} (the shipper must drain it \
-                 first)",
-                self.path.display()
-            ))
-        })?;
-        map.start_sync();
+        let begin_seq = self.append_note(
+            st,
+            Kind::Sync,
+            (0, 0),
+            &payload,
+            "begin a synchronisation (the shipper must drain it first)",
+        )?;
+        st.map.as_mut().expect("checked").start_sync();
         st.overflowed = false;
         let job = SyncJob {
             job,
             begin_seq,
             ranges,
-            region: map.region(),
+            region,
             full,
             path: String::new(),
         };
         st.sync = Some(job.clone());
-        self.arm_committer(st);
         Ok(job)
     }
 
@@ -899,31 +908,23 @@ impl ChangeLog {
             )));
         }
         let appended = if st.overflowed || st.journal_failed {
-            Err("the journal overflowed during the synchronisation".to_string())
+            Err(io::Error::other(format!(
+                "journal {}: it overflowed during the synchronisation",
+                self.path.display()
+            )))
         } else {
             let payload = SyncInfo { role, job }.encode();
-            st.journal
-                .as_mut()
-                .expect("a job needs a journal")
-                .append(Kind::Sync, offset, length, &payload)
-                .map_err(|e| e.to_string())
+            let what = format!("append to synchronisation {job}");
+            self.append_note(st, Kind::Sync, (offset, length), &payload, &what)
         };
-        match appended {
-            Ok(seq) => {
-                self.arm_committer(st);
-                Ok(seq)
-            }
-            Err(why) => {
+        appended
+            .inspect_err(|_| {
                 st.sync = None;
                 if let Some(m) = st.map.as_mut() {
                     m.abort_sync();
                 }
-                Err(io::Error::other(format!(
-                    "journal {}: synchronisation {job} stopped: {why}; its ranges stay dirty",
-                    self.path.display()
-                )))
-            }
-        }
+            })
+            .map_err(|e| io::Error::other(format!("{e}; the job stopped, its ranges stay dirty")))
     }
 
     /// The target holds `job`'s end record durably: the job's ranges are clean again (except
