@@ -638,24 +638,36 @@ impl Target {
 
     /// Applies batches until the shipper leaves or something is refused. Batches that arrive
     /// back to back are committed together (one image sync, one state update), up to
-    /// [`GROUP_BYTES`]; the ACK then covers them all.
+    /// [`GROUP_BYTES`]; the ACK then covers them all. A hash request is answered as of every
+    /// record before it, committed or not, and does not end a group.
     fn stream(&self, tls: &mut Tls, replica: &mut Replica, slot: &Slot) -> Result<(), StreamEnd> {
         let mut decoder = proto::BatchDecoder::new().map_err(StreamEnd::Io)?;
+        // Batches were received since the last ACK.
+        let mut ack_owed = false;
         loop {
-            let batch = match proto::read_frame(tls) {
-                Ok(Frame::Batch(b)) => b,
-                Ok(Frame::Ping) => {
-                    let through = replica.commit().map_err(StreamEnd::Refused)?;
-                    proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
-                    continue;
+            match proto::read_frame(tls) {
+                Ok(Frame::Batch(batch)) => {
+                    let records = decoder.decode(&batch).map_err(|e| {
+                        StreamEnd::Refused(Refusal::new(RefuseCode::Protocol, e.to_string()))
+                    })?;
+                    if let Some(r) = self.refusal_if_promoted(&replica.state().name) {
+                        return Err(StreamEnd::Refused(r));
+                    }
+                    replica.apply(&records).map_err(StreamEnd::Refused)?;
+                    let mut s = slot.status.lock().unwrap();
+                    s.batches += 1;
+                    s.bytes_received += batch.compressed.len() as u64;
+                    s.bytes_applied += u64::from(batch.raw_len);
+                    s.last_batch_unix = Some(now_unix());
+                    ack_owed = true;
                 }
+                Ok(Frame::Ping) => ack_owed = true,
                 Ok(Frame::HashRequest {
                     job,
                     offset,
                     length,
                     block,
                 }) => {
-                    // As of every record before the request, durable or not.
                     let (as_of, hashes) = replica
                         .hashes(offset, length, block)
                         .map_err(StreamEnd::Refused)?;
@@ -667,14 +679,6 @@ impl Target {
                         hashes,
                     };
                     proto::write_frame(tls, &answer).map_err(StreamEnd::Io)?;
-                    if replica.uncommitted() == 0 || more_input(tls) {
-                        continue;
-                    }
-                    // Batches before the request wait for their ACK.
-                    let through = replica.commit().map_err(StreamEnd::Refused)?;
-                    slot.status.lock().unwrap().applied_seq = through;
-                    proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
-                    continue;
                 }
                 Ok(f) => {
                     return Err(StreamEnd::Refused(Refusal::new(
@@ -690,31 +694,18 @@ impl Target {
                         e.to_string(),
                     )));
                 }
-            };
-            let records = decoder.decode(&batch).map_err(|e| {
-                StreamEnd::Refused(Refusal::new(RefuseCode::Protocol, e.to_string()))
-            })?;
-            if let Some(r) = self.refusal_if_promoted(&replica.state().name) {
-                return Err(StreamEnd::Refused(r));
             }
-            replica.apply(&records).map_err(StreamEnd::Refused)?;
-            {
-                let mut s = slot.status.lock().unwrap();
-                s.batches += 1;
-                s.bytes_received += batch.compressed.len() as u64;
-                s.bytes_applied += u64::from(batch.raw_len);
-            }
-            if replica.uncommitted() < GROUP_BYTES && more_input(tls) {
+            if !ack_owed || replica.uncommitted() < GROUP_BYTES && more_input(tls) {
                 continue;
             }
             let through = replica.commit().map_err(StreamEnd::Refused)?;
             {
                 let mut s = slot.status.lock().unwrap();
                 s.applied_seq = through;
-                s.last_batch_unix = Some(now_unix());
                 s.last_error = None;
             }
             proto::write_frame(tls, &Frame::Ack { through }).map_err(StreamEnd::Io)?;
+            ack_owed = false;
         }
     }
 }
