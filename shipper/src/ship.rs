@@ -190,6 +190,22 @@ fn proto_err(target: &str, e: ProtoError) -> ShipError {
     }
 }
 
+/// A refusal: retried when `code` may heal by itself, else critical.
+fn refused(target: &str, code: proto::RefuseCode, message: &str) -> ShipError {
+    let m = format!("target {target} refused: {message}");
+    if code.recoverable() {
+        ShipError::Retry(m)
+    } else {
+        ShipError::Fatal(m)
+    }
+}
+
+fn unexpected(target: &str) -> ShipError {
+    ShipError::Retry(format!(
+        "target {target}: unexpected frame instead of an ACK"
+    ))
+}
+
 fn journal_err(path: &std::path::Path, e: JournalError) -> ShipError {
     ShipError::Retry(format!("journal {}: {e}", path.display()))
 }
@@ -598,15 +614,8 @@ impl VolumeShipper {
                     sync_cursor,
                     ..
                 } => (next_seq, (sync_job, sync_cursor)),
-                Frame::Refuse { code, message } if code.recoverable() => {
-                    return Err(ShipError::Retry(format!(
-                        "target {target} refused: {message}"
-                    )));
-                }
-                Frame::Refuse { message, .. } => {
-                    return Err(ShipError::Fatal(format!(
-                        "target {target} refused: {message}"
-                    )));
+                Frame::Refuse { code, message } => {
+                    return Err(refused(&target, code, &message));
                 }
                 _ => {
                     return Err(ShipError::Retry(format!(
@@ -926,15 +935,8 @@ impl VolumeShipper {
         for _ in 0..=WINDOW {
             match proto::read_frame(tls) {
                 Ok(Frame::Ack { .. }) => {}
-                Ok(Frame::Refuse { code, message }) if code.recoverable() => {
-                    return Some(ShipError::Retry(format!(
-                        "target {target} refused: {message}"
-                    )));
-                }
-                Ok(Frame::Refuse { message, .. }) => {
-                    return Some(ShipError::Fatal(format!(
-                        "target {target} refused: {message}"
-                    )));
+                Ok(Frame::Refuse { code, message }) => {
+                    return Some(refused(target, code, &message));
                 }
                 _ => return None,
             }
@@ -947,35 +949,20 @@ impl VolumeShipper {
         let target = &self.opts.target;
         match proto::read_frame(tls).map_err(|e| proto_err(target, e))? {
             f @ (Frame::Ack { .. } | Frame::Hashes { .. }) => Ok(f),
-            Frame::Refuse { code, message } if code.recoverable() => Err(ShipError::Retry(
-                format!("target {target} refused: {message}"),
-            )),
-            Frame::Refuse { message, .. } => Err(ShipError::Fatal(format!(
-                "target {target} refused: {message}"
-            ))),
-            _ => Err(ShipError::Retry(format!(
-                "target {target}: unexpected frame instead of an ACK"
-            ))),
+            Frame::Refuse { code, message } => Err(refused(target, code, &message)),
+            _ => Err(unexpected(target)),
         }
     }
 
     /// Reads the target's answer to a batch or ping: an ACK through at least `want`.
     fn expect_ack<S: Read + Write>(&self, tls: &mut S, want: u64) -> Result<u64, ShipError> {
         let target = &self.opts.target;
-        match proto::read_frame(tls).map_err(|e| proto_err(target, e))? {
+        match self.receive(tls)? {
             Frame::Ack { through } if through >= want => Ok(through),
             Frame::Ack { through } => Err(ShipError::Retry(format!(
                 "target {target} acknowledged seq {through}, short of {want}"
             ))),
-            Frame::Refuse { code, message } if code.recoverable() => Err(ShipError::Retry(
-                format!("target {target} refused: {message}"),
-            )),
-            Frame::Refuse { message, .. } => Err(ShipError::Fatal(format!(
-                "target {target} refused: {message}"
-            ))),
-            _ => Err(ShipError::Retry(format!(
-                "target {target}: unexpected frame instead of an ACK"
-            ))),
+            _ => Err(unexpected(target)),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::proto::{self, SyncBlock, ZERO_HASH, block_hash};
 /// Default block: the unit compared and sent.
 pub const DEFAULT_BLOCK: u64 = 64 << 10;
 /// Bytes one hash request and one slot cover.
-pub(crate) const CHUNK: u64 = 8 << 20;
+const CHUNK: u64 = 8 << 20;
 /// Chunks asked for ahead of the journal reader.
 pub(crate) const AHEAD: usize = 16;
 /// The finer block that differing blocks are compared in again, so that a 4 KiB change costs
@@ -163,6 +163,33 @@ pub(crate) fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The next chunk, at most [`CHUNK`] bytes, from the front of `todo`.
+pub(crate) fn next_chunk(todo: &mut VecDeque<(u64, u64)>) -> Option<(u64, u64)> {
+    let (o, l) = todo.pop_front()?;
+    let len = l.min(CHUNK);
+    if l > len {
+        todo.push_front((o + len, l - len));
+    }
+    Some((o, len))
+}
+
+/// Puts a HASH_REQUEST for `range` in `block`s into the stream.
+pub(crate) fn request_hashes(
+    send: &mut dyn FnMut(&proto::Frame) -> std::io::Result<()>,
+    volume: &str,
+    job: u64,
+    range: (u64, u64),
+    block: u64,
+) -> Result<(), SyncError> {
+    send(&proto::Frame::HashRequest {
+        job,
+        offset: range.0,
+        length: range.1,
+        block: u32::try_from(block).expect("blocks are at most 4 MiB"),
+    })
+    .map_err(|e| SyncError(format!("volume {volume}: {e}")))
 }
 
 /// What a worker finished: the first after waiting up to `wait` (if given), and everything
@@ -373,33 +400,18 @@ impl Sync {
     ) -> Result<(), SyncError> {
         for c in &mut self.asked {
             for r in c.refine.iter_mut().filter(|r| !r.asked) {
-                send(&proto::Frame::HashRequest {
-                    job: self.job.job,
-                    offset: c.offset + r.at,
-                    length: r.len,
-                    block: u32::try_from(FINE).expect("small"),
-                })
-                .map_err(|e| SyncError(format!("volume {}: {e}", self.volume)))?;
+                let (job, at) = (self.job.job, c.offset + r.at);
+                request_hashes(send, &self.volume, job, (at, r.len), FINE)?;
                 r.asked = true;
             }
         }
         // Compared blocks wait in memory until the journal reader reaches their slot: both
         // count against the limit.
         while self.asked.len() + self.filled.len() < AHEAD {
-            let Some((o, l)) = self.todo.pop_front() else {
+            let Some((o, len)) = next_chunk(&mut self.todo) else {
                 break;
             };
-            let len = l.min(CHUNK);
-            if l > len {
-                self.todo.push_front((o + len, l - len));
-            }
-            send(&proto::Frame::HashRequest {
-                job: self.job.job,
-                offset: o,
-                length: len,
-                block: u32::try_from(self.block).expect("blocks are at most 4 MiB"),
-            })
-            .map_err(|e| SyncError(format!("volume {}: {e}", self.volume)))?;
+            request_hashes(send, &self.volume, self.job.job, (o, len), self.block)?;
             let slot = self.record(SyncRole::Slot, o, len)?;
             self.to_worker
                 .send(ReadReq { offset: o, len })
@@ -641,7 +653,7 @@ impl Sync {
 
 /// Adds a run of differing bytes (data or zeroes) at `at`, merged with the last one when
 /// they touch and are of one kind.
-pub(crate) fn push_run(runs: &mut Vec<(u64, u64, bool)>, at: u64, n: u64, data: bool) {
+fn push_run(runs: &mut Vec<(u64, u64, bool)>, at: u64, n: u64, data: bool) {
     match runs.last_mut() {
         Some(r) if r.0 + r.1 == at && r.2 == data => r.1 += n,
         _ => runs.push((at, n, data)),

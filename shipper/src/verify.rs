@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto;
 use crate::sync::{
-    AHEAD, CHUNK, Pool, ReadReq, Source, SyncError, ask, block_ranges, drain, now_unix, push_run,
-    read_chunk,
+    AHEAD, Pool, ReadReq, Source, SyncError, ask, block_ranges, drain, next_chunk, now_unix,
+    read_chunk, request_hashes,
 };
 
 /// Passes over blocks that writes kept touching before they are reported as unsettled.
@@ -169,20 +169,10 @@ impl Verify {
         send: &mut dyn FnMut(&proto::Frame) -> std::io::Result<()>,
     ) -> Result<(), SyncError> {
         while self.asked.len() < AHEAD {
-            let Some((o, l)) = self.todo.pop_front() else {
+            let Some((o, len)) = next_chunk(&mut self.todo) else {
                 break;
             };
-            let len = l.min(CHUNK);
-            if l > len {
-                self.todo.push_front((o + len, l - len));
-            }
-            send(&proto::Frame::HashRequest {
-                job: self.status.id,
-                offset: o,
-                length: len,
-                block: u32::try_from(self.block).expect("blocks are at most 4 MiB"),
-            })
-            .map_err(|e| SyncError(format!("volume {}: {e}", self.volume)))?;
+            request_hashes(send, &self.volume, self.status.id, (o, len), self.block)?;
             self.to_worker
                 .send((ReadReq { offset: o, len }, sent))
                 .map_err(|_| SyncError("the verify reader stopped".into()))?;
@@ -312,9 +302,10 @@ impl Verify {
         let (done, open): (Vec<_>, Vec<_>) = self.suspects.drain(..).partition(|s| s.q <= read);
         self.suspects = open;
         for s in done {
-            let mut d = std::mem::take(&mut self.status.differing);
-            push_run_pair(&mut d, s.offset, s.len);
-            self.status.differing = d;
+            match self.status.differing.last_mut() {
+                Some(d) if d.0 + d.1 == s.offset => d.1 += s.len,
+                _ => self.status.differing.push((s.offset, s.len)),
+            }
         }
         if !self.todo.is_empty() || !self.asked.is_empty() || !self.suspects.is_empty() {
             return false;
@@ -369,13 +360,6 @@ fn unsettled(bytes: u64) -> String {
     } else {
         format!(" ({bytes} bytes changed in every pass and were not verified)")
     }
-}
-
-/// Merges a differing range into a list of `(offset, length)`.
-fn push_run_pair(list: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
-    let mut runs: Vec<(u64, u64, bool)> = list.iter().map(|&(o, l)| (o, l, true)).collect();
-    push_run(&mut runs, offset, len, true);
-    *list = runs.into_iter().map(|(o, l, _)| (o, l)).collect();
 }
 
 /// The verify worker: for each chunk, the tracker's head once it reached `h` (every record up
