@@ -7,19 +7,10 @@ use std::time::{Duration, Instant};
 
 use redun_tracker::admin::{self, AdminRequest};
 
+use crate::ask::{Daemon, ask};
+
 fn target_request(target: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
-    match admin::request_json(target, req) {
-        Ok(v) if v["ok"] == true => Ok(v),
-        Ok(v) => Err(v["error"]
-            .as_str()
-            .unwrap_or("the target refused")
-            .to_string()),
-        Err(e) => Err(format!(
-            "cannot reach the target on {}: {e} (is redun-target running on this host? \
-             --target-socket)",
-            target.display()
-        )),
-    }
+    ask(Daemon::Target, target, req).map_err(|e| e.to_string())
 }
 
 fn promoted(volume: &str, v: &serde_json::Value, how: &str) {

@@ -5,16 +5,16 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use redun_tracker::admin;
+use crate::ask::{Daemon, ask, ask_or_exit};
 
 /// One job per volume that has one: (volume, job status).
 fn jobs(shipper: &Path) -> Result<Vec<(String, serde_json::Value)>, String> {
-    let r = admin::request_json(shipper, &serde_json::json!({"cmd": "status"})).map_err(|e| {
-        format!(
-            "cannot reach the shipper on {}: {e} (is redun-shipper running? --shipper-socket)",
-            shipper.display()
-        )
-    })?;
+    let r = ask(
+        Daemon::Shipper,
+        shipper,
+        &serde_json::json!({"cmd": "status"}),
+    )
+    .map_err(|e| e.to_string())?;
     let vols = r["status"]["volumes"]
         .as_array()
         .cloned()
@@ -158,26 +158,16 @@ fn watch_bars(shipper: &Path) -> ExitCode {
 /// `redun verify VOLUME`: asks the shipper for an online verify and waits for its result.
 pub fn verify(volume: &str, json: bool, shipper: &Path) -> ExitCode {
     let req = serde_json::json!({"cmd": "verify", "volume": volume});
-    let id = match admin::request_json(shipper, &req) {
-        Ok(r) if r["ok"] == true => r["verify"].as_u64().unwrap_or(0),
-        Ok(r) => {
-            eprintln!(
-                "redun verify: {}",
-                r["error"].as_str().unwrap_or("the shipper refused")
-            );
-            return ExitCode::from(1);
-        }
-        Err(e) => {
-            eprintln!(
-                "redun verify: cannot reach the shipper on {}: {e} (is redun-shipper running? \
-                 --shipper-socket)",
-                shipper.display()
-            );
-            return ExitCode::from(2);
-        }
+    let id = match ask_or_exit("verify", Daemon::Shipper, shipper, &req) {
+        Ok(r) => r["verify"].as_u64().unwrap_or(0),
+        Err(code) => return code,
     };
     let result = loop {
-        let status = admin::request_json(shipper, &serde_json::json!({"cmd": "status"}));
+        let status = ask(
+            Daemon::Shipper,
+            shipper,
+            &serde_json::json!({"cmd": "status"}),
+        );
         let v = status.ok().and_then(|r| {
             r["status"]["volumes"]
                 .as_array()?

@@ -10,6 +10,7 @@ use redun_tracker::config::DEFAULT_ADMIN_SOCKET;
 const DEFAULT_SHIPPER_SOCKET: &str = "/run/redun/shipper.sock";
 const DEFAULT_TARGET_SOCKET: &str = "/run/redun/target.sock";
 
+mod ask;
 mod config_check;
 mod failover;
 mod jobs;
@@ -266,26 +267,12 @@ fn main() -> ExitCode {
             shipper_socket,
         } => {
             let req = serde_json::json!({"cmd": "resume", "volume": volume});
-            match admin::request_json(&shipper_socket, &req) {
-                Ok(r) if r["ok"] == true => {
+            match ask::ask_or_exit("resume", ask::Daemon::Shipper, &shipper_socket, &req) {
+                Ok(_) => {
                     println!("volume {volume}: shipping resumes");
                     ExitCode::SUCCESS
                 }
-                Ok(r) => {
-                    eprintln!(
-                        "redun resume: {}",
-                        r["error"].as_str().unwrap_or("the shipper refused")
-                    );
-                    ExitCode::from(1)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "redun resume: cannot reach the shipper on {}: {e} (is redun-shipper \
-                         running? --shipper-socket)",
-                        shipper_socket.display()
-                    );
-                    ExitCode::from(2)
-                }
+                Err(code) => code,
             }
         }
         Command::Resync {
@@ -294,29 +281,15 @@ fn main() -> ExitCode {
             shipper_socket,
         } => {
             let req = serde_json::json!({"cmd": "resync", "volume": volume, "full": full});
-            match admin::request_json(&shipper_socket, &req) {
-                Ok(r) if r["ok"] == true => {
+            match ask::ask_or_exit("resync", ask::Daemon::Shipper, &shipper_socket, &req) {
+                Ok(_) => {
                     println!(
                         "volume {volume}: {} resync asked for; `redun jobs` shows its progress",
                         if full { "a full" } else { "a" }
                     );
                     ExitCode::SUCCESS
                 }
-                Ok(r) => {
-                    eprintln!(
-                        "redun resync: {}",
-                        r["error"].as_str().unwrap_or("the shipper refused")
-                    );
-                    ExitCode::from(1)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "redun resync: cannot reach the shipper on {}: {e} (is redun-shipper \
-                         running? --shipper-socket)",
-                        shipper_socket.display()
-                    );
-                    ExitCode::from(2)
-                }
+                Err(code) => code,
             }
         }
         Command::Jobs {

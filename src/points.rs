@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use redun_tracker::admin::{self, AdminRequest};
 use redun_tracker::journal::format::PointKind;
 
+use crate::ask::{Daemon, ask_or_exit};
+
 /// Sends `req` (a point or a fence) to the tracker and returns the point it placed; on
 /// failure, says why (as `cmd`) and returns the exit code.
 pub fn tracker_point(tracker: &Path, req: &AdminRequest, cmd: &str) -> Result<u64, ExitCode> {
@@ -101,23 +103,9 @@ pub fn create(
 /// Lists a volume's points as the target has them.
 pub fn list(volume: &str, json: bool, target: &Path) -> ExitCode {
     let req = serde_json::json!({"cmd": "points", "volume": volume});
-    let v = match admin::request_json(target, &req) {
-        Ok(v) if v["ok"] == true => v,
-        Ok(v) => {
-            eprintln!(
-                "redun points: {}",
-                v["error"].as_str().unwrap_or("the target refused")
-            );
-            return ExitCode::from(1);
-        }
-        Err(e) => {
-            eprintln!(
-                "redun points: cannot reach the target on {}: {e} (is redun-target running on \
-                 this host? --target-socket)",
-                target.display()
-            );
-            return ExitCode::from(2);
-        }
+    let v = match ask_or_exit("points", Daemon::Target, target, &req) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     if json {
         println!(
@@ -177,8 +165,8 @@ pub fn test_failover(volume: &str, start: Option<Option<u64>>, target: &Path) ->
         None => serde_json::json!({"cmd": "test-failover-cleanup", "volume": volume}),
     };
     let t = Instant::now();
-    match admin::request_json(target, &req) {
-        Ok(v) if v["ok"] == true => {
+    match ask_or_exit("test-failover", Daemon::Target, target, &req) {
+        Ok(v) => {
             let tf = &v["test_failover"];
             if start.is_some() {
                 println!(
@@ -197,21 +185,7 @@ pub fn test_failover(volume: &str, start: Option<Option<u64>>, target: &Path) ->
             }
             ExitCode::SUCCESS
         }
-        Ok(v) => {
-            eprintln!(
-                "redun test-failover: {}",
-                v["error"].as_str().unwrap_or("the target refused")
-            );
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!(
-                "redun test-failover: cannot reach the target on {}: {e} (is redun-target \
-                 running on this host? --target-socket)",
-                target.display()
-            );
-            ExitCode::from(2)
-        }
+        Err(code) => code,
     }
 }
 
