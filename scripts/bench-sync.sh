@@ -34,7 +34,6 @@ cd "$work"
 # CPU seconds (user + system) a process used so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
 now() { date +%s.%N; }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 echo "== ${size_mib} MiB of random data, and a copy with 1% of its 4 KiB blocks changed"
 head -c "${size_mib}M" /dev/urandom >old.img
@@ -81,7 +80,15 @@ wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return; sleep 0.05; done; e
 wait_job() {
     while [ "$(grep -c 'synchronisation .* done: ' shipper.log || true)" -lt "$1" ]; do sleep 0.05; done
 }
-ship_status() { "$bin/redun" status --json --shipper-socket shipper.sock --tracker-socket tracker.sock --target-socket target.sock 2>/dev/null; }
+# Bytes the shipper has put on the wire so far (its admin socket's status).
+bytes_sent() {
+    python3 -c "
+import json, socket
+s = socket.socket(socket.AF_UNIX); s.connect('shipper.sock'); s.sendall(b'{\"cmd\":\"status\"}\n')
+d = b''
+while not d.endswith(b'\n'): d += s.recv(65536)
+print(json.loads(d)['status']['volumes'][0]['bytes_sent'])"
+}
 stop_all() {
     for p in "$shipper_pid" "$tracker_pid" "$target_pid"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done
     pids=()
@@ -102,12 +109,7 @@ t0=$(now)
 start_shipper
 wait_job 1
 t1=$(now)
-sent=$(echo '{"cmd":"status"}' | python3 -c "
-import json,socket,sys
-s=socket.socket(socket.AF_UNIX); s.connect('shipper.sock'); s.sendall(b'{\"cmd\":\"status\"}\n')
-d=b''
-while not d.endswith(b'\n'): d+=s.recv(65536)
-v=json.loads(d)['status']['volumes'][0]; print(v['bytes_sent'])")
+sent=$(bytes_sent)
 c1=$(echo "$(cpu "$tracker_pid") + $(cpu "$target_pid") + $(cpu "$shipper_pid")" | bc -l)
 wall[seeding]=$(echo "$t1 - $t0" | bc -l)
 bytes[seeding]=$sent
@@ -123,23 +125,13 @@ cat vol.img >/dev/null
 start_tracker vol.img
 wait_sock tracker.sock
 sleep 1
-before=$(python3 -c "
-import json,socket
-s=socket.socket(socket.AF_UNIX); s.connect('shipper.sock'); s.sendall(b'{\"cmd\":\"status\"}\n')
-d=b''
-while not d.endswith(b'\n'): d+=s.recv(65536)
-print(json.loads(d)['status']['volumes'][0]['bytes_sent'])")
+before=$(bytes_sent)
 c0=$(echo "$(cpu "$tracker_pid") + $(cpu "$target_pid") + $(cpu "$shipper_pid")" | bc -l)
 t0=$(now)
 "$bin/redun" resync vol --full --shipper-socket shipper.sock >/dev/null
 wait_job 2
 t1=$(now)
-after=$(python3 -c "
-import json,socket
-s=socket.socket(socket.AF_UNIX); s.connect('shipper.sock'); s.sendall(b'{\"cmd\":\"status\"}\n')
-d=b''
-while not d.endswith(b'\n'): d+=s.recv(65536)
-print(json.loads(d)['status']['volumes'][0]['bytes_sent'])")
+after=$(bytes_sent)
 c1=$(echo "$(cpu "$tracker_pid") + $(cpu "$target_pid") + $(cpu "$shipper_pid")" | bc -l)
 wall[resync]=$(echo "$t1 - $t0" | bc -l)
 bytes[resync]=$((after - before))
