@@ -2,7 +2,7 @@
 # The demo, on local files and loopback: a volume that already holds data, protected by
 # redun-tracker and shipped by redun-shipper over mutual TLS to redun-target (its initial
 # replication first); recovery points; an online verify; a point read back over NBD; a test
-# failover; a planned failover that loses nothing. Real NBD clients (nbdcopy, nbdinfo,
+# failover; a planned failover that loses nothing, and the failback home. Real NBD clients (nbdcopy, nbdinfo,
 # qemu-io) do the I/O. Everything lives in a temporary directory and stops at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,4 +98,17 @@ echo "the source refuses writes"
 nbdcopy "nbd+unix:///demo?socket=$work/target-nbd.sock" promoted.img
 cmp promoted.img volume.img && echo "the promoted volume on the target: identical to the source, nothing lost"
 redun failover commit demo --target-socket target.sock
+
+echo "== failback: the DR site writes, the changed blocks come back, the workload goes home"
+qemu-io -f raw -c "write -P 0x3c 8M 4M" -c flush "nbd+unix:///demo?socket=$work/target-nbd.sock" >/dev/null
+redun reverse demo --shipper-socket shipper.sock
+nbdcopy "nbd+unix:///demo?socket=$work/target-nbd.sock" promoted.img
+redun failover demo --planned "${sockets[@]}"
+cmp promoted.img volume.img && echo "the original site holds the DR site's latest data again"
+qemu-io -f raw -c "write -P 0x11 0 1M" -c flush "$src" >/dev/null && echo "the source takes writes again"
+for _ in $(seq 600); do
+    redun status --json "${sockets[@]}" | grep -q '"lag_bytes": 0' && break
+    sleep 0.1
+done
+redun status "${sockets[@]}"
 echo "== done; the logs were in $work (removed now)"

@@ -31,6 +31,9 @@ pub fn planned(
     target: &Path,
     timeout: Duration,
 ) -> ExitCode {
+    if failed_over(volume, target) {
+        return failback(volume, shipper, target, timeout);
+    }
     let req = AdminRequest::Fence {
         volume: volume.to_string(),
     };
@@ -73,6 +76,137 @@ pub fn planned(
             eprintln!("redun failover: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// True when the target (if it runs here) says `volume` is failed over to it.
+fn failed_over(volume: &str, target: &Path) -> bool {
+    target_request(target, &serde_json::json!({"cmd": "status"}))
+        .ok()
+        .and_then(|v| {
+            let vols = v["status"]["volumes"].as_array()?.clone();
+            vols.into_iter().find(|x| x["name"] == volume)
+        })
+        .is_some_and(|v| !v["failed_over"].is_null())
+}
+
+/// The shipper's failback status of `volume`, if one ran.
+fn reverse_status(volume: &str, shipper: &Path) -> Result<serde_json::Value, String> {
+    let v = ask(
+        Daemon::Shipper,
+        shipper,
+        &serde_json::json!({"cmd": "status"}),
+    )
+    .map_err(|e| e.to_string())?;
+    let vols = v["status"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Ok(vols
+        .into_iter()
+        .find(|x| x["name"] == volume)
+        .map_or(serde_json::Value::Null, |x| x["reverse"].clone()))
+}
+
+/// `redun reverse VOLUME`: starts the failback and waits until its first pass runs (or it
+/// fails: then says why).
+pub fn reverse(volume: &str, full: bool, shipper: &Path) -> ExitCode {
+    let req = serde_json::json!({"cmd": "reverse", "volume": volume, "full": full});
+    if let Err(e) = ask(Daemon::Shipper, shipper, &req) {
+        eprintln!("redun reverse: {e}");
+        return e.code();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = reverse_status(volume, shipper).unwrap_or(serde_json::Value::Null);
+        match r["phase"].as_str() {
+            Some("comparing" | "waiting" | "done") => {
+                println!(
+                    "volume {volume}: failback under way: the volume failed over at point {} \
+                     comes back onto this device, which refuses other writes meanwhile; \
+                     `redun failover {volume} --planned` moves the workload home",
+                    r["point"]
+                );
+                return ExitCode::SUCCESS;
+            }
+            Some("failed") => {
+                eprintln!("redun reverse: {}", r["error"].as_str().unwrap_or("failed"));
+                return ExitCode::from(1);
+            }
+            _ if Instant::now() >= deadline => {
+                eprintln!(
+                    "redun reverse: the failback of {volume} has not started within 30 s ({}); \
+                     it keeps trying: `redun status --json` shows it",
+                    r["error"].as_str().unwrap_or("connecting")
+                );
+                return ExitCode::from(1);
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Planned failover of a failed-over volume back home: the promoted volume stops taking
+/// writes on the target, the failback's last pass copies what is left, and the old primary
+/// takes writes again, shipping to the target at the next generation.
+fn failback(volume: &str, shipper: &Path, target: &Path, timeout: Duration) -> ExitCode {
+    let running = |r: &serde_json::Value| {
+        matches!(
+            r["phase"].as_str(),
+            Some("connecting" | "comparing" | "waiting")
+        )
+    };
+    match reverse_status(volume, shipper) {
+        Ok(r) if running(&r) => {}
+        Ok(_) => {
+            eprintln!(
+                "redun failover: volume {volume} is failed over to the target and no failback \
+                 runs: run `redun reverse {volume}` where the old primary's shipper runs first"
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("redun failover: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let req = serde_json::json!({"cmd": "failback-fence", "volume": volume});
+    if let Err(e) = target_request(target, &req) {
+        eprintln!("redun failover: {e}");
+        return ExitCode::from(1);
+    }
+    println!("volume {volume}: writes refused on the target; the failback's last pass runs");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = reverse_status(volume, shipper).unwrap_or(serde_json::Value::Null);
+        match r["phase"].as_str() {
+            Some("done") => {
+                println!(
+                    "volume {volume} failed back: {} bytes compared, {} bytes copied back in {} \
+                     passes; the source takes writes again and ships at generation {}",
+                    r["compared_bytes"], r["copied_bytes"], r["passes"], r["generation"]
+                );
+                return ExitCode::SUCCESS;
+            }
+            Some("failed") => {
+                eprintln!(
+                    "redun failover: the failback of {volume} failed: {}; the target keeps \
+                     the volume (fenced): fix it and run `redun reverse {volume}` again",
+                    r["error"]
+                );
+                return ExitCode::from(1);
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "redun failover: the failback of {volume} did not finish within {timeout:?} \
+                 ({}); it goes on: run this again to wait",
+                r["error"].as_str().unwrap_or("no error reported")
+            );
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -61,6 +61,19 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
         shipper_socket: PathBuf,
     },
+    /// Fail back: copy the volume failed over to the target back onto this (the old
+    /// primary's) device, only the blocks that differ, and keep it current until `redun
+    /// failover VOLUME --planned` moves the workload home. Run where the old primary's
+    /// shipper runs; the tracker's volume stays fenced until the failback ends.
+    Reverse {
+        volume: String,
+        /// Compare every block, not only what changed on either side since the failover.
+        #[arg(long)]
+        full: bool,
+        /// The shipper's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_SHIPPER_SOCKET)]
+        shipper_socket: PathBuf,
+    },
     /// Compare the volume's blocks with the replica's while replication runs, and report the
     /// ranges that differ (exit status 1 when some do).
     Verify {
@@ -292,6 +305,11 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
+        Command::Reverse {
+            volume,
+            full,
+            shipper_socket,
+        } => failover::reverse(&volume, full, &shipper_socket),
         Command::Jobs {
             json,
             watch,

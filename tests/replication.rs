@@ -1520,6 +1520,147 @@ fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primary() {
         .arg(&uri));
 }
 
+/// The shipper's failback status (`redun reverse`), once one ran.
+fn reverse_status(site: &Site) -> serde_json::Value {
+    site.shipper_status("shipper")
+        .map_or(serde_json::Value::Null, |v| v["reverse"].clone())
+}
+
+fn qemu_write(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    run(c.arg("-c").arg("flush").arg(uri));
+}
+
+#[test]
+fn a_failback_round_trip_copies_back_only_what_changed_and_replication_goes_on() {
+    require("fio");
+    require("nbdcopy");
+    require("qemu-io");
+    let mut site = Site::new();
+    let sockets = [
+        ("--tracker-socket", site.tracker.admin.clone()),
+        ("--shipper-socket", site.dir().join("shipper-shipper.sock")),
+        ("--target-socket", site.dir().join("target.sock")),
+    ];
+    let target_only = [sockets[2].clone()];
+    let shipper_only = [sockets[1].clone()];
+    // Not failed over: nothing to fail back, and the source keeps taking writes.
+    site.wait_caught_up();
+    let out = Command::new(bin("redun"))
+        .args(["reverse", EXPORT, "--shipper-socket"])
+        .arg(&sockets[1].1)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not failed over"), "{err}");
+    assert_eq!(
+        site.tracker.status_json()["tracker"]["status"]["volumes"][0]["fenced"],
+        false
+    );
+    let r = request_json(
+        &site.tracker.admin,
+        &serde_json::json!({"cmd": "failback-apply", "volume": EXPORT}),
+    )
+    .unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("fenced"), "{r}");
+    // Data, a point, and more data after it, all replicated.
+    site.fio("randwrite", "64k", "16m", 1);
+    let point = point_create(&site);
+    site.fio("randwrite", "4k", "1m", 2);
+    site.wait_caught_up();
+    // The source is cut off from the DR site: an unplanned failover to the point.
+    redun_ok(
+        &[
+            "failover",
+            EXPORT,
+            "--unplanned",
+            "--point",
+            &point.to_string(),
+        ],
+        &target_only,
+    );
+    // The old primary goes on writing for a while (its shipper is refused: they stay in
+    // its journal).
+    site.fio("randwrite", "4k", "1m", 3);
+    site.wait_critical("failed over");
+    // The application on the DR site writes to the promoted volume.
+    let dr = format!(
+        "nbd+unix:///{EXPORT}?socket={}",
+        site.nbd_socket().display()
+    );
+    qemu_write(&dr, &["write -P 0x5a 1M 256k", "write -P 0x6b 20M 4k"]);
+    // Failback: the first pass copies what differs, while the DR application goes on.
+    let out = redun_ok(&["reverse", EXPORT], &shipper_only);
+    assert!(out.contains("failback under way"), "{out}");
+    let fenced = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4k"])
+        .arg(site.tracker.uri())
+        .output()
+        .unwrap();
+    assert!(
+        !fenced.status.success() || String::from_utf8_lossy(&fenced.stdout).contains("failed"),
+        "the old primary took a write during the failback"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reverse_status(&site)["passes"].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "{}", reverse_status(&site));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    qemu_write(&dr, &["write -P 0x7c 30M 64k"]);
+    let passes = reverse_status(&site)["passes"].as_u64().unwrap();
+    while reverse_status(&site)["passes"].as_u64().unwrap() < passes + 2 {
+        assert!(Instant::now() < deadline, "{}", reverse_status(&site));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The DR application stops; the planned failover brings the workload home.
+    let promoted = site.read_export(EXPORT);
+    let out = redun_ok(&["failover", EXPORT, "--planned"], &sockets);
+    assert!(out.contains("failed back"), "{out}");
+    let source = std::fs::read(&site.tracker.image).unwrap();
+    assert!(
+        digest(&source) == digest(&promoted),
+        "the original site does not hold the promoted volume's latest data"
+    );
+    let r = reverse_status(&site);
+    assert_eq!(r["phase"], "done", "{r}");
+    // Changed on either side since the point: the source's 2 MiB of 4 KiB writes (some
+    // overlap), and 324 KiB on the DR site.
+    let dr_bytes = (256 + 4 + 64) << 10;
+    let changed = (2 << 20) + dr_bytes;
+    let copied = r["copied_bytes"].as_u64().unwrap();
+    let compared = r["compared_bytes"].as_u64().unwrap();
+    eprintln!(
+        "failback: {compared} bytes compared, {copied} bytes copied back ({} on the wire); \
+         at most {changed} bytes changed since the point ({dr_bytes} on the DR site)",
+        r["wire_bytes"]
+    );
+    assert!(copied >= dr_bytes && copied <= changed, "{r}");
+    assert!(compared < VOL / 4, "the comparison was not narrowed: {r}");
+    // The target no longer serves the promoted volume, and replication goes on home -> DR
+    // at the next generation: what the source writes reaches the replica.
+    let t = request_json(&sockets[2].1, &serde_json::json!({"cmd": "status"})).unwrap();
+    let tv = &t["status"]["volumes"][0];
+    assert!(tv["failed_over"].is_null(), "{tv}");
+    assert_eq!(tv["generation"], 3, "{tv}");
+    site.fio("randwrite", "4k", "1m", 4);
+    site.wait_caught_up();
+    site.assert_identical();
+    assert_eq!(site.shipper_status("shipper").unwrap()["generation"], 3);
+    // A shipper restart keeps the new generation.
+    site.shipper.as_mut().unwrap().stop();
+    let pki = site.dir().join("pki");
+    site.start_shipper(&pki, "shipper");
+    site.fio("randwrite", "4k", "256k", 5);
+    site.wait_caught_up();
+    site.assert_identical();
+}
+
 #[test]
 fn an_unplanned_failover_after_kill_9_serves_a_filesystem_that_recovers() {
     if !privileged() {

@@ -10,7 +10,7 @@ use std::io;
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,10 @@ pub struct Overlay {
     bytes_written: AtomicU64,
     /// For a promoted volume: the durable record of the written ranges.
     log: Option<Mutex<RangeLog>>,
+    /// Ranges written since the last failback pass took them (a promoted volume's).
+    fresh: Mutex<BTreeMap<u64, u64>>,
+    /// Writes are refused (`EPERM`): the failback's last pass is due.
+    fenced: AtomicBool,
 }
 
 /// `NAME.promoted.ranges`: the ranges a promoted volume's overlay holds, 16 bytes each
@@ -156,7 +160,38 @@ impl Overlay {
             writing: Mutex::new(()),
             bytes_written: AtomicU64::new(0),
             log,
+            fresh: Mutex::new(BTreeMap::new()),
+            fenced: AtomicBool::new(false),
         }
+    }
+
+    /// Refuses writes from now on, waits for the writes under way and makes them durable:
+    /// after this, the overlay changes no more (the last pass of a failback).
+    pub fn fence(&self) -> io::Result<()> {
+        self.fenced.store(true, Ordering::SeqCst);
+        drop(self.writing.lock().unwrap());
+        self.flush()
+    }
+
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// The ranges a failback pass compares: with `all`, every range written since the
+    /// failover, else those written since the previous pass. Returns whether this is the
+    /// last pass (the overlay is fenced: nothing is written after these ranges were taken).
+    /// A range is taken only after its data is in the file, so the pass reads it.
+    pub fn take_pass(&self, all: bool) -> (bool, Vec<(u64, u64)>) {
+        let last = self.fenced();
+        // A write that passed the fence check before the fence finishes first.
+        let _quiet = last.then(|| self.writing.lock().unwrap());
+        let fresh = std::mem::take(&mut *self.fresh.lock().unwrap());
+        let ranges = if all {
+            self.written_ranges()
+        } else {
+            fresh.into_iter().collect()
+        };
+        (last, ranges)
     }
 
     /// Makes every write so far durable (a promoted volume's; a test failover's writes are
@@ -245,6 +280,9 @@ impl Overlay {
             return Ok(());
         }
         let _one = self.writing.lock().unwrap();
+        if self.fenced() {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         let a = offset / OVERLAY_BLOCK * OVERLAY_BLOCK;
         let b = (offset + len).div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK;
         let b = b.min(self.view.size().div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK);
@@ -264,6 +302,7 @@ impl Overlay {
         }
         self.file.write_all_at(&block, a)?;
         insert_range(&mut self.written.lock().unwrap(), a, b);
+        insert_range(&mut self.fresh.lock().unwrap(), a, b);
         if let Some(log) = &self.log {
             let mut l = log.lock().unwrap();
             l.pending.extend_from_slice(&a.to_le_bytes());
@@ -645,6 +684,39 @@ impl Resolve<ViewBackend> for PointExports {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failback_passes_take_each_write_once_and_a_fenced_overlay_refuses_writes() {
+        use crate::store::{Identity, Store};
+        use redun_tracker::journal::format::Kind;
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity {
+            name: "v".into(),
+            uuid: "00112233445566778899aabbccddeeff".into(),
+            size: 1 << 20,
+            generation: 1,
+        };
+        let store = Store::create(dir.path(), &id).unwrap();
+        store.append(Kind::Write, 1, 0, 4096, &[7u8; 4096]).unwrap();
+        store.append(Kind::Zero, 2, 65536, 8192, &[]).unwrap();
+        store.commit().unwrap();
+        assert_eq!(store.changed_after(1), vec![(65536, 73728)]);
+        assert!(store.changed_after(2).is_empty());
+        let view = Arc::new(store.view(1).unwrap());
+        let (img, log) = (dir.path().join("v.img"), dir.path().join("v.ranges"));
+        let o = Overlay::tracked(view, 1, img, log, true).unwrap();
+        o.write_at(Some(&[1u8; 100]), 10_000, 100).unwrap();
+        // The first pass takes every range written since the failover.
+        assert_eq!(o.take_pass(true), (false, vec![(8192, 12288)]));
+        assert_eq!(o.take_pass(false), (false, vec![]));
+        o.write_at(None, 40_960, 4096).unwrap();
+        o.fence().unwrap();
+        let e = o.write_at(Some(&[2u8; 10]), 0, 10).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        // Fenced: the next pass is the last, with what came since the previous one.
+        assert_eq!(o.take_pass(false), (true, vec![(40_960, 45_056)]));
+        assert_eq!(o.take_pass(false), (true, vec![]));
+    }
 
     #[test]
     fn an_overlay_keeps_partial_blocks_whole_and_leaves_the_point_alone() {

@@ -212,6 +212,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let p = target.failover(volume, choice, in_use)?;
                 Ok(serde_json::json!({ "failover": p, "export": volume }))
             }
+            Some("failback-fence") => {
+                let volume = volume_arg(req)?;
+                let p = target.fence_promoted(volume)?;
+                Ok(serde_json::json!({ "failover": p, "export": volume }))
+            }
             Some("failover-commit") => {
                 let volume = volume_arg(req)?;
                 let p = target.failover_commit(volume)?;
@@ -232,7 +237,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             _ => Err(format!(
                 "Unknown request {req}: the target answers status, points, \
-                 test-failover-start, test-failover-cleanup, failover and failover-commit \
+                 test-failover-start, test-failover-cleanup, failover, failover-commit and \
+                 failback-fence \
                  (docs/PROTOCOL.md)"
             )),
         })

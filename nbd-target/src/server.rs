@@ -15,6 +15,8 @@ use log::{debug, info, warn};
 use redun_shipper::proto::{self, Frame, ProtoError, RefuseCode};
 use serde::{Deserialize, Serialize};
 
+mod failback;
+
 use crate::export::Overlay;
 use crate::replica::{Refusal, Replica};
 use crate::store::{self, ReplicaState, Store, StoreError};
@@ -96,6 +98,10 @@ pub struct Promotion {
     /// Bytes written to the promoted volume since (not kept across restarts).
     #[serde(default)]
     pub bytes_written: u64,
+    /// The failback's last pass is due: writes are refused (`redun failover --planned` on a
+    /// volume being reversed).
+    #[serde(default)]
+    pub failback: bool,
 }
 
 /// Which point a failover promotes.
@@ -175,6 +181,10 @@ impl Target {
         let (img, ranges) = self.overlay_paths(volume);
         let o = Overlay::tracked(Arc::new(view), p.point, img.clone(), ranges, false)
             .map_err(|e| format!("cannot open {}: {e}", img.display()))?;
+        if p.failback {
+            o.fence()
+                .map_err(|e| format!("cannot sync {}: {e}", img.display()))?;
+        }
         info!(
             "volume {volume}: failed over at point {} (generation {}), served read-write",
             p.point, p.generation
@@ -261,6 +271,7 @@ impl Target {
             committed: false,
             since_unix: now_unix(),
             bytes_written: 0,
+            failback: false,
         };
         // The generation first: from here on the old primary is refused.
         store
@@ -541,6 +552,13 @@ impl Target {
         debug!("replication: {peer} authenticated ({who} certificates)");
         let hello = match proto::read_frame(&mut tls) {
             Ok(Frame::Hello(h)) => h,
+            Ok(Frame::Reverse(h)) => {
+                let _ = tls.sock.set_read_timeout(Some(IDLE_TIMEOUT));
+                if let Err(r) = self.reverse(&mut tls, peer, &h) {
+                    refuse(&mut tls, peer, &r);
+                }
+                return;
+            }
             Ok(f) => {
                 let r = Refusal::new(
                     RefuseCode::Protocol,
@@ -661,7 +679,13 @@ impl Target {
                     s.last_batch_unix = Some(now_unix());
                     ack_owed = true;
                 }
-                Ok(Frame::Ping) => ack_owed = true,
+                Ok(Frame::Ping) => {
+                    // An idle stale primary is let go too (a failback needs the volume).
+                    if let Some(r) = self.refusal_if_promoted(&replica.state().name) {
+                        return Err(StreamEnd::Refused(r));
+                    }
+                    ack_owed = true;
+                }
                 Ok(Frame::HashRequest {
                     job,
                     offset,
@@ -725,7 +749,7 @@ impl Target {
     }
 }
 
-type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+pub(crate) type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
 
 /// Applied bytes after which a commit is due even while batches keep coming.
 const GROUP_BYTES: u64 = 64 << 20;
@@ -762,6 +786,11 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Ping => "PING",
         Frame::HashRequest { .. } => "HASH_REQUEST",
         Frame::Hashes { .. } => "HASHES",
+        Frame::Reverse(_) => "REVERSE",
+        Frame::Pass => "PASS",
+        Frame::Ranges { .. } => "RANGES",
+        Frame::Blocks { .. } => "BLOCKS",
+        Frame::Done { .. } => "DONE",
     }
 }
 

@@ -974,6 +974,24 @@ impl Store {
         Ok((seq, self.build_view(g, seq, Some((offset, offset + len)))))
     }
 
+    /// The ranges that records after `seq` changed (merged, as `(offset, end)`): what
+    /// differs between point `seq` and the latest state at most.
+    pub fn changed_after(&self, seq: u64) -> Vec<(u64, u64)> {
+        let g = self.lock();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let sealed = g.sealed.iter().map(|s| &s.entries[..]);
+        for entries in sealed.chain(std::iter::once(&g.open.entries[..])) {
+            let from = entries.partition_point(|e| e.seq <= seq);
+            for e in &entries[from..] {
+                if matches!(e.kind, Kind::Write | Kind::Trim | Kind::Zero) && e.length > 0 {
+                    out.push((e.offset, e.offset + u64::from(e.length)));
+                }
+            }
+        }
+        drop(g);
+        merge_ranges(out)
+    }
+
     /// A view at `seq` of the whole volume, or of the entries that overlap `range` only.
     fn build_view(&self, g: MutexGuard<'_, Inner>, seq: u64, range: Option<(u64, u64)>) -> View {
         let overlaps = |e: &Entry| {
@@ -1710,6 +1728,19 @@ impl View {
 }
 
 /// The index of the last file of a view (views hold one file per segment).
+/// Sorts `(start, end)` ranges and merges those that overlap or touch.
+pub fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
 fn file_index(files: &[Arc<File>]) -> u32 {
     u32::try_from(files.len() - 1).expect("fewer than 2^32 segments")
 }

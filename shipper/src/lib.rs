@@ -6,6 +6,7 @@ pub mod config;
 pub mod heads;
 pub mod pki;
 pub mod proto;
+pub mod reverse;
 pub mod ship;
 pub mod sync;
 pub mod throttle;

@@ -244,7 +244,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         let shippers = shippers.clone();
         let target = opts.target.clone();
         let statuses = statuses.clone();
-        Arc::new(move |line| admin(line, &shippers, &statuses(), &target, started))
+        let (tracker, stop) = (tracker_socket.clone(), stop.clone());
+        Arc::new(move |line| {
+            if line.get("cmd").and_then(|c| c.as_str()) == Some("reverse") {
+                return reverse(line, &shippers, &tracker, &stop);
+            }
+            admin(line, &shippers, &statuses(), &target, started)
+        })
     };
     let _metrics = match &metrics_listen {
         Some(addr) => {
@@ -488,6 +494,51 @@ fn metrics(vols: &[ShipStatus]) -> String {
         );
     }
     m.render()
+}
+
+/// `{"cmd":"reverse","volume":"NAME","full":false}`: starts the failback of a volume that
+/// was failed over to the target (docs/PROTOCOL.md, "Failback").
+fn reverse(
+    req: &serde_json::Value,
+    shippers: &Mutex<HashMap<String, Arc<VolumeShipper>>>,
+    tracker: &std::path::Path,
+    stop: &Arc<AtomicBool>,
+) -> Result<serde_json::Value, String> {
+    let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
+        return Err("reverse needs a volume: {\"cmd\":\"reverse\",\"volume\":\"NAME\"}".into());
+    };
+    let full = req
+        .get("full")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    let vs = shippers
+        .lock()
+        .unwrap()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| format!("No volume {name:?} is shipped here"))?;
+    if !vs.begin_reverse() {
+        return Err(format!("volume {name}: a failback is under way already"));
+    }
+    vs.update_reverse(|r| *r = Default::default());
+    vs.update_reverse(|r| {
+        r.phase = "connecting".into();
+        r.started_unix = redun_shipper::ship::unix_now();
+    });
+    info!("volume {name}: failback begins (full: {full})");
+    let (tracker, stop) = (tracker.to_path_buf(), stop.clone());
+    let t = vs.clone();
+    std::thread::Builder::new()
+        .name(format!("reverse-{name}"))
+        .spawn(move || {
+            t.run_reverse(&tracker, full, &stop);
+            t.end_reverse();
+        })
+        .map_err(|e| {
+            vs.end_reverse();
+            format!("volume {name}: cannot start the failback: {e}")
+        })?;
+    Ok(serde_json::json!({}))
 }
 
 fn admin(

@@ -40,6 +40,14 @@ const T_ACK: u8 = 5;
 const T_PING: u8 = 6;
 const T_HASH_REQUEST: u8 = 7;
 const T_HASHES: u8 = 8;
+const T_REVERSE: u8 = 9;
+const T_PASS: u8 = 10;
+const T_RANGES: u8 = 11;
+const T_BLOCKS: u8 = 12;
+const T_DONE: u8 = 13;
+
+/// Most ranges one RANGES frame carries (the target merges neighbours to stay below).
+pub const MAX_RANGES: usize = 1 << 20;
 
 /// Most blocks one HASH_REQUEST may ask for.
 pub const MAX_HASHES: u64 = 1 << 16;
@@ -163,6 +171,34 @@ pub enum Frame {
         as_of: u64,
         hashes: Vec<u128>,
     },
+    /// Failback (docs/PROTOCOL.md, "Failback"): the old primary asks to pull the volume
+    /// failed over to the target back onto its own device. Answered by RANGES.
+    Reverse(Hello),
+    /// Failback: asks which ranges the next comparison pass covers.
+    Pass,
+    /// Failback: the ranges of the next pass. With `last`, the promoted volume takes no more
+    /// writes: once these ranges are copied, the old primary's device equals it.
+    Ranges {
+        last: bool,
+        /// The point the promoted volume started from, the replica's last applied record,
+        /// and the relationship's generation.
+        point: u64,
+        applied: u64,
+        generation: u64,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Failback: the answer to the old primary's HASHES: every block of `[offset, offset +
+    /// length)` whose content differs, as write or zero records (none: `batch` is `None`).
+    Blocks {
+        offset: u64,
+        length: u64,
+        batch: Option<Batch>,
+    },
+    /// Failback: the last pass is on the old primary's device, durably, up to its journal's
+    /// record `head`. Answered by WELCOME with the next generation.
+    Done {
+        head: u64,
+    },
 }
 
 /// One journal record in a batch.
@@ -239,14 +275,7 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
     let mut tail: &[u8] = &[];
     let ty = match f {
         Frame::Hello(h) => {
-            body.extend_from_slice(&h.version.to_le_bytes());
-            body.extend_from_slice(&h.uuid);
-            body.extend_from_slice(&h.size.to_le_bytes());
-            body.extend_from_slice(&h.generation.to_le_bytes());
-            body.extend_from_slice(&h.tail_seq.to_le_bytes());
-            let name = &h.name.as_bytes()[..h.name.len().min(MAX_NAME)];
-            body.push(u8::try_from(name.len()).expect("at most 255"));
-            body.extend_from_slice(name);
+            hello_body(h, &mut body);
             T_HELLO
         }
         Frame::Welcome {
@@ -312,6 +341,47 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
             }
             T_HASHES
         }
+        Frame::Reverse(h) => {
+            hello_body(h, &mut body);
+            T_REVERSE
+        }
+        Frame::Pass => T_PASS,
+        Frame::Ranges {
+            last,
+            point,
+            applied,
+            generation,
+            ranges,
+        } => {
+            body.extend_from_slice(&u64::from(*last).to_le_bytes());
+            for v in [point, applied, generation] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            let n = ranges.len().min(MAX_RANGES);
+            body.extend_from_slice(&u32::try_from(n).expect("at most 2^20").to_le_bytes());
+            for (a, l) in &ranges[..n] {
+                body.extend_from_slice(&a.to_le_bytes());
+                body.extend_from_slice(&l.to_le_bytes());
+            }
+            T_RANGES
+        }
+        Frame::Blocks {
+            offset,
+            length,
+            batch,
+        } => {
+            body.extend_from_slice(&offset.to_le_bytes());
+            body.extend_from_slice(&length.to_le_bytes());
+            if let Some(b) = batch {
+                body.extend_from_slice(&batch_prefix(b));
+                tail = &b.compressed;
+            }
+            T_BLOCKS
+        }
+        Frame::Done { head } => {
+            body.extend_from_slice(&head.to_le_bytes());
+            T_DONE
+        }
     };
     let mut head = [0u8; HEADER_LEN];
     head[..4].copy_from_slice(&MAGIC);
@@ -321,6 +391,37 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
     let sum = checksum(&[&head[..12], &body, tail]);
     head[12..20].copy_from_slice(&sum.to_le_bytes());
     (head, body, tail)
+}
+
+fn hello_body(h: &Hello, body: &mut Vec<u8>) {
+    body.extend_from_slice(&h.version.to_le_bytes());
+    body.extend_from_slice(&h.uuid);
+    body.extend_from_slice(&h.size.to_le_bytes());
+    body.extend_from_slice(&h.generation.to_le_bytes());
+    body.extend_from_slice(&h.tail_seq.to_le_bytes());
+    let name = &h.name.as_bytes()[..h.name.len().min(MAX_NAME)];
+    body.push(u8::try_from(name.len()).expect("at most 255"));
+    body.extend_from_slice(name);
+}
+
+fn decode_hello(b: &mut Body<'_>) -> Result<Hello, ProtoError> {
+    let version = b.u16()?;
+    let uuid: [u8; 16] = b.take(16)?.try_into().expect("16");
+    let size = b.u64()?;
+    let generation = b.u64()?;
+    let tail_seq = b.u64()?;
+    let n = b.u8()? as usize;
+    let name = std::str::from_utf8(b.take(n)?)
+        .map_err(|_| bad("volume name is not UTF-8"))?
+        .to_string();
+    Ok(Hello {
+        version,
+        name,
+        uuid,
+        size,
+        generation,
+        tail_seq,
+    })
 }
 
 /// Encodes a frame (header and body).
@@ -378,25 +479,55 @@ pub fn decode(h: &[u8; HEADER_LEN], body: &[u8]) -> Result<Frame, ProtoError> {
     }
     let mut b = Body(body);
     let f = match ty {
-        T_HELLO => {
-            let version = b.u16()?;
-            let uuid: [u8; 16] = b.take(16)?.try_into().expect("16");
-            let size = b.u64()?;
-            let generation = b.u64()?;
-            let tail_seq = b.u64()?;
-            let n = b.u8()? as usize;
-            let name = std::str::from_utf8(b.take(n)?)
-                .map_err(|_| bad("volume name is not UTF-8"))?
-                .to_string();
-            Frame::Hello(Hello {
-                version,
-                name,
-                uuid,
-                size,
+        T_HELLO => Frame::Hello(decode_hello(&mut b)?),
+        T_REVERSE => Frame::Reverse(decode_hello(&mut b)?),
+        T_PASS => Frame::Pass,
+        T_RANGES => {
+            let last = match b.u64()? {
+                0 => false,
+                1 => true,
+                v => return Err(bad(format!("RANGES flag {v}"))),
+            };
+            let (point, applied, generation) = (b.u64()?, b.u64()?, b.u64()?);
+            let n = b.u32()? as usize;
+            if n > MAX_RANGES {
+                return Err(bad(format!("{n} ranges exceed {MAX_RANGES}")));
+            }
+            let mut ranges = Vec::with_capacity(n.min(b.0.len() / 16));
+            for _ in 0..n {
+                let (a, l) = (b.u64()?, b.u64()?);
+                if l == 0 || a.checked_add(l).is_none() {
+                    return Err(bad(format!("range {a}+{l}")));
+                }
+                ranges.push((a, l));
+            }
+            Frame::Ranges {
+                last,
+                point,
+                applied,
                 generation,
-                tail_seq,
-            })
+                ranges,
+            }
         }
+        T_BLOCKS => {
+            let (offset, length) = (b.u64()?, b.u64()?);
+            if offset.checked_add(length).is_none() {
+                return Err(bad(format!("blocks range {offset}+{length}")));
+            }
+            let batch = if b.0.is_empty() {
+                None
+            } else {
+                let (first_seq, last_seq, raw_len) = (b.u64()?, b.u64()?, b.u32()?);
+                let compressed = b.take(b.0.len())?.to_vec();
+                Some(check_batch(first_seq, last_seq, raw_len, compressed)?)
+            };
+            Frame::Blocks {
+                offset,
+                length,
+                batch,
+            }
+        }
+        T_DONE => Frame::Done { head: b.u64()? },
         T_WELCOME => Frame::Welcome {
             next_seq: b.u64()?,
             generation: b.u64()?,
@@ -491,18 +622,12 @@ pub fn block_hash(b: &[u8]) -> u128 {
 }
 
 /// One block range a sync slot carries on the wire: data, or zeroes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncBlock<'a> {
-    pub offset: u64,
-    pub length: u32,
-    /// `None`: the range is zeroes.
-    pub data: Option<&'a [u8]>,
-}
+pub use redun_tracker::journal::format::BlockExtent as SyncBlock;
 
 /// Bytes before a slot's blocks: the journal's sync payload, then the flags word.
 pub const SYNC_SLOT_PREFIX: usize = redun_tracker::journal::format::SYNC_LEN + 8;
 /// Header of one block in a slot: offset u64, length u32, kind u8 (1 data, 3 zeroes), 3 zero.
-pub const SYNC_BLOCK_LEN: usize = 16;
+pub const SYNC_BLOCK_LEN: usize = redun_tracker::journal::format::EXTENT_LEN;
 /// Flag of a filled slot: its blocks are every block of the slot's range that differed.
 pub const SLOT_FILLED: u64 = 1;
 
@@ -511,14 +636,7 @@ pub fn encode_slot(journal_payload: &[u8], blocks: &[SyncBlock<'_>], out: &mut V
     out.clear();
     out.extend_from_slice(journal_payload);
     out.extend_from_slice(&SLOT_FILLED.to_le_bytes());
-    for b in blocks {
-        out.extend_from_slice(&b.offset.to_le_bytes());
-        out.extend_from_slice(&b.length.to_le_bytes());
-        out.extend_from_slice(&[if b.data.is_some() { 1 } else { 3 }, 0, 0, 0]);
-        if let Some(d) = b.data {
-            out.extend_from_slice(d);
-        }
-    }
+    redun_tracker::journal::format::encode_extents(blocks, out);
 }
 
 /// The blocks of a slot's wire payload (empty when the slot was not filled: its shipper is
@@ -540,35 +658,9 @@ pub fn decode_slot(
     if b.u64()? != SLOT_FILLED {
         return Err(bad("sync slot flags"));
     }
-    let mut out = Vec::new();
-    while !b.0.is_empty() {
-        let offset = b.u64()?;
-        let length = b.u32()?;
-        let kind = b.u8()?;
-        if b.take(3)? != [0, 0, 0] {
-            return Err(bad("sync block reserved bytes"));
-        }
-        if offset < start
-            || offset
-                .checked_add(u64::from(length))
-                .is_none_or(|e| e > end)
-        {
-            return Err(bad(format!(
-                "sync block {offset}+{length} outside its slot {start}..{end}"
-            )));
-        }
-        let data = match kind {
-            1 => Some(b.take(length as usize)?),
-            3 => None,
-            k => return Err(bad(format!("sync block kind {k}"))),
-        };
-        out.push(SyncBlock {
-            offset,
-            length,
-            data,
-        });
-    }
-    Ok(Some(out))
+    redun_tracker::journal::format::decode_extents(b.0, start, end)
+        .map(Some)
+        .map_err(|e| bad(format!("sync slot: {e}")))
 }
 
 /// Reads one frame. A peer that closes between frames gives [`ProtoError::Closed`].
@@ -877,6 +969,33 @@ mod tests {
                 as_of: 8,
                 hashes: vec![ZERO_HASH, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210],
             },
+            Frame::Reverse(Hello {
+                version: VERSION,
+                name: "db".into(),
+                uuid: [3; 16],
+                size: 1 << 30,
+                generation: 1,
+                tail_seq: 1,
+            }),
+            Frame::Pass,
+            Frame::Ranges {
+                last: true,
+                point: 9,
+                applied: 12,
+                generation: 2,
+                ranges: vec![(0, 4096), (1 << 20, 65536)],
+            },
+            Frame::Blocks {
+                offset: 0,
+                length: 8 << 20,
+                batch: Some(encode_batch(&recs, 3).unwrap()),
+            },
+            Frame::Blocks {
+                offset: 8 << 20,
+                length: 8 << 20,
+                batch: None,
+            },
+            Frame::Done { head: 40 },
         ]
     }
 
@@ -922,6 +1041,20 @@ mod tests {
         assert!(decode_slot(&out, 65536, 196607).is_err());
         assert_eq!(decode_slot(&head, 0, 1).unwrap(), None);
         assert!(decode_slot(&out[..out.len() - 1], 65536, 196608).is_err());
+    }
+
+    #[test]
+    fn ranges_must_be_non_empty_and_inside_u64() {
+        for r in [(0, 0), (u64::MAX, 2)] {
+            let f = Frame::Ranges {
+                last: false,
+                point: 1,
+                applied: 1,
+                generation: 2,
+                ranges: vec![r],
+            };
+            assert!(read_frame(&mut &encode(&f)[..]).is_err(), "{f:?}");
+        }
     }
 
     #[test]

@@ -127,6 +127,12 @@ pub struct ShipStatus {
     /// A resync is due and waits for this window (`resync.window`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for_window: Option<String>,
+    /// The failback under way, or the last one (`redun reverse`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<crate::reverse::ReverseStatus>,
+    /// The relationship's generation this shipper presents.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// Why a session ended.
@@ -146,7 +152,7 @@ impl std::fmt::Display for ShipError {
     }
 }
 
-fn unix_now() -> f64 {
+pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -182,7 +188,7 @@ fn classify_io(target: &str, e: &io::Error) -> ShipError {
     ShipError::Retry(format!("target {target}: {e}"))
 }
 
-fn proto_err(target: &str, e: ProtoError) -> ShipError {
+pub(crate) fn proto_err(target: &str, e: ProtoError) -> ShipError {
     match e {
         ProtoError::Closed => ShipError::Retry(format!("target {target} closed the connection")),
         ProtoError::Io(e) => classify_io(target, &e),
@@ -191,7 +197,7 @@ fn proto_err(target: &str, e: ProtoError) -> ShipError {
 }
 
 /// A refusal: retried when `code` may heal by itself, else critical.
-fn refused(target: &str, code: proto::RefuseCode, message: &str) -> ShipError {
+pub(crate) fn refused(target: &str, code: proto::RefuseCode, message: &str) -> ShipError {
     let m = format!("target {target} refused: {message}");
     if code.recoverable() {
         ShipError::Retry(m)
@@ -227,6 +233,10 @@ pub struct VolumeShipper {
     verifies_started: std::sync::atomic::AtomicU64,
     /// When this shipper started (the first scheduled verify is `verify_every` later).
     started_unix: f64,
+    /// The relationship's generation: `shipper.generation`, or the one a failback moved to.
+    generation: std::sync::atomic::AtomicU64,
+    /// A failback runs.
+    reversing: std::sync::atomic::AtomicBool,
 }
 
 /// A batch sent and not yet acknowledged.
@@ -254,8 +264,6 @@ impl VolumeShipper {
         };
         VolumeShipper {
             name,
-            journal,
-            opts,
             status: Mutex::new(status),
             heads: None,
             resume: (Mutex::new(false), Condvar::new()),
@@ -263,7 +271,44 @@ impl VolumeShipper {
             verifies_asked: std::sync::atomic::AtomicU64::new(0),
             verifies_started: std::sync::atomic::AtomicU64::new(0),
             started_unix: unix_now(),
+            generation: std::sync::atomic::AtomicU64::new(
+                crate::reverse::stored_generation(&journal)
+                    .unwrap_or(0)
+                    .max(opts.generation),
+            ),
+            reversing: std::sync::atomic::AtomicBool::new(false),
+            journal,
+            opts,
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_generation(&self, g: u64) {
+        self.generation.store(g, Ordering::SeqCst);
+    }
+
+    pub(crate) fn target(&self) -> &str {
+        &self.opts.target
+    }
+
+    pub(crate) fn retry_unit(&self) -> Duration {
+        self.opts.retry_unit
+    }
+
+    pub(crate) fn status_mut(&self) -> std::sync::MutexGuard<'_, ShipStatus> {
+        self.status.lock().unwrap()
+    }
+
+    /// Claims the right to run a failback (one at a time); false when one runs.
+    pub fn begin_reverse(&self) -> bool {
+        !self.reversing.swap(true, Ordering::SeqCst)
+    }
+
+    pub fn end_reverse(&self) {
+        self.reversing.store(false, Ordering::SeqCst);
     }
 
     /// Asks for an online verify of the volume, which starts once the volume is shipping
@@ -424,6 +469,7 @@ impl VolumeShipper {
     /// The volume's figures; RPO and lag from the tracker's heads when it answers.
     pub fn status(&self) -> ShipStatus {
         let mut s = self.status.lock().unwrap().clone();
+        s.generation = self.generation();
         s.bandwidth_limit_bytes_per_second = self.opts.throttle.limit();
         if let Some(known) = self
             .heads
@@ -541,7 +587,7 @@ impl VolumeShipper {
         }
     }
 
-    fn connect(
+    pub(crate) fn connect(
         &self,
     ) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, ShipError> {
         let target = &self.opts.target;
@@ -602,7 +648,7 @@ impl VolumeShipper {
             name: self.name.clone(),
             uuid: sb.volume_uuid,
             size: sb.volume_size,
-            generation: self.opts.generation,
+            generation: self.generation(),
             tail_seq: sb.tail_seq,
         };
         proto::write_frame(&mut tls, &Frame::Hello(hello)).map_err(|e| classify_io(&target, &e))?;

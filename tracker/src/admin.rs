@@ -64,6 +64,11 @@ pub enum AdminRequest {
         volume: String,
         job: u64,
     },
+    /// Apply the blocks of a failback (`NAME.failback` beside the journal) to the fenced
+    /// volume, durably; the answer's `seq` is the last record's.
+    FailbackApply {
+        volume: String,
+    },
     /// The sequence number of the volume's last record: every change up to it is on the
     /// backing device (an online verify brackets its reads with it).
     Head {

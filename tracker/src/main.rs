@@ -213,6 +213,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         AdminRequest::Fence { volume } => fence(&status_server, &volume, true),
         AdminRequest::Unfence { volume } => fence(&status_server, &volume, false),
+        AdminRequest::FailbackApply { volume } => {
+            sync_request(&status_server, &volume, |e, log| {
+                let (seq, bytes) = log.apply_failback(
+                    e.backend.file(),
+                    redun_tracker::nbd::BlockBackend::size(&e.backend),
+                )?;
+                log::debug!("volume {volume}: failback applied {bytes} bytes through seq {seq}");
+                Ok(AdminResponse {
+                    seq: Some(seq),
+                    ..AdminResponse::ok()
+                })
+            })
+        }
         AdminRequest::SyncBegin { volume, full } => {
             sync_request(&status_server, &volume, |e, log| {
                 let mut job = log.sync_begin(full)?;

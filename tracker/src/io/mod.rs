@@ -163,6 +163,10 @@ impl FileBackend {
         &self.path
     }
 
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Makes every completed write durable on the backing device.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()

@@ -543,6 +543,76 @@ impl SyncInfo {
     }
 }
 
+/// A block range copied whole: data, or zeroes. The layout of a synchronisation slot's
+/// blocks on the wire and of a failback's `NAME.failback` file (docs/FORMAT.md): offset u64,
+/// length u32, kind u8 (1 data, 3 zeroes), 3 zero bytes, then a data range's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockExtent<'a> {
+    pub offset: u64,
+    pub length: u32,
+    /// `None`: the range is zeroes.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Header of one [`BlockExtent`].
+pub const EXTENT_LEN: usize = 16;
+
+/// Appends `extents` to `out`.
+pub fn encode_extents(extents: &[BlockExtent<'_>], out: &mut Vec<u8>) {
+    for b in extents {
+        out.extend_from_slice(&b.offset.to_le_bytes());
+        out.extend_from_slice(&b.length.to_le_bytes());
+        out.extend_from_slice(&[if b.data.is_some() { 1 } else { 3 }, 0, 0, 0]);
+        if let Some(d) = b.data {
+            out.extend_from_slice(d);
+        }
+    }
+}
+
+/// The extents encoded in `bytes`; each must lie inside `[start, end)`.
+pub fn decode_extents(bytes: &[u8], start: u64, end: u64) -> Result<Vec<BlockExtent<'_>>, String> {
+    let mut rest = bytes;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if rest.len() < EXTENT_LEN {
+            return Err("truncated extent header".into());
+        }
+        let offset = le_u64(&rest[..8]);
+        let length = le_u32(&rest[8..12]);
+        let kind = rest[12];
+        if rest[13..16] != [0, 0, 0] {
+            return Err("extent reserved bytes are not zero".into());
+        }
+        rest = &rest[EXTENT_LEN..];
+        if offset < start
+            || offset
+                .checked_add(u64::from(length))
+                .is_none_or(|e| e > end)
+        {
+            return Err(format!("extent {offset}+{length} outside {start}..{end}"));
+        }
+        let data = match kind {
+            1 => {
+                let n = length as usize;
+                if rest.len() < n {
+                    return Err(format!("extent {offset}+{length}: truncated data"));
+                }
+                let (d, r) = rest.split_at(n);
+                rest = r;
+                Some(d)
+            }
+            3 => None,
+            k => return Err(format!("extent kind {k}")),
+        };
+        out.push(BlockExtent {
+            offset,
+            length,
+            data,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

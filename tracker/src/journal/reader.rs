@@ -60,25 +60,30 @@ pub fn read_release(journal: &Path) -> io::Result<Option<u64>> {
 
 /// Durably records that every record up to `seq` may be released.
 pub fn write_release(journal: &Path, seq: u64) -> io::Result<()> {
-    let path = release_path(journal);
-    let tmp = {
-        let mut p = path.as_os_str().to_owned();
-        p.push(".tmp");
-        PathBuf::from(p)
-    };
     let mut b = [0u8; RELEASE_LEN];
     b[0..8].copy_from_slice(&RELEASE_MAGIC);
     b[8..16].copy_from_slice(&seq.to_le_bytes());
     let sum = xxh3_64(&b[0..16]);
     b[16..24].copy_from_slice(&sum.to_le_bytes());
+    replace_durably(&release_path(journal), &b)
+}
+
+/// Replaces `path` with `bytes` atomically and durably: a temporary file beside it, synced,
+/// renamed over it, and the directory synced.
+pub fn replace_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".tmp");
+        PathBuf::from(p)
+    };
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&tmp)?;
-    f.write_all(&b)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         File::open(dir)?.sync_all()?;
     }

@@ -597,6 +597,12 @@ impl ChangeLog {
     /// trims and zeroes are accepted; durability (FUA) is the caller's: sync the backing file
     /// and [`ChangeLog::sync`].
     pub fn apply(&self, backing: &File, op: &IoOp) -> io::Result<()> {
+        self.apply_as(backing, op, false)
+    }
+
+    /// [`ChangeLog::apply`], also on a fenced volume when `failback`: the blocks a failback
+    /// brings back are recorded like any write.
+    fn apply_as(&self, backing: &File, op: &IoOp, failback: bool) -> io::Result<()> {
         let (kind, offset, len, payload): (Kind, u64, u32, &[u8]) = match op {
             IoOp::Write { offset, data, .. } => (
                 Kind::Write,
@@ -617,7 +623,7 @@ impl ChangeLog {
             }
             // Checked on every pass: a write that waited for journal space must not land
             // after a fence's final point.
-            if st.fenced {
+            if st.fenced && !failback {
                 break Err(io::Error::from_raw_os_error(libc::EPERM));
             }
             st.since_release_check += 1;
@@ -755,6 +761,50 @@ impl ChangeLog {
 
     pub fn fenced(&self) -> bool {
         self.lock().fenced
+    }
+
+    /// Applies the blocks a failback brought back (`NAME.failback` beside the journal,
+    /// written by the shipper; docs/FORMAT.md) to the fenced volume of `size` bytes: each is
+    /// recorded in the journal like a write, then the backing file and the journal are made
+    /// durable. Returns the last record's sequence number and the bytes applied.
+    pub fn apply_failback(&self, backing: &File, size: u64) -> io::Result<(u64, u64)> {
+        if !self.fenced() {
+            return Err(io::Error::other(
+                "the volume takes writes: a failback only writes to a fenced (failed over) \
+                 volume",
+            ));
+        }
+        let path = self.path.with_extension("failback");
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let bytes = std::fs::read(&path).map_err(named)?;
+        let extents = crate::journal::format::decode_extents(&bytes, 0, size).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        let mut applied = 0;
+        for x in extents {
+            let op = match x.data {
+                Some(d) => IoOp::Write {
+                    offset: x.offset,
+                    data: d.to_vec(),
+                    fua: false,
+                },
+                None => IoOp::WriteZeroes {
+                    offset: x.offset,
+                    len: x.length,
+                    fua: false,
+                    may_trim: false,
+                    fast_only: false,
+                },
+            };
+            self.apply_as(backing, &op, true)?;
+            applied += u64::from(x.length);
+        }
+        backing.sync_data()?;
+        self.sync()?;
+        Ok((self.head()?, applied))
     }
 
     /// Points placed so far: crash-consistent, app-consistent, and app-consistent ones that
