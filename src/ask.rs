@@ -89,3 +89,12 @@ pub fn ask_or_exit(
         e.code()
     })
 }
+
+/// The `volumes` of `daemon`'s status.
+pub fn volumes(daemon: Daemon, socket: &Path) -> Result<Vec<serde_json::Value>, AskError> {
+    let v = ask(daemon, socket, &serde_json::json!({"cmd": "status"}))?;
+    Ok(v["status"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}

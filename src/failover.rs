@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redun_tracker::admin::{self, AdminRequest};
 
-use crate::ask::{Daemon, ask};
+use crate::ask::{Daemon, ask, volumes};
 
 fn target_request(target: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
     ask(Daemon::Target, target, req).map_err(|e| e.to_string())
@@ -81,27 +81,15 @@ pub fn planned(
 
 /// True when the target (if it runs here) says `volume` is failed over to it.
 fn failed_over(volume: &str, target: &Path) -> bool {
-    target_request(target, &serde_json::json!({"cmd": "status"}))
-        .ok()
-        .and_then(|v| {
-            let vols = v["status"]["volumes"].as_array()?.clone();
-            vols.into_iter().find(|x| x["name"] == volume)
-        })
-        .is_some_and(|v| !v["failed_over"].is_null())
+    volumes(Daemon::Target, target).is_ok_and(|vols| {
+        vols.iter()
+            .any(|x| x["name"] == volume && !x["failed_over"].is_null())
+    })
 }
 
 /// The shipper's failback status of `volume`, if one ran.
 fn reverse_status(volume: &str, shipper: &Path) -> Result<serde_json::Value, String> {
-    let v = ask(
-        Daemon::Shipper,
-        shipper,
-        &serde_json::json!({"cmd": "status"}),
-    )
-    .map_err(|e| e.to_string())?;
-    let vols = v["status"]["volumes"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let vols = volumes(Daemon::Shipper, shipper).map_err(|e| e.to_string())?;
     Ok(vols
         .into_iter()
         .find(|x| x["name"] == volume)

@@ -5,20 +5,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::ask::{Daemon, ask, ask_or_exit};
+use crate::ask::{Daemon, ask, ask_or_exit, volumes};
 
 /// One job per volume that has one: (volume, job status).
 fn jobs(shipper: &Path) -> Result<Vec<(String, serde_json::Value)>, String> {
-    let r = ask(
-        Daemon::Shipper,
-        shipper,
-        &serde_json::json!({"cmd": "status"}),
-    )
-    .map_err(|e| e.to_string())?;
-    let vols = r["status"]["volumes"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let vols = volumes(Daemon::Shipper, shipper).map_err(|e| e.to_string())?;
     Ok(vols
         .into_iter()
         .filter(|v| !v["sync"].is_null())

@@ -1612,7 +1612,23 @@ fn a_failback_round_trip_copies_back_only_what_changed_and_replication_goes_on()
         assert!(Instant::now() < deadline, "{}", reverse_status(&site));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The shipper killed mid-failback: the volume stays fenced, and the failback asked for
+    // again starts over with what may still differ.
+    let before_kill = reverse_status(&site);
+    site.shipper.as_mut().unwrap().kill9();
+    let pki = site.dir().join("pki");
+    site.start_shipper(&pki, "shipper");
     qemu_write(&dr, &["write -P 0x7c 30M 64k"]);
+    assert_eq!(
+        site.tracker.status_json()["tracker"]["status"]["volumes"][0]["fenced"],
+        true
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while site.shipper_status("shipper").is_none() {
+        assert!(Instant::now() < deadline, "the shipper did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    redun_ok(&["reverse", EXPORT], &shipper_only);
     let passes = reverse_status(&site)["passes"].as_u64().unwrap();
     while reverse_status(&site)["passes"].as_u64().unwrap() < passes + 2 {
         assert!(Instant::now() < deadline, "{}", reverse_status(&site));
@@ -1630,17 +1646,23 @@ fn a_failback_round_trip_copies_back_only_what_changed_and_replication_goes_on()
     let r = reverse_status(&site);
     assert_eq!(r["phase"], "done", "{r}");
     // Changed on either side since the point: the source's 2 MiB of 4 KiB writes (some
-    // overlap), and 324 KiB on the DR site.
+    // overlap), and 324 KiB on the DR site, 64 KiB of it after the restart.
     let dr_bytes = (256 + 4 + 64) << 10;
     let changed = (2 << 20) + dr_bytes;
     let copied = r["copied_bytes"].as_u64().unwrap();
     let compared = r["compared_bytes"].as_u64().unwrap();
     eprintln!(
-        "failback: {compared} bytes compared, {copied} bytes copied back ({} on the wire); \
-         at most {changed} bytes changed since the point ({dr_bytes} on the DR site)",
-        r["wire_bytes"]
+        "failback: before kill -9 {} bytes compared, {} copied back; after it {compared} \
+         compared, {copied} copied ({} on the wire); at most {changed} bytes changed since the \
+         point ({dr_bytes} on the DR site)",
+        before_kill["compared_bytes"], before_kill["copied_bytes"], r["wire_bytes"]
     );
-    assert!(copied >= dr_bytes && copied <= changed, "{r}");
+    let first = before_kill["copied_bytes"].as_u64().unwrap();
+    assert!(
+        first >= (256 + 4) << 10 && first <= changed,
+        "{before_kill}"
+    );
+    assert!(copied >= 64 << 10 && copied <= changed, "{r}");
     assert!(compared < VOL / 4, "the comparison was not narrowed: {r}");
     // The target no longer serves the promoted volume, and replication goes on home -> DR
     // at the next generation: what the source writes reaches the replica.
@@ -1654,7 +1676,6 @@ fn a_failback_round_trip_copies_back_only_what_changed_and_replication_goes_on()
     assert_eq!(site.shipper_status("shipper").unwrap()["generation"], 3);
     // A shipper restart keeps the new generation.
     site.shipper.as_mut().unwrap().stop();
-    let pki = site.dir().join("pki");
     site.start_shipper(&pki, "shipper");
     site.fio("randwrite", "4k", "256k", 5);
     site.wait_caught_up();
