@@ -14,16 +14,9 @@ cd "$(dirname "$0")/.."
 for t in fio qemu-io nbdcopy python3; do
     command -v "$t" >/dev/null || { echo "bench: $t is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
 done
-cargo build --release --workspace >/dev/null
-bin=$PWD/target/release
-work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/redun-failover-bench.XXXXXX")
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-cd "$work"
+source scripts/lib.sh
+build_release >/dev/null
+in_workdir "${BENCH_DIR:-/var/tmp}/redun-failover-bench.XXXXXX"
 "$bin/redun" pki init --dir pki --name localhost --name shipper >/dev/null
 truncate -s 1G small.img
 truncate -s 64G big.img

@@ -15,16 +15,9 @@ rates=${RATES:-"50 100 150 200 250 300 400"}
 for t in fio python3; do
     command -v "$t" >/dev/null || { echo "bench: $t is missing: run scripts/install-test-deps.sh" >&2; exit 1; }
 done
-cargo build --release --workspace >/dev/null
-bin=$PWD/target/release
-work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/redun-repl-bench.XXXXXX")
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-cd "$work"
+source scripts/lib.sh
+build_release >/dev/null
+in_workdir "${BENCH_DIR:-/var/tmp}/redun-repl-bench.XXXXXX"
 "$bin/redun" pki init --dir pki --name localhost --name shipper >/dev/null
 # A written volume and journal: first writes into sparse or preallocated space cost the
 # filesystem extra work (allocation, unwritten-extent conversion) that a volume in service

@@ -19,17 +19,10 @@ done
 if ! command -v bdsync >/dev/null && [ "$(id -u)" -eq 0 ]; then
     apt-get install -y -qq bdsync >/dev/null 2>&1 || true
 fi
-cargo build --release --workspace >/dev/null
-bin=$PWD/target/release
+source scripts/lib.sh
+build_release >/dev/null
 size_mib=${BENCH_SIZE_MIB:-4096}
-work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/redun-sync-bench.XXXXXX")
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-cd "$work"
+in_workdir "${BENCH_DIR:-/var/tmp}/redun-sync-bench.XXXXXX"
 
 # CPU seconds (user + system) a process used so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }

@@ -19,16 +19,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export PATH=/usr/bin:$PATH
 
-cargo build --release --workspace
-bin=$PWD/target/release
-work=$(mktemp -d /tmp/redun-demo.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-cd "$work"
+source scripts/lib.sh
+build_release
+in_workdir /tmp/redun-demo.XXXXXX
 wait_for() { for _ in $(seq 400); do [ -e "$1" ] && return; sleep 0.05; done; echo "demo: $1 never appeared" >&2; exit 1; }
 redun() { "$bin/redun" "$@"; }
 sockets=(--tracker-socket tracker.sock --shipper-socket shipper.sock --target-socket target.sock)

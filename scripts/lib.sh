@@ -1,0 +1,21 @@
+# Sourced by demo.sh and the bench-*.sh scripts (from the repository root): builds the
+# workspace, then `in_workdir TEMPLATE` makes a temporary directory (mktemp template), moves
+# into it and removes it at exit, after stopping every process whose PID was added to `pids`.
+# Sets `bin` (the release binaries) and `work`.
+
+build_release() {
+    cargo build --release --workspace "$@"
+    bin=$PWD/target/release
+}
+
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+
+in_workdir() {
+    work=$(mktemp -d "$1")
+    trap cleanup EXIT
+    cd "$work"
+}
