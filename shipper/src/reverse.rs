@@ -174,10 +174,11 @@ impl VolumeShipper {
                     },
                 )
                 .map_err(fatal)?;
-                // What the old primary changed that the replica never got.
-                ranges.extend(local_changes(&mut reader, applied, &self.journal)?);
                 if full {
                     ranges = vec![(0, size)];
+                } else {
+                    // What the old primary changed that the replica never got.
+                    ranges.extend(local_changes(&mut reader, applied, &self.journal)?);
                 }
                 self.update_reverse(|r| r.point = point);
                 first = false;
