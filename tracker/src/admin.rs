@@ -152,10 +152,11 @@ pub struct AdminResponse {
     /// The synchronisation job (`sync-begin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<crate::track::SyncJob>,
-    /// The sequence number of the record appended (`sync-record`), or the dirty bytes left
-    /// (`sync-done`).
+    /// A sequence number: the record appended (`sync-record`), the last record (`head`,
+    /// `failback-apply`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// The dirty bytes left (`sync-done`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_bytes: Option<u64>,
 }
@@ -186,11 +187,7 @@ impl AdminResponse {
         AdminResponse {
             ok: false,
             error: Some(msg.into()),
-            status: None,
-            point: None,
-            sync: None,
-            seq: None,
-            dirty_bytes: None,
+            ..AdminResponse::ok()
         }
     }
 }

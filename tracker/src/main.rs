@@ -213,21 +213,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         AdminRequest::Fence { volume } => fence(&status_server, &volume, true),
         AdminRequest::Unfence { volume } => fence(&status_server, &volume, false),
-        AdminRequest::FailbackApply { volume } => {
-            sync_request(&status_server, &volume, |e, log| {
-                let (seq, bytes) = log.apply_failback(
-                    e.backend.file(),
-                    redun_tracker::nbd::BlockBackend::size(&e.backend),
-                )?;
-                log::debug!("volume {volume}: failback applied {bytes} bytes through seq {seq}");
-                Ok(AdminResponse {
-                    seq: Some(seq),
-                    ..AdminResponse::ok()
-                })
+        AdminRequest::FailbackApply { volume } => on_tracked(&status_server, &volume, |e, log| {
+            let (seq, bytes) = log.apply_failback(
+                e.backend.file(),
+                redun_tracker::nbd::BlockBackend::size(&e.backend),
+            )?;
+            log::debug!("volume {volume}: failback applied {bytes} bytes through seq {seq}");
+            Ok(AdminResponse {
+                seq: Some(seq),
+                ..AdminResponse::ok()
             })
-        }
+        }),
         AdminRequest::SyncBegin { volume, full } => {
-            sync_request(&status_server, &volume, |e, log| {
+            on_tracked(&status_server, &volume, |e, log| {
                 let mut job = log.sync_begin(full)?;
                 job.path = e.backend.path().display().to_string();
                 info!(
@@ -248,29 +246,27 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             role,
             offset,
             length,
-        } => sync_request(&status_server, &volume, |_, log| {
+        } => on_tracked(&status_server, &volume, |_, log| {
             let seq = log.sync_record(job, role, offset, length)?;
             Ok(AdminResponse {
                 seq: Some(seq),
                 ..AdminResponse::ok()
             })
         }),
-        AdminRequest::Head { volume } => sync_request(&status_server, &volume, |_, log| {
+        AdminRequest::Head { volume } => on_tracked(&status_server, &volume, |_, log| {
             Ok(AdminResponse {
                 seq: Some(log.head()?),
                 ..AdminResponse::ok()
             })
         }),
-        AdminRequest::SyncDone { volume, job } => {
-            sync_request(&status_server, &volume, |_, log| {
-                let left = log.sync_done(job)?;
-                info!("volume {volume}: synchronisation {job} done; {left} dirty bytes left");
-                Ok(AdminResponse {
-                    dirty_bytes: Some(left),
-                    ..AdminResponse::ok()
-                })
+        AdminRequest::SyncDone { volume, job } => on_tracked(&status_server, &volume, |_, log| {
+            let left = log.sync_done(job)?;
+            info!("volume {volume}: synchronisation {job} done; {left} dirty bytes left");
+            Ok(AdminResponse {
+                dirty_bytes: Some(left),
+                ..AdminResponse::ok()
             })
-        }
+        }),
     });
     let points_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let points_thread = (cfg.crash_interval_ms > 0)
@@ -402,9 +398,8 @@ fn place_point(
     }
 }
 
-/// Fences `volume` (refuses writes, flushes, places the final point) or takes writes again.
-/// Runs a synchronisation request on a tracked volume; errors name the volume.
-fn sync_request(
+/// Runs `f` on a tracked volume; errors name the volume.
+fn on_tracked(
     server: &Server<FileBackend>,
     volume: &str,
     f: impl FnOnce(&Export<FileBackend>, &ChangeLog) -> std::io::Result<AdminResponse>,
@@ -417,6 +412,7 @@ fn sync_request(
     }
 }
 
+/// Fences `volume` (refuses writes, flushes, places the final point) or takes writes again.
 fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse {
     let (e, log) = match tracked(server, volume) {
         Ok(t) => t,

@@ -497,11 +497,6 @@ impl<S: Store> RegionMap<S> {
         self.dirty.get(offset / self.header.region)
     }
 
-    /// The dirty-region size.
-    pub fn region(&self) -> u64 {
-        self.header.region
-    }
-
     pub fn dirty_bytes(&self) -> u64 {
         (self.dirty.count * self.header.region).min(self.header.volume_size)
     }

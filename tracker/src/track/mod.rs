@@ -175,8 +175,6 @@ pub struct SyncJob {
     pub begin_seq: u64,
     /// What to synchronise: the dirty ranges when the job began (or the whole volume).
     pub ranges: Vec<(u64, u64)>,
-    /// Dirty-region size: the ranges are aligned to it (or end at the volume's end).
-    pub region: u64,
     pub full: bool,
     /// The backing device or file the shipper reads the source blocks from.
     #[serde(default)]
@@ -383,6 +381,17 @@ fn fence_path(journal: &Path) -> PathBuf {
     journal.with_extension("fenced")
 }
 
+/// `NAME.map` (the region map) beside `NAME.journal`.
+pub fn map_path(journal: &Path) -> PathBuf {
+    journal.with_extension("map")
+}
+
+/// `NAME.failback` beside `NAME.journal`: the blocks of a failback step, written by the
+/// shipper, applied by the tracker ([`ChangeLog::apply_failback`]).
+pub fn failback_path(journal: &Path) -> PathBuf {
+    journal.with_extension("failback")
+}
+
 fn payload_len(payload: &[u8]) -> u32 {
     u32::try_from(payload.len()).unwrap_or(u32::MAX)
 }
@@ -407,7 +416,7 @@ impl ChangeLog {
     ) -> Result<ChangeLog, TrackError> {
         let size = opts.size;
         let path = dir.join(format!("{name}.journal"));
-        let map_path = dir.join(format!("{name}.map"));
+        let map_path = map_path(&path);
         let jerr = |source| TrackError::Journal {
             path: path.clone(),
             source,
@@ -623,7 +632,8 @@ impl ChangeLog {
             }
             // Checked on every pass: a write that waited for journal space must not land
             // after a fence's final point.
-            if st.fenced && !failback {
+            // Application writes only while not fenced; a failback's only while fenced.
+            if st.fenced != failback {
                 break Err(io::Error::from_raw_os_error(libc::EPERM));
             }
             st.since_release_check += 1;
@@ -774,7 +784,7 @@ impl ChangeLog {
                  volume",
             ));
         }
-        let path = self.path.with_extension("failback");
+        let path = failback_path(&self.path);
         let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let bytes = std::fs::read(&path).map_err(named)?;
         let extents = crate::journal::format::decode_extents(&bytes, 0, size).map_err(|e| {
@@ -906,7 +916,6 @@ impl ChangeLog {
         } else {
             map.dirty_ranges()
         };
-        let region = map.region();
         // Room the shipper released since the journal overflowed.
         self.absorb_release(st.journal.as_mut());
         let mut id = [0u8; 8];
@@ -930,7 +939,6 @@ impl ChangeLog {
             job,
             begin_seq,
             ranges,
-            region,
             full,
             path: String::new(),
         };
@@ -1001,11 +1009,6 @@ impl ChangeLog {
             .as_ref()
             .map(|j| j.next_seq() - 1)
             .ok_or_else(|| io::Error::other("changes are not journaled (--no-journal)"))
-    }
-
-    /// The synchronisation under way, if any.
-    pub fn sync_job(&self) -> Option<SyncJob> {
-        self.lock().sync.clone()
     }
 
     /// Tells the committer that records wait in memory (once until it writes them out).
