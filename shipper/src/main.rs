@@ -496,6 +496,32 @@ fn metrics(vols: &[ShipStatus]) -> String {
     m.render()
 }
 
+/// The shipper of the volume that request `cmd` names.
+fn shipper_for(
+    req: &serde_json::Value,
+    cmd: &str,
+    shippers: &Mutex<HashMap<String, Arc<VolumeShipper>>>,
+) -> Result<Arc<VolumeShipper>, String> {
+    let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
+        return Err(format!(
+            "{cmd} needs a volume: {{\"cmd\":\"{cmd}\",\"volume\":\"NAME\"}}"
+        ));
+    };
+    shippers
+        .lock()
+        .unwrap()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| format!("No volume {name:?} is shipped here"))
+}
+
+/// A request's boolean `key` (false when absent).
+fn flag(req: &serde_json::Value, key: &str) -> bool {
+    req.get(key)
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+}
+
 /// `{"cmd":"reverse","volume":"NAME","full":false}`: starts the failback of a volume that
 /// was failed over to the target (docs/PROTOCOL.md, "Failback").
 fn reverse(
@@ -504,27 +530,11 @@ fn reverse(
     tracker: &std::path::Path,
     stop: &Arc<AtomicBool>,
 ) -> Result<serde_json::Value, String> {
-    let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
-        return Err("reverse needs a volume: {\"cmd\":\"reverse\",\"volume\":\"NAME\"}".into());
-    };
-    let full = req
-        .get("full")
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false);
-    let vs = shippers
-        .lock()
-        .unwrap()
-        .get(name)
-        .cloned()
-        .ok_or_else(|| format!("No volume {name:?} is shipped here"))?;
+    let vs = shipper_for(req, "reverse", shippers)?;
+    let (name, full) = (vs.name.clone(), flag(req, "full"));
     if !vs.begin_reverse() {
         return Err(format!("volume {name}: a failback is under way already"));
     }
-    vs.update_reverse(|r| *r = Default::default());
-    vs.update_reverse(|r| {
-        r.phase = "connecting".into();
-        r.started_unix = redun_shipper::ship::unix_now();
-    });
     info!("volume {name}: failback begins (full: {full})");
     let (tracker, stop) = (tracker.to_path_buf(), stop.clone());
     let t = vs.clone();
@@ -560,57 +570,24 @@ fn admin(
             }
         })),
         Some("resume") => {
-            let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
-                return Err(
-                    "resume needs a volume: {\"cmd\":\"resume\",\"volume\":\"NAME\"}".into(),
-                );
-            };
-            match shippers.lock().unwrap().get(name) {
-                Some(s) => {
-                    s.resume();
-                    Ok(serde_json::json!({}))
-                }
-                None => Err(format!("No volume {name:?} is shipped here")),
-            }
+            shipper_for(req, "resume", shippers)?.resume();
+            Ok(serde_json::json!({}))
         }
         Some("resync") => {
-            let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
-                return Err(
-                    "resync needs a volume: {\"cmd\":\"resync\",\"volume\":\"NAME\"}".into(),
-                );
-            };
-            let full = req
-                .get("full")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
-            match shippers.lock().unwrap().get(name) {
-                Some(s) => {
-                    s.request_resync(full)?;
-                    s.resume();
-                    Ok(serde_json::json!({}))
-                }
-                None => Err(format!("No volume {name:?} is shipped here")),
-            }
+            let s = shipper_for(req, "resync", shippers)?;
+            s.request_resync(flag(req, "full"))?;
+            s.resume();
+            Ok(serde_json::json!({}))
         }
         Some("verify") => {
-            let Some(name) = req.get("volume").and_then(|v| v.as_str()) else {
-                return Err(
-                    "verify needs a volume: {\"cmd\":\"verify\",\"volume\":\"NAME\"}".into(),
-                );
-            };
-            match shippers.lock().unwrap().get(name) {
-                Some(s) => {
-                    let id = s.request_verify()?;
-                    s.resume();
-                    Ok(serde_json::json!({ "verify": id }))
-                }
-                None => Err(format!("No volume {name:?} is shipped here")),
-            }
+            let s = shipper_for(req, "verify", shippers)?;
+            let id = s.request_verify()?;
+            s.resume();
+            Ok(serde_json::json!({ "verify": id }))
         }
         _ => Err(format!(
-            "Unknown request {req}: the shipper answers {{\"cmd\":\"status\"}}, \
-             {{\"cmd\":\"resume\",\"volume\":\"NAME\"}} and \
-             {{\"cmd\":\"resync\",\"volume\":\"NAME\",\"full\":false}}"
+            "Unknown request {req}: the shipper answers status, resume, resync, verify and \
+             reverse (docs/PROTOCOL.md, \"Admin socket\")"
         )),
     }
 }

@@ -624,10 +624,6 @@ pub fn block_hash(b: &[u8]) -> u128 {
 /// One block range a sync slot carries on the wire: data, or zeroes.
 pub use redun_tracker::journal::format::BlockExtent as SyncBlock;
 
-/// Bytes before a slot's blocks: the journal's sync payload, then the flags word.
-pub const SYNC_SLOT_PREFIX: usize = redun_tracker::journal::format::SYNC_LEN + 8;
-/// Header of one block in a slot: offset u64, length u32, kind u8 (1 data, 3 zeroes), 3 zero.
-pub const SYNC_BLOCK_LEN: usize = redun_tracker::journal::format::EXTENT_LEN;
 /// Flag of a filled slot: its blocks are every block of the slot's range that differed.
 pub const SLOT_FILLED: u64 = 1;
 

@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::net::TcpStream;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,18 +23,17 @@ use redun_tracker::admin::AdminRequest;
 use redun_tracker::journal::format::{self, BlockExtent, Kind};
 use redun_tracker::journal::reader::JournalReader;
 use redun_tracker::track::map::DirtyView;
+use redun_tracker::track::{failback_path, map_path};
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{self, BatchDecoder, Frame, Hello, block_hash};
-use crate::ship::{ShipError, VolumeShipper, proto_err, refused, unix_now};
-use crate::sync::{ask, block_ranges};
+use crate::proto::{self, BatchDecoder, Frame};
+use crate::ship::{ShipError, VolumeShipper, classify_io, proto_err, refused, unix_now};
+use crate::sync::{Pool, ReadReq, Source, ask, block_ranges, device_path, next_chunk, read_chunk};
 
 /// Failback compares 4 KiB blocks: what changed on either side is usually small and
 /// scattered.
 const BLOCK: u32 = 4096;
-/// Bytes of the device checksummed per HASHES.
-const CHUNK: u32 = 8 << 20;
-/// HASHES sent ahead of their answers.
+/// HASHES (of 8 MiB chunks, [`next_chunk`]) sent ahead of their answers.
 const AHEAD: usize = 4;
 /// `NAME.failback` is handed to the tracker at this size (and at the end of each pass).
 const STAGE_BYTES: usize = 16 << 20;
@@ -123,17 +121,10 @@ impl VolumeShipper {
     fn reverse(&self, tracker: &Path, full: bool, stop: &AtomicBool) -> Result<(), ShipError> {
         let volume = self.name.clone();
         let fatal = |e: crate::sync::SyncError| ShipError::Fatal(e.0);
-        let status = ask(tracker, &volume, &AdminRequest::Status).map_err(fatal)?;
-        let vol = status
-            .status
-            .and_then(|s| s.volumes.into_iter().find(|v| v.name == volume))
-            .ok_or_else(|| {
-                ShipError::Fatal(format!("the tracker does not serve volume {volume}"))
-            })?;
-        let device = File::open(&vol.path).map_err(|e| {
+        let path = device_path(tracker, &volume).map_err(fatal)?;
+        let device = File::open(&path).map_err(|e| {
             ShipError::Fatal(format!(
-                "volume {volume}: cannot read its device {}: {e}",
-                vol.path
+                "volume {volume}: cannot read its device {path}: {e}"
             ))
         })?;
         let mut reader = JournalReader::open(&self.journal).map_err(|e| {
@@ -146,16 +137,8 @@ impl VolumeShipper {
         let size = sb.volume_size;
         let target = self.target().to_string();
         let mut tls = self.connect()?;
-        let hello = Hello {
-            version: proto::VERSION,
-            name: volume.clone(),
-            uuid: sb.volume_uuid,
-            size,
-            generation: self.generation(),
-            tail_seq: sb.tail_seq,
-        };
-        proto::write_frame(&mut tls, &Frame::Reverse(hello))
-            .map_err(|e| ShipError::Retry(format!("target {target}: {e}")))?;
+        proto::write_frame(&mut tls, &Frame::Reverse(self.hello(&sb)))
+            .map_err(|e| classify_io(&target, &e))?;
         let mut decoder = BatchDecoder::new().map_err(|e| ShipError::Fatal(e.to_string()))?;
         let mut first = true;
         loop {
@@ -199,18 +182,9 @@ impl VolumeShipper {
                 return Err(ShipError::Retry("stopping".into()));
             }
         }
-        let head = ask(
-            tracker,
-            &volume,
-            &AdminRequest::Head {
-                volume: volume.clone(),
-            },
-        )
-        .map_err(fatal)?
-        .seq
-        .unwrap_or(0);
+        let head = crate::sync::head(tracker, &volume).map_err(fatal)?;
         proto::write_frame(&mut tls, &Frame::Done { head })
-            .map_err(|e| ShipError::Retry(format!("target {target}: {e}")))?;
+            .map_err(|e| classify_io(&target, &e))?;
         let generation = match proto::read_frame(&mut tls).map_err(|e| proto_err(&target, e))? {
             Frame::Welcome { generation, .. } => generation,
             Frame::Refuse { code, message } => return Err(refused(&target, code, &message)),
@@ -242,7 +216,7 @@ impl VolumeShipper {
             },
         )
         .map_err(fatal)?;
-        let _ = std::fs::remove_file(self.journal.with_extension("failback"));
+        let _ = std::fs::remove_file(failback_path(&self.journal));
         let s = self.update_reverse(|r| {
             r.phase = "done".into();
             r.generation = Some(generation);
@@ -259,8 +233,7 @@ impl VolumeShipper {
     /// Asks for the next pass.
     fn ask_pass(&self, tls: &mut Tls) -> Result<PassRanges, ShipError> {
         let target = self.target().to_string();
-        proto::write_frame(tls, &Frame::Pass)
-            .map_err(|e| ShipError::Retry(format!("target {target}: {e}")))?;
+        proto::write_frame(tls, &Frame::Pass).map_err(|e| classify_io(&target, &e))?;
         match proto::read_frame(tls).map_err(|e| proto_err(&target, e))? {
             Frame::Ranges {
                 last,
@@ -288,25 +261,26 @@ impl VolumeShipper {
         size: u64,
     ) -> Result<(), ShipError> {
         let target = self.target().to_string();
-        let io = |e: std::io::Error| ShipError::Retry(format!("target {target}: {e}"));
-        let mut chunks = block_ranges(ranges, u64::from(BLOCK), size, 0)
-            .into_iter()
-            .flat_map(|(o, l)| {
-                (o..o + l)
-                    .step_by(CHUNK as usize)
-                    .map(move |a| (a, u64::from(CHUNK).min(o + l - a)))
-            });
+        let io = |e: std::io::Error| classify_io(&target, &e);
+        let mut todo: VecDeque<(u64, u64)> = block_ranges(ranges, u64::from(BLOCK), size, 0).into();
+        let regular = device.metadata().is_ok_and(|m| m.is_file());
+        let pool = Pool::default();
         let mut waiting: VecDeque<(u64, u64)> = VecDeque::new();
         let mut stage: Vec<u8> = Vec::new();
-        let mut buf = Vec::new();
         loop {
             while waiting.len() < AHEAD {
-                let Some((a, l)) = chunks.next() else { break };
-                buf.resize(usize::try_from(l).expect("8 MiB"), 0);
-                device.read_exact_at(&mut buf, a).map_err(|e| {
-                    ShipError::Fatal(format!("volume {}: cannot read its device: {e}", self.name))
-                })?;
-                let hashes = buf.chunks(BLOCK as usize).map(block_hash).collect();
+                let Some((a, l)) = next_chunk(&mut todo) else {
+                    break;
+                };
+                let req = ReadReq { offset: a, len: l };
+                let Source { hashes, data } =
+                    read_chunk(device, regular, u64::from(BLOCK), &req, &pool).map_err(|e| {
+                        ShipError::Fatal(format!(
+                            "volume {}: cannot read its device: {e}",
+                            self.name
+                        ))
+                    })?;
+                pool.lock().unwrap().push(data);
                 let f = Frame::Hashes {
                     job: 0,
                     offset: a,
@@ -372,7 +346,7 @@ impl VolumeShipper {
         if stage.is_empty() {
             return Ok(());
         }
-        let path = self.journal.with_extension("failback");
+        let path = failback_path(&self.journal);
         std::fs::write(&path, &stage).map_err(|e| {
             ShipError::Fatal(format!(
                 "volume {}: cannot write {}: {e}",
@@ -420,7 +394,7 @@ fn local_changes(
             }
         }
     }
-    let map = journal.with_extension("map");
+    let map = map_path(journal);
     if map.exists() {
         let dirty = DirtyView::read(&map).map_err(ShipError::Fatal)?;
         out.extend(dirty.ranges);

@@ -159,7 +159,7 @@ pub fn unix_now() -> f64 {
 }
 
 /// Classifies an I/O error of the connection: TLS certificate problems are fatal.
-fn classify_io(target: &str, e: &io::Error) -> ShipError {
+pub(crate) fn classify_io(target: &str, e: &io::Error) -> ShipError {
     if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         use rustls::AlertDescription as A;
         return match tls {
@@ -282,6 +282,18 @@ impl VolumeShipper {
         }
     }
 
+    /// What this shipper says of its volume first: the journal's identity and the generation.
+    pub(crate) fn hello(&self, sb: &redun_tracker::journal::format::Superblock) -> Hello {
+        Hello {
+            version: proto::VERSION,
+            name: self.name.clone(),
+            uuid: sb.volume_uuid,
+            size: sb.volume_size,
+            generation: self.generation(),
+            tail_seq: sb.tail_seq,
+        }
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
@@ -302,9 +314,15 @@ impl VolumeShipper {
         self.status.lock().unwrap()
     }
 
-    /// Claims the right to run a failback (one at a time); false when one runs.
+    /// Claims the right to run a failback (one at a time), with a fresh status; false when
+    /// one runs.
     pub fn begin_reverse(&self) -> bool {
-        !self.reversing.swap(true, Ordering::SeqCst)
+        if self.reversing.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.status_mut().reverse = None;
+        self.update_reverse(|_| {});
+        true
     }
 
     pub fn end_reverse(&self) {
@@ -350,16 +368,7 @@ impl VolumeShipper {
             return None;
         }
         if path.is_none() {
-            // The backing device, from the tracker.
-            let st = redun_tracker::admin::request(
-                heads.socket(),
-                &redun_tracker::admin::AdminRequest::Status,
-            )
-            .ok()
-            .and_then(|r| r.status);
-            *path = st
-                .and_then(|s| s.volumes.into_iter().find(|v| v.name == self.name))
-                .map(|v| v.path);
+            *path = crate::sync::device_path(heads.socket(), &self.name).ok();
         }
         let p = path.as_deref()?;
         match Verify::start(
@@ -643,14 +652,7 @@ impl VolumeShipper {
         })?;
         let mut tls = self.connect()?;
         let sb = *reader.superblock();
-        let hello = Hello {
-            version: proto::VERSION,
-            name: self.name.clone(),
-            uuid: sb.volume_uuid,
-            size: sb.volume_size,
-            generation: self.generation(),
-            tail_seq: sb.tail_seq,
-        };
+        let hello = self.hello(&sb);
         proto::write_frame(&mut tls, &Frame::Hello(hello)).map_err(|e| classify_io(&target, &e))?;
         let (next_seq, replica_job) =
             match proto::read_frame(&mut tls).map_err(|e| proto_err(&target, e))? {

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use log::info;
 use redun_tracker::admin::{self, AdminRequest, AdminResponse};
@@ -159,12 +159,6 @@ pub enum Fill {
     NotYet,
 }
 
-pub(crate) fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// The next chunk, at most [`CHUNK`] bytes, from the front of `todo`.
 pub(crate) fn next_chunk(todo: &mut VecDeque<(u64, u64)>) -> Option<(u64, u64)> {
     let (o, l) = todo.pop_front()?;
@@ -231,6 +225,28 @@ pub(crate) fn ask(
     } else {
         Err(SyncError(r.error.unwrap_or_else(|| "refused".into())))
     }
+}
+
+/// The volume's backing device or file, as the tracker says.
+pub(crate) fn device_path(socket: &Path, volume: &str) -> Result<String, SyncError> {
+    ask(socket, volume, &AdminRequest::Status)?
+        .status
+        .and_then(|s| s.volumes.into_iter().find(|v| v.name == volume))
+        .map(|v| v.path)
+        .ok_or_else(|| SyncError(format!("the tracker does not serve volume {volume}")))
+}
+
+/// The sequence number of the volume's last record: every change up to it is on the device.
+pub(crate) fn head(socket: &Path, volume: &str) -> Result<u64, SyncError> {
+    ask(
+        socket,
+        volume,
+        &AdminRequest::Head {
+            volume: volume.to_string(),
+        },
+    )?
+    .seq
+    .ok_or_else(|| SyncError(format!("volume {volume}: the tracker sent no head")))
 }
 
 /// The job's ranges as whole blocks, merged, from `cursor` on.
@@ -333,7 +349,7 @@ impl Sync {
                 percent: 0.0,
                 rate_bytes_per_second: 0.0,
                 eta_seconds: None,
-                started_unix: now_unix(),
+                started_unix: crate::ship::unix_now(),
                 prerequisites: if kind == JobKind::InitialReplication {
                     let mut p = checked.to_vec();
                     p.push(format!(

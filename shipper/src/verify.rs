@@ -16,13 +16,12 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use redun_tracker::admin::AdminRequest;
 use serde::{Deserialize, Serialize};
 
 use crate::proto;
 use crate::sync::{
-    AHEAD, Pool, ReadReq, Source, SyncError, ask, block_ranges, drain, next_chunk, now_unix,
-    read_chunk, request_hashes,
+    AHEAD, Pool, ReadReq, Source, SyncError, block_ranges, drain, next_chunk, read_chunk,
+    request_hashes,
 };
 
 /// Passes over blocks that writes kept touching before they are reported as unsettled.
@@ -142,7 +141,7 @@ impl Verify {
                 compared_bytes: 0,
                 differing: Vec::new(),
                 unsettled_bytes: 0,
-                started_unix: now_unix(),
+                started_unix: crate::ship::unix_now(),
                 finished_unix: None,
             },
             started: Instant::now(),
@@ -321,7 +320,7 @@ impl Verify {
         }
         self.status.unsettled_bytes = self.recheck.iter().map(|r| r.1).sum();
         self.status.done = true;
-        self.status.finished_unix = Some(now_unix());
+        self.status.finished_unix = Some(crate::ship::unix_now());
         let s = &self.status;
         let list: Vec<String> = s
             .differing
@@ -374,18 +373,7 @@ fn read_bracketed(
 ) {
     let regular = file.metadata().is_ok_and(|m| m.is_file());
     let pool = Pool::default();
-    let head = || -> Result<u64, String> {
-        ask(
-            socket,
-            volume,
-            &AdminRequest::Head {
-                volume: volume.to_string(),
-            },
-        )
-        .map_err(|e| e.0)?
-        .seq
-        .ok_or_else(|| "the tracker sent no head".to_string())
-    };
+    let head = || crate::sync::head(socket, volume).map_err(|e| e.0);
     while let Ok((req, h)) = requests.recv() {
         let r = (|| {
             // The records up to `h` were visible in the journal; the tracker applies each
