@@ -22,7 +22,7 @@ use redun_tracker::nbd::{
 };
 
 use crate::server::Target;
-use crate::store::View;
+use crate::store::{View, insert_range};
 
 /// A point of a volume: read-only, or writable through an overlay.
 #[derive(Debug)]
@@ -177,6 +177,14 @@ impl Overlay {
         self.fenced.load(Ordering::SeqCst)
     }
 
+    /// Fenced, with every write taken by a pass: the overlay changes no more.
+    pub fn settled(&self) -> bool {
+        self.fenced() && {
+            let _quiet = self.writing.lock().unwrap();
+            self.fresh.lock().unwrap().is_empty()
+        }
+    }
+
     /// The ranges a failback pass compares: with `all`, every range written since the
     /// failover, else those written since the previous pass. Returns whether this is the
     /// last pass (the overlay is fenced: nothing is written after these ranges were taken).
@@ -311,23 +319,6 @@ impl Overlay {
         self.bytes_written.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
-}
-
-/// Adds `[a, b)` to a set of merged ranges, merging with what overlaps or touches.
-fn insert_range(w: &mut BTreeMap<u64, u64>, a: u64, b: u64) {
-    let (mut s, mut e) = (a, b);
-    let touching: Vec<(u64, u64)> = w
-        .range(..=e)
-        .rev()
-        .take_while(|(_, end)| **end >= s)
-        .map(|(&x, &y)| (x, y))
-        .collect();
-    for (x, y) in touching {
-        w.remove(&x);
-        s = s.min(x);
-        e = e.max(y);
-    }
-    w.insert(s, e);
 }
 
 /// Reads complete inline on the connection's thread (page cache or disk reads of the

@@ -76,10 +76,8 @@ impl Replica {
         }
     }
 
-    /// Takes `store` for the shipper that sent `hello`, or refuses a shipper whose volume is
-    /// not this replica's.
-    pub fn attach(store: Arc<Store>, hello: &Hello) -> Result<Replica, Refusal> {
-        let st = store.state();
+    /// Refuses a source whose volume (uuid, size) is not the replica's.
+    pub fn check_identity(st: &ReplicaState, hello: &Hello) -> Result<(), Refusal> {
         let uuid = hex(&hello.uuid);
         if st.uuid != uuid {
             return Err(Refusal::new(
@@ -100,6 +98,14 @@ impl Replica {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Takes `store` for the shipper that sent `hello`, or refuses a shipper whose volume is
+    /// not this replica's.
+    pub fn attach(store: Arc<Store>, hello: &Hello) -> Result<Replica, Refusal> {
+        let st = store.state();
+        Replica::check_identity(&st, hello)?;
         if st.generation != hello.generation {
             return Err(Refusal::new(
                 RefuseCode::GenerationMismatch,

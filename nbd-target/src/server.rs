@@ -427,6 +427,18 @@ impl Target {
         self.stores.lock().unwrap().values().cloned().collect()
     }
 
+    /// The volume's slot for one connection, or Busy while another holds it.
+    fn claim(&self, name: &str) -> Result<Claim, Refusal> {
+        let slot = self.slot(name);
+        if slot.busy.swap(true, Ordering::SeqCst) {
+            return Err(Refusal::new(
+                RefuseCode::Busy,
+                format!("another shipper is connected for volume {name}"),
+            ));
+        }
+        Ok(Claim(slot))
+    }
+
     fn slot(&self, name: &str) -> Arc<Slot> {
         self.slots
             .lock()
@@ -550,15 +562,9 @@ impl Target {
             .peer_certificates()
             .map_or(0, <[rustls_pki_types::CertificateDer<'_>]>::len);
         debug!("replication: {peer} authenticated ({who} certificates)");
-        let hello = match proto::read_frame(&mut tls) {
-            Ok(Frame::Hello(h)) => h,
-            Ok(Frame::Reverse(h)) => {
-                let _ = tls.sock.set_read_timeout(Some(IDLE_TIMEOUT));
-                if let Err(r) = self.reverse(&mut tls, peer, &h) {
-                    refuse(&mut tls, peer, &r);
-                }
-                return;
-            }
+        let (hello, reverse) = match proto::read_frame(&mut tls) {
+            Ok(Frame::Hello(h)) => (h, false),
+            Ok(Frame::Reverse(h)) => (h, true),
             Ok(f) => {
                 let r = Refusal::new(
                     RefuseCode::Protocol,
@@ -588,20 +594,24 @@ impl Target {
             refuse(&mut tls, peer, &r);
             return;
         }
+        if reverse {
+            let _ = tls.sock.set_read_timeout(Some(IDLE_TIMEOUT));
+            if let Err(r) = self.reverse(&mut tls, peer, &hello) {
+                refuse(&mut tls, peer, &r);
+            }
+            return;
+        }
         if let Some(r) = self.refusal_if_promoted(&hello.name) {
             refuse(&mut tls, peer, &r);
             return;
         }
-        let slot = self.slot(&hello.name);
-        if slot.busy.swap(true, Ordering::SeqCst) {
-            let r = Refusal::new(
-                RefuseCode::Busy,
-                format!("another shipper is connected for volume {}", hello.name),
-            );
-            refuse(&mut tls, peer, &r);
-            return;
-        }
-        let claim = Claim(slot);
+        let claim = match self.claim(&hello.name) {
+            Ok(c) => c,
+            Err(r) => {
+                refuse(&mut tls, peer, &r);
+                return;
+            }
+        };
         let mut replica = match self
             .store_for(&hello)
             .and_then(|s| Replica::attach(s, &hello))

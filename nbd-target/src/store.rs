@@ -279,7 +279,7 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), StoreError> {
     replace_file(path, &to_json(v))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, StoreError> {
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, StoreError> {
     let text = std::fs::read_to_string(path).map_err(io_err("cannot read", path))?;
     serde_json::from_str(&text).map_err(|e| damaged(path, e.to_string()))
 }
@@ -520,7 +520,8 @@ impl Store {
         std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
         let base_path = dir.join("base.img");
         let seed = data_dir.join(format!("{}.seed", id.name));
-        if let Ok(m) = std::fs::metadata(&seed) {
+        let seeded = std::fs::metadata(&seed).ok();
+        if let Some(m) = &seeded {
             if m.len() != id.size {
                 return Err(damaged(
                     &seed,
@@ -541,7 +542,8 @@ impl Store {
             );
         }
         let base = open_rw(&base_path, true)?;
-        if base.metadata().map(|m| m.len()).ok() != Some(id.size) {
+        // Without a seed the replica starts as zeroes, whatever an earlier store left.
+        if seeded.is_none() || base.metadata().map(|m| m.len()).ok() != Some(id.size) {
             base.set_len(0)
                 .and_then(|()| base.set_len(id.size))
                 .map_err(io_err("cannot size", &base_path))?;
@@ -1727,20 +1729,33 @@ impl View {
     }
 }
 
-/// The index of the last file of a view (views hold one file per segment).
 /// Sorts `(start, end)` ranges and merges those that overlap or touch.
-pub fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+pub fn merge_ranges(v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut m = BTreeMap::new();
     for (a, b) in v {
-        match out.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => out.push((a, b)),
-        }
+        insert_range(&mut m, a, b);
     }
-    out
+    m.into_iter().collect()
 }
 
+/// Adds `[a, b)` to a set of merged ranges, merging with what overlaps or touches.
+pub fn insert_range(w: &mut BTreeMap<u64, u64>, a: u64, b: u64) {
+    let (mut s, mut e) = (a, b);
+    let touching: Vec<(u64, u64)> = w
+        .range(..=e)
+        .rev()
+        .take_while(|(_, end)| **end >= s)
+        .map(|(&x, &y)| (x, y))
+        .collect();
+    for (x, y) in touching {
+        w.remove(&x);
+        s = s.min(x);
+        e = e.max(y);
+    }
+    w.insert(s, e);
+}
+
+/// The index of the last file of a view (views hold one file per segment).
 fn file_index(files: &[Arc<File>]) -> u32 {
     u32::try_from(files.len() - 1).expect("fewer than 2^32 segments")
 }

@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use log::{info, warn};
 use redun_shipper::proto::{
@@ -17,9 +16,9 @@ use redun_shipper::proto::{
 use redun_tracker::journal::format::Kind;
 use serde::{Deserialize, Serialize};
 
-use super::{Claim, Promotion, Target, Tls, frame_name};
+use super::{Promotion, Target, Tls, frame_name};
 use crate::export::Overlay;
-use crate::replica::{Refusal, check_name};
+use crate::replica::{Refusal, Replica};
 use crate::store::{self, Store, merge_ranges};
 
 /// `DATA/NAME.failedback`: the generation the last failback of the volume ended at, so that
@@ -60,21 +59,16 @@ impl Target {
         Ok(p.clone())
     }
 
-    /// Ends the promotion of `volume` once the failback's last pass is on the old primary:
+    /// Ends the promotion of `volume` once the failback's last pass is on the old primary
+    /// (its overlay [`Overlay::settled`]):
     /// the relationship moves to the next generation, the replica goes on from the records
     /// it holds, and the promoted volume's files are removed.
     fn end_promotion(&self, volume: &str, store: &Store) -> Result<u64, String> {
         let mut promoted = self.promoted.lock().unwrap();
-        let (p, o) = promoted
+        let p = promoted
             .get(volume)
-            .cloned()
+            .map(|(p, _)| p.clone())
             .ok_or_else(|| format!("volume {volume} is not failed over to this target"))?;
-        if !o.fenced() {
-            return Err(format!(
-                "volume {volume} still takes writes on this target: fence it first (`redun \
-                 failover {volume} --planned`)"
-            ));
-        }
         let next = p.generation + 1;
         let marker = FailedBack {
             generation: next,
@@ -107,17 +101,6 @@ impl Target {
         peer: SocketAddr,
         hello: &Hello,
     ) -> Result<(), Refusal> {
-        if hello.version != proto::VERSION {
-            return Err(Refusal::new(
-                RefuseCode::Version,
-                format!(
-                    "protocol version {} is not supported (this target speaks {})",
-                    hello.version,
-                    proto::VERSION
-                ),
-            ));
-        }
-        check_name(&hello.name)?;
         let volume = hello.name.as_str();
         let store = self.store(volume)?.ok_or_else(|| {
             Refusal::new(
@@ -126,26 +109,26 @@ impl Target {
             )
         })?;
         let st = store.state();
-        let uuid = crate::replica::Replica::identity(hello).uuid;
-        if st.uuid != uuid || st.size != hello.size {
-            return Err(Refusal::new(
-                RefuseCode::IdentityMismatch,
-                format!(
-                    "replica {volume} belongs to volume uuid {} of {} bytes, the old primary \
-                     has uuid {uuid} of {} bytes: another volume of the same name",
-                    st.uuid, st.size, hello.size
-                ),
-            ));
-        }
-        let promoted = match self.promoted(volume) {
-            Some((p, o)) => Some((p, o)),
+        Replica::check_identity(&st, hello)?;
+        let promoted = self.promoted(volume);
+        match &promoted {
+            Some((p, _)) if hello.generation >= p.generation => {
+                return Err(Refusal::new(
+                    RefuseCode::GenerationMismatch,
+                    format!(
+                        "volume {volume} was failed over at generation {}; the source at \
+                         generation {} is not the old primary",
+                        p.generation, hello.generation
+                    ),
+                ));
+            }
+            Some(_) => {}
             None => {
                 // Done before: an old primary that lost the answer to DONE asks again.
-                let done = std::fs::read_to_string(self.failedback_path(volume))
+                let done = store::read_json::<FailedBack>(&self.failedback_path(volume))
                     .ok()
-                    .and_then(|t| serde_json::from_str::<FailedBack>(&t).ok())
                     .filter(|f| {
-                        f.uuid == uuid
+                        f.uuid == st.uuid
                             && f.generation == st.generation
                             && hello.generation < f.generation
                     });
@@ -158,29 +141,9 @@ impl Target {
                         ),
                     ));
                 }
-                None
-            }
-        };
-        if let Some((p, _)) = &promoted {
-            if hello.generation >= p.generation {
-                return Err(Refusal::new(
-                    RefuseCode::GenerationMismatch,
-                    format!(
-                        "volume {volume} was failed over at generation {}; the source at \
-                         generation {} is not the old primary",
-                        p.generation, hello.generation
-                    ),
-                ));
             }
         }
-        let slot = self.slot(volume);
-        if slot.busy.swap(true, Ordering::SeqCst) {
-            return Err(Refusal::new(
-                RefuseCode::Busy,
-                format!("another connection serves volume {volume}"),
-            ));
-        }
-        let _claim = Claim(slot);
+        let _claim = self.claim(volume)?;
         info!("failback: {peer} pulls volume {volume} back");
         let r = self.passes(tls, volume, &store, promoted.as_ref());
         match r {
@@ -210,7 +173,6 @@ impl Target {
         loop {
             let answer = match proto::read_frame(tls) {
                 Ok(Frame::Pass) => {
-                    let st = store.state();
                     let (last, ranges, point, generation) = match promoted {
                         Some((p, o)) => {
                             let (last, mut ranges) = o.take_pass(first);
@@ -220,7 +182,7 @@ impl Target {
                             }
                             (last, ranges, p.point, p.generation)
                         }
-                        None => (true, Vec::new(), 0, st.generation),
+                        None => (true, Vec::new(), 0, store.state().generation),
                     };
                     first = false;
                     Frame::Ranges {
@@ -251,7 +213,7 @@ impl Target {
                 Ok(Frame::Done { head }) => {
                     let generation = match promoted {
                         Some((_, o)) => {
-                            if !o.fenced() || !o.take_pass(false).1.is_empty() {
+                            if !o.settled() {
                                 return Err(Ended::Refused(Refusal::new(
                                     RefuseCode::InvalidState,
                                     format!(
