@@ -104,31 +104,53 @@ pub fn reverse(volume: &str, full: bool, shipper: &Path) -> ExitCode {
         eprintln!("redun reverse: {e}");
         return e.code();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    match wait_phase(
+        volume,
+        shipper,
+        &["comparing", "waiting", "done"],
+        Duration::from_secs(30),
+    ) {
+        Wait::Reached(r) => {
+            println!(
+                "volume {volume}: failback under way: the volume failed over at point {} comes \
+                 back onto this device, which refuses other writes meanwhile; `redun failover \
+                 {volume} --planned` moves the workload home",
+                r["point"]
+            );
+            ExitCode::SUCCESS
+        }
+        Wait::Failed(r) => {
+            eprintln!("redun reverse: {}", r["error"].as_str().unwrap_or("failed"));
+            ExitCode::from(1)
+        }
+        Wait::TimedOut(r) => {
+            eprintln!(
+                "redun reverse: the failback of {volume} has not started within 30 s ({}); it \
+                 keeps trying: `redun status --json` shows it",
+                r["error"].as_str().unwrap_or("connecting")
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// How waiting for a failback's phase ended, with its last status.
+enum Wait {
+    Reached(serde_json::Value),
+    Failed(serde_json::Value),
+    TimedOut(serde_json::Value),
+}
+
+/// Polls the shipper until the failback of `volume` is in one of `phases`, failed, or
+/// `timeout` passed.
+fn wait_phase(volume: &str, shipper: &Path, phases: &[&str], timeout: Duration) -> Wait {
+    let deadline = Instant::now() + timeout;
     loop {
         let r = reverse_status(volume, shipper).unwrap_or(serde_json::Value::Null);
         match r["phase"].as_str() {
-            Some("comparing" | "waiting" | "done") => {
-                println!(
-                    "volume {volume}: failback under way: the volume failed over at point {} \
-                     comes back onto this device, which refuses other writes meanwhile; \
-                     `redun failover {volume} --planned` moves the workload home",
-                    r["point"]
-                );
-                return ExitCode::SUCCESS;
-            }
-            Some("failed") => {
-                eprintln!("redun reverse: {}", r["error"].as_str().unwrap_or("failed"));
-                return ExitCode::from(1);
-            }
-            _ if Instant::now() >= deadline => {
-                eprintln!(
-                    "redun reverse: the failback of {volume} has not started within 30 s ({}); \
-                     it keeps trying: `redun status --json` shows it",
-                    r["error"].as_str().unwrap_or("connecting")
-                );
-                return ExitCode::from(1);
-            }
+            Some(p) if phases.contains(&p) => return Wait::Reached(r),
+            Some("failed") => return Wait::Failed(r),
+            _ if Instant::now() >= deadline => return Wait::TimedOut(r),
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -164,37 +186,31 @@ fn failback(volume: &str, shipper: &Path, target: &Path, timeout: Duration) -> E
         return ExitCode::from(1);
     }
     println!("volume {volume}: writes refused on the target; the failback's last pass runs");
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = reverse_status(volume, shipper).unwrap_or(serde_json::Value::Null);
-        match r["phase"].as_str() {
-            Some("done") => {
-                println!(
-                    "volume {volume} failed back: {} bytes compared, {} bytes copied back in {} \
-                     passes; the source takes writes again and ships at generation {}",
-                    r["compared_bytes"], r["copied_bytes"], r["passes"], r["generation"]
-                );
-                return ExitCode::SUCCESS;
-            }
-            Some("failed") => {
-                eprintln!(
-                    "redun failover: the failback of {volume} failed: {}; the target keeps \
-                     the volume (fenced): fix it and run `redun reverse {volume}` again",
-                    r["error"]
-                );
-                return ExitCode::from(1);
-            }
-            _ => {}
+    match wait_phase(volume, shipper, &["done"], timeout) {
+        Wait::Reached(r) => {
+            println!(
+                "volume {volume} failed back: {} bytes compared, {} bytes copied back in {} \
+                 passes; the source takes writes again and ships at generation {}",
+                r["compared_bytes"], r["copied_bytes"], r["passes"], r["generation"]
+            );
+            ExitCode::SUCCESS
         }
-        if Instant::now() >= deadline {
+        Wait::Failed(r) => {
+            eprintln!(
+                "redun failover: the failback of {volume} failed: {}; the target keeps the \
+                 volume (fenced): fix it and run `redun reverse {volume}` again",
+                r["error"]
+            );
+            ExitCode::from(1)
+        }
+        Wait::TimedOut(r) => {
             eprintln!(
                 "redun failover: the failback of {volume} did not finish within {timeout:?} \
                  ({}); it goes on: run this again to wait",
                 r["error"].as_str().unwrap_or("no error reported")
             );
-            return ExitCode::from(1);
+            ExitCode::from(1)
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use crate::ask::{Daemon, ask, ask_or_exit, volumes};
 
-/// One job per volume that has one: (volume, job status).
-fn jobs(shipper: &Path) -> Result<Vec<(String, serde_json::Value)>, String> {
-    let vols = volumes(Daemon::Shipper, shipper).map_err(|e| e.to_string())?;
+/// One job per volume that has one: (volume, job status); else says why, and the exit
+/// status to end with.
+fn jobs(shipper: &Path) -> Result<Vec<(String, serde_json::Value)>, ExitCode> {
+    let vols = volumes(Daemon::Shipper, shipper).map_err(|e| {
+        eprintln!("redun jobs: {e}");
+        ExitCode::from(2)
+    })?;
     Ok(vols
         .into_iter()
         .filter(|v| !v["sync"].is_null())
@@ -65,10 +69,7 @@ pub fn show(json: bool, watch: bool, shipper: &Path) -> ExitCode {
     loop {
         let list = match jobs(shipper) {
             Ok(l) => l,
-            Err(e) => {
-                eprintln!("redun jobs: {e}");
-                return ExitCode::from(2);
-            }
+            Err(code) => return code,
         };
         if json {
             let v: serde_json::Map<String, serde_json::Value> = list.iter().cloned().collect();
@@ -100,10 +101,7 @@ fn watch_bars(shipper: &Path) -> ExitCode {
     loop {
         let list = match jobs(shipper) {
             Ok(l) => l,
-            Err(e) => {
-                eprintln!("redun jobs: {e}");
-                return ExitCode::from(2);
-            }
+            Err(code) => return code,
         };
         for (name, j) in &list {
             let id = j["job"].as_u64().unwrap_or(0);
