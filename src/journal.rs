@@ -111,7 +111,7 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
                             at += k as u64;
                         }
                     }
-                    Kind::Marker | Kind::Pad | Kind::Sync => {}
+                    Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => {}
                 }
                 n += 1;
             }

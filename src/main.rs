@@ -100,9 +100,14 @@ enum Command {
     /// Recovery points: place one now.
     #[command(subcommand)]
     Point(PointCommand),
-    /// List a volume's recovery points as the target holds them.
+    /// List a volume's recovery points as the target holds them, or with --group a
+    /// consistency group's points (each one a point of every member volume).
     Points {
-        volume: String,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        volume: Option<String>,
+        /// The consistency group whose points to list.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
         /// Print JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
@@ -155,6 +160,13 @@ enum PointCommand {
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         timeout: u64,
     },
+    /// Place a point of this tracker's consistency group now, in every member's volumes,
+    /// and print its id (the target lists it once every member has shipped it).
+    Group {
+        /// The tracker's admin socket.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+        tracker_socket: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -200,19 +212,29 @@ enum FailoverCommand {
 
 #[derive(Debug, Subcommand)]
 enum TestFailoverCommand {
-    /// Export VOLUME@test: the point, writable; its writes go to a scratch overlay.
+    /// Export VOLUME@test: the point, writable; its writes go to a scratch overlay. With
+    /// --group, every member volume at the same group point.
     Start {
-        volume: String,
-        /// The point to test [default: the newest usable one].
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        volume: Option<String>,
+        /// Test the group point (from `redun points --group`) of every member volume.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
+        /// The point to test (a group point with --group) [default: the newest usable one].
         #[arg(long, value_name = "ID")]
         point: Option<u64>,
         /// The target's admin socket.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
         target_socket: PathBuf,
     },
-    /// Remove VOLUME@test and discard what was written to it.
+    /// Remove VOLUME@test and discard what was written to it (every member volume's with
+    /// --group).
     Cleanup {
-        volume: String,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        volume: Option<String>,
+        /// The consistency group whose test failovers to clean up.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
         /// The target's admin socket.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_TARGET_SOCKET)]
         target_socket: PathBuf,
@@ -351,11 +373,17 @@ fn main() -> ExitCode {
             &shipper_socket,
             std::time::Duration::from_secs(timeout),
         ),
+        Command::Point(PointCommand::Group { tracker_socket }) => points::group(&tracker_socket),
         Command::Points {
             volume,
+            group,
             json,
             target_socket,
-        } => points::list(&volume, json, &target_socket),
+        } => match (volume, group) {
+            (_, Some(group)) => points::list_group(&group, json, &target_socket),
+            (Some(volume), None) => points::list(&volume, json, &target_socket),
+            (None, None) => ExitCode::from(2),
+        },
         Command::Failover(a) => match (a.commit, a.volume) {
             (
                 Some(FailoverCommand::Commit {
@@ -394,13 +422,23 @@ fn main() -> ExitCode {
         } => failover::unfence(&volume, &tracker_socket),
         Command::TestFailover(TestFailoverCommand::Start {
             volume,
+            group,
             point,
             target_socket,
-        }) => points::test_failover(&volume, Some(point), &target_socket),
+        }) => match (volume, group) {
+            (_, Some(g)) => points::test_failover_group(&g, Some(point), &target_socket),
+            (Some(v), None) => points::test_failover(&v, Some(point), &target_socket),
+            (None, None) => ExitCode::from(2),
+        },
         Command::TestFailover(TestFailoverCommand::Cleanup {
             volume,
+            group,
             target_socket,
-        }) => points::test_failover(&volume, None, &target_socket),
+        }) => match (volume, group) {
+            (_, Some(g)) => points::test_failover_group(&g, None, &target_socket),
+            (Some(v), None) => points::test_failover(&v, None, &target_socket),
+            (None, None) => ExitCode::from(2),
+        },
         Command::Journal(cmd) => match journal::run(cmd) {
             Ok(code) => code,
             Err(e) => {
@@ -414,7 +452,7 @@ fn main() -> ExitCode {
 /// A daemon as the CLI sees it.
 enum Daemon {
     /// It answered.
-    Up(TrackerStatus),
+    Up(Box<TrackerStatus>),
     /// It answered with an error (e.g. permission denied).
     Refused(String),
     /// Nothing answered, or the socket could not be reached.
@@ -424,7 +462,7 @@ enum Daemon {
 fn tracker_status(socket: &Path) -> Daemon {
     match admin::request(socket, &AdminRequest::Status) {
         Ok(r) if r.ok => match r.status {
-            Some(s) => Daemon::Up(s),
+            Some(s) => Daemon::Up(Box::new(s)),
             None => Daemon::Refused("the tracker answered without a status".into()),
         },
         Ok(r) => Daemon::Refused(r.error.unwrap_or_else(|| "unknown error".into())),
@@ -659,6 +697,40 @@ fn print_tracker(st: Daemon) {
                     line += &format!(" dirty={}", human(v.dirty_bytes));
                 }
                 println!("{line}");
+            }
+            if let Some(g) = &s.group {
+                println!(
+                    "group {}: state={} member={}{} committed={} aborted={} last_round={}us{}",
+                    g.name,
+                    g.state,
+                    g.id,
+                    if g.coordinating { " (coordinator)" } else { "" },
+                    g.committed,
+                    g.aborted,
+                    g.last_round_us,
+                    if g.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" last_error={:?}", g.last_error)
+                    }
+                );
+                for m in &g.members {
+                    println!(
+                        "  member {} {} {}{}",
+                        m.id,
+                        m.address,
+                        if m.reachable {
+                            "reachable"
+                        } else {
+                            "unreachable"
+                        },
+                        if m.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", m.error)
+                        }
+                    );
+                }
             }
         }
     }

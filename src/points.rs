@@ -132,6 +132,117 @@ pub fn list(volume: &str, json: bool, target: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `redun point group`: a consistency-group round from the local tracker.
+pub fn group(tracker: &Path) -> ExitCode {
+    let req = AdminRequest::GroupPoint {
+        kind: PointKind::Crash,
+    };
+    match admin::request(tracker, &req) {
+        Ok(r) if r.ok => {
+            println!("{}", r.group_point.unwrap_or(0));
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!(
+                "redun point group: {}",
+                r.error.as_deref().unwrap_or("the tracker refused")
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!(
+                "redun point group: cannot reach the tracker on {}: {e} (is redun-tracker \
+                 running? --tracker-socket)",
+                tracker.display()
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The group's complete points as the target lists them.
+fn group_points(cmd: &str, group: &str, target: &Path) -> Result<Vec<serde_json::Value>, ExitCode> {
+    let req = serde_json::json!({"cmd": "points", "group": group});
+    let v = ask_or_exit(cmd, Daemon::Target, target, &req)?;
+    Ok(v["points"].as_array().cloned().unwrap_or_default())
+}
+
+/// Lists a consistency group's points: one line per point, its member volumes' points.
+pub fn list_group(group: &str, json: bool, target: &Path) -> ExitCode {
+    let points = match group_points("points", group, target) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&points).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:>20}  {:<24}  {:<5}  {:<6}  VOLUMES (VOLUME:POINT)",
+        "ID", "TIME (UTC)", "KIND", "USABLE"
+    );
+    for p in &points {
+        let vols: Vec<String> = p["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("{}:{}", m["volume"].as_str().unwrap_or("?"), m["point"]))
+            .collect();
+        println!(
+            "{:>20}  {:<24}  {:<5}  {:<6}  {}",
+            p["id"].as_u64().unwrap_or(0),
+            utc(p["unix_ms"].as_u64().unwrap_or(0)),
+            p["kind"].as_str().unwrap_or("?"),
+            if p["usable"] == true { "yes" } else { "no" },
+            vols.join(" ")
+        );
+    }
+    if points.is_empty() {
+        println!("(no complete points yet for group {group})");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `redun test-failover start|cleanup --group`: every member volume at one group point.
+pub fn test_failover_group(group: &str, start: Option<Option<u64>>, target: &Path) -> ExitCode {
+    let points = match group_points("test-failover", group, target) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let chosen = match start {
+        Some(Some(id)) => points.iter().find(|p| p["id"] == id),
+        _ => points.iter().rev().find(|p| p["usable"] == true),
+    };
+    let Some(chosen) = chosen else {
+        eprintln!(
+            "test-failover: group {group} has no {} on this target (redun points --group {group})",
+            match start {
+                Some(Some(id)) => format!("complete point {id}"),
+                _ => "usable point".into(),
+            }
+        );
+        return ExitCode::from(1);
+    };
+    let mut code = ExitCode::SUCCESS;
+    for m in chosen["volumes"].as_array().into_iter().flatten() {
+        let volume = m["volume"].as_str().unwrap_or("?");
+        let r = test_failover(volume, start.map(|_| m["point"].as_u64()), target);
+        if r != ExitCode::SUCCESS {
+            code = r;
+        }
+    }
+    if start.is_some() && code == ExitCode::SUCCESS {
+        println!(
+            "group {group}: every member volume serves group point {}",
+            chosen["id"]
+        );
+    }
+    code
+}
+
 /// `YYYY-MM-DD HH:MM:SS.mmm` in UTC, from milliseconds since the epoch.
 fn utc(ms: u64) -> String {
     let secs = ms / 1000;

@@ -18,82 +18,6 @@ use redun_tracker::journal::reader::read_release;
 
 const VOL: u64 = 64 << 20;
 
-/// A daemon this test started; killed by PID when dropped.
-struct Daemon {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(bin_name: &str, args: &[String], log: &Path) -> Daemon {
-        Daemon::start_program(&bin(bin_name), args, log)
-    }
-
-    /// A daemon started through another program that execs it (`ip netns exec NS BIN ...`),
-    /// so that its PID is the daemon's.
-    fn start_program(program: &Path, args: &[String], log: &Path) -> Daemon {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        Daemon {
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(i32::try_from(self.child.as_ref().unwrap().id()).unwrap())
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        kill(self.pid_of(&c), Signal::SIGKILL).unwrap();
-        let _ = c.wait();
-    }
-
-    fn pid_of(&self, c: &Child) -> Pid {
-        Pid::from_raw(i32::try_from(c.id()).unwrap())
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(self.pid_of(&c), Signal::SIGTERM);
-            if wait_timeout(&mut c, Duration::from_secs(30)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "{} ignored SIGTERM:\n{}",
-                    self.log.display(),
-                    self.log_text()
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// A tracker, a target and a shipper in one temporary directory.
 struct Site {
     tracker: Tracker,
@@ -104,19 +28,6 @@ struct Site {
     data: PathBuf,
     /// More flags for the target.
     target_args: Vec<String>,
-}
-
-fn pki(dir: &Path, names: &[&str]) {
-    let mut cmd = Command::new(bin("redun"));
-    cmd.args(["pki", "init", "--dir"]).arg(dir);
-    for n in names {
-        cmd.args(["--name", n]);
-    }
-    run(&mut cmd);
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 impl Site {

@@ -192,7 +192,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                     "volumes": target.status(),
                 }
             })),
-            Some("points") => points(&target, req),
+            Some("points") => match req.get("group").and_then(|g| g.as_str()) {
+                Some(group) => Ok(serde_json::json!({
+                    "group": group,
+                    "points": target.group_points(group),
+                })),
+                None => points(&target, req),
+            },
             Some("test-failover-start") => {
                 let volume = volume_arg(req)?;
                 let point = req.get("point").and_then(serde_json::Value::as_u64);

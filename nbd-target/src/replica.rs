@@ -240,7 +240,7 @@ impl Replica {
                 Kind::Write
             }
             Some(k @ (Kind::Trim | Kind::Zero)) => k,
-            Some(Kind::Marker) => Kind::Marker,
+            Some(k @ (Kind::Marker | Kind::Decision)) => k,
             Some(Kind::Sync) => return self.apply_sync(r),
             Some(Kind::Pad) | None => {
                 return Err(Refusal::new(
@@ -252,7 +252,7 @@ impl Replica {
                 ));
             }
         };
-        let payload = if kind == Kind::Write || kind == Kind::Marker {
+        let payload = if matches!(kind, Kind::Write | Kind::Marker | Kind::Decision) {
             r.payload
         } else {
             &[]

@@ -26,6 +26,25 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection may stay silent (shippers ping every few seconds when idle).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// A consistency group's point as the target lists it: one marker in each member volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPoint {
+    pub id: u64,
+    /// The earliest of the members' marker times.
+    pub unix_ms: u64,
+    pub kind: redun_tracker::journal::format::PointKind,
+    /// Every member volume's point can be read.
+    pub usable: bool,
+    pub volumes: Vec<GroupMember>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub volume: String,
+    /// The volume's point (its marker's sequence number).
+    pub point: u64,
+}
+
 /// Per-volume figures for the admin socket.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetVolumeStatus {
@@ -420,6 +439,52 @@ impl Target {
         );
         stores.insert(hello.name.clone(), s.clone());
         Ok(s)
+    }
+
+    /// The points of consistency group `group` that every member volume has committed,
+    /// oldest first (docs/PROTOCOL.md, "Consistency groups"): a point whose decision names a
+    /// volume that lacks it here (not shipped yet, or aborted there) is not listed.
+    pub fn group_points(&self, group: &str) -> Vec<GroupPoint> {
+        let mut found: std::collections::BTreeMap<u64, GroupPoint> = Default::default();
+        let mut members: HashMap<u64, Vec<String>> = HashMap::new();
+        for v in self.status() {
+            let Ok(Some(store)) = self.store(&v.name) else {
+                continue;
+            };
+            for (p, d, usable) in store.group_points() {
+                if d.group != group {
+                    continue;
+                }
+                members.entry(p.group).or_insert_with(|| d.volumes.clone());
+                let gp = found.entry(p.group).or_insert_with(|| GroupPoint {
+                    id: p.group,
+                    unix_ms: p.unix_ms,
+                    kind: p.kind,
+                    usable: true,
+                    volumes: Vec::new(),
+                });
+                gp.unix_ms = gp.unix_ms.min(p.unix_ms);
+                gp.usable &= usable;
+                gp.volumes.push(GroupMember {
+                    volume: v.name.clone(),
+                    point: p.id,
+                });
+            }
+        }
+        found
+            .into_values()
+            .filter(|gp| {
+                let want = &members[&gp.id];
+                !want.is_empty()
+                    && want
+                        .iter()
+                        .all(|w| gp.volumes.iter().any(|m| m.volume == *w))
+            })
+            .map(|mut gp| {
+                gp.volumes.sort_by(|a, b| a.volume.cmp(&b.volume));
+                gp
+            })
+            .collect()
     }
 
     /// Every store opened so far.

@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
-use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind, SyncInfo, SyncRole};
+use redun_tracker::journal::format::{
+    GroupDecision, Kind, MarkerInfo, PointKind, SyncInfo, SyncRole,
+};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -113,7 +115,28 @@ pub struct Point {
     pub id: u64,
     pub unix_ms: u64,
     pub kind: PointKind,
+    /// The consistency group's point this marker belongs to (0: none). Such a point is
+    /// listed only once a [`Decided`] commit for it is durable.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub group: u64,
 }
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A consistency group's decision record, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decided {
+    /// The decision record's sequence number.
+    pub seq: u64,
+    #[serde(flatten)]
+    pub decision: GroupDecision,
+}
+
+/// The records of one segment: its index, the points its markers place and its group
+/// decisions.
+type Scanned = (Vec<Entry>, Vec<Point>, Vec<Decided>);
 
 /// A sealed segment as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +161,9 @@ pub struct Manifest {
     /// Points in sealed segments, oldest first (points in the open segment are found by
     /// reading it).
     pub points: Vec<Point>,
+    /// Consistency-group decisions in sealed segments, for the group points still listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<Decided>,
 }
 
 /// One record of a segment, as the index keeps it.
@@ -167,6 +193,7 @@ struct Open {
     file: Arc<File>,
     entries: Vec<Entry>,
     points: Vec<Point>,
+    decisions: Vec<Decided>,
     /// Bytes in the file (written, durable or not) and waiting in `buf`.
     written: u64,
     buf: Vec<u8>,
@@ -347,14 +374,8 @@ fn le32(b: &[u8]) -> u32 {
 }
 
 /// Reads the entries of a segment from its first record to `len` (an open segment, or a
-/// sealed one whose index is damaged), checking every checksum. Returns the entries and
-/// the points its markers place.
-fn scan_segment(
-    file: &File,
-    path: &Path,
-    first_seq: u64,
-    len: u64,
-) -> Result<(Vec<Entry>, Vec<Point>), StoreError> {
+/// sealed one whose index is damaged), checking every checksum.
+fn scan_segment(file: &File, path: &Path, first_seq: u64, len: u64) -> Result<Scanned, StoreError> {
     let mut head = [0u8; SEGMENT_HEADER_LEN];
     file.read_exact_at(&mut head, 0)
         .map_err(io_err("cannot read", path))?;
@@ -372,6 +393,7 @@ fn scan_segment(
     }
     let mut entries = Vec::new();
     let mut points = Vec::new();
+    let mut decisions = Vec::new();
     let mut pos = SEGMENT_HEADER_LEN as u64;
     let mut next = first_seq;
     let mut eh = [0u8; ENTRY_HEADER_LEN];
@@ -403,15 +425,7 @@ fn scan_segment(
         if entry_checksum(&eh, &payload, first_seq) != le64(&eh[32..]) {
             return Err(bad(format!("checksum mismatch (seq {seq})")));
         }
-        if kind == Kind::Marker {
-            if let Some(m) = MarkerInfo::decode(&payload) {
-                points.push(Point {
-                    id: seq,
-                    unix_ms: m.unix_ms,
-                    kind: m.kind,
-                });
-            }
-        }
+        note_record(kind, seq, &payload, &mut points, &mut decisions);
         entries.push(Entry {
             seq,
             offset,
@@ -422,7 +436,35 @@ fn scan_segment(
         next = seq + 1;
         pos = data + plen;
     }
-    Ok((entries, points))
+    Ok((entries, points, decisions))
+}
+
+/// What a marker or decision record adds to a segment's points and decisions.
+fn note_record(
+    kind: Kind,
+    seq: u64,
+    payload: &[u8],
+    points: &mut Vec<Point>,
+    decisions: &mut Vec<Decided>,
+) {
+    match kind {
+        Kind::Marker => {
+            if let Some(m) = MarkerInfo::decode(payload) {
+                points.push(Point {
+                    id: seq,
+                    unix_ms: m.unix_ms,
+                    kind: m.kind,
+                    group: m.group_point,
+                });
+            }
+        }
+        Kind::Decision => {
+            if let Some(decision) = GroupDecision::decode(payload) {
+                decisions.push(Decided { seq, decision });
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Reads a sealed segment's index through its trailer.
@@ -558,6 +600,7 @@ impl Store {
             base_seq: 0,
             segments: Vec::new(),
             points: Vec::new(),
+            decisions: Vec::new(),
         };
         let open = new_open(&dir, id, 0)?;
         let state = ReplicaState {
@@ -653,13 +696,14 @@ impl Store {
                 .strip_suffix(".seg")
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| damaged(&state_path, "open_segment is not a segment file name"))?;
-            let (entries, points) = scan_segment(&file, &p, first_seq, state.open_len)?;
+            let (entries, points, decisions) = scan_segment(&file, &p, first_seq, state.open_len)?;
             Open {
                 name: state.open_segment.clone(),
                 first_seq,
                 file: Arc::new(file),
                 entries,
                 points,
+                decisions,
                 written: state.open_len,
                 buf: Vec::new(),
             }
@@ -804,15 +848,7 @@ impl Store {
             length,
             kind,
         });
-        if kind == Kind::Marker {
-            if let Some(m) = MarkerInfo::decode(payload) {
-                o.points.push(Point {
-                    id: seq,
-                    unix_ms: m.unix_ms,
-                    kind: m.kind,
-                });
-            }
-        }
+        note_record(kind, seq, payload, &mut o.points, &mut o.decisions);
         inner.applied = seq + 1;
         if o.buf.len() >= WRITE_BYTES {
             if let Err(e) = write_buf(o, &self.dir) {
@@ -894,6 +930,7 @@ impl Store {
         let mut m = inner.manifest.clone();
         m.segments.push(r.clone());
         m.points.extend(o.points.iter().copied());
+        m.decisions.extend(o.decisions.iter().cloned());
         let prepared = o
             .file
             .write_all_at(&tail, o.written)
@@ -925,17 +962,49 @@ impl Store {
 
     /// Every recovery point, oldest first, with whether it can be read (durable and not yet
     /// merged away).
+    /// A group's marker is listed only once a decision committing it is durable.
     pub fn points(&self) -> Vec<(Point, bool)> {
+        self.listed()
+            .into_iter()
+            .map(|(p, _, ok)| (p, ok))
+            .collect()
+    }
+
+    /// The committed points of consistency groups, oldest first, with their decision and
+    /// whether they can be read.
+    pub fn group_points(&self) -> Vec<(Point, GroupDecision, bool)> {
+        self.listed()
+            .into_iter()
+            .filter_map(|(p, d, ok)| d.map(|d| (p, d, ok)))
+            .collect()
+    }
+
+    fn listed(&self) -> Vec<(Point, Option<GroupDecision>, bool)> {
         let g = self.lock();
         let durable = g.state.next_seq;
+        let decisions: Vec<&Decided> = g
+            .manifest
+            .decisions
+            .iter()
+            .chain(g.open.decisions.iter())
+            .filter(|d| d.seq < durable)
+            .collect();
         g.manifest
             .points
             .iter()
             .chain(g.open.points.iter())
-            .map(|p| {
+            .filter_map(|p| {
                 let usable =
                     p.id < durable && p.id >= g.manifest.base_seq && g.state.consistent_at(p.id);
-                (*p, usable)
+                if p.group == 0 {
+                    return Some((*p, None, usable));
+                }
+                let d = decisions
+                    .iter()
+                    .find(|d| d.decision.point == p.group && d.seq > p.id)?;
+                d.decision
+                    .commit
+                    .then(|| (*p, Some(d.decision.clone()), usable))
             })
             .collect()
     }
@@ -1031,7 +1100,7 @@ impl Store {
                         pos: e.data,
                     },
                     Kind::Trim | Kind::Zero => Src::Zero,
-                    Kind::Marker | Kind::Pad | Kind::Sync => continue,
+                    Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => continue,
                 };
                 if e.length > 0 {
                     map.insert(e.offset, e.offset + u64::from(e.length), src);
@@ -1082,9 +1151,15 @@ impl Store {
                 let kept = |p: &Point| keep.iter().any(|k| k.id == p.id);
                 let mut m = inner.manifest.clone();
                 m.points.retain(kept);
+                let groups: Vec<u64> = keep.iter().map(|p| p.group).collect();
+                m.decisions.retain(|d| groups.contains(&d.decision.point));
                 self.save_manifest(&m)?;
                 inner.manifest = m;
                 inner.open.points.retain(kept);
+                inner
+                    .open
+                    .decisions
+                    .retain(|d| groups.contains(&d.decision.point));
             }
             let oldest_point = inner
                 .manifest
@@ -1136,7 +1211,7 @@ impl Store {
                         )
                         .map_err(io_err("cannot zero", &base_path))?;
                     }
-                    Kind::Marker | Kind::Pad | Kind::Sync => {}
+                    Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => {}
                 }
                 done.merged_bytes += u64::from(e.length);
             }
@@ -1228,7 +1303,7 @@ impl Store {
                 let src = match e.kind {
                     Kind::Write => Src::Data { file, pos: e.data },
                     Kind::Trim | Kind::Zero => Src::Zero,
-                    Kind::Marker | Kind::Pad | Kind::Sync => continue,
+                    Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => continue,
                 };
                 if e.length > 0 {
                     map.insert(e.offset, e.offset + u64::from(e.length), src);
@@ -1388,6 +1463,7 @@ fn new_open(dir: &Path, id: &Identity, first_seq: u64) -> Result<Open, StoreErro
         file: Arc::new(file),
         entries: Vec::new(),
         points: Vec::new(),
+        decisions: Vec::new(),
         written: SEGMENT_HEADER_LEN as u64,
         buf: Vec::new(),
     })
@@ -1400,6 +1476,7 @@ fn rollback(inner: &mut Inner) {
     o.buf.clear();
     o.entries.retain(|e| e.seq < durable);
     o.points.retain(|p| p.id < durable);
+    o.decisions.retain(|d| d.seq < durable);
     if o.name == inner.state.open_segment {
         o.written = inner.state.open_len;
         let _ = o.file.set_len(o.written);

@@ -10,5 +10,7 @@ pub mod reverse;
 pub mod ship;
 pub mod sync;
 pub mod throttle;
-pub mod tls;
 pub mod verify;
+
+/// TLS set-up, shared with the tracker's consistency groups (it lives in the tracker crate).
+pub use redun_tracker::tls;

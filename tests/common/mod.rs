@@ -433,3 +433,94 @@ pub fn privileged() -> bool {
     }
     panic!("ext4 on nbdfuse {why}; set REDUN_SKIP_PRIVILEGED=1 to skip it explicitly");
 }
+
+/// A daemon this test started; killed by PID when dropped.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(bin_name: &str, args: &[String], log: &Path) -> Daemon {
+        Daemon::start_program(&bin(bin_name), args, log)
+    }
+
+    /// A daemon started through another program that execs it (`ip netns exec NS BIN ...`),
+    /// so that its PID is the daemon's.
+    pub fn start_program(program: &Path, args: &[String], log: &Path) -> Daemon {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Daemon {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.as_ref().unwrap().id()).unwrap())
+    }
+
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        kill(self.pid_of(&c), Signal::SIGKILL).unwrap();
+        let _ = c.wait();
+    }
+
+    pub fn pid_of(&self, c: &Child) -> Pid {
+        Pid::from_raw(i32::try_from(c.id()).unwrap())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(self.pid_of(&c), Signal::SIGTERM);
+            if wait_timeout(&mut c, Duration::from_secs(30)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "{} ignored SIGTERM:\n{}",
+                    self.log.display(),
+                    self.log_text()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `redun pki init` in `dir` with a certificate for every name.
+pub fn pki(dir: &Path, names: &[&str]) {
+    let mut cmd = Command::new(bin("redun"));
+    cmd.args(["pki", "init", "--dir"]).arg(dir);
+    for n in names {
+        cmd.args(["--name", n]);
+    }
+    run(&mut cmd);
+}
+
+/// A path as an argument.
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -74,6 +74,12 @@ pub enum AdminRequest {
     Head {
         volume: String,
     },
+    /// Run a consistency-group round from this tracker now (`redun point --group`): the
+    /// answer's `group_point` is the committed point.
+    GroupPoint {
+        #[serde(default = "crash")]
+        kind: crate::journal::format::PointKind,
+    },
 }
 
 fn crash() -> crate::journal::format::PointKind {
@@ -137,6 +143,9 @@ pub struct TrackerStatus {
     pub uptime_seconds: u64,
     pub listen: Vec<String>,
     pub volumes: Vec<VolumeStatus>,
+    /// The consistency group this tracker is a member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<crate::group::GroupStatus>,
 }
 
 /// A response line: `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`.
@@ -159,6 +168,9 @@ pub struct AdminResponse {
     /// The dirty bytes left (`sync-done`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_bytes: Option<u64>,
+    /// The committed consistency-group point (`group-point`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_point: Option<u64>,
 }
 
 impl AdminResponse {
@@ -172,6 +184,7 @@ impl AdminResponse {
             sync: None,
             seq: None,
             dirty_bytes: None,
+            group_point: None,
         }
     }
 
@@ -434,11 +447,13 @@ mod tests {
                 uptime_seconds: 0,
                 listen: vec![],
                 volumes: vec![],
+                group: None,
             }),
             point: None,
             sync: None,
             seq: None,
             dirty_bytes: None,
+            group_point: None,
         });
         let srv = AdminServer::bind(&path, handler).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -37,6 +37,9 @@ pub struct ConfigFile {
     /// When automatic resyncs may run (redun-shipper reads it).
     #[serde(default)]
     pub resync: Option<toml::Table>,
+    /// The consistency group this tracker's volumes belong to.
+    #[serde(default)]
+    pub group: Option<crate::group::GroupSection>,
 }
 
 /// `[points]`: recovery points the tracker places.
@@ -170,6 +173,8 @@ pub struct TrackerConfig {
     pub hook_timeout_ms: u64,
     /// Prometheus listener (`tracker.metrics.listen`).
     pub metrics_listen: Option<String>,
+    /// `[group]`, validated.
+    pub group: Option<crate::group::GroupConfig>,
 }
 
 impl TrackerConfig {
@@ -387,7 +392,15 @@ pub fn merge(
         .metrics
         .validate("tracker")
         .map_err(ConfigError::Invalid)?;
+    let names: Vec<String> = all.iter().map(|v| v.name.clone()).collect();
+    let group = file
+        .group
+        .as_ref()
+        .map(|g| g.validate(&names))
+        .transpose()
+        .map_err(ConfigError::Invalid)?;
     Ok(TrackerConfig {
+        group,
         metrics_listen: file.tracker.metrics.listen.clone(),
         crash_interval_ms,
         app_interval_ms,

@@ -10,10 +10,12 @@
 
 pub mod admin;
 pub mod config;
+pub mod group;
 pub mod hooks;
 pub mod io;
 pub mod journal;
 pub mod metrics;
 pub mod nbd;
 pub mod service;
+pub mod tls;
 pub mod track;

@@ -186,6 +186,29 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         accept_threads.push(server.spawn_listener(l)?);
     }
 
+    let group = match &cfg.group {
+        Some(g) => {
+            let volumes =
+                server
+                    .exports()
+                    .iter()
+                    .filter(|e| g.volumes.as_ref().is_none_or(|v| v.contains(&e.name)))
+                    .map(|e| {
+                        e.backend.log().cloned().map(|l| (e.name.clone(), l)).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "group {}: volume {} is not journaled (--no-journal), so it cannot \
+                             take part in group points",
+                            g.name,
+                            e.name
+                        )
+                    })
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+            Some(redun_tracker::group::Group::start(g.clone(), volumes)?)
+        }
+        None => None,
+    };
+
     let hooks: Arc<HashMap<String, Hooks>> = Arc::new(
         cfg.volumes
             .iter()
@@ -203,10 +226,42 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let status_server = server.clone();
     let listen_for_status = listen_names.clone();
+    let group_for_admin = group.clone();
     let handler = Arc::new(move |req: AdminRequest| match req {
         AdminRequest::Status => AdminResponse {
-            status: Some(status(&status_server, &listen_for_status, started)),
+            status: Some(status(
+                &status_server,
+                &listen_for_status,
+                started,
+                group_for_admin.as_deref(),
+            )),
             ..AdminResponse::ok()
+        },
+        AdminRequest::GroupPoint { kind } => match &group_for_admin {
+            None => AdminResponse::error(
+                "this tracker is in no consistency group (configure [group] in the config file)",
+            ),
+            Some(g) => {
+                let r = g.round(kind);
+                if r.committed {
+                    info!(
+                        "group={} point={} committed on demand volumes={} in {}us",
+                        g.status().name,
+                        r.point,
+                        r.volumes.len(),
+                        r.elapsed.as_micros()
+                    );
+                    AdminResponse {
+                        group_point: Some(r.point),
+                        ..AdminResponse::ok()
+                    }
+                } else {
+                    AdminResponse::error(format!(
+                        "group point {} aborted: {} (redun status shows the members)",
+                        r.point, r.error
+                    ))
+                }
+            }
         },
         AdminRequest::Point { volume, kind } => {
             place_point(&status_server, &volume, kind, &hooks_for_admin)
@@ -296,8 +351,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(addr) => {
             let server = server.clone();
             let listen = listen_names.clone();
+            let group = group.clone();
             let render: redun_tracker::metrics::Render =
-                Arc::new(move || metrics(&status(&server, &listen, started)));
+                Arc::new(move || metrics(&status(&server, &listen, started, group.as_deref())));
             let m = redun_tracker::metrics::MetricsServer::bind(addr, render)?;
             info!("metrics on http://{}/metrics", m.addr());
             Some(m)
@@ -322,6 +378,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     points_stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for t in [points_thread, app_thread].into_iter().flatten() {
         let _ = t.join();
+    }
+    if let Some(g) = &group {
+        // Before the connections finish: held replies are released.
+        g.stop();
     }
     let clean = server.shutdown(SHUTDOWN_GRACE);
     for t in accept_threads {
@@ -630,7 +690,12 @@ fn metrics(st: &TrackerStatus) -> String {
     m.render()
 }
 
-fn status(server: &Server<FileBackend>, listen: &[String], started: Instant) -> TrackerStatus {
+fn status(
+    server: &Server<FileBackend>,
+    listen: &[String],
+    started: Instant,
+    group: Option<&redun_tracker::group::Group>,
+) -> TrackerStatus {
     use std::sync::atomic::Ordering::Relaxed;
     let volumes = server
         .exports()
@@ -674,5 +739,6 @@ fn status(server: &Server<FileBackend>, listen: &[String], started: Instant) -> 
         uptime_seconds: started.elapsed().as_secs(),
         listen: listen.to_vec(),
         volumes,
+        group: group.map(redun_tracker::group::Group::status),
     }
 }

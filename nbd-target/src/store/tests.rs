@@ -48,10 +48,11 @@ struct Model {
     seq: u64,
 }
 
-fn marker(unix_ms: u64) -> [u8; 16] {
+fn marker(unix_ms: u64) -> Vec<u8> {
     MarkerInfo {
         kind: PointKind::Crash,
         unix_ms,
+        group_point: 0,
     }
     .encode()
 }
@@ -298,7 +299,12 @@ fn retention_keeps_tiers_and_prefers_app_points() {
             },
         ],
     };
-    let p = |id, unix_ms, kind| Point { id, unix_ms, kind };
+    let p = |id, unix_ms, kind| Point {
+        id,
+        unix_ms,
+        kind,
+        group: 0,
+    };
     let points: Vec<Point> = (0..100)
         .map(|i| {
             let kind = if i % 7 == 3 {

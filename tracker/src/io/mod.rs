@@ -229,6 +229,14 @@ impl BlockBackend for FileBackend {
     }
 
     fn open_queue(&self, sink: Arc<dyn CompletionSink>) -> io::Result<FileQueue> {
+        // Replies of a tracked volume pass its consistency-group gate.
+        let sink: Arc<dyn CompletionSink> = match &self.log {
+            Some(log) => Arc::new(crate::track::gate::GateSink {
+                inner: sink,
+                gate: log.gate().clone(),
+            }),
+            None => sink,
+        };
         Ok(match self.engine {
             Engine::Uring => FileQueue::Uring(Box::new(uring::UringQueue::new(
                 self.file.clone(),

@@ -63,6 +63,9 @@ pub enum Kind {
     /// A step of a block-checksum synchronisation ([`SyncInfo`]): its begin, a slot the
     /// shipper fills with the blocks of `[offset, offset + length)` that differ, or its end.
     Sync = 6,
+    /// A consistency group's decision on one of its points ([`GroupDecision`], JSON):
+    /// commit or abort. `offset`/`length` are 0.
+    Decision = 7,
 }
 
 impl Kind {
@@ -74,6 +77,7 @@ impl Kind {
             4 => Kind::Marker,
             5 => Kind::Pad,
             6 => Kind::Sync,
+            7 => Kind::Decision,
             _ => return None,
         })
     }
@@ -86,6 +90,7 @@ impl Kind {
             Kind::Marker => "marker",
             Kind::Pad => "pad",
             Kind::Sync => "sync",
+            Kind::Decision => "decision",
         }
     }
 }
@@ -456,30 +461,45 @@ impl PointKind {
     }
 }
 
-/// Length of a marker record's payload.
+/// Length of a marker record's payload (version 1); a group marker (version 2) has
+/// [`GROUP_MARKER_LEN`].
 pub const MARKER_LEN: usize = 16;
+pub const GROUP_MARKER_LEN: usize = 24;
 
-/// The payload of a [`Kind::Marker`] record (16 bytes, little-endian): version (1), kind
-/// (1 crash, 2 app), six zero bytes, the wall-clock time of placement in milliseconds since
-/// the Unix epoch. The point's identity is the record's sequence number.
+/// The payload of a [`Kind::Marker`] record (little-endian): version (1, or 2 for a
+/// consistency group's marker), kind (1 crash, 2 app), six zero bytes, the wall-clock time
+/// of placement in milliseconds since the Unix epoch; version 2 adds the group point's id
+/// (8 bytes). The point's identity in the volume is the record's sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MarkerInfo {
     pub kind: PointKind,
     pub unix_ms: u64,
+    /// The consistency group's point this marker belongs to (0: a point of this volume
+    /// alone). A group marker places no point until a [`GroupDecision`] commits it.
+    pub group_point: u64,
 }
 
 impl MarkerInfo {
-    pub fn encode(&self) -> [u8; MARKER_LEN] {
-        let mut b = [0u8; MARKER_LEN];
-        b[0] = 1;
+    pub fn encode(&self) -> Vec<u8> {
+        let group = self.group_point != 0;
+        let mut b = vec![0u8; if group { GROUP_MARKER_LEN } else { MARKER_LEN }];
+        b[0] = if group { 2 } else { 1 };
         b[1] = self.kind as u8;
         b[8..16].copy_from_slice(&self.unix_ms.to_le_bytes());
+        if group {
+            b[16..24].copy_from_slice(&self.group_point.to_le_bytes());
+        }
         b
     }
 
-    /// `None` for a payload that is not a version-1 marker.
+    /// `None` for a payload that is not a version-1 or version-2 marker.
     pub fn decode(b: &[u8]) -> Option<MarkerInfo> {
-        if b.len() != MARKER_LEN || b[0] != 1 || b[2..8].iter().any(|&x| x != 0) {
+        let len = match b.first() {
+            Some(1) => MARKER_LEN,
+            Some(2) => GROUP_MARKER_LEN,
+            _ => return None,
+        };
+        if b.len() != len || b[2..8].iter().any(|&x| x != 0) {
             return None;
         }
         let kind = match b[1] {
@@ -488,7 +508,41 @@ impl MarkerInfo {
             _ => return None,
         };
         let unix_ms = u64::from_le_bytes(b[8..16].try_into().ok()?);
-        Some(MarkerInfo { kind, unix_ms })
+        let group_point = match len {
+            GROUP_MARKER_LEN => u64::from_le_bytes(b[16..24].try_into().ok()?),
+            _ => 0,
+        };
+        if len == GROUP_MARKER_LEN && group_point == 0 {
+            return None;
+        }
+        Some(MarkerInfo {
+            kind,
+            unix_ms,
+            group_point,
+        })
+    }
+}
+
+/// The payload of a [`Kind::Decision`] record (JSON): what a consistency group decided about
+/// point `point`, whose marker this volume's journal holds earlier. `volumes` names every
+/// volume of every member that placed the marker: the target shows the group point only
+/// when each of them has its marker and a committing decision.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupDecision {
+    pub group: String,
+    pub point: u64,
+    pub commit: bool,
+    #[serde(default)]
+    pub volumes: Vec<String>,
+}
+
+impl GroupDecision {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a decision serialises")
+    }
+
+    pub fn decode(b: &[u8]) -> Option<GroupDecision> {
+        serde_json::from_slice(b).ok()
     }
 }
 
@@ -646,7 +700,8 @@ mod tests {
             Just(Kind::Zero),
             Just(Kind::Marker),
             Just(Kind::Pad),
-            Just(Kind::Sync)
+            Just(Kind::Sync),
+            Just(Kind::Decision)
         ]
     }
 
@@ -655,12 +710,33 @@ mod tests {
         let m = MarkerInfo {
             kind: PointKind::App,
             unix_ms: 1_795_392_000_123,
+            group_point: 0,
         };
+        assert_eq!(m.encode().len(), MARKER_LEN);
         assert_eq!(MarkerInfo::decode(&m.encode()), Some(m));
         let mut b = m.encode();
         b[1] = 9;
         assert_eq!(MarkerInfo::decode(&b), None);
         assert_eq!(MarkerInfo::decode(&b"after"[..]), None);
+        let g = MarkerInfo {
+            group_point: 7 << 12 | 3,
+            ..m
+        };
+        assert_eq!(g.encode().len(), GROUP_MARKER_LEN);
+        assert_eq!(MarkerInfo::decode(&g.encode()), Some(g));
+        // A version-2 payload without its group point, or of the wrong length, is no marker.
+        let mut b = g.encode();
+        b[16..24].fill(0);
+        assert_eq!(MarkerInfo::decode(&b), None);
+        assert_eq!(MarkerInfo::decode(&g.encode()[..MARKER_LEN]), None);
+        let d = GroupDecision {
+            group: "payments".into(),
+            point: 9,
+            commit: true,
+            volumes: vec!["db".into(), "logs".into()],
+        };
+        assert_eq!(GroupDecision::decode(&d.encode()), Some(d));
+        assert_eq!(GroupDecision::decode(b"{"), None);
     }
 
     proptest! {

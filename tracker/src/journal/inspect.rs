@@ -212,7 +212,7 @@ fn plausible_header<S: Store>(
     let payload_fits = match h.kind {
         Kind::Write => h.payload_len == h.length,
         Kind::Trim | Kind::Zero => h.payload_len == 0,
-        Kind::Marker | Kind::Pad | Kind::Sync => false,
+        Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => false,
     };
     Ok((h.seq == end.seq && h.epoch <= sb.epoch && inside && payload_fits).then_some(h))
 }

@@ -27,7 +27,7 @@ fn replay(journal: &CrashStore) -> Vec<u8> {
         match r.header.kind {
             Kind::Write => img[o..o + r.payload.len()].copy_from_slice(&r.payload),
             Kind::Trim | Kind::Zero => img[o..o + l].fill(0),
-            Kind::Marker | Kind::Pad | Kind::Sync => {}
+            Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => {}
         }
     }
     img

@@ -31,15 +31,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::io::ops;
 use crate::journal::format::{
-    Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole, record_size,
+    GroupDecision, Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole, record_size,
 };
 use crate::journal::inspect::find_damage;
 use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Policy, Store, read_superblock};
 use crate::nbd::IoOp;
 
+pub mod gate;
 pub mod map;
 
+use gate::Gate;
 use map::RegionMap;
 
 /// How many appends may pass between two looks at the release file.
@@ -204,6 +206,8 @@ pub struct ChangeLog {
     /// Points placed (crash, app) and app-consistent points that failed.
     points: [AtomicU64; 2],
     points_failed: AtomicU64,
+    /// Replies held for consistency-group points ([`ChangeLog::mark_group`]).
+    gate: Arc<Gate>,
 }
 
 /// Why a journal could not be opened.
@@ -390,6 +394,13 @@ pub fn map_path(journal: &Path) -> PathBuf {
 /// shipper, applied by the tracker ([`ChangeLog::apply_failback`]).
 pub fn failback_path(journal: &Path) -> PathBuf {
     journal.with_extension("failback")
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn payload_len(payload: &[u8]) -> u32 {
@@ -590,6 +601,7 @@ impl ChangeLog {
             on_full: opts.on_full,
             points: Default::default(),
             points_failed: AtomicU64::new(0),
+            gate: Arc::default(),
         })
     }
 
@@ -856,14 +868,74 @@ impl ChangeLog {
                 self.path.display()
             )));
         }
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let payload = MarkerInfo { kind, unix_ms }.encode();
+        let payload = MarkerInfo {
+            kind,
+            unix_ms: unix_ms(),
+            group_point: 0,
+        }
+        .encode();
         let seq = self.append_note(st, Kind::Marker, (0, 0), &payload, "place a recovery point")?;
         st.changed_since_mark = false;
         self.points[usize::from(kind == PointKind::App)].fetch_add(1, Ordering::Relaxed);
         Ok(Some(seq))
+    }
+
+    /// Appends the marker of consistency-group point `point` and, under the same lock, closes
+    /// the volume's reply gate: from here on no reply leaves until [`ChangeLog::decide`]
+    /// (docs/PROTOCOL.md, "Consistency groups"). Returns the marker's sequence number.
+    pub fn mark_group(&self, kind: PointKind, point: u64) -> io::Result<u64> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.stopping {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        if st.overflowed || st.journal_failed {
+            return Err(io::Error::other(format!(
+                "journal {} takes no records until the volume is resynced: it cannot take \
+                 part in group points",
+                self.path.display()
+            )));
+        }
+        let payload = MarkerInfo {
+            kind,
+            unix_ms: unix_ms(),
+            group_point: point,
+        }
+        .encode();
+        let seq = self.append_note(st, Kind::Marker, (0, 0), &payload, "place a group marker")?;
+        self.gate.hold(point);
+        Ok(seq)
+    }
+
+    /// Records the group's decision on a point placed by [`ChangeLog::mark_group`] and opens
+    /// the gate (also when the record cannot be appended: the point is then simply never
+    /// complete on the target). Returns the decision record's sequence number.
+    pub fn decide(&self, decision: &GroupDecision) -> io::Result<u64> {
+        let r = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if st.overflowed || st.journal_failed {
+                Err(io::Error::other(format!(
+                    "journal {} takes no records until the volume is resynced",
+                    self.path.display()
+                )))
+            } else {
+                self.append_note(
+                    st,
+                    Kind::Decision,
+                    (0, 0),
+                    &decision.encode(),
+                    "record a group decision",
+                )
+            }
+        };
+        self.gate.release(decision.point);
+        r
+    }
+
+    /// The gate replies pass through (held during a group point's two phases).
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     /// Appends a record that is not a change (a marker, a sync record) covering `range`, and

@@ -1,4 +1,5 @@
-//! TLS 1.3 with mutual certificate authentication for replication (rustls, ring provider).
+//! TLS 1.3 with mutual certificate authentication for replication and consistency groups
+//! (rustls, ring provider).
 //!
 //! Both sides trust exactly one CA (`--tls-ca`, made by `redun pki init`) and present a
 //! certificate it signed (`--tls-cert`, `--tls-key`). The shipper also checks that the

@@ -1,0 +1,1170 @@
+//! Consistency groups: recovery points shared by the volumes of several trackers
+//! (docs/PROTOCOL.md, "Consistency groups").
+//!
+//! Every member runs a [`Member`] behind a TLS listener (port 20004 by default, mutual TLS
+//! with the replication CA). The coordinator (the configured member, or else each member
+//! that reaches no member with a lower id: [`Group::coordinating`]) runs a round every
+//! `group.interval`: PREPARE to every member, each appends the point's marker to each of its
+//! group volumes and closes their reply gates (`track::gate`), READY back; COMMIT when every
+//! member is READY within `group.timeout`, ABORT otherwise. A member decides by itself
+//! (abort) when no decision arrives within the timeout, so no reply is held longer.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::journal::format::{GroupDecision, PointKind};
+use crate::tls::TlsFiles;
+use crate::track::ChangeLog;
+
+pub const DEFAULT_PORT: u16 = 20004;
+pub const DEFAULT_TIMEOUT_MS: u64 = 50;
+pub const DEFAULT_INTERVAL_MS: u64 = 5000;
+/// Longest line a peer may send.
+const MAX_LINE: usize = 1 << 20;
+/// How long a TLS handshake and HELLO may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection attempt to a peer may take, and how often a lost peer is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+/// `[group]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// The group's name: every member's config says the same.
+    pub name: String,
+    /// This member's id (one of `member`'s).
+    pub id: u32,
+    /// Where this member listens for the group [default: 0.0.0.0:20004].
+    pub listen: Option<String>,
+    /// How often the coordinator places a group point, e.g. "5s"; "0" only on demand
+    /// [default: 5s].
+    pub interval: Option<String>,
+    /// How long the coordinator waits for every READY, and a member for the decision
+    /// [default: 50ms].
+    pub timeout: Option<String>,
+    /// The member that coordinates [default: the lowest id that every lower id cannot
+    /// outrank: see docs/PROTOCOL.md].
+    pub coordinator: Option<u32>,
+    /// The volumes of this tracker in the group [default: all].
+    pub volumes: Option<Vec<String>>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub member: Vec<MemberEntry>,
+}
+
+/// `[[group.member]]`: one member of the group (this one too).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberEntry {
+    pub id: u32,
+    /// `HOST:PORT` of the member's group listener.
+    pub address: String,
+    /// The name in the member's certificate [default: HOST of `address`].
+    pub name: Option<String>,
+}
+
+/// The group settings after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    pub id: u32,
+    pub listen: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub coordinator: Option<u32>,
+    /// `None`: every volume of the tracker.
+    pub volumes: Option<Vec<String>>,
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub members: Vec<MemberEntry>,
+}
+
+impl GroupSection {
+    /// Checks the section; errors name the key, the value and what is expected.
+    pub fn validate(&self, volumes: &[String]) -> Result<GroupConfig, String> {
+        if crate::config::check_name(&self.name).is_err() {
+            return Err(format!(
+                "group.name = {:?}: use 1 to 64 characters of A-Z a-z 0-9 - _ .",
+                self.name
+            ));
+        }
+        let ms = |key: &str, v: &Option<String>, default: u64| match v {
+            Some(s) => crate::config::parse_duration(s).map_err(|e| format!("group.{key}: {e}")),
+            None => Ok(default),
+        };
+        let interval_ms = ms("interval", &self.interval, DEFAULT_INTERVAL_MS)?;
+        let timeout_ms = ms("timeout", &self.timeout, DEFAULT_TIMEOUT_MS)?;
+        if timeout_ms == 0 {
+            return Err("group.timeout = \"0\": the members need some time, e.g. \"50ms\"".into());
+        }
+        let listen = self
+            .listen
+            .clone()
+            .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_PORT}"));
+        listen.parse::<SocketAddr>().map_err(|e| {
+            format!("group.listen = {listen:?}: {e} (expected IP:PORT, e.g. 0.0.0.0:20004)")
+        })?;
+        let mut ids = std::collections::HashSet::new();
+        for m in &self.member {
+            if !ids.insert(m.id) {
+                return Err(format!("group.member id {} is listed twice", m.id));
+            }
+            if m.address
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(format!(
+                    "group.member {} address = {:?}: expected HOST:PORT, e.g. 10.0.0.2:20004",
+                    m.id, m.address
+                ));
+            }
+        }
+        if !ids.contains(&self.id) {
+            return Err(format!(
+                "group.id = {}: no [[group.member]] has this id (list every member, this one too)",
+                self.id
+            ));
+        }
+        if let Some(c) = self.coordinator.filter(|c| !ids.contains(c)) {
+            return Err(format!(
+                "group.coordinator = {c}: no [[group.member]] has this id"
+            ));
+        }
+        if let Some(vs) = &self.volumes {
+            if let Some(v) = vs.iter().find(|v| !volumes.contains(v)) {
+                return Err(format!(
+                    "group.volumes: there is no volume {v:?} on this tracker"
+                ));
+            }
+        }
+        let file = |key: &str, v: &Option<PathBuf>| {
+            v.clone().ok_or_else(|| {
+                format!(
+                    "group.{key} is missing: members authenticate each other with the \
+                     replication CA (make the files with `redun pki init`)"
+                )
+            })
+        };
+        Ok(GroupConfig {
+            name: self.name.clone(),
+            id: self.id,
+            listen,
+            interval_ms,
+            timeout_ms,
+            coordinator: self.coordinator,
+            volumes: self.volumes.clone(),
+            tls_ca: file("tls_ca", &self.tls_ca)?,
+            tls_cert: file("tls_cert", &self.tls_cert)?,
+            tls_key: file("tls_key", &self.tls_key)?,
+            members: self.member.clone(),
+        })
+    }
+}
+
+/// One line of the group protocol (JSON, newline-terminated, over TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Msg {
+    /// The connecting member's first line.
+    Hello {
+        group: String,
+        id: u32,
+    },
+    Welcome {
+        group: String,
+        id: u32,
+    },
+    Ping,
+    Pong,
+    Prepare {
+        point: u64,
+        kind: PointKind,
+    },
+    Ready {
+        point: u64,
+        volumes: Vec<Marked>,
+    },
+    Commit {
+        point: u64,
+        volumes: Vec<String>,
+    },
+    Abort {
+        point: u64,
+    },
+    /// The answer to COMMIT and ABORT: whether the member committed the point.
+    Done {
+        point: u64,
+        committed: bool,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// A volume's marker of a group point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marked {
+    pub volume: String,
+    pub marker: u64,
+}
+
+fn send<W: Write>(w: &mut W, msg: &Msg) -> io::Result<()> {
+    let mut line = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    w.flush()
+}
+
+fn receive<R: BufRead>(r: &mut R) -> io::Result<Msg> {
+    let mut line = Vec::new();
+    let n = Read::by_ref(r)
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "line too long or cut short",
+        ));
+    }
+    serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// This tracker's side of the two phases: markers, held replies, decisions.
+#[derive(Debug)]
+pub struct Member {
+    group: String,
+    volumes: Vec<(String, Arc<ChangeLog>)>,
+    timeout: Duration,
+    /// Points prepared and not decided yet, with when this member aborts them by itself.
+    pending: Mutex<HashMap<u64, Instant>>,
+    wake: Condvar,
+    stopping: AtomicBool,
+    /// Points this member committed and aborted.
+    committed: AtomicU64,
+    aborted: AtomicU64,
+}
+
+impl Member {
+    pub fn new(group: &str, volumes: Vec<(String, Arc<ChangeLog>)>, timeout: Duration) -> Self {
+        Member {
+            group: group.to_string(),
+            volumes,
+            timeout,
+            pending: Mutex::default(),
+            wake: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            committed: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// PREPARE: the marker in every group volume, replies held from there on.
+    pub fn prepare(&self, point: u64, kind: PointKind) -> Result<Vec<Marked>, String> {
+        let mut pending = self.lock();
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("the tracker is stopping".into());
+        }
+        if pending.contains_key(&point) {
+            return Err(format!("point {point} is already prepared"));
+        }
+        let mut marked = Vec::new();
+        for (name, log) in &self.volumes {
+            match log.mark_group(kind, point) {
+                Ok(marker) => marked.push(Marked {
+                    volume: name.clone(),
+                    marker,
+                }),
+                Err(e) => {
+                    drop(pending);
+                    self.finish(point, false, &[], &marked);
+                    return Err(format!("volume {name}: {e}"));
+                }
+            }
+        }
+        pending.insert(point, Instant::now() + self.timeout);
+        self.wake.notify_all();
+        Ok(marked)
+    }
+
+    /// COMMIT or ABORT. Returns whether the point was committed here: not when this member
+    /// had already aborted it (its own timeout) or never prepared it.
+    pub fn decide(&self, point: u64, commit: bool, volumes: &[String]) -> bool {
+        if self.lock().remove(&point).is_none() {
+            return false;
+        }
+        let all: Vec<Marked> = self
+            .volumes
+            .iter()
+            .map(|(v, _)| Marked {
+                volume: v.clone(),
+                marker: 0,
+            })
+            .collect();
+        self.finish(point, commit, volumes, &all)
+    }
+
+    /// Appends the decision to each volume in `marked` and opens its gate.
+    fn finish(&self, point: u64, commit: bool, volumes: &[String], marked: &[Marked]) -> bool {
+        let decision = GroupDecision {
+            group: self.group.clone(),
+            point,
+            commit,
+            volumes: volumes.to_vec(),
+        };
+        let mut ok = commit;
+        for m in marked {
+            let Some((_, log)) = self.volumes.iter().find(|(v, _)| *v == m.volume) else {
+                continue;
+            };
+            if let Err(e) = log.decide(&decision) {
+                warn!(
+                    "group={} point={point} volume={}: the decision is not recorded ({e}); \
+                     the point will not be listed",
+                    self.group, m.volume
+                );
+                ok = false;
+            }
+        }
+        if ok {
+            self.committed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.aborted.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Aborts the points whose decision is late, until [`Member::stop`].
+    fn expire_loop(&self) {
+        let mut pending = self.lock();
+        loop {
+            let now = Instant::now();
+            let late: Vec<u64> = pending
+                .iter()
+                .filter(|(_, d)| **d <= now || self.stopping.load(Ordering::SeqCst))
+                .map(|(p, _)| *p)
+                .collect();
+            if !late.is_empty() {
+                drop(pending);
+                for p in late {
+                    if self.decide(p, false, &[]) {
+                        continue;
+                    }
+                    warn!(
+                        "group={} point={p}: no decision within {:?}: aborted here, replies \
+                         released",
+                        self.group, self.timeout
+                    );
+                }
+                pending = self.lock();
+                continue;
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let wait = pending
+                .values()
+                .min()
+                .map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
+            pending = self
+                .wake
+                .wait_timeout(pending, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Refuses new points and aborts the pending ones (their replies leave).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_all();
+    }
+
+    /// Answers one request of the coordinator.
+    fn handle(&self, msg: Msg) -> Msg {
+        match msg {
+            Msg::Ping => Msg::Pong,
+            Msg::Prepare { point, kind } => match self.prepare(point, kind) {
+                Ok(volumes) => Msg::Ready { point, volumes },
+                Err(message) => Msg::Error { message },
+            },
+            Msg::Commit { point, volumes } => Msg::Done {
+                point,
+                committed: self.decide(point, true, &volumes),
+            },
+            Msg::Abort { point } => {
+                self.decide(point, false, &[]);
+                Msg::Done {
+                    point,
+                    committed: false,
+                }
+            }
+            other => Msg::Error {
+                message: format!("unexpected {other:?}"),
+            },
+        }
+    }
+}
+
+/// A peer as the coordinating side sees it: a worker thread owns the connection.
+#[derive(Debug)]
+struct Peer {
+    id: u32,
+    address: String,
+    jobs: Mutex<mpsc::Sender<Job>>,
+    up: AtomicBool,
+    last_error: Mutex<String>,
+}
+
+#[derive(Debug)]
+struct Job {
+    msg: Msg,
+    deadline: Instant,
+    answer: mpsc::Sender<(u32, Result<Msg, String>)>,
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Status of the group as `redun status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub id: u32,
+    /// `ok`, or `degraded` when a member is unreachable or the last point aborted.
+    pub state: String,
+    /// This member runs the rounds.
+    pub coordinating: bool,
+    /// Points committed and aborted by the rounds this member ran.
+    pub rounds_committed: u64,
+    pub rounds_aborted: u64,
+    /// Points this member committed and aborted (whoever coordinated).
+    pub committed: u64,
+    pub aborted: u64,
+    /// The last point this member coordinated, and how long its round took.
+    #[serde(default)]
+    pub last_point: u64,
+    #[serde(default)]
+    pub last_round_us: u64,
+    #[serde(default)]
+    pub last_error: String,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u32,
+    pub address: String,
+    pub reachable: bool,
+    #[serde(default)]
+    pub error: String,
+}
+
+/// What a round decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Round {
+    pub point: u64,
+    pub committed: bool,
+    /// Every volume of every member that placed the marker.
+    pub volumes: Vec<String>,
+    pub elapsed: Duration,
+    pub error: String,
+}
+
+/// A running group member: listener, peers, rounds.
+#[derive(Debug)]
+pub struct Group {
+    cfg: GroupConfig,
+    member: Arc<Member>,
+    peers: Vec<Arc<Peer>>,
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    status: Mutex<GroupStatus>,
+    last_point: Mutex<u64>,
+    /// One round at a time.
+    round: Mutex<()>,
+    addr: SocketAddr,
+}
+
+impl Group {
+    /// Starts the member: its listener, a worker per peer and the timer that aborts points
+    /// whose decision is late.
+    pub fn start(
+        cfg: GroupConfig,
+        volumes: Vec<(String, Arc<ChangeLog>)>,
+    ) -> anyhow::Result<Arc<Group>> {
+        let tls = TlsFiles {
+            ca: cfg.tls_ca.clone(),
+            cert: cfg.tls_cert.clone(),
+            key: cfg.tls_key.clone(),
+        };
+        let server_tls = tls.server_config()?;
+        let client_tls = tls.client_config()?;
+        let listener = TcpListener::bind(&cfg.listen).map_err(|e| {
+            anyhow::anyhow!(
+                "group {}: cannot listen on group.listen = {} ({e}): is another tracker using \
+                 it? choose another address",
+                cfg.name,
+                cfg.listen
+            )
+        })?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let member = Arc::new(Member::new(
+            &cfg.name,
+            volumes,
+            Duration::from_millis(cfg.timeout_ms),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let m = member.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("group-timer".into())
+                .spawn(move || m.expire_loop())?,
+        );
+        let (name, id) = (cfg.name.clone(), cfg.id);
+        let (m, s) = (member.clone(), stop.clone());
+        let members: Vec<u32> = cfg.members.iter().map(|m| m.id).collect();
+        threads.push(
+            std::thread::Builder::new()
+                .name("group-accept".into())
+                .spawn(move || accept_loop(&listener, &server_tls, &name, id, &members, &m, &s))?,
+        );
+        let mut peers = Vec::new();
+        for e in cfg.members.iter().filter(|m| m.id != cfg.id) {
+            let (tx, rx) = mpsc::channel();
+            let peer = Arc::new(Peer {
+                id: e.id,
+                address: e.address.clone(),
+                jobs: Mutex::new(tx),
+                up: AtomicBool::new(false),
+                last_error: Mutex::new("not connected yet".into()),
+            });
+            let server_name = e.name.clone().unwrap_or_else(|| {
+                e.address
+                    .rsplit_once(':')
+                    .map_or("", |(h, _)| h)
+                    .to_string()
+            });
+            let server_name = rustls_pki_types::ServerName::try_from(
+                server_name.trim_matches(['[', ']']).to_string(),
+            )
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "group.member {}: {server_name:?} is not a certificate name ({err}); set name",
+                    e.id
+                )
+            })?;
+            let link = Link {
+                peer: peer.clone(),
+                tls: client_tls.clone(),
+                server_name,
+                hello: Msg::Hello {
+                    group: cfg.name.clone(),
+                    id: cfg.id,
+                },
+                stop: stop.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("group-peer-{}", e.id))
+                    .spawn(move || link.run(&rx))?,
+            );
+            peers.push(peer);
+        }
+        let group = Arc::new(Group {
+            status: Mutex::new(GroupStatus {
+                name: cfg.name.clone(),
+                id: cfg.id,
+                ..GroupStatus::default()
+            }),
+            cfg,
+            member,
+            peers,
+            stop,
+            threads: Mutex::new(threads),
+            last_point: Mutex::new(0),
+            round: Mutex::new(()),
+            addr,
+        });
+        if group.cfg.interval_ms > 0 {
+            let g = group.clone();
+            let t = std::thread::Builder::new()
+                .name("group-rounds".into())
+                .spawn(move || g.rounds())?;
+            group.threads.lock().unwrap().push(t);
+        }
+        info!(
+            "group={} member={} listening on {} with {} peer(s), timeout={}ms interval={}ms",
+            group.cfg.name,
+            group.cfg.id,
+            addr,
+            group.peers.len(),
+            group.cfg.timeout_ms,
+            group.cfg.interval_ms
+        );
+        Ok(group)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether this member runs the rounds now: the configured coordinator, or else no
+    /// member with a lower id is reachable.
+    pub fn coordinating(&self) -> bool {
+        match self.cfg.coordinator {
+            Some(c) => c == self.cfg.id,
+            None => !self
+                .peers
+                .iter()
+                .any(|p| p.id < self.cfg.id && p.up.load(Ordering::SeqCst)),
+        }
+    }
+
+    /// A fresh point id: milliseconds since the epoch in the high bits, the coordinator's
+    /// id in the low 12, increasing for this coordinator.
+    fn next_point(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        let mut last = self.last_point.lock().unwrap();
+        let p = ((now << 12) | u64::from(self.cfg.id & 0xfff)).max(*last + (1 << 12));
+        *last = p;
+        p
+    }
+
+    fn rounds(&self) {
+        let every = Duration::from_millis(self.cfg.interval_ms);
+        let mut next = Instant::now() + every;
+        let mut was_degraded = false;
+        while !self.stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now < next {
+                std::thread::sleep((next - now).min(Duration::from_millis(100)));
+                continue;
+            }
+            next = now + every;
+            // Keeps the links to every peer checked, coordinating or not.
+            let pings = self.ask_all(&|_| Some(Msg::Ping), now + CONNECT_TIMEOUT, false);
+            drop(pings);
+            if !self.coordinating() {
+                self.status.lock().unwrap().coordinating = false;
+                continue;
+            }
+            let r = self.round(PointKind::Crash);
+            let degraded = !r.committed;
+            if degraded && !was_degraded {
+                warn!(
+                    "group={} point={} aborted: {}; the group is degraded until a point commits",
+                    self.cfg.name, r.point, r.error
+                );
+            } else if !degraded && was_degraded {
+                info!(
+                    "group={} point={} committed: the group is ok again",
+                    self.cfg.name, r.point
+                );
+            }
+            was_degraded = degraded;
+        }
+    }
+
+    /// Sends `msg(peer)` to every peer that gets one and collects the answers until
+    /// `deadline`. With `only_up`, a peer not connected gets nothing and answers an error.
+    fn ask_all(
+        &self,
+        msg: &dyn Fn(&Peer) -> Option<Msg>,
+        deadline: Instant,
+        only_up: bool,
+    ) -> HashMap<u32, Result<Msg, String>> {
+        let (tx, rx) = mpsc::channel();
+        let mut answers = HashMap::new();
+        let mut waiting = 0;
+        for p in &self.peers {
+            let Some(m) = msg(p) else { continue };
+            if only_up && !p.up.load(Ordering::SeqCst) {
+                answers.insert(p.id, Err(p.last_error.lock().unwrap().clone()));
+                continue;
+            }
+            let job = Job {
+                msg: m,
+                deadline,
+                answer: tx.clone(),
+            };
+            if p.jobs.lock().unwrap().send(job).is_ok() {
+                waiting += 1;
+            }
+        }
+        while waiting > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((id, a)) => {
+                    answers.insert(id, a);
+                    waiting -= 1;
+                }
+                Err(_) => break,
+            }
+        }
+        for p in &self.peers {
+            if msg(p).is_some() {
+                answers
+                    .entry(p.id)
+                    .or_insert_with(|| Err("no answer within the timeout".into()));
+            }
+        }
+        answers
+    }
+
+    /// Runs one round as coordinator: PREPARE, then COMMIT or ABORT.
+    pub fn round(&self, kind: PointKind) -> Round {
+        let _one = self.round.lock().unwrap_or_else(|e| e.into_inner());
+        let point = self.next_point();
+        let start = Instant::now();
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let mut error = String::new();
+        let mut volumes = Vec::new();
+        let mut prepared = Vec::new();
+        // A member known to be unreachable makes the point abort before anyone holds a reply.
+        if let Some(p) = self.peers.iter().find(|p| !p.up.load(Ordering::SeqCst)) {
+            error = format!(
+                "member {} ({}) is unreachable: {}",
+                p.id,
+                p.address,
+                p.last_error.lock().unwrap()
+            );
+        } else {
+            match self.member.prepare(point, kind) {
+                Ok(v) => volumes.extend(v.into_iter().map(|m| m.volume)),
+                Err(e) => error = format!("member {}: {e}", self.cfg.id),
+            }
+            if error.is_empty() {
+                let answers = self.ask_all(
+                    &|_| Some(Msg::Prepare { point, kind }),
+                    start + timeout,
+                    true,
+                );
+                for p in &self.peers {
+                    match answers.get(&p.id) {
+                        Some(Ok(Msg::Ready {
+                            point: q,
+                            volumes: v,
+                        })) if *q == point => {
+                            prepared.push(p.id);
+                            volumes.extend(v.iter().map(|m| m.volume.clone()));
+                        }
+                        Some(Ok(Msg::Error { message })) => {
+                            error = format!("member {}: {message}", p.id);
+                        }
+                        Some(Ok(other)) => {
+                            error = format!("member {}: unexpected answer {other:?}", p.id);
+                            prepared.push(p.id);
+                        }
+                        Some(Err(e)) => {
+                            error = format!("member {} ({}): {e}", p.id, p.address);
+                            // It may have prepared: it must hear the abort.
+                            prepared.push(p.id);
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        let commit = error.is_empty();
+        volumes.sort();
+        let to_send = |p: &Peer| {
+            prepared.contains(&p.id).then(|| {
+                if commit {
+                    Msg::Commit {
+                        point,
+                        volumes: volumes.clone(),
+                    }
+                } else {
+                    Msg::Abort { point }
+                }
+            })
+        };
+        // The coordinator's own volumes first: its replies are released at once.
+        let mut committed = self.member.decide(point, commit, &volumes) && commit;
+        let answers = self.ask_all(&to_send, Instant::now() + timeout, false);
+        if commit {
+            for (id, a) in &answers {
+                match a {
+                    Ok(Msg::Done {
+                        committed: true, ..
+                    }) => {}
+                    Ok(other) => {
+                        committed = false;
+                        error = format!("member {id} did not commit: {other:?}");
+                    }
+                    Err(e) => {
+                        committed = false;
+                        error = format!("member {id} did not confirm the commit: {e}");
+                    }
+                }
+            }
+            if !committed && error.is_empty() {
+                error = format!("member {} did not commit", self.cfg.id);
+            }
+        }
+        let elapsed = start.elapsed();
+        let mut st = self.status.lock().unwrap();
+        st.coordinating = true;
+        st.last_point = point;
+        st.last_round_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        if committed {
+            st.rounds_committed += 1;
+            st.last_error.clear();
+            debug!(
+                "group={} point={point} committed volumes={} in {}us",
+                self.cfg.name,
+                volumes.len(),
+                st.last_round_us
+            );
+        } else {
+            st.rounds_aborted += 1;
+            st.last_error.clone_from(&error);
+        }
+        Round {
+            point,
+            committed,
+            volumes,
+            elapsed,
+            error,
+        }
+    }
+
+    pub fn status(&self) -> GroupStatus {
+        let mut st = self.status.lock().unwrap().clone();
+        st.coordinating = self.coordinating();
+        st.committed = self.member.committed.load(Ordering::Relaxed);
+        st.aborted = self.member.aborted.load(Ordering::Relaxed);
+        st.members = self
+            .cfg
+            .members
+            .iter()
+            .map(|m| match self.peers.iter().find(|p| p.id == m.id) {
+                Some(p) => MemberStatus {
+                    id: m.id,
+                    address: m.address.clone(),
+                    reachable: p.up.load(Ordering::SeqCst),
+                    error: if p.up.load(Ordering::SeqCst) {
+                        String::new()
+                    } else {
+                        p.last_error.lock().unwrap().clone()
+                    },
+                },
+                None => MemberStatus {
+                    id: m.id,
+                    address: m.address.clone(),
+                    reachable: true,
+                    error: String::new(),
+                },
+            })
+            .collect();
+        let all_up = st.members.iter().all(|m| m.reachable);
+        st.state = if all_up && st.last_error.is_empty() {
+            "ok".into()
+        } else {
+            "degraded".into()
+        };
+        st
+    }
+
+    /// Stops rounds and the listener, aborts pending points (releasing their replies).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.member.stop();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The coordinating side's connection to one peer.
+struct Link {
+    peer: Arc<Peer>,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: rustls_pki_types::ServerName<'static>,
+    hello: Msg,
+    stop: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn run(&self, jobs: &mpsc::Receiver<Job>) {
+        let mut conn: Option<BufReader<Tls>> = None;
+        let mut last_try: Option<Instant> = None;
+        while !self.stop.load(Ordering::SeqCst) {
+            if conn.is_none() && last_try.is_none_or(|t| t.elapsed() >= RECONNECT_EVERY) {
+                last_try = Some(Instant::now());
+                match self.connect() {
+                    Ok(c) => {
+                        if !self.peer.up.swap(true, Ordering::SeqCst) {
+                            info!(
+                                "group member {} ({}) is reachable",
+                                self.peer.id, self.peer.address
+                            );
+                        }
+                        conn = Some(c);
+                    }
+                    Err(e) => self.down(&format!("cannot connect: {e}")),
+                }
+            }
+            let job = match jobs.recv_timeout(RECONNECT_EVERY) {
+                Ok(j) => j,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let answer = match conn.as_mut() {
+                None => Err(self.peer.last_error.lock().unwrap().clone()),
+                Some(_) if Instant::now() >= job.deadline => Err("too late to send".into()),
+                Some(c) => match exchange(c, &job.msg, job.deadline) {
+                    Ok(m) => Ok(m),
+                    Err(e) => {
+                        // The connection may carry a late answer: start afresh.
+                        conn = None;
+                        let e = format!("{e}");
+                        self.down(&e);
+                        Err(e)
+                    }
+                },
+            };
+            let _ = job.answer.send((self.peer.id, answer));
+        }
+    }
+
+    fn down(&self, why: &str) {
+        if self.peer.up.swap(false, Ordering::SeqCst) {
+            warn!(
+                "group member {} ({}) is unreachable: {why}",
+                self.peer.id, self.peer.address
+            );
+        }
+        *self.peer.last_error.lock().unwrap() = why.to_string();
+    }
+
+    fn connect(&self) -> io::Result<BufReader<Tls>> {
+        let addr = self
+            .peer
+            .address
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::other("the address resolves to nothing"))?;
+        let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let c = rustls::ClientConnection::new(self.tls.clone(), self.server_name.clone())
+            .map_err(io::Error::other)?;
+        let mut r = BufReader::new(rustls::StreamOwned::new(c, tcp));
+        send(r.get_mut(), &self.hello)?;
+        match receive(&mut r)? {
+            Msg::Welcome { .. } => Ok(r),
+            Msg::Error { message } => Err(io::Error::other(message)),
+            other => Err(io::Error::other(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
+/// Sends `msg` and reads its answer before `deadline`.
+fn exchange(c: &mut BufReader<Tls>, msg: &Msg, deadline: Instant) -> io::Result<Msg> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    c.get_ref().sock.set_read_timeout(Some(left))?;
+    c.get_ref().sock.set_write_timeout(Some(left))?;
+    send(c.get_mut(), msg)?;
+    receive(c).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock => {
+            io::Error::new(io::ErrorKind::TimedOut, "no answer within the timeout")
+        }
+        _ => e,
+    })
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    tls: &Arc<rustls::ServerConfig>,
+    group: &str,
+    id: u32,
+    members: &[u32],
+    member: &Arc<Member>,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((tcp, peer)) => {
+                let (tls, group, members, member) = (
+                    tls.clone(),
+                    group.to_string(),
+                    members.to_vec(),
+                    member.clone(),
+                );
+                let _ = std::thread::Builder::new()
+                    .name("group-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(tcp, &tls, &group, id, &members, &member) {
+                            if e.kind() != io::ErrorKind::UnexpectedEof {
+                                warn!("group={group}: connection from {peer}: {e}");
+                            }
+                        }
+                    });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                warn!("group={group}: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// One coordinator's connection: HELLO, then requests until it closes.
+fn serve(
+    tcp: TcpStream,
+    tls: &Arc<rustls::ServerConfig>,
+    group: &str,
+    id: u32,
+    members: &[u32],
+    member: &Member,
+) -> io::Result<()> {
+    tcp.set_nonblocking(false)?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let conn = rustls::ServerConnection::new(tls.clone()).map_err(io::Error::other)?;
+    let mut r = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+    match receive(&mut r)? {
+        Msg::Hello { group: g, id: from } if g == group && members.contains(&from) => {
+            send(
+                r.get_mut(),
+                &Msg::Welcome {
+                    group: group.to_string(),
+                    id,
+                },
+            )?;
+        }
+        Msg::Hello { group: g, id: from } => {
+            let message = format!(
+                "group {g:?} member {from} is not a member of group {group:?} here: check \
+                 group.name and [[group.member]] on both sides"
+            );
+            send(
+                r.get_mut(),
+                &Msg::Error {
+                    message: message.clone(),
+                },
+            )?;
+            return Err(io::Error::other(message));
+        }
+        other => {
+            return Err(io::Error::other(format!("expected HELLO, got {other:?}")));
+        }
+    }
+    r.get_ref().sock.set_read_timeout(None)?;
+    loop {
+        let msg = receive(&mut r)?;
+        let answer = member.handle(msg);
+        send(r.get_mut(), &answer)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_one_json_line_each() {
+        let m = Msg::Ready {
+            point: 5,
+            volumes: vec![Marked {
+                volume: "db".into(),
+                marker: 9,
+            }],
+        };
+        let mut b = Vec::new();
+        send(&mut b, &m).unwrap();
+        assert_eq!(
+            String::from_utf8(b.clone()).unwrap(),
+            "{\"op\":\"ready\",\"point\":5,\"volumes\":[{\"volume\":\"db\",\"marker\":9}]}\n"
+        );
+        assert_eq!(receive(&mut &b[..]).unwrap(), m);
+        assert!(receive(&mut &b"{\"op\":\"ready\"}"[..]).is_err());
+        assert!(receive(&mut &b"{\"op\":\"nope\"}\n"[..]).is_err());
+    }
+
+    fn section() -> GroupSection {
+        GroupSection {
+            name: "g".into(),
+            id: 1,
+            tls_ca: Some("ca".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            member: vec![
+                MemberEntry {
+                    id: 1,
+                    address: "10.0.0.1:20004".into(),
+                    name: None,
+                },
+                MemberEntry {
+                    id: 2,
+                    address: "10.0.0.2:20004".into(),
+                    name: Some("b".into()),
+                },
+            ],
+            ..GroupSection::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let vols = ["db".to_string()];
+        let c = section().validate(&vols).unwrap();
+        assert_eq!((c.timeout_ms, c.interval_ms), (50, 5000));
+        assert_eq!(c.listen, "0.0.0.0:20004");
+        let bad = |f: &dyn Fn(&mut GroupSection), want: &str| {
+            let mut s = section();
+            f(&mut s);
+            let e = s.validate(&vols).unwrap_err();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        };
+        bad(&|s| s.id = 3, "group.id = 3");
+        bad(&|s| s.member[1].id = 1, "listed twice");
+        bad(
+            &|s| s.member[1].address = "10.0.0.2".into(),
+            "group.member 2 address",
+        );
+        bad(&|s| s.timeout = Some("0".into()), "group.timeout");
+        bad(&|s| s.interval = Some("5 parsecs".into()), "group.interval");
+        bad(&|s| s.coordinator = Some(7), "group.coordinator = 7");
+        bad(
+            &|s| s.volumes = Some(vec!["logs".into()]),
+            "no volume \"logs\"",
+        );
+        bad(&|s| s.tls_ca = None, "group.tls_ca is missing");
+        bad(&|s| s.listen = Some("x".into()), "group.listen");
+        bad(&|s| s.name = "a b".into(), "group.name");
+    }
+}
