@@ -22,8 +22,11 @@ struct Net {
 
 impl Net {
     fn new(n: usize) -> Net {
-        let tag = std::process::id() % 100_000;
-        let prefix = format!("10.97.{}", std::process::id() % 200 + 20);
+        // Tests of one binary run in parallel: each net gets its own names and subnet.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n_net = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}x{n_net}", std::process::id() % 10_000);
+        let prefix = format!("10.97.{}", (std::process::id() * 3 + n_net) % 200 + 20);
         let net = Net {
             hub: format!("rg{tag}h"),
             hosts: (0..n).map(|i| format!("rg{tag}n{i}")).collect(),
@@ -66,7 +69,6 @@ impl Net {
     }
 
     /// Drops every packet to and from host `i` (a partition), or lets them pass again.
-    #[allow(dead_code)]
     fn cut(&self, i: usize, on: bool) {
         let h = &self.hosts[i];
         if on {
@@ -400,8 +402,7 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
     let uris = g.uris();
     let mut args = vec!["20"];
     args.extend(uris.iter().map(String::as_str));
-    let out = python("causal_counter.py", &args);
-    let last: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let (last, _) = workload(&args);
     assert!(last > 100, "the workload wrote only {last} rounds");
     // Points placed after the workload hold the last value everywhere.
     std::thread::sleep(Duration::from_millis(500));
@@ -442,4 +443,180 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
         mid_sequence,
         coordinator
     );
+}
+
+/// Runs causal_counter.py with `args`: the rounds written and the longest reply wait (ms).
+fn workload(args: &[&str]) -> (u64, f64) {
+    let out = python("causal_counter.py", args);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    let k = it.next().and_then(|v| v.parse().ok()).expect("rounds");
+    let ms = it
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("longest wait");
+    (k, ms)
+}
+
+impl Group {
+    /// Waits until member `i` reports every member reachable and `more` rounds committed
+    /// beyond `since` (by whichever member coordinates: member 1 here).
+    fn wait_rounds(&self, since: u64, more: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = self.tracker_status(0)["group"].clone();
+            let done = st["rounds_committed"].as_u64().unwrap_or(0);
+            let all = st["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().all(|m| m["reachable"] == true));
+            if all && done >= since + more {
+                return done;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rounds did not resume: {st}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs group_peer.py in member `from`'s namespace against member `to`.
+    fn peer_script(
+        &self,
+        from: usize,
+        to: usize,
+        mode: &str,
+        cert: &str,
+        extra: &[String],
+    ) -> String {
+        let d = self.dir();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/group_peer.py");
+        let (crt, key) = match cert {
+            "-" => ("-".to_string(), "-".to_string()),
+            c => (
+                s(&d.join(format!("{c}.crt"))),
+                s(&d.join(format!("{c}.key"))),
+            ),
+        };
+        let out = run(Command::new(ip_bin())
+            .args(["netns", "exec", &self.net.hosts[from], "/usr/bin/python3"])
+            .arg(script)
+            .args([mode, &self.net.ip(to), "20004", &format!("m{}", to + 1)])
+            .arg(d.join("pki/ca.crt"))
+            .args([crt, key])
+            .args(extra));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_cut_off_member_aborts_points_the_others_keep_writing_and_points_resume() {
+    let mut g = Group::start(3, "100ms");
+    let before = g.wait_rounds(0, 3);
+    let uris = g.uris();
+
+    // Member 3 cut off: the rounds abort, members 1 and 2 keep acknowledging writes.
+    let cut_at = unix_ms();
+    g.net.cut(2, true);
+    let (rounds, longest) = workload(&["3", &uris[0], &uris[1]]);
+    let st = g.tracker_status(0)["group"].clone();
+    g.net.cut(2, false);
+    let back_at = unix_ms();
+    assert!(
+        rounds > 100,
+        "only {rounds} writes while member 3 was cut off"
+    );
+    assert!(
+        longest < 1000.0,
+        "a write waited {longest} ms while member 3 was cut off (the timeout is 50 ms)"
+    );
+    assert_eq!(st["state"], "degraded", "{st}");
+    assert!(st["rounds_aborted"].as_u64().unwrap() >= 5, "{st}");
+    let m3 = &st["members"].as_array().unwrap()[2];
+    assert_eq!(m3["reachable"], false, "{st}");
+    assert!(!m3["error"].as_str().unwrap().is_empty(), "{st}");
+
+    // Back: the rounds commit again.
+    let now = g.tracker_status(0)["group"]["rounds_committed"]
+        .as_u64()
+        .unwrap();
+    assert!(now >= before);
+    g.wait_rounds(now, 3);
+    assert_eq!(g.tracker_status(0)["group"]["state"], "ok");
+    g.wait_caught_up();
+    let points = g.group_points();
+    assert!(!points.is_empty());
+    let inside = |ms: u64| ms > cut_at + 500 && ms + 500 < back_at;
+    for p in &points {
+        assert_eq!(p["volumes"].as_array().unwrap().len(), 3, "{p}");
+        assert!(
+            !inside(p["unix_ms"].as_u64().unwrap()),
+            "group point {p} was placed while member 3 was cut off"
+        );
+    }
+    assert!(
+        points
+            .iter()
+            .any(|p| p["unix_ms"].as_u64().unwrap() > back_at),
+        "no group point after member 3 came back: {points:?}"
+    );
+    // Member 1's aborted markers are no points of its volume either.
+    let out = run(Command::new(bin("redun"))
+        .args(["points", "v1", "--json", "--target-socket"])
+        .arg(g.dir().join("target.sock")));
+    let v1: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v1.iter().all(|p| !inside(p["unix_ms"].as_u64().unwrap())),
+        "an aborted group marker is listed as a point of v1: {v1:?}"
+    );
+    eprintln!(
+        "cut off for {} ms: {rounds} write rounds on two members, longest reply {longest} ms, \
+         coordinator {st}",
+        back_at - cut_at
+    );
+
+    // A coordinator that falls silent after PREPARE: member 2 aborts by itself within the
+    // timeout and lets the held reply go.
+    let nbd = format!("nbd+unix:///v2?socket={}", s(&g.members[1].nbd));
+    let out = g.peer_script(0, 1, "silent", "pki/m1", &[nbd]);
+    let held: f64 = out
+        .strip_prefix("held_ms ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("group_peer.py said {out:?}"));
+    assert!(
+        (20.0..1000.0).contains(&held),
+        "the write after PREPARE waited {held} ms (held until the member's 50 ms timeout)"
+    );
+    eprintln!("a write after a silent coordinator's PREPARE was held {held} ms");
+    let log = g.members[1].tracker.as_ref().unwrap().log_text();
+    assert!(log.contains("point=8193: no decision within"), "{log}");
+
+    // Strangers: a certificate of another CA, or none, cannot join or trigger points.
+    pki(&g.dir().join("other"), &["m1"]);
+    for cert in ["other/m1", "-"] {
+        let out = g.peer_script(0, 1, "stranger", cert, &[]);
+        assert!(out.starts_with("refused:"), "{cert}: {out}");
+    }
+    let aborted = g.tracker_status(1)["group"]["aborted"].as_u64().unwrap();
+    let log = g.members[1].tracker.as_ref().unwrap().log_text();
+    assert!(
+        !log.contains("point=4097"),
+        "a stranger prepared a point:\n{log}"
+    );
+    assert!(aborted >= 1);
+    for m in &mut g.members {
+        m.shipper.as_mut().unwrap().stop();
+        m.tracker.as_mut().unwrap().stop();
+    }
 }

@@ -665,9 +665,10 @@ impl Group {
                 continue;
             }
             next = now + every;
-            // Keeps the links to every peer checked, coordinating or not.
-            let pings = self.ask_all(&|_| Some(Msg::Ping), now + CONNECT_TIMEOUT, false);
-            drop(pings);
+            // Keeps the links to the connected peers checked, coordinating or not (a link
+            // that is down reconnects by itself); a peer slower than this is dropped.
+            let patience = Duration::from_millis((2 * self.cfg.timeout_ms).max(200));
+            drop(self.ask_all(&|_| Some(Msg::Ping), now + patience, true));
             if !self.coordinating() {
                 self.status.lock().unwrap().coordinating = false;
                 continue;
