@@ -443,6 +443,48 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
         mid_sequence,
         coordinator
     );
+
+    // Group test failover at a point inside a round: every member volume comes up at that
+    // point, writable, as vI@test.
+    let (i, (id, want)) = cuts
+        .iter()
+        .enumerate()
+        .find(|(_, (_, c))| c[0] != c[2])
+        .unwrap();
+    let target = g.dir().join("target.sock");
+    let redun = |args: &[&str]| {
+        run(Command::new(bin("redun"))
+            .args(args)
+            .arg("--target-socket")
+            .arg(&target))
+    };
+    let out = redun(&[
+        "test-failover",
+        "start",
+        "--group",
+        "g",
+        "--point",
+        &id.to_string(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains(&format!("serves group point {id}")), "{said}");
+    let names = ["v1@test", "v2@test", "v3@test"];
+    let at_test = {
+        let sock = s(&g.dir().join("target-nbd.sock"));
+        let mut args: Vec<&str> = vec![&sock];
+        args.extend(names);
+        let out = python("read_counters.py", &args);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_once(' ').unwrap().1.parse::<u64>().unwrap())
+            .collect::<Vec<u64>>()
+    };
+    assert_eq!(&at_test, want, "test failover of group point {id} (#{i})");
+    redun(&["test-failover", "cleanup", "--group", "g"]);
+    let st = request_json(&target, &serde_json::json!({"cmd": "status"})).unwrap();
+    for v in st["status"]["volumes"].as_array().unwrap() {
+        assert!(v["test_failover"].is_null(), "{v}");
+    }
 }
 
 /// Runs causal_counter.py with `args`: the rounds written and the longest reply wait (ms).
