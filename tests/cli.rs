@@ -417,7 +417,7 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
         (
             "[target]",
             "[targett]",
-            "config {P}: line {L}: [targett]: unknown field `targett`, expected one of `tracker`, `volume`, `shipper`, `target`, `points`, `retention`, `resync`",
+            "config {P}: line {L}: [targett]: unknown field `targett`, expected one of `tracker`, `volume`, `shipper`, `target`, `points`, `retention`, `resync`, `group`",
         ),
         (
             "window = \"22:00-06:00\"",
