@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Consistency-group benchmark: what group points cost the application's writes. For 3 and for
+# 8 members (trackers on loopback, each with one journaled volume and a group listener), fio
+# writes 4 KiB random blocks at iodepth 16 to every member at once (nbd engine), first with no
+# group, then with the members in one group placing a point every second. Prints write p50 and
+# p99 latency, IOPS, the added latency and the throughput ratio, and the time of one round
+# (coordinator's PREPARE to the last COMMIT answer), sampled from the coordinator's status.
+# Targets (issue 7): added p99 <= 1 ms, throughput >= 0.98x.
+# Usage: scripts/bench-groups.sh [SECONDS per run, default 15]   (BENCH_MEMBERS="3 8")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runtime="${1:-15}"
+members_list="${BENCH_MEMBERS:-3 8}"
+for t in fio python3; do
+    command -v "$t" >/dev/null || { echo "bench: $t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
+done
+. scripts/lib.sh
+build_release >/dev/null 2>&1 || build_release
+in_workdir "${BENCH_DIR:-/var/tmp}/redun-bench-groups.XXXXXX"
+
+names=()
+for i in $(seq 8); do names+=(--name "m$i"); done
+"$bin/redun" pki init --dir pki "${names[@]}" >/dev/null
+
+base=$((21000 + RANDOM % 20000))
+wait_socket() {
+    for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
+    echo "bench: $1 never appeared" >&2; return 1
+}
+
+# config N I GROUP(0|1): member I of N.
+config() {
+    local n=$1 i=$2 group=$3 d=m$2
+    cat <<EOF
+[tracker]
+listen = ["unix:$work/$d/nbd.sock"]
+admin_socket = "$work/$d/admin.sock"
+[tracker.journal]
+dir = "$work/$d/journal"
+size = "1G"
+[points]
+crash_interval = "0"
+[[volume]]
+name = "v$i"
+path = "$work/$d/disk.img"
+EOF
+    [ "$group" = 1 ] || return 0
+    cat <<EOF
+[group]
+name = "bench"
+id = $i
+listen = "127.0.0.1:$((base + i))"
+interval = "1s"
+timeout = "50ms"
+tls_ca = "$work/pki/ca.crt"
+tls_cert = "$work/pki/m$i.crt"
+tls_key = "$work/pki/m$i.key"
+EOF
+    for j in $(seq "$n"); do
+        printf '[[group.member]]\nid = %d\naddress = "127.0.0.1:%d"\nname = "m%d"\n' "$j" $((base + j)) "$j"
+    done
+}
+
+# run N GROUP: starts N members, runs fio on all, stops them; leaves fio's JSON and the round
+# samples in $work/result-N-GROUP.*
+run() {
+    local n=$1 group=$2 member_pids=() fio_args=() i
+    for i in $(seq "$n"); do
+        rm -rf "m$i"; mkdir -p "m$i"
+        truncate -s 1G "m$i/disk.img"
+        config "$n" "$i" "$group" >"m$i/redun.toml"
+        "$bin/redun-tracker" --config "m$i/redun.toml" 2>>"m$i/tracker.log" &
+        member_pids+=($!); pids+=($!)
+    done
+    for i in $(seq "$n"); do
+        wait_socket "m$i/admin.sock"
+        fio_args+=(--name="m$i" --uri="nbd+unix:///v$i?socket=$work/m$i/nbd.sock")
+    done
+    sleep 2  # the members connect to each other
+    : >"result-$n-$group.rounds"
+    (
+        while sleep 0.25; do
+            "$bin/redun" status --json --tracker-socket m1/admin.sock 2>/dev/null |
+                python3 -c 'import json,sys; g=json.load(sys.stdin)["tracker"]["status"].get("group"); print(g["last_point"], g["last_round_us"], g["rounds_committed"], g["rounds_aborted"]) if g else None' \
+                >>"result-$n-$group.rounds" || true
+        done
+    ) &
+    local sampler=$!
+    fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --size=1g --time_based \
+        --runtime="$runtime" --group_reporting --output-format=json \
+        --output="result-$n-$group.json" "${fio_args[@]}" >/dev/null
+    kill "$sampler"; wait "$sampler" 2>/dev/null || true
+    for p in "${member_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+}
+
+for n in $members_list; do
+    run "$n" 0
+    run "$n" 1
+done
+
+python3 - "$members_list" <<'PY'
+import json, statistics, sys
+print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'ratio':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
+for n in sys.argv[1].split():
+    rows = {}
+    for g in (0, 1):
+        j = json.load(open(f"result-{n}-{g}.json"))["jobs"][0]["write"]
+        pct = j["clat_ns"]["percentile"]
+        rows[g] = (j["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000)
+    rounds = {}
+    last = (0, 0)
+    for line in open(f"result-{n}-1.rounds"):
+        p, us, c, a = map(int, line.split())
+        if p:
+            rounds[p] = us
+        last = (c, a)
+    for g in (0, 1):
+        iops, p50, p99 = rows[g]
+        extra = ""
+        if g:
+            b = rows[0]
+            us = sorted(rounds.values()) or [0]
+            extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {iops / b[0]:>5.2f}x"
+                     f" {statistics.median(us):>12.0f}/{max(us):<9.0f} {last[0]:>10}/{last[1]}")
+        print(f"{n:>7} {'every 1s' if g else 'none':<13} {iops:>9.0f} {p50:>8.0f} {p99:>8.0f}{extra}")
+PY
