@@ -243,6 +243,50 @@ pub fn unplanned(volume: &str, point: &str, target: &Path) -> ExitCode {
     }
 }
 
+/// `redun failover --unplanned --group NAME`: every member volume at one group point.
+pub fn unplanned_group(group: &str, point: &str, target: &Path) -> ExitCode {
+    let points = match crate::points::group_points("redun failover", group, target) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let chosen = match point {
+        "latest" => points.iter().rev().find(|p| p["usable"] == true),
+        id => match id.parse::<u64>() {
+            Ok(id) => points.iter().find(|p| p["id"] == id),
+            Err(_) => {
+                eprintln!(
+                    "redun failover: --point {id:?}: give a group point id (redun points \
+                     --group {group}) or latest"
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let Some(chosen) = chosen else {
+        eprintln!(
+            "redun failover: group {group} has no {} point on this target (redun points \
+             --group {group})",
+            if point == "latest" { "usable" } else { point }
+        );
+        return ExitCode::from(1);
+    };
+    let mut code = ExitCode::SUCCESS;
+    for m in chosen["volumes"].as_array().into_iter().flatten() {
+        let volume = m["volume"].as_str().unwrap_or("?");
+        let r = unplanned(volume, &m["point"].to_string(), target);
+        if r != ExitCode::SUCCESS {
+            code = r;
+        }
+    }
+    if code == ExitCode::SUCCESS {
+        println!(
+            "group {group}: every member volume failed over at group point {}",
+            chosen["id"]
+        );
+    }
+    code
+}
+
 pub fn commit(volume: &str, target: &Path) -> ExitCode {
     let req = serde_json::json!({"cmd": "failover-commit", "volume": volume});
     match target_request(target, &req) {

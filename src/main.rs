@@ -185,6 +185,15 @@ struct FailoverArgs {
     /// With --unplanned: the point to promote, or latest [default: latest].
     #[arg(long, value_name = "ID|latest", requires = "unplanned")]
     point: Option<String>,
+    /// With --unplanned: fail over every member volume of consistency group NAME at one
+    /// group point (--point: a group point id; latest: the newest usable group point).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "unplanned",
+        conflicts_with = "volume"
+    )]
+    group: Option<String>,
     /// The tracker's admin socket (--planned).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
     tracker_socket: PathBuf,
@@ -398,6 +407,11 @@ fn main() -> ExitCode {
                 &a.shipper_socket,
                 &a.target_socket,
                 std::time::Duration::from_secs(a.timeout),
+            ),
+            (None, None) if a.unplanned && a.group.is_some() => failover::unplanned_group(
+                a.group.as_deref().unwrap_or_default(),
+                a.point.as_deref().unwrap_or("latest"),
+                &a.target_socket,
             ),
             (None, Some(volume)) if a.unplanned => failover::unplanned(
                 &volume,

@@ -161,7 +161,11 @@ pub fn group(tracker: &Path) -> ExitCode {
 }
 
 /// The group's complete points as the target lists them.
-fn group_points(cmd: &str, group: &str, target: &Path) -> Result<Vec<serde_json::Value>, ExitCode> {
+pub(crate) fn group_points(
+    cmd: &str,
+    group: &str,
+    target: &Path,
+) -> Result<Vec<serde_json::Value>, ExitCode> {
     let req = serde_json::json!({"cmd": "points", "group": group});
     let v = ask_or_exit(cmd, Daemon::Target, target, &req)?;
     Ok(v["points"].as_array().cloned().unwrap_or_default())

@@ -385,7 +385,7 @@ fn counters_at(g: &Group, points: &[serde_json::Value]) -> Vec<(u64, Vec<u64>)> 
 
 #[test]
 fn group_points_are_causally_consistent_cuts_across_three_hosts() {
-    let g = Group::start(3, "50ms");
+    let mut g = Group::start(3, "50ms");
     // Let the members find each other.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !g.tracker_status(0)["group"]["members"]
@@ -468,9 +468,9 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
     ]);
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains(&format!("serves group point {id}")), "{said}");
-    let names = ["v1@test", "v2@test", "v3@test"];
-    let at_test = {
-        let sock = s(&g.dir().join("target-nbd.sock"));
+    let nbd_sock = s(&g.dir().join("target-nbd.sock"));
+    let read = |names: &[&str]| {
+        let sock = nbd_sock.clone();
         let mut args: Vec<&str> = vec![&sock];
         args.extend(names);
         let out = python("read_counters.py", &args);
@@ -479,12 +479,37 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
             .map(|l| l.split_once(' ').unwrap().1.parse::<u64>().unwrap())
             .collect::<Vec<u64>>()
     };
+    let at_test = read(&["v1@test", "v2@test", "v3@test"]);
     assert_eq!(&at_test, want, "test failover of group point {id} (#{i})");
     redun(&["test-failover", "cleanup", "--group", "g"]);
     let st = request_json(&target, &serde_json::json!({"cmd": "status"})).unwrap();
     for v in st["status"]["volumes"].as_array().unwrap() {
         assert!(v["test_failover"].is_null(), "{v}");
     }
+
+    // The members are gone: an unplanned failover of the whole group at that point.
+    for m in &mut g.members {
+        m.shipper.as_mut().unwrap().kill9();
+        m.tracker.as_mut().unwrap().kill9();
+    }
+    let out = redun(&[
+        "failover",
+        "--unplanned",
+        "--group",
+        "g",
+        "--point",
+        &id.to_string(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains(&format!("failed over at group point {id}")),
+        "{said}"
+    );
+    assert_eq!(
+        &read(&["v1", "v2", "v3"]),
+        want,
+        "failover of group point {id}"
+    );
 }
 
 /// Runs causal_counter.py with `args`: the rounds written and the longest reply wait (ms).
