@@ -5,11 +5,13 @@
 # group, then with the members in one group placing a point every second. Prints write p50 and
 # p99 latency, IOPS, the added latency and the throughput ratio, and the time of one round
 # (coordinator's PREPARE to the last COMMIT answer), sampled from the coordinator's status.
-# Targets (issue 7): added p99 <= 1 ms, throughput >= 0.98x.
-# Usage: scripts/bench-groups.sh [SECONDS per run, default 15]   (BENCH_MEMBERS="3 8")
+# Targets (issue 7): added p99 <= 1 ms, throughput >= 0.98x. Journals are 4 GiB so that none
+# overflows during a run (a volume that needs a resync takes no group points, and dirty
+# regions would make the baseline another workload).
+# Usage: scripts/bench-groups.sh [SECONDS per run, default 10]   (BENCH_MEMBERS="3 8")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runtime="${1:-15}"
+runtime="${1:-10}"
 members_list="${BENCH_MEMBERS:-3 8}"
 for t in fio python3; do
     command -v "$t" >/dev/null || { echo "bench: $t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
@@ -37,7 +39,7 @@ listen = ["unix:$work/$d/nbd.sock"]
 admin_socket = "$work/$d/admin.sock"
 [tracker.journal]
 dir = "$work/$d/journal"
-size = "1G"
+size = "4G"
 [points]
 crash_interval = "0"
 [[volume]]
@@ -61,10 +63,10 @@ EOF
     done
 }
 
-# run N GROUP: starts N members, runs fio on all, stops them; leaves fio's JSON and the round
-# samples in $work/result-N-GROUP.*
+# run N GROUP K: starts N members, runs fio on all, stops them; leaves fio's JSON and the
+# round samples in $work/result-N-GROUP-K.*
 run() {
-    local n=$1 group=$2 member_pids=() fio_args=() i
+    local n=$1 group=$2 k=$3 member_pids=() fio_args=() i
     for i in $(seq "$n"); do
         rm -rf "m$i"; mkdir -p "m$i"
         truncate -s 1G "m$i/disk.img"
@@ -77,43 +79,69 @@ run() {
         fio_args+=(--name="m$i" --uri="nbd+unix:///v$i?socket=$work/m$i/nbd.sock")
     done
     sleep 2  # the members connect to each other
-    : >"result-$n-$group.rounds"
+    : >"result-$n-$group-$k.rounds"
     (
         while sleep 0.25; do
             "$bin/redun" status --json --tracker-socket m1/admin.sock 2>/dev/null |
-                python3 -c 'import json,sys; g=json.load(sys.stdin)["tracker"]["status"].get("group"); print(g["last_point"], g["last_round_us"], g["rounds_committed"], g["rounds_aborted"]) if g else None' \
-                >>"result-$n-$group.rounds" || true
+                python3 -c 'import json,sys; g=json.load(sys.stdin)["tracker"]["status"].get("group"); print(g["last_point"], g["last_round_us"], g["rounds_committed"], g["rounds_aborted"], g["last_error"]) if g else None' \
+                >>"result-$n-$group-$k.rounds" || true
         done
     ) &
     local sampler=$!
     fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --size=1g --time_based \
         --runtime="$runtime" --group_reporting --output-format=json \
-        --output="result-$n-$group.json" "${fio_args[@]}" >/dev/null
+        --output="result-$n-$group-$k.json" "${fio_args[@]}" >/dev/null
     kill "$sampler"; wait "$sampler" 2>/dev/null || true
     for p in "${member_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+    if [ "$group" = 1 ]; then
+        # Why rounds aborted, as the members logged it.
+        grep -h -o -E "aborted: [^;]*|no decision within [^:]*|is unreachable: .*" m*/tracker.log |
+            sed -E 's/point=[0-9]+//; s/[0-9]+\.[0-9.]+:[0-9]+/ADDR/g' | sort | uniq -c |
+            sed "s/^/  $n members: /" >>why-aborted.txt || true
+    fi
 }
 
+# Without and with group points, alternately, `repeat` times: this machine's noise is larger
+# than what is measured, so the table shows the mean of the repeats.
+repeat="${BENCH_REPEAT:-2}"
 for n in $members_list; do
-    run "$n" 0
-    run "$n" 1
+    for k in $(seq "$repeat"); do
+        run "$n" 0 "$k"
+        run "$n" 1 "$k"
+    done
 done
 
-python3 - "$members_list" <<'PY'
+python3 - "$members_list" "$repeat" <<'PY'
 import json, statistics, sys
 print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'ratio':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
 for n in sys.argv[1].split():
     rows = {}
+    repeats = range(1, int(sys.argv[2]) + 1)
     for g in (0, 1):
-        j = json.load(open(f"result-{n}-{g}.json"))["jobs"][0]["write"]
-        pct = j["clat_ns"]["percentile"]
-        rows[g] = (j["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000)
+        runs = []
+        for k in repeats:
+            j = json.load(open(f"result-{n}-{g}-{k}.json"))["jobs"][0]["write"]
+            pct = j["clat_ns"]["percentile"]
+            runs.append((j["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000))
+        rows[g] = tuple(statistics.mean(r[i] for r in runs) for i in range(3))
     rounds = {}
-    last = (0, 0)
-    for line in open(f"result-{n}-1.rounds"):
-        p, us, c, a = map(int, line.split())
-        if p:
-            rounds[p] = us
-        last = (c, a)
+    errors = set()
+    last = [0, 0]
+    for k in repeats:
+        # Rounds while fio ran (the first sample's counts include the start-up, when the
+        # members were not all up yet).
+        first = None
+        for line in open(f"result-{n}-1-{k}.rounds"):
+            f = line.split(maxsplit=4)
+            p, us, c, a = map(int, f[:4])
+            first = first or (c, a)
+            if len(f) > 4:
+                errors.add(f[4].strip())
+            if p:
+                rounds[p] = us
+        if first:
+            last[0] += c - first[0]
+            last[1] += a - first[1]
     for g in (0, 1):
         iops, p50, p99 = rows[g]
         extra = ""
@@ -123,4 +151,12 @@ for n in sys.argv[1].split():
             extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {iops / b[0]:>5.2f}x"
                      f" {statistics.median(us):>12.0f}/{max(us):<9.0f} {last[0]:>10}/{last[1]}")
         print(f"{n:>7} {'every 1s' if g else 'none':<13} {iops:>9.0f} {p50:>8.0f} {p99:>8.0f}{extra}")
+    for e in sorted(errors):
+        print(f"{'':>7} aborted round: {e}")
 PY
+[ -s why-aborted.txt ] && { echo "aborts and lost peers as the members logged them (start-up and stop included):"; cat why-aborted.txt; }
+true
+# BENCH_KEEP=DIR keeps fio's JSON, the round samples and the members' logs.
+if [ -n "${BENCH_KEEP:-}" ]; then
+    mkdir -p "$BENCH_KEEP" && cp -r result-* why-aborted.txt m*/ "$BENCH_KEEP"/ 2>/dev/null || true
+fi
