@@ -445,42 +445,46 @@ impl Target {
     /// oldest first (docs/PROTOCOL.md, "Consistency groups"): a point whose decision names a
     /// volume that lacks it here (not shipped yet, or aborted there) is not listed.
     pub fn group_points(&self, group: &str) -> Vec<GroupPoint> {
-        let mut found: std::collections::BTreeMap<u64, GroupPoint> = Default::default();
-        let mut members: HashMap<u64, Vec<String>> = HashMap::new();
-        for v in self.status() {
-            let Ok(Some(store)) = self.store(&v.name) else {
-                continue;
-            };
-            for (p, d, usable) in store.group_points() {
-                if d.group != group {
-                    continue;
-                }
-                members.entry(p.group).or_insert_with(|| d.volumes.clone());
-                let gp = found.entry(p.group).or_insert_with(|| GroupPoint {
-                    id: p.group,
-                    unix_ms: p.unix_ms,
-                    kind: p.kind,
-                    usable: true,
-                    volumes: Vec::new(),
+        // Each group point with the volumes its (first seen) decision names.
+        let mut found: std::collections::BTreeMap<u64, (GroupPoint, Vec<String>)> =
+            Default::default();
+        // Every replica is opened at start and when a shipper first connects.
+        let stores: Vec<(String, Arc<Store>)> = self
+            .stores
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        for (name, store) in stores {
+            for (p, want, usable) in store.group_points(group) {
+                let (gp, _) = found.entry(p.group).or_insert_with(|| {
+                    let gp = GroupPoint {
+                        id: p.group,
+                        unix_ms: p.unix_ms,
+                        kind: p.kind,
+                        usable: true,
+                        volumes: Vec::new(),
+                    };
+                    (gp, want)
                 });
                 gp.unix_ms = gp.unix_ms.min(p.unix_ms);
                 gp.usable &= usable;
                 gp.volumes.push(GroupMember {
-                    volume: v.name.clone(),
+                    volume: name.clone(),
                     point: p.id,
                 });
             }
         }
         found
             .into_values()
-            .filter(|gp| {
-                let want = &members[&gp.id];
+            .filter(|(gp, want)| {
                 !want.is_empty()
                     && want
                         .iter()
                         .all(|w| gp.volumes.iter().any(|m| m.volume == *w))
             })
-            .map(|mut gp| {
+            .map(|(mut gp, _)| {
                 gp.volumes.sort_by(|a, b| a.volume.cmp(&b.volume));
                 gp
             })

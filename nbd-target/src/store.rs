@@ -964,22 +964,21 @@ impl Store {
     /// merged away).
     /// A group's marker is listed only once a decision committing it is durable.
     pub fn points(&self) -> Vec<(Point, bool)> {
-        self.listed()
-            .into_iter()
-            .map(|(p, _, ok)| (p, ok))
-            .collect()
+        self.listed(|p, _, ok| Some((p, ok)))
     }
 
-    /// The committed points of consistency groups, oldest first, with their decision and
-    /// whether they can be read.
-    pub fn group_points(&self) -> Vec<(Point, GroupDecision, bool)> {
-        self.listed()
-            .into_iter()
-            .filter_map(|(p, d, ok)| d.map(|d| (p, d, ok)))
-            .collect()
+    /// The committed points of consistency group `group`, oldest first, with the volumes
+    /// their decision names and whether they can be read.
+    pub fn group_points(&self, group: &str) -> Vec<(Point, Vec<String>, bool)> {
+        self.listed(|p, d, ok| {
+            d.filter(|d| d.group == group)
+                .map(|d| (p, d.volumes.clone(), ok))
+        })
     }
 
-    fn listed(&self) -> Vec<(Point, Option<GroupDecision>, bool)> {
+    /// `f` of every listed point (with its committing decision for a group's point, and
+    /// whether it can be read), oldest first, where `f` says `Some`.
+    fn listed<T>(&self, mut f: impl FnMut(Point, Option<&GroupDecision>, bool) -> Option<T>) -> Vec<T> {
         let g = self.lock();
         let durable = g.state.next_seq;
         let decisions: Vec<&Decided> = g
@@ -997,14 +996,15 @@ impl Store {
                 let usable =
                     p.id < durable && p.id >= g.manifest.base_seq && g.state.consistent_at(p.id);
                 if p.group == 0 {
-                    return Some((*p, None, usable));
+                    return f(*p, None, usable);
                 }
                 let d = decisions
                     .iter()
                     .find(|d| d.decision.point == p.group && d.seq > p.id)?;
                 d.decision
                     .commit
-                    .then(|| (*p, Some(d.decision.clone()), usable))
+                    .then(|| f(*p, Some(&d.decision), usable))
+                    .flatten()
             })
             .collect()
     }
@@ -1151,15 +1151,12 @@ impl Store {
                 let kept = |p: &Point| keep.iter().any(|k| k.id == p.id);
                 let mut m = inner.manifest.clone();
                 m.points.retain(kept);
-                let groups: Vec<u64> = keep.iter().map(|p| p.group).collect();
-                m.decisions.retain(|d| groups.contains(&d.decision.point));
+                let decided = |d: &Decided| keep.iter().any(|k| k.group == d.decision.point);
+                m.decisions.retain(decided);
                 self.save_manifest(&m)?;
                 inner.manifest = m;
                 inner.open.points.retain(kept);
-                inner
-                    .open
-                    .decisions
-                    .retain(|d| groups.contains(&d.decision.point));
+                inner.open.decisions.retain(decided);
             }
             let oldest_point = inner
                 .manifest

@@ -289,7 +289,7 @@ impl Member {
             return Err(format!("point {point} is already prepared"));
         }
         let mut marked = Vec::new();
-        for (name, log) in &self.volumes {
+        for (i, (name, log)) in self.volumes.iter().enumerate() {
             match log.mark_group(kind, point) {
                 Ok(marker) => marked.push(Marked {
                     volume: name.clone(),
@@ -297,7 +297,8 @@ impl Member {
                 }),
                 Err(e) => {
                     drop(pending);
-                    self.finish(point, false, &[], &marked);
+                    // The volumes marked so far, in order, hear the abort.
+                    self.finish(point, false, &[], &self.volumes[..i]);
                     return Err(format!("volume {name}: {e}"));
                 }
             }
@@ -313,19 +314,17 @@ impl Member {
         if self.lock().remove(&point).is_none() {
             return false;
         }
-        let all: Vec<Marked> = self
-            .volumes
-            .iter()
-            .map(|(v, _)| Marked {
-                volume: v.clone(),
-                marker: 0,
-            })
-            .collect();
-        self.finish(point, commit, volumes, &all)
+        self.finish(point, commit, volumes, &self.volumes)
     }
 
-    /// Appends the decision to each volume in `marked` and opens its gate.
-    fn finish(&self, point: u64, commit: bool, volumes: &[String], marked: &[Marked]) -> bool {
+    /// Appends the decision to each of the `marked` volumes and opens its gate.
+    fn finish(
+        &self,
+        point: u64,
+        commit: bool,
+        volumes: &[String],
+        marked: &[(String, Arc<ChangeLog>)],
+    ) -> bool {
         let decision = GroupDecision {
             group: self.group.clone(),
             point,
@@ -333,15 +332,12 @@ impl Member {
             volumes: volumes.to_vec(),
         };
         let mut ok = commit;
-        for m in marked {
-            let Some((_, log)) = self.volumes.iter().find(|(v, _)| *v == m.volume) else {
-                continue;
-            };
+        for (name, log) in marked {
             if let Err(e) = log.decide(&decision) {
                 warn!(
-                    "group={} point={point} volume={}: the decision is not recorded ({e}); \
+                    "group={} point={point} volume={name}: the decision is not recorded ({e}); \
                      the point will not be listed",
-                    self.group, m.volume
+                    self.group
                 );
                 ok = false;
             }
@@ -431,7 +427,7 @@ impl Member {
 struct Peer {
     id: u32,
     address: String,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     up: AtomicBool,
     last_error: Mutex<String>,
 }
@@ -502,7 +498,6 @@ pub struct Group {
     last_point: Mutex<u64>,
     /// One round at a time.
     round: Mutex<()>,
-    addr: SocketAddr,
 }
 
 impl Group {
@@ -556,7 +551,7 @@ impl Group {
             let peer = Arc::new(Peer {
                 id: e.id,
                 address: e.address.clone(),
-                jobs: Mutex::new(tx),
+                jobs: tx,
                 up: AtomicBool::new(false),
                 last_error: Mutex::new("not connected yet".into()),
             });
@@ -605,7 +600,6 @@ impl Group {
             threads: Mutex::new(threads),
             last_point: Mutex::new(0),
             round: Mutex::new(()),
-            addr,
         });
         if group.cfg.interval_ms > 0 {
             let g = group.clone();
@@ -624,10 +618,6 @@ impl Group {
             group.cfg.interval_ms
         );
         Ok(group)
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// Whether this member runs the rounds now: the configured coordinator, or else no
@@ -670,7 +660,6 @@ impl Group {
             let patience = Duration::from_millis((2 * self.cfg.timeout_ms).max(200));
             drop(self.ask_all(&|_| Some(Msg::Ping), now + patience, true));
             if !self.coordinating() {
-                self.status.lock().unwrap().coordinating = false;
                 continue;
             }
             let r = self.round(PointKind::Crash);
@@ -700,9 +689,11 @@ impl Group {
     ) -> HashMap<u32, Result<Msg, String>> {
         let (tx, rx) = mpsc::channel();
         let mut answers = HashMap::new();
+        let mut asked = Vec::new();
         let mut waiting = 0;
         for p in &self.peers {
             let Some(m) = msg(p) else { continue };
+            asked.push(p.id);
             if only_up && !p.up.load(Ordering::SeqCst) {
                 answers.insert(p.id, Err(p.last_error.lock().unwrap().clone()));
                 continue;
@@ -712,7 +703,7 @@ impl Group {
                 deadline,
                 answer: tx.clone(),
             };
-            if p.jobs.lock().unwrap().send(job).is_ok() {
+            if p.jobs.send(job).is_ok() {
                 waiting += 1;
             }
         }
@@ -726,12 +717,10 @@ impl Group {
                 Err(_) => break,
             }
         }
-        for p in &self.peers {
-            if msg(p).is_some() {
-                answers
-                    .entry(p.id)
-                    .or_insert_with(|| Err("no answer within the timeout".into()));
-            }
+        for id in asked {
+            answers
+                .entry(id)
+                .or_insert_with(|| Err("no answer within the timeout".into()));
         }
         answers
     }
@@ -829,7 +818,6 @@ impl Group {
         }
         let elapsed = start.elapsed();
         let mut st = self.status.lock().unwrap();
-        st.coordinating = true;
         st.last_point = point;
         st.last_round_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         if committed {

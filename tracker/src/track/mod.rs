@@ -858,23 +858,7 @@ impl ChangeLog {
         if only_if_changed && !st.changed_since_mark {
             return Ok(None);
         }
-        if st.stopping {
-            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
-        }
-        if st.overflowed || st.journal_failed {
-            return Err(io::Error::other(format!(
-                "journal {} takes no records until the volume is resynced: no recovery point \
-                 can be placed",
-                self.path.display()
-            )));
-        }
-        let payload = MarkerInfo {
-            kind,
-            unix_ms: unix_ms(),
-            group_point: 0,
-        }
-        .encode();
-        let seq = self.append_note(st, Kind::Marker, (0, 0), &payload, "place a recovery point")?;
+        let seq = self.append_marker(st, kind, 0, "no recovery point can be placed")?;
         st.changed_since_mark = false;
         self.points[usize::from(kind == PointKind::App)].fetch_add(1, Ordering::Relaxed);
         Ok(Some(seq))
@@ -885,26 +869,48 @@ impl ChangeLog {
     /// (docs/PROTOCOL.md, "Consistency groups"). Returns the marker's sequence number.
     pub fn mark_group(&self, kind: PointKind, point: u64) -> io::Result<u64> {
         let mut guard = self.lock();
-        let st = &mut *guard;
+        let seq = self.append_marker(
+            &mut guard,
+            kind,
+            point,
+            "it cannot take part in group points",
+        )?;
+        self.gate.hold(point);
+        Ok(seq)
+    }
+
+    /// Appends a marker of `kind` (of group point `group_point`, 0: none). Refused while the
+    /// log is stopping, or while the journal takes no records (`why`: what that prevents).
+    fn append_marker(
+        &self,
+        st: &mut State,
+        kind: PointKind,
+        group_point: u64,
+        why: &str,
+    ) -> io::Result<u64> {
         if st.stopping {
             return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
-        if st.overflowed || st.journal_failed {
-            return Err(io::Error::other(format!(
-                "journal {} takes no records until the volume is resynced: it cannot take \
-                 part in group points",
-                self.path.display()
-            )));
-        }
+        self.takes_records(st, why)?;
         let payload = MarkerInfo {
             kind,
             unix_ms: unix_ms(),
-            group_point: point,
+            group_point,
         }
         .encode();
-        let seq = self.append_note(st, Kind::Marker, (0, 0), &payload, "place a group marker")?;
-        self.gate.hold(point);
-        Ok(seq)
+        self.append_note(st, Kind::Marker, (0, 0), &payload, "place a recovery point")
+    }
+
+    /// Fails, saying `why` matters, while the journal takes no records (overflow or failure:
+    /// until the volume is resynced).
+    fn takes_records(&self, st: &State, why: &str) -> io::Result<()> {
+        if st.overflowed || st.journal_failed {
+            return Err(io::Error::other(format!(
+                "journal {} takes no records until the volume is resynced: {why}",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Records the group's decision on a point placed by [`ChangeLog::mark_group`] and opens
@@ -914,20 +920,16 @@ impl ChangeLog {
         let r = {
             let mut guard = self.lock();
             let st = &mut *guard;
-            if st.overflowed || st.journal_failed {
-                Err(io::Error::other(format!(
-                    "journal {} takes no records until the volume is resynced",
-                    self.path.display()
-                )))
-            } else {
-                self.append_note(
-                    st,
-                    Kind::Decision,
-                    (0, 0),
-                    &decision.encode(),
-                    "record a group decision",
-                )
-            }
+            self.takes_records(st, "the decision is not recorded")
+                .and_then(|()| {
+                    self.append_note(
+                        st,
+                        Kind::Decision,
+                        (0, 0),
+                        &decision.encode(),
+                        "record a group decision",
+                    )
+                })
         };
         self.gate.release(decision.point);
         r
