@@ -978,7 +978,10 @@ impl Store {
 
     /// `f` of every listed point (with its committing decision for a group's point, and
     /// whether it can be read), oldest first, where `f` says `Some`.
-    fn listed<T>(&self, mut f: impl FnMut(Point, Option<&GroupDecision>, bool) -> Option<T>) -> Vec<T> {
+    fn listed<T>(
+        &self,
+        mut f: impl FnMut(Point, Option<&GroupDecision>, bool) -> Option<T>,
+    ) -> Vec<T> {
         let g = self.lock();
         let durable = g.state.next_seq;
         let decisions: Vec<&Decided> = g

@@ -330,7 +330,8 @@ impl Member {
             point,
             commit,
             volumes: volumes.to_vec(),
-        };
+        }
+        .encode();
         let mut ok = commit;
         for (name, log) in marked {
             if let Err(e) = log.decide(&decision) {
@@ -341,6 +342,10 @@ impl Member {
                 );
                 ok = false;
             }
+        }
+        // Every decision is in its journal before any held reply leaves.
+        for (_, log) in marked {
+            log.gate().release(point);
         }
         if ok {
             self.committed.fetch_add(1, Ordering::Relaxed);
@@ -355,17 +360,18 @@ impl Member {
         let mut pending = self.lock();
         loop {
             let now = Instant::now();
+            let stopping = self.stopping.load(Ordering::SeqCst);
             let late: Vec<u64> = pending
                 .iter()
-                .filter(|(_, d)| **d <= now || self.stopping.load(Ordering::SeqCst))
+                .filter(|(_, d)| **d <= now || stopping)
                 .map(|(p, _)| *p)
                 .collect();
             if !late.is_empty() {
+                // Taken here, under the lock: a decision arriving now finds them gone.
+                pending.retain(|p, _| !late.contains(p));
                 drop(pending);
                 for p in late {
-                    if self.decide(p, false, &[]) {
-                        continue;
-                    }
+                    self.finish(p, false, &[], &self.volumes);
                     warn!(
                         "group={} point={p}: no decision within {:?}: aborted here, replies \
                          released",
@@ -375,7 +381,7 @@ impl Member {
                 pending = self.lock();
                 continue;
             }
-            if self.stopping.load(Ordering::SeqCst) {
+            if stopping {
                 return;
             }
             let wait = pending
@@ -419,6 +425,38 @@ impl Member {
                 message: format!("unexpected {other:?}"),
             },
         }
+    }
+}
+
+/// Requests sent to peers whose answers are awaited.
+struct Asked {
+    rx: mpsc::Receiver<(u32, Result<Msg, String>)>,
+    deadline: Instant,
+    answers: HashMap<u32, Result<Msg, String>>,
+    /// Every peer asked (or refused for being down).
+    ids: Vec<u32>,
+    waiting: usize,
+}
+
+impl Asked {
+    /// The answers by the deadline; a peer that did not answer by then has an error.
+    fn collect(mut self) -> HashMap<u32, Result<Msg, String>> {
+        while self.waiting > 0 {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((id, a)) => {
+                    self.answers.insert(id, a);
+                    self.waiting -= 1;
+                }
+                Err(_) => break,
+            }
+        }
+        for id in self.ids {
+            self.answers
+                .entry(id)
+                .or_insert_with(|| Err("no answer within the timeout".into()));
+        }
+        self.answers
     }
 }
 
@@ -620,6 +658,10 @@ impl Group {
         Ok(group)
     }
 
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
     /// Whether this member runs the rounds now: the configured coordinator, or else no
     /// member with a lower id is reachable.
     pub fn coordinating(&self) -> bool {
@@ -635,9 +677,7 @@ impl Group {
     /// A fresh point id: milliseconds since the epoch in the high bits, the coordinator's
     /// id in the low 12, increasing for this coordinator.
     fn next_point(&self) -> u64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        let now = crate::track::unix_ms();
         let mut last = self.last_point.lock().unwrap();
         let p = ((now << 12) | u64::from(self.cfg.id & 0xfff)).max(*last + (1 << 12));
         *last = p;
@@ -687,15 +727,26 @@ impl Group {
         deadline: Instant,
         only_up: bool,
     ) -> HashMap<u32, Result<Msg, String>> {
+        self.ask(msg, deadline, only_up).collect()
+    }
+
+    /// [`Group::ask_all`] without waiting: the link threads send at once, the answers are
+    /// [`Asked::collect`]ed later.
+    fn ask(&self, msg: &dyn Fn(&Peer) -> Option<Msg>, deadline: Instant, only_up: bool) -> Asked {
         let (tx, rx) = mpsc::channel();
-        let mut answers = HashMap::new();
-        let mut asked = Vec::new();
-        let mut waiting = 0;
+        let mut asked = Asked {
+            rx,
+            deadline,
+            answers: HashMap::new(),
+            ids: Vec::new(),
+            waiting: 0,
+        };
         for p in &self.peers {
             let Some(m) = msg(p) else { continue };
-            asked.push(p.id);
+            asked.ids.push(p.id);
             if only_up && !p.up.load(Ordering::SeqCst) {
-                answers.insert(p.id, Err(p.last_error.lock().unwrap().clone()));
+                let e = p.last_error.lock().unwrap().clone();
+                asked.answers.insert(p.id, Err(e));
                 continue;
             }
             let job = Job {
@@ -704,25 +755,10 @@ impl Group {
                 answer: tx.clone(),
             };
             if p.jobs.send(job).is_ok() {
-                waiting += 1;
+                asked.waiting += 1;
             }
         }
-        while waiting > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((id, a)) => {
-                    answers.insert(id, a);
-                    waiting -= 1;
-                }
-                Err(_) => break,
-            }
-        }
-        for id in asked {
-            answers
-                .entry(id)
-                .or_insert_with(|| Err("no answer within the timeout".into()));
-        }
-        answers
+        asked
     }
 
     /// Runs one round as coordinator: PREPARE, then COMMIT or ABORT.
@@ -793,9 +829,10 @@ impl Group {
                 }
             })
         };
-        // The coordinator's own volumes first: its replies are released at once.
+        // The peers' decisions leave first; the coordinator's own volumes decide meanwhile.
+        let asked = self.ask(&to_send, Instant::now() + timeout, false);
         let mut committed = self.member.decide(point, commit, &volumes) && commit;
-        let answers = self.ask_all(&to_send, Instant::now() + timeout, false);
+        let answers = asked.collect();
         if commit {
             for (id, a) in &answers {
                 match a {

@@ -246,7 +246,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if r.committed {
                     info!(
                         "group={} point={} committed on demand volumes={} in {}us",
-                        g.status().name,
+                        g.name(),
                         r.point,
                         r.volumes.len(),
                         r.elapsed.as_micros()

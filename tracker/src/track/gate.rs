@@ -7,11 +7,11 @@
 //! that were recorded before the marker may wait too: they are only late, by at most the
 //! group's timeout.
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// A reply waiting for the gate to open.
-pub type HeldReply = Box<dyn FnOnce() + Send>;
+use crate::nbd::{CompletionSink, Token};
 
 #[derive(Default)]
 pub struct Gate {
@@ -22,11 +22,18 @@ pub struct Gate {
     inner: Mutex<Inner>,
 }
 
+/// A reply waiting for the gate to open.
+struct Held {
+    sink: Arc<dyn CompletionSink>,
+    token: Token,
+    result: io::Result<Vec<u8>>,
+}
+
 #[derive(Default)]
 struct Inner {
     /// The group points whose decision is awaited.
     holds: Vec<u64>,
-    held: Vec<HeldReply>,
+    held: Vec<Held>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -53,8 +60,8 @@ impl Gate {
         self.holding.store(true, Ordering::SeqCst);
     }
 
-    /// Ends the hold of `point`; when no hold is left, sends every held reply. Returns how
-    /// many were sent.
+    /// Ends the hold of `point`; when no hold is left, sends every held reply and flushes
+    /// each connection once. Returns how many were sent.
     pub fn release(&self, point: u64) -> usize {
         let held = {
             let mut g = self.lock();
@@ -65,34 +72,40 @@ impl Gate {
             self.holding.store(false, Ordering::SeqCst);
             std::mem::take(&mut g.held)
         };
+        let mut sinks: Vec<Arc<dyn CompletionSink>> = Vec::new();
         let n = held.len();
-        for reply in held {
-            reply();
+        for h in held {
+            h.sink.complete(h.token, h.result);
+            if !sinks.iter().any(|s| Arc::ptr_eq(s, &h.sink)) {
+                sinks.push(h.sink);
+            }
+        }
+        for s in sinks {
+            s.flush();
         }
         n
     }
 
-    /// Sends `reply` now, or keeps it until the gate opens.
-    pub fn pass(&self, reply: HeldReply) {
+    /// Sends a reply through `sink` now, or keeps it until the gate opens.
+    fn pass(&self, sink: &Arc<dyn CompletionSink>, token: Token, result: io::Result<Vec<u8>>) {
         if self.holding.load(Ordering::SeqCst) {
             let mut g = self.lock();
             if !g.holds.is_empty() {
-                g.held.push(reply);
+                g.held.push(Held {
+                    sink: sink.clone(),
+                    token,
+                    result,
+                });
                 return;
             }
         }
-        reply();
-    }
-
-    /// The group points being held for.
-    pub fn holds(&self) -> Vec<u64> {
-        self.lock().holds.clone()
+        sink.complete(token, result);
     }
 }
 
 /// Wraps a connection's completion sink so that its replies pass through `gate`.
 pub struct GateSink {
-    pub inner: Arc<dyn crate::nbd::CompletionSink>,
+    pub inner: Arc<dyn CompletionSink>,
     pub gate: Arc<Gate>,
 }
 
@@ -102,17 +115,9 @@ impl std::fmt::Debug for GateSink {
     }
 }
 
-impl crate::nbd::CompletionSink for GateSink {
-    fn complete(&self, token: crate::nbd::Token, result: std::io::Result<Vec<u8>>) {
-        if !self.gate.holding.load(Ordering::SeqCst) {
-            self.inner.complete(token, result);
-            return;
-        }
-        let inner = self.inner.clone();
-        self.gate.pass(Box::new(move || {
-            inner.complete(token, result);
-            inner.flush();
-        }));
+impl CompletionSink for GateSink {
+    fn complete(&self, token: Token, result: io::Result<Vec<u8>>) {
+        self.gate.pass(&self.inner, token, result);
     }
 
     fn flush(&self) {
@@ -125,29 +130,52 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// Counts replies sent and flushes.
+    #[derive(Default)]
+    struct Count {
+        sent: AtomicUsize,
+        flushes: AtomicUsize,
+    }
+
+    impl CompletionSink for Count {
+        fn complete(&self, _token: Token, _result: io::Result<Vec<u8>>) {
+            self.sent.fetch_add(1, Ordering::SeqCst);
+        }
+        fn flush(&self) {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn replies_wait_for_every_hold() {
         let gate = Gate::default();
-        let sent = Arc::new(AtomicUsize::new(0));
-        let reply = || {
-            let s = sent.clone();
-            Box::new(move || {
-                s.fetch_add(1, Ordering::SeqCst);
-            }) as HeldReply
+        let count = Arc::new(Count::default());
+        let sink: Arc<dyn CompletionSink> = count.clone();
+        let sent = || count.sent.load(Ordering::SeqCst);
+        let token = Token {
+            started: std::time::Instant::now(),
+            cookie: 1,
+            command: 1,
+            flags: 0,
+            offset: 0,
+            length: 4096,
         };
-        gate.pass(reply());
-        assert_eq!(sent.load(Ordering::SeqCst), 1);
+        let reply = || gate.pass(&sink, token, Ok(Vec::new()));
+        reply();
+        assert_eq!(sent(), 1);
         gate.hold(1);
         gate.hold(2);
-        gate.pass(reply());
-        gate.pass(reply());
+        reply();
+        reply();
         assert_eq!(gate.release(1), 0);
-        assert_eq!(sent.load(Ordering::SeqCst), 1);
+        assert_eq!(sent(), 1);
         assert_eq!(gate.release(2), 2);
-        assert_eq!(sent.load(Ordering::SeqCst), 3);
+        assert_eq!(sent(), 3);
+        // Two replies of one connection, one flush.
+        assert_eq!(count.flushes.load(Ordering::SeqCst), 1);
         // Releasing a point that holds nothing is harmless.
         assert_eq!(gate.release(2), 0);
-        gate.pass(reply());
-        assert_eq!(sent.load(Ordering::SeqCst), 4);
+        reply();
+        assert_eq!(sent(), 4);
     }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::io::ops;
 use crate::journal::format::{
-    GroupDecision, Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole, record_size,
+    Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole, record_size,
 };
 use crate::journal::inspect::find_damage;
 use crate::journal::reader::read_release;
@@ -397,7 +397,7 @@ pub fn failback_path(journal: &Path) -> PathBuf {
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -913,26 +913,22 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Records the group's decision on a point placed by [`ChangeLog::mark_group`] and opens
-    /// the gate (also when the record cannot be appended: the point is then simply never
-    /// complete on the target). Returns the decision record's sequence number.
-    pub fn decide(&self, decision: &GroupDecision) -> io::Result<u64> {
-        let r = {
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            self.takes_records(st, "the decision is not recorded")
-                .and_then(|()| {
-                    self.append_note(
-                        st,
-                        Kind::Decision,
-                        (0, 0),
-                        &decision.encode(),
-                        "record a group decision",
-                    )
-                })
-        };
-        self.gate.release(decision.point);
-        r
+    /// Records a group's decision (an encoded [`GroupDecision`](crate::journal::format::GroupDecision))
+    /// on a point placed by [`ChangeLog::mark_group`]. Returns the record's sequence number.
+    /// The gate stays closed until its [`Gate::release`]: the caller opens it whatever this
+    /// returns (a point whose decision is not recorded is simply never complete on the
+    /// target).
+    pub fn decide(&self, decision: &[u8]) -> io::Result<u64> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        self.takes_records(st, "the decision is not recorded")?;
+        self.append_note(
+            st,
+            Kind::Decision,
+            (0, 0),
+            decision,
+            "record a group decision",
+        )
     }
 
     /// The gate replies pass through (held during a group point's two phases).
