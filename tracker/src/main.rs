@@ -269,10 +269,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         AdminRequest::Fence { volume } => fence(&status_server, &volume, true),
         AdminRequest::Unfence { volume } => fence(&status_server, &volume, false),
         AdminRequest::FailbackApply { volume } => on_tracked(&status_server, &volume, |e, log| {
-            let (seq, bytes) = log.apply_failback(
-                e.backend.file(),
-                redun_tracker::nbd::BlockBackend::size(&e.backend),
-            )?;
+            let (seq, bytes) = log.apply_failback(e.backend.file())?;
             log::debug!("volume {volume}: failback applied {bytes} bytes through seq {seq}");
             Ok(AdminResponse {
                 seq: Some(seq),

@@ -618,12 +618,6 @@ impl ChangeLog {
     /// trims and zeroes are accepted; durability (FUA) is the caller's: sync the backing file
     /// and [`ChangeLog::sync`].
     pub fn apply(&self, backing: &File, op: &IoOp) -> io::Result<()> {
-        self.apply_as(backing, op, false)
-    }
-
-    /// [`ChangeLog::apply`], also on a fenced volume when `failback`: the blocks a failback
-    /// brings back are recorded like any write.
-    fn apply_as(&self, backing: &File, op: &IoOp, failback: bool) -> io::Result<()> {
         let (kind, offset, len, payload): (Kind, u64, u32, &[u8]) = match op {
             IoOp::Write { offset, data, .. } => (
                 Kind::Write,
@@ -635,6 +629,31 @@ impl ChangeLog {
             IoOp::WriteZeroes { offset, len, .. } => (Kind::Zero, *offset, *len, &[]),
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
+        let mut write = || match op {
+            IoOp::Write { offset, data, .. } => ops::write_at(backing, *offset, data, false),
+            IoOp::Trim { offset, len, .. } => ops::trim(backing, *offset, *len, false),
+            IoOp::WriteZeroes {
+                offset,
+                len,
+                may_trim,
+                fast_only,
+                ..
+            } => ops::write_zeroes(backing, *offset, *len, *may_trim, *fast_only, false),
+            _ => Ok(()),
+        };
+        self.record_and_write(backing, (kind, offset, len, payload), &mut write, false)
+    }
+
+    /// Records a change (`kind`, offset, length, payload) and makes it with `write`, both
+    /// under the volume's lock; also on a fenced volume when `failback` (the blocks a
+    /// failback brings back are recorded like any write), and then only there.
+    fn record_and_write(
+        &self,
+        backing: &File,
+        (kind, offset, len, payload): (Kind, u64, u32, &[u8]),
+        write: &mut dyn FnMut() -> io::Result<()>,
+        failback: bool,
+    ) -> io::Result<()> {
         let mut guard = self.lock();
         let mut waited = false;
         let r = loop {
@@ -677,20 +696,7 @@ impl ChangeLog {
                 len,
                 payload,
                 &mut || backing.sync_data(),
-                &mut || match op {
-                    IoOp::Write { offset, data, .. } => {
-                        ops::write_at(backing, *offset, data, false)
-                    }
-                    IoOp::Trim { offset, len, .. } => ops::trim(backing, *offset, *len, false),
-                    IoOp::WriteZeroes {
-                        offset,
-                        len,
-                        may_trim,
-                        fast_only,
-                        ..
-                    } => ops::write_zeroes(backing, *offset, *len, *may_trim, *fast_only, false),
-                    _ => Ok(()),
-                },
+                write,
             );
             match r {
                 Ok(Outcome::MustWait) if st.no_waiting => {
@@ -789,7 +795,7 @@ impl ChangeLog {
     /// written by the shipper; docs/FORMAT.md) to the fenced volume of `size` bytes: each is
     /// recorded in the journal like a write, then the backing file and the journal are made
     /// durable. Returns the last record's sequence number and the bytes applied.
-    pub fn apply_failback(&self, backing: &File, size: u64) -> io::Result<(u64, u64)> {
+    pub fn apply_failback(&self, backing: &File) -> io::Result<(u64, u64)> {
         if !self.fenced() {
             return Err(io::Error::other(
                 "the volume takes writes: a failback only writes to a fenced (failed over) \
@@ -799,6 +805,12 @@ impl ChangeLog {
         let path = failback_path(&self.path);
         let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let bytes = std::fs::read(&path).map_err(named)?;
+        let size = self
+            .lock()
+            .journal
+            .as_ref()
+            .map(|j| j.superblock().volume_size)
+            .ok_or_else(|| io::Error::other("changes are not journaled (--no-journal)"))?;
         let extents = crate::journal::format::decode_extents(&bytes, 0, size).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -807,21 +819,15 @@ impl ChangeLog {
         })?;
         let mut applied = 0;
         for x in extents {
-            let op = match x.data {
-                Some(d) => IoOp::Write {
-                    offset: x.offset,
-                    data: d.to_vec(),
-                    fua: false,
-                },
-                None => IoOp::WriteZeroes {
-                    offset: x.offset,
-                    len: x.length,
-                    fua: false,
-                    may_trim: false,
-                    fast_only: false,
-                },
+            let change = match x.data {
+                Some(d) => (Kind::Write, x.offset, x.length, d),
+                None => (Kind::Zero, x.offset, x.length, &[][..]),
             };
-            self.apply_as(backing, &op, true)?;
+            let mut write = || match x.data {
+                Some(d) => ops::write_at(backing, x.offset, d, false),
+                None => ops::write_zeroes(backing, x.offset, x.length, false, false, false),
+            };
+            self.record_and_write(backing, change, &mut write, true)?;
             applied += u64::from(x.length);
         }
         backing.sync_data()?;
