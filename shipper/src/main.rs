@@ -246,10 +246,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         let statuses = statuses.clone();
         let (tracker, stop) = (tracker_socket.clone(), stop.clone());
         Arc::new(move |line| {
-            if line.get("cmd").and_then(|c| c.as_str()) == Some("reverse") {
-                return reverse(line, &shippers, &tracker, &stop);
-            }
-            admin(line, &shippers, &statuses(), &target, started)
+            let ctx = AdminContext {
+                shippers: &shippers,
+                statuses: &statuses,
+                target: &target,
+                tracker: &tracker,
+                stop: &stop,
+                started,
+            };
+            admin(line, &ctx)
         })
     };
     let _metrics = match &metrics_listen {
@@ -551,14 +556,28 @@ fn reverse(
     Ok(serde_json::json!({}))
 }
 
-fn admin(
-    req: &serde_json::Value,
-    shippers: &Mutex<HashMap<String, Arc<VolumeShipper>>>,
-    vols: &[ShipStatus],
-    target: &str,
+/// What the admin requests work on.
+struct AdminContext<'a> {
+    shippers: &'a Mutex<HashMap<String, Arc<VolumeShipper>>>,
+    /// Every volume's status, computed when a request needs it.
+    statuses: &'a dyn Fn() -> Vec<ShipStatus>,
+    target: &'a str,
+    tracker: &'a std::path::Path,
+    stop: &'a Arc<AtomicBool>,
     started: Instant,
-) -> Result<serde_json::Value, String> {
+}
+
+fn admin(req: &serde_json::Value, ctx: &AdminContext<'_>) -> Result<serde_json::Value, String> {
+    let AdminContext {
+        shippers,
+        statuses,
+        target,
+        tracker,
+        stop,
+        started,
+    } = *ctx;
     match req.get("cmd").and_then(|c| c.as_str()) {
+        Some("reverse") => reverse(req, shippers, tracker, stop),
         Some("status") => Ok(serde_json::json!({
             "status": {
                 "daemon": "redun-shipper",
@@ -566,7 +585,7 @@ fn admin(
                 "pid": std::process::id(),
                 "uptime_seconds": started.elapsed().as_secs(),
                 "target": target,
-                "volumes": vols,
+                "volumes": statuses(),
             }
         })),
         Some("resume") => {
