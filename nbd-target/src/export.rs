@@ -675,19 +675,24 @@ impl Resolve<ViewBackend> for PointExports {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Identity, Store};
+    use redun_tracker::journal::format::Kind;
 
-    #[test]
-    fn failback_passes_take_each_write_once_and_a_fenced_overlay_refuses_writes() {
-        use crate::store::{Identity, Store};
-        use redun_tracker::journal::format::Kind;
-        let dir = tempfile::tempdir().unwrap();
+    /// A new replica store of volume `v` with `size` bytes in `dir`.
+    fn new_store(dir: &std::path::Path, size: u64) -> Store {
         let id = Identity {
             name: "v".into(),
             uuid: "00112233445566778899aabbccddeeff".into(),
-            size: 1 << 20,
+            size,
             generation: 1,
         };
-        let store = Store::create(dir.path(), &id).unwrap();
+        Store::create(dir, &id).unwrap()
+    }
+
+    #[test]
+    fn failback_passes_take_each_write_once_and_a_fenced_overlay_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = new_store(dir.path(), 1 << 20);
         store.append(Kind::Write, 1, 0, 4096, &[7u8; 4096]).unwrap();
         store.append(Kind::Zero, 2, 65536, 8192, &[]).unwrap();
         store.commit().unwrap();
@@ -711,16 +716,8 @@ mod tests {
 
     #[test]
     fn an_overlay_keeps_partial_blocks_whole_and_leaves_the_point_alone() {
-        use crate::store::{Identity, Store};
-        use redun_tracker::journal::format::Kind;
         let dir = tempfile::tempdir().unwrap();
-        let id = Identity {
-            name: "v".into(),
-            uuid: "00112233445566778899aabbccddeeff".into(),
-            size: 20_000,
-            generation: 1,
-        };
-        let store = Store::create(dir.path(), &id).unwrap();
+        let store = new_store(dir.path(), 20_000);
         store
             .append(Kind::Write, 1, 0, 20_000, &[7u8; 20_000])
             .unwrap();

@@ -311,12 +311,23 @@ impl Target {
         let (p, _) = promoted
             .get_mut(volume)
             .ok_or_else(|| format!("volume {volume} is not failed over to this target"))?;
-        let mut next = p.clone();
-        next.committed = true;
-        store::write_json(&self.promotion_path(volume), &next).map_err(|e| e.to_string())?;
-        *p = next.clone();
+        self.update_promotion(volume, p, |n| n.committed = true)?;
         info!("volume {volume}: failover at point {} committed", p.point);
-        Ok(next)
+        Ok(p.clone())
+    }
+
+    /// Changes `volume`'s promotion `p` with `change`, durably (`NAME.promoted`) first.
+    fn update_promotion(
+        &self,
+        volume: &str,
+        p: &mut Promotion,
+        change: impl FnOnce(&mut Promotion),
+    ) -> Result<(), String> {
+        let mut next = p.clone();
+        change(&mut next);
+        store::write_json(&self.promotion_path(volume), &next).map_err(|e| e.to_string())?;
+        *p = next;
+        Ok(())
     }
 
     /// The test failover of `volume`, if one is under way.
@@ -789,14 +800,7 @@ impl Target {
                         format!("expected a batch, got {}", frame_name(&f)),
                     )));
                 }
-                Err(ProtoError::Closed) => return Err(StreamEnd::Closed),
-                Err(ProtoError::Io(e)) => return Err(StreamEnd::Io(e)),
-                Err(e) => {
-                    return Err(StreamEnd::Refused(Refusal::new(
-                        RefuseCode::Protocol,
-                        e.to_string(),
-                    )));
-                }
+                Err(e) => return Err(e.into()),
             }
             if !ack_owed || replica.uncommitted() < GROUP_BYTES && more_input(tls) {
                 continue;
@@ -849,10 +853,23 @@ fn more_input(tls: &mut Tls) -> bool {
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
-enum StreamEnd {
+/// Why a connection's stream (replication or failback) ended.
+pub(super) enum StreamEnd {
     Closed,
     Io(io::Error),
     Refused(Refusal),
+}
+
+/// A frame that could not be read: the peer left, the socket failed, or it broke the
+/// protocol.
+impl From<ProtoError> for StreamEnd {
+    fn from(e: ProtoError) -> StreamEnd {
+        match e {
+            ProtoError::Closed => StreamEnd::Closed,
+            ProtoError::Io(e) => StreamEnd::Io(e),
+            e => StreamEnd::Refused(Refusal::new(RefuseCode::Protocol, e.to_string())),
+        }
+    }
 }
 
 fn frame_name(f: &Frame) -> &'static str {

@@ -1048,8 +1048,9 @@ impl Store {
         Ok((seq, self.build_view(g, seq, Some((offset, offset + len)))))
     }
 
-    /// The ranges that records after `seq` changed (merged, as `(offset, end)`): what
-    /// differs between point `seq` and the latest state at most.
+    /// The ranges that records after `seq` changed (as `(offset, end)`, in record order, not
+    /// merged: the caller merges them with its other ranges): what differs between point
+    /// `seq` and the latest state at most.
     pub fn changed_after(&self, seq: u64) -> Vec<(u64, u64)> {
         let g = self.lock();
         let mut out: Vec<(u64, u64)> = Vec::new();
@@ -1062,8 +1063,7 @@ impl Store {
                 }
             }
         }
-        drop(g);
-        merge_ranges(out)
+        out
     }
 
     /// A view at `seq` of the whole volume, or of the entries that overlap `range` only.

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use log::{info, warn};
 use redun_shipper::proto::{
-    self, BatchEncoder, Frame, Hello, MAX_RANGES, ProtoError, RefuseCode, WireRecord, ZERO_HASH,
+    self, BatchEncoder, Frame, Hello, MAX_RANGES, RefuseCode, WireRecord, ZERO_HASH,
 };
 use redun_tracker::journal::format::Kind;
 use serde::{Deserialize, Serialize};
 
-use super::{Promotion, Target, Tls, frame_name};
+use super::{Promotion, StreamEnd, Target, Tls, frame_name};
 use crate::export::Overlay;
 use crate::replica::{Refusal, Replica};
 use crate::store::{self, Store, merge_ranges};
@@ -50,10 +50,7 @@ impl Target {
         o.fence()
             .map_err(|e| format!("volume {volume}: cannot sync {}: {e}", o.path().display()))?;
         if !p.failback {
-            let mut next = p.clone();
-            next.failback = true;
-            store::write_json(&self.promotion_path(volume), &next).map_err(|e| e.to_string())?;
-            *p = next;
+            self.update_promotion(volume, p, |n| n.failback = true)?;
             info!("volume {volume}: writes to the promoted volume refused: failing back");
         }
         Ok(p.clone())
@@ -148,15 +145,15 @@ impl Target {
         let r = self.passes(tls, volume, &store, promoted.as_ref());
         match r {
             Ok(()) => Ok(()),
-            Err(Ended::Closed) => {
+            Err(StreamEnd::Closed) => {
                 info!("failback: volume {volume}: {peer} disconnected");
                 Ok(())
             }
-            Err(Ended::Io(e)) => {
+            Err(StreamEnd::Io(e)) => {
                 warn!("failback: volume {volume}: {peer}: {e}");
                 Ok(())
             }
-            Err(Ended::Refused(r)) => Err(r),
+            Err(StreamEnd::Refused(r)) => Err(r),
         }
     }
 
@@ -167,9 +164,9 @@ impl Target {
         volume: &str,
         store: &Store,
         promoted: Option<&(Promotion, Arc<Overlay>)>,
-    ) -> Result<(), Ended> {
+    ) -> Result<(), StreamEnd> {
         let mut first = true;
-        let mut enc = BatchEncoder::new(3).map_err(Ended::Io)?;
+        let mut enc = BatchEncoder::new(3).map_err(StreamEnd::Io)?;
         loop {
             let answer = match proto::read_frame(tls) {
                 Ok(Frame::Pass) => {
@@ -203,7 +200,7 @@ impl Target {
                     ..
                 }) => {
                     let Some((_, o)) = promoted else {
-                        return Err(Ended::Refused(Refusal::new(
+                        return Err(StreamEnd::Refused(Refusal::new(
                             RefuseCode::InvalidState,
                             format!("volume {volume} has failed back already: nothing to compare"),
                         )));
@@ -214,7 +211,7 @@ impl Target {
                     let generation = match promoted {
                         Some((_, o)) => {
                             if !o.settled() {
-                                return Err(Ended::Refused(Refusal::new(
+                                return Err(StreamEnd::Refused(Refusal::new(
                                     RefuseCode::InvalidState,
                                     format!(
                                         "volume {volume}: DONE before the last pass (the \
@@ -223,7 +220,7 @@ impl Target {
                                 )));
                             }
                             self.end_promotion(volume, store)
-                                .map_err(|m| Ended::Refused(Refusal::new(RefuseCode::Io, m)))?
+                                .map_err(|m| StreamEnd::Refused(Refusal::new(RefuseCode::Io, m)))?
                         }
                         None => store.state().generation,
                     };
@@ -237,11 +234,11 @@ impl Target {
                         sync_job: 0,
                         sync_cursor: 0,
                     };
-                    proto::write_frame(tls, &welcome).map_err(Ended::Io)?;
+                    proto::write_frame(tls, &welcome).map_err(StreamEnd::Io)?;
                     return Ok(());
                 }
                 Ok(f) => {
-                    return Err(Ended::Refused(Refusal::new(
+                    return Err(StreamEnd::Refused(Refusal::new(
                         RefuseCode::Protocol,
                         format!(
                             "expected PASS, HASHES or DONE during a failback, got {}",
@@ -249,24 +246,11 @@ impl Target {
                         ),
                     )));
                 }
-                Err(ProtoError::Closed) => return Err(Ended::Closed),
-                Err(ProtoError::Io(e)) => return Err(Ended::Io(e)),
-                Err(e) => {
-                    return Err(Ended::Refused(Refusal::new(
-                        RefuseCode::Protocol,
-                        e.to_string(),
-                    )));
-                }
+                Err(e) => return Err(e.into()),
             };
-            proto::write_frame(tls, &answer).map_err(Ended::Io)?;
+            proto::write_frame(tls, &answer).map_err(StreamEnd::Io)?;
         }
     }
-}
-
-enum Ended {
-    Closed,
-    Io(std::io::Error),
-    Refused(Refusal),
 }
 
 /// Merges neighbours (smallest gaps first would be better; nearest in order is enough)
@@ -287,11 +271,11 @@ fn differing(
     block: u64,
     theirs: &[u128],
     enc: &mut BatchEncoder,
-) -> Result<Frame, Ended> {
+) -> Result<Frame, StreamEnd> {
     let size = o.view().size();
     let span = theirs.len() as u64 * block;
     if offset >= size || span > MAX_COMPARE {
-        return Err(Ended::Refused(Refusal::new(
+        return Err(StreamEnd::Refused(Refusal::new(
             RefuseCode::Protocol,
             format!(
                 "volume {volume}: checksums of {offset}+{span} are beyond the volume's {size} \
@@ -302,7 +286,7 @@ fn differing(
     let length = span.min(size - offset);
     let mut buf = vec![0u8; usize::try_from(length).expect("at most 32 MiB")];
     o.read_at(&mut buf, offset).map_err(|e| {
-        Ended::Refused(Refusal::new(
+        StreamEnd::Refused(Refusal::new(
             RefuseCode::Io,
             format!("volume {volume}: cannot read the promoted volume: {e}"),
         ))
@@ -348,7 +332,7 @@ fn differing(
     let batch = if records.is_empty() {
         None
     } else {
-        Some(enc.encode(&records).map_err(Ended::Io)?)
+        Some(enc.encode(&records).map_err(StreamEnd::Io)?)
     };
     Ok(Frame::Blocks {
         offset,
