@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redun_tracker::admin::{self, AdminRequest};
 
-use crate::ask::{Daemon, ask, volumes};
+use crate::ask::{Daemon, ask, ask_or_exit, volumes};
 
 fn target_request(target: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
     ask(Daemon::Target, target, req).map_err(|e| e.to_string())
@@ -100,9 +100,8 @@ fn reverse_status(volume: &str, shipper: &Path) -> Result<serde_json::Value, Str
 /// fails: then says why).
 pub fn reverse(volume: &str, full: bool, shipper: &Path) -> ExitCode {
     let req = serde_json::json!({"cmd": "reverse", "volume": volume, "full": full});
-    if let Err(e) = ask(Daemon::Shipper, shipper, &req) {
-        eprintln!("redun reverse: {e}");
-        return e.code();
+    if let Err(code) = ask_or_exit("reverse", Daemon::Shipper, shipper, &req) {
+        return code;
     }
     match wait_phase(
         volume,
@@ -245,14 +244,10 @@ pub fn unplanned(volume: &str, point: &str, target: &Path) -> ExitCode {
 
 /// `redun failover --unplanned --group NAME`: every member volume at one group point.
 pub fn unplanned_group(group: &str, point: &str, target: &Path) -> ExitCode {
-    let points = match crate::points::group_points("redun failover", group, target) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let chosen = match point {
-        "latest" => points.iter().rev().find(|p| p["usable"] == true),
+    let id = match point {
+        "latest" => None,
         id => match id.parse::<u64>() {
-            Ok(id) => points.iter().find(|p| p["id"] == id),
+            Ok(id) => Some(id),
             Err(_) => {
                 eprintln!(
                     "redun failover: --point {id:?}: give a group point id (redun points \
@@ -262,29 +257,16 @@ pub fn unplanned_group(group: &str, point: &str, target: &Path) -> ExitCode {
             }
         },
     };
-    let Some(chosen) = chosen else {
-        eprintln!(
-            "redun failover: group {group} has no {} point on this target (redun points \
-             --group {group})",
-            if point == "latest" { "usable" } else { point }
-        );
-        return ExitCode::from(1);
-    };
-    let mut code = ExitCode::SUCCESS;
-    for m in chosen["volumes"].as_array().into_iter().flatten() {
-        let volume = m["volume"].as_str().unwrap_or("?");
-        let r = unplanned(volume, &m["point"].to_string(), target);
-        if r != ExitCode::SUCCESS {
-            code = r;
-        }
-    }
-    if code == ExitCode::SUCCESS {
-        println!(
-            "group {group}: every member volume failed over at group point {}",
-            chosen["id"]
-        );
-    }
-    code
+    crate::points::on_group_point("failover", group, id, target, |volume, point| {
+        unplanned(volume, &point.to_string(), target)
+    })
+    .map_or_else(
+        |code| code,
+        |id| {
+            println!("group {group}: every member volume failed over at group point {id}");
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 pub fn commit(volume: &str, target: &Path) -> ExitCode {

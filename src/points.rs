@@ -14,11 +14,24 @@ use crate::ask::{Daemon, ask_or_exit};
 /// Sends `req` (a point or a fence) to the tracker and returns the point it placed; on
 /// failure, says why (as `cmd`) and returns the exit code.
 pub fn tracker_point(tracker: &Path, req: &AdminRequest, cmd: &str) -> Result<u64, ExitCode> {
-    match admin::request(tracker, req) {
-        Ok(r) if r.ok => r.point.map(|p| p.id).ok_or_else(|| {
+    tracker_ask(tracker, req, cmd)?
+        .point
+        .map(|p| p.id)
+        .ok_or_else(|| {
             eprintln!("{cmd}: the tracker answered without a point");
             ExitCode::from(1)
-        }),
+        })
+}
+
+/// Sends `req` to the tracker; on failure, says why (as `cmd`) and returns the exit code
+/// (1: refused, 2: unreachable).
+fn tracker_ask(
+    tracker: &Path,
+    req: &AdminRequest,
+    cmd: &str,
+) -> Result<admin::AdminResponse, ExitCode> {
+    match admin::request(tracker, req) {
+        Ok(r) if r.ok => Ok(r),
         Ok(r) => {
             eprintln!(
                 "{cmd}: {}",
@@ -137,31 +150,17 @@ pub fn group(tracker: &Path) -> ExitCode {
     let req = AdminRequest::GroupPoint {
         kind: PointKind::Crash,
     };
-    match admin::request(tracker, &req) {
-        Ok(r) if r.ok => {
+    match tracker_ask(tracker, &req, "redun point group") {
+        Ok(r) => {
             println!("{}", r.group_point.unwrap_or(0));
             ExitCode::SUCCESS
         }
-        Ok(r) => {
-            eprintln!(
-                "redun point group: {}",
-                r.error.as_deref().unwrap_or("the tracker refused")
-            );
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!(
-                "redun point group: cannot reach the tracker on {}: {e} (is redun-tracker \
-                 running? --tracker-socket)",
-                tracker.display()
-            );
-            ExitCode::from(2)
-        }
+        Err(code) => code,
     }
 }
 
 /// The group's complete points as the target lists them.
-pub(crate) fn group_points(
+fn group_points(
     cmd: &str,
     group: &str,
     target: &Path,
@@ -169,6 +168,45 @@ pub(crate) fn group_points(
     let req = serde_json::json!({"cmd": "points", "group": group});
     let v = ask_or_exit(cmd, Daemon::Target, target, &req)?;
     Ok(v["points"].as_array().cloned().unwrap_or_default())
+}
+
+/// Runs `f(volume, point)` for every member volume of group point `id` (the newest usable
+/// one when `None`) of `group`; returns the group point's id, or the exit status of the
+/// last member that failed (after trying them all).
+pub(crate) fn on_group_point(
+    cmd: &str,
+    group: &str,
+    id: Option<u64>,
+    target: &Path,
+    mut f: impl FnMut(&str, u64) -> ExitCode,
+) -> Result<u64, ExitCode> {
+    let points = group_points(cmd, group, target)?;
+    let chosen = match id {
+        Some(id) => points.iter().find(|p| p["id"] == id),
+        None => points.iter().rev().find(|p| p["usable"] == true),
+    };
+    let Some(chosen) = chosen else {
+        eprintln!(
+            "redun {cmd}: group {group} has no {} on this target (redun points --group {group})",
+            id.map_or_else(|| "usable point".into(), |id| format!("complete point {id}"))
+        );
+        return Err(ExitCode::from(1));
+    };
+    let mut code = ExitCode::SUCCESS;
+    for m in chosen["volumes"].as_array().into_iter().flatten() {
+        let r = f(
+            m["volume"].as_str().unwrap_or("?"),
+            m["point"].as_u64().unwrap_or(0),
+        );
+        if r != ExitCode::SUCCESS {
+            code = r;
+        }
+    }
+    if code == ExitCode::SUCCESS {
+        Ok(chosen["id"].as_u64().unwrap_or(0))
+    } else {
+        Err(code)
+    }
 }
 
 /// Lists a consistency group's points: one line per point, its member volumes' points.
@@ -212,39 +250,18 @@ pub fn list_group(group: &str, json: bool, target: &Path) -> ExitCode {
 
 /// `redun test-failover start|cleanup --group`: every member volume at one group point.
 pub fn test_failover_group(group: &str, start: Option<Option<u64>>, target: &Path) -> ExitCode {
-    let points = match group_points("test-failover", group, target) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let chosen = match start {
-        Some(Some(id)) => points.iter().find(|p| p["id"] == id),
-        _ => points.iter().rev().find(|p| p["usable"] == true),
-    };
-    let Some(chosen) = chosen else {
-        eprintln!(
-            "test-failover: group {group} has no {} on this target (redun points --group {group})",
-            match start {
-                Some(Some(id)) => format!("complete point {id}"),
-                _ => "usable point".into(),
-            }
-        );
-        return ExitCode::from(1);
-    };
-    let mut code = ExitCode::SUCCESS;
-    for m in chosen["volumes"].as_array().into_iter().flatten() {
-        let volume = m["volume"].as_str().unwrap_or("?");
-        let r = test_failover(volume, start.map(|_| m["point"].as_u64()), target);
-        if r != ExitCode::SUCCESS {
-            code = r;
+    let id = start.flatten();
+    let r = on_group_point("test-failover", group, id, target, |volume, point| {
+        test_failover(volume, start.map(|_| Some(point)), target)
+    });
+    match r {
+        Ok(id) if start.is_some() => {
+            println!("group {group}: every member volume serves group point {id}");
+            ExitCode::SUCCESS
         }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(code) => code,
     }
-    if start.is_some() && code == ExitCode::SUCCESS {
-        println!(
-            "group {group}: every member volume serves group point {}",
-            chosen["id"]
-        );
-    }
-    code
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` in UTC, from milliseconds since the epoch.
