@@ -25,11 +25,6 @@ for i in $(seq 8); do names+=(--name "m$i"); done
 "$bin/redun" pki init --dir pki "${names[@]}" >/dev/null
 
 base=$((21000 + RANDOM % 20000))
-wait_socket() {
-    for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
-    echo "bench: $1 never appeared" >&2; return 1
-}
-
 # config N I GROUP(0|1): member I of N.
 config() {
     local n=$1 i=$2 group=$3 d=m$2
@@ -66,16 +61,16 @@ EOF
 # run N GROUP K: starts N members, runs fio on all, stops them; leaves fio's JSON and the
 # round samples in $work/result-N-GROUP-K.*
 run() {
-    local n=$1 group=$2 k=$3 member_pids=() fio_args=() i
+    local n=$1 group=$2 k=$3 fio_args=() i
     for i in $(seq "$n"); do
         rm -rf "m$i"; mkdir -p "m$i"
         truncate -s 1G "m$i/disk.img"
         config "$n" "$i" "$group" >"m$i/redun.toml"
         "$bin/redun-tracker" --config "m$i/redun.toml" 2>>"m$i/tracker.log" &
-        member_pids+=($!); pids+=($!)
+        pids+=($!)
     done
     for i in $(seq "$n"); do
-        wait_socket "m$i/admin.sock"
+        wait_for "m$i/admin.sock"
         fio_args+=(--name="m$i" --uri="nbd+unix:///v$i?socket=$work/m$i/nbd.sock")
     done
     sleep 2  # the members connect to each other
@@ -92,7 +87,8 @@ run() {
         --runtime="$runtime" --group_reporting --output-format=json \
         --output="result-$n-$group-$k.json" "${fio_args[@]}" >/dev/null
     kill "$sampler"; wait "$sampler" 2>/dev/null || true
-    for p in "${member_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+    pids=()  # stopped: cleanup must not signal these PIDs again
     if [ "$group" = 1 ]; then
         # Why rounds aborted, as the members logged it.
         grep -h -o -E "aborted: [^;]*|no decision within [^:]*|is unreachable: .*" m*/tracker.log |

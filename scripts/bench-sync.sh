@@ -68,7 +68,6 @@ start_shipper() {
     shipper_pid=$!
     pids+=($shipper_pid)
 }
-wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return; sleep 0.05; done; echo "bench: no $1" >&2; exit 1; }
 # Waits until the shipper finished its job number $1 (counting "done:" lines of its log).
 wait_job() {
     while [ "$(grep -c 'synchronisation .* done: ' shipper.log || true)" -lt "$1" ]; do sleep 0.05; done
@@ -95,8 +94,8 @@ cp new.img vol.img
 sync
 start_target
 start_tracker vol.img
-wait_sock tracker.sock
-wait_sock target.sock
+wait_for tracker.sock
+wait_for target.sock
 c0=$(echo "$(cpu "$tracker_pid") + $(cpu "$target_pid")" | bc -l)
 t0=$(now)
 start_shipper
@@ -116,7 +115,7 @@ kill "$tracker_pid"; wait "$tracker_pid" 2>/dev/null || true
 cp old.img vol.img
 cat vol.img >/dev/null
 start_tracker vol.img
-wait_sock tracker.sock
+wait_for tracker.sock
 sleep 1
 before=$(bytes_sent)
 c0=$(echo "$(cpu "$tracker_pid") + $(cpu "$target_pid") + $(cpu "$shipper_pid")" | bc -l)

@@ -22,7 +22,6 @@ export PATH=/usr/bin:$PATH
 source scripts/lib.sh
 build_release
 in_workdir /tmp/redun-demo.XXXXXX
-wait_for() { for _ in $(seq 400); do [ -e "$1" ] && return; sleep 0.05; done; echo "demo: $1 never appeared" >&2; exit 1; }
 redun() { "$bin/redun" "$@"; }
 sockets=(--tracker-socket tracker.sock --shipper-socket shipper.sock --target-socket target.sock)
 

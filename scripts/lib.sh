@@ -14,6 +14,12 @@ cleanup() {
     rm -rf "$work"
 }
 
+# wait_for PATH: waits up to 20 s for PATH (a socket, a file) to appear.
+wait_for() {
+    for _ in $(seq 400); do [ -e "$1" ] && return 0; sleep 0.05; done
+    echo "$(basename "$0"): $1 never appeared" >&2; exit 1
+}
+
 in_workdir() {
     work=$(mktemp -d "$1")
     trap cleanup EXIT

@@ -160,11 +160,7 @@ pub fn group(tracker: &Path) -> ExitCode {
 }
 
 /// The group's complete points as the target lists them.
-fn group_points(
-    cmd: &str,
-    group: &str,
-    target: &Path,
-) -> Result<Vec<serde_json::Value>, ExitCode> {
+fn group_points(cmd: &str, group: &str, target: &Path) -> Result<Vec<serde_json::Value>, ExitCode> {
     let req = serde_json::json!({"cmd": "points", "group": group});
     let v = ask_or_exit(cmd, Daemon::Target, target, &req)?;
     Ok(v["points"].as_array().cloned().unwrap_or_default())
@@ -188,7 +184,10 @@ pub(crate) fn on_group_point(
     let Some(chosen) = chosen else {
         eprintln!(
             "redun {cmd}: group {group} has no {} on this target (redun points --group {group})",
-            id.map_or_else(|| "usable point".into(), |id| format!("complete point {id}"))
+            id.map_or_else(
+                || "usable point".into(),
+                |id| format!("complete point {id}")
+            )
         );
         return Err(ExitCode::from(1));
     };

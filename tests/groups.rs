@@ -58,14 +58,7 @@ impl Net {
 
     /// `ip netns exec HOST BIN ARGS...` as arguments of `ip`.
     fn exec(&self, i: usize, bin_name: &str, args: &[String]) -> Vec<String> {
-        let mut v = vec![
-            "netns".to_string(),
-            "exec".into(),
-            self.hosts[i].clone(),
-            s(&bin(bin_name)),
-        ];
-        v.extend_from_slice(args);
-        v
+        netns_exec(&self.hosts[i], bin_name, args)
     }
 
     /// Drops every packet to and from host `i` (a partition), or lets them pass again.
@@ -113,10 +106,6 @@ struct Group {
     target: Option<Daemon>,
     /// Index of the target's host in `net`.
     target_host: usize,
-}
-
-fn ip_bin() -> PathBuf {
-    PathBuf::from("/usr/sbin/ip")
 }
 
 impl Group {
@@ -179,7 +168,7 @@ impl Group {
             ],
         );
         self.target = Some(Daemon::start_program(
-            &ip_bin(),
+            Path::new("ip"),
             &args,
             &d.join("target.log"),
         ));
@@ -239,7 +228,7 @@ impl Group {
             .net
             .exec(i, "redun-tracker", &["--config".into(), s(&m.config)]);
         let log = m.config.with_file_name("tracker.log");
-        let t = Daemon::start_program(&ip_bin(), &args, &log);
+        let t = Daemon::start_program(Path::new("ip"), &args, &log);
         wait_for(&m.admin, "a member's admin socket");
         self.members[i].tracker = Some(t);
     }
@@ -272,7 +261,7 @@ impl Group {
             ],
         );
         let log = m.config.with_file_name("shipper.log");
-        let sh = Daemon::start_program(&ip_bin(), &args, &log);
+        let sh = Daemon::start_program(Path::new("ip"), &args, &log);
         self.members[i].shipper = Some(sh);
     }
 
@@ -338,16 +327,16 @@ impl Group {
     }
 }
 
-fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} ({}) never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The counters of the target's exports `names`, in order (read_counters.py).
+fn read_counters(g: &Group, names: &[String]) -> Vec<u64> {
+    let sock = s(&g.dir().join("target-nbd.sock"));
+    let mut args: Vec<&str> = vec![&sock];
+    args.extend(names.iter().map(String::as_str));
+    let out = python("read_counters.py", &args);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_once(' ').unwrap().1.parse().unwrap())
+        .collect()
 }
 
 /// Reads each member volume's counter at every listed group point through the target's
@@ -359,26 +348,12 @@ fn counters_at(g: &Group, points: &[serde_json::Value]) -> Vec<(u64, Vec<u64>)> 
             names.push(format!("{}@{}", m["volume"].as_str().unwrap(), m["point"]));
         }
     }
-    let sock = s(&g.dir().join("target-nbd.sock"));
-    let mut args: Vec<&str> = vec![&sock];
-    args.extend(names.iter().map(String::as_str));
-    let out = python("read_counters.py", &args);
-    let values: std::collections::HashMap<String, u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let (n, v) = l.split_once(' ').unwrap();
-            (n.to_string(), v.parse().unwrap())
-        })
-        .collect();
+    let mut values = read_counters(g, &names).into_iter();
     points
         .iter()
         .map(|p| {
-            let vols = p["volumes"].as_array().unwrap();
-            let c = vols
-                .iter()
-                .map(|m| values[&format!("{}@{}", m["volume"].as_str().unwrap(), m["point"])])
-                .collect();
-            (p["id"].as_u64().unwrap(), c)
+            let n = p["volumes"].as_array().unwrap().len();
+            (p["id"].as_u64().unwrap(), values.by_ref().take(n).collect())
         })
         .collect()
 }
@@ -387,18 +362,7 @@ fn counters_at(g: &Group, points: &[serde_json::Value]) -> Vec<(u64, Vec<u64>)> 
 fn group_points_are_causally_consistent_cuts_across_three_hosts() {
     let mut g = Group::start(3, "50ms");
     // Let the members find each other.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !g.tracker_status(0)["group"]["members"]
-        .as_array()
-        .is_some_and(|m| m.iter().all(|m| m["reachable"] == true))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "members never all reachable\n{}",
-            g.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    g.wait_rounds(0, 0);
     let uris = g.uris();
     let mut args = vec!["20"];
     args.extend(uris.iter().map(String::as_str));
@@ -468,18 +432,9 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
     ]);
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains(&format!("serves group point {id}")), "{said}");
-    let nbd_sock = s(&g.dir().join("target-nbd.sock"));
-    let read = |names: &[&str]| {
-        let sock = nbd_sock.clone();
-        let mut args: Vec<&str> = vec![&sock];
-        args.extend(names);
-        let out = python("read_counters.py", &args);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.split_once(' ').unwrap().1.parse::<u64>().unwrap())
-            .collect::<Vec<u64>>()
-    };
-    let at_test = read(&["v1@test", "v2@test", "v3@test"]);
+    let names =
+        |suffix: &str| -> Vec<String> { (1..=3).map(|i| format!("v{i}{suffix}")).collect() };
+    let at_test = read_counters(&g, &names("@test"));
     assert_eq!(&at_test, want, "test failover of group point {id} (#{i})");
     redun(&["test-failover", "cleanup", "--group", "g"]);
     let st = request_json(&target, &serde_json::json!({"cmd": "status"})).unwrap();
@@ -506,7 +461,7 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
         "{said}"
     );
     assert_eq!(
-        &read(&["v1", "v2", "v3"]),
+        &read_counters(&g, &names("")),
         want,
         "failover of group point {id}"
     );
@@ -526,8 +481,8 @@ fn workload(args: &[&str]) -> (u64, f64) {
 }
 
 impl Group {
-    /// Waits until member `i` reports every member reachable and `more` rounds committed
-    /// beyond `since` (by whichever member coordinates: member 1 here).
+    /// Waits until member 1 (the coordinator here) reports every member reachable and
+    /// `more` rounds committed beyond `since`.
     fn wait_rounds(&self, since: u64, more: u64) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -566,7 +521,7 @@ impl Group {
                 s(&d.join(format!("{c}.key"))),
             ),
         };
-        let out = run(Command::new(ip_bin())
+        let out = run(Command::new(Path::new("ip"))
             .args(["netns", "exec", &self.net.hosts[from], "/usr/bin/python3"])
             .arg(script)
             .args([mode, &self.net.ip(to), "20004", &format!("m{}", to + 1)])

@@ -757,14 +757,7 @@ impl Hosts {
     }
 
     fn exec(&self, ns: &str, bin_name: &str, args: &[String]) -> Vec<String> {
-        let mut v = vec![
-            "netns".to_string(),
-            "exec".into(),
-            ns.into(),
-            s(&bin(bin_name)),
-        ];
-        v.extend_from_slice(args);
-        v
+        netns_exec(ns, bin_name, args)
     }
 }
 

@@ -306,6 +306,32 @@ pub fn python(script: &str, args: &[&str]) -> Output {
     run(&mut nbdsh(script, args))
 }
 
+/// The arguments of `ip` that run `bin_name` with `args` in network namespace `ns`
+/// (`ip netns exec NS BIN ARGS...`; `ip` execs it, so the PID is the daemon's).
+pub fn netns_exec(ns: &str, bin_name: &str, args: &[String]) -> Vec<String> {
+    let mut v = vec![
+        "netns".to_string(),
+        "exec".into(),
+        ns.into(),
+        s(&bin(bin_name)),
+    ];
+    v.extend_from_slice(args);
+    v
+}
+
+/// Waits up to 20 s for `path` to exist; `what` names it when it does not.
+pub fn wait_for(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} ({}) never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A block device made of an NBD export (this machine has no kernel NBD client): nbdfuse
 /// exposes the export as a file, a loop device turns it into a block device, optionally
 /// mounted. Dropping it undoes the stack in reverse order, whatever happened to the test.
@@ -341,15 +367,7 @@ impl Stack {
                 .expect("nbdfuse"),
         );
         let node = fuse_dir.join("nbd");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !node.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse did not expose {}",
-                node.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(&node, "nbdfuse's export file");
         let mut losetup = Command::new("losetup");
         losetup.args(["-f", "--show", "--direct-io=on"]);
         if read_only {
