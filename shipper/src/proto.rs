@@ -284,9 +284,10 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
             sync_job,
             sync_cursor,
         } => {
-            for v in [next_seq, generation, sync_job, sync_cursor] {
-                body.extend_from_slice(&v.to_le_bytes());
-            }
+            put_u64s(
+                &mut body,
+                &[*next_seq, *generation, *sync_job, *sync_cursor],
+            );
             T_WELCOME
         }
         Frame::Refuse { code, message } => {
@@ -314,9 +315,7 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
             length,
             block,
         } => {
-            for v in [job, offset, length] {
-                body.extend_from_slice(&v.to_le_bytes());
-            }
+            put_u64s(&mut body, &[*job, *offset, *length]);
             body.extend_from_slice(&block.to_le_bytes());
             T_HASH_REQUEST
         }
@@ -327,15 +326,9 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
             as_of,
             hashes,
         } => {
-            for v in [job, offset, as_of] {
-                body.extend_from_slice(&v.to_le_bytes());
-            }
+            put_u64s(&mut body, &[*job, *offset, *as_of]);
             body.extend_from_slice(&block.to_le_bytes());
-            body.extend_from_slice(
-                &u32::try_from(hashes.len())
-                    .unwrap_or(u32::MAX)
-                    .to_le_bytes(),
-            );
+            put_count(&mut body, hashes.len());
             for h in hashes {
                 body.extend_from_slice(&h.to_le_bytes());
             }
@@ -354,11 +347,9 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
             ranges,
         } => {
             body.extend_from_slice(&u64::from(*last).to_le_bytes());
-            for v in [point, applied, generation] {
-                body.extend_from_slice(&v.to_le_bytes());
-            }
+            put_u64s(&mut body, &[*point, *applied, *generation]);
             let n = ranges.len().min(MAX_RANGES);
-            body.extend_from_slice(&u32::try_from(n).expect("at most 2^20").to_le_bytes());
+            put_count(&mut body, n);
             for (a, l) in &ranges[..n] {
                 body.extend_from_slice(&a.to_le_bytes());
                 body.extend_from_slice(&l.to_le_bytes());
@@ -391,6 +382,17 @@ fn parts(f: &Frame) -> ([u8; HEADER_LEN], Vec<u8>, &[u8]) {
     let sum = checksum(&[&head[..12], &body, tail]);
     head[12..20].copy_from_slice(&sum.to_le_bytes());
     (head, body, tail)
+}
+
+fn put_u64s(body: &mut Vec<u8>, vs: &[u64]) {
+    for v in vs {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// A list's length as u32 (the lists sent are far shorter).
+fn put_count(body: &mut Vec<u8>, n: usize) {
+    body.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
 }
 
 fn hello_body(h: &Hello, body: &mut Vec<u8>) {

@@ -66,7 +66,15 @@ fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 }
 
 impl TlsFiles {
-    /// The target's side: requires a client certificate signed by the CA.
+    fn key_mismatch(&self, e: &rustls::Error) -> TlsError {
+        file_err(
+            &self.key,
+            format!("does not match {}: {e}", self.cert.display()),
+        )
+    }
+
+    /// The listening side (the target, a group member): requires a client certificate
+    /// signed by the CA.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let provider = Arc::new(default_provider());
         let verifier =
@@ -76,28 +84,19 @@ impl TlsFiles {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs(&self.cert)?, key(&self.key)?)
-            .map_err(|e| {
-                file_err(
-                    &self.key,
-                    format!("does not match {}: {e}", self.cert.display()),
-                )
-            })?;
+            .map_err(|e| self.key_mismatch(&e))?;
         Ok(Arc::new(cfg))
     }
 
-    /// The shipper's side: trusts only the CA and presents its own certificate.
+    /// The connecting side (the shipper, a group member): trusts only the CA and presents
+    /// its own certificate.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let provider = Arc::new(default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots(&self.ca)?)
             .with_client_auth_cert(certs(&self.cert)?, key(&self.key)?)
-            .map_err(|e| {
-                file_err(
-                    &self.key,
-                    format!("does not match {}: {e}", self.cert.display()),
-                )
-            })?;
+            .map_err(|e| self.key_mismatch(&e))?;
         Ok(Arc::new(cfg))
     }
 }
