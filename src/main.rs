@@ -163,6 +163,10 @@ enum PointCommand {
     /// Place a point of this tracker's consistency group now, in every member's volumes,
     /// and print its id (the target lists it once every member has shipped it).
     Group {
+        /// App-consistent: every member runs its volumes' pre-hooks before the markers and
+        /// post-hooks after the decision.
+        #[arg(long)]
+        app: bool,
         /// The tracker's admin socket.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
         tracker_socket: PathBuf,
@@ -382,7 +386,10 @@ fn main() -> ExitCode {
             &shipper_socket,
             std::time::Duration::from_secs(timeout),
         ),
-        Command::Point(PointCommand::Group { tracker_socket }) => points::group(&tracker_socket),
+        Command::Point(PointCommand::Group {
+            app,
+            tracker_socket,
+        }) => points::group(app, &tracker_socket),
         Command::Points {
             volume,
             group,

@@ -146,10 +146,13 @@ pub fn list(volume: &str, json: bool, target: &Path) -> ExitCode {
 }
 
 /// `redun point group`: a consistency-group round from the local tracker.
-pub fn group(tracker: &Path) -> ExitCode {
-    let req = AdminRequest::GroupPoint {
-        kind: PointKind::Crash,
+pub fn group(app: bool, tracker: &Path) -> ExitCode {
+    let kind = if app {
+        PointKind::App
+    } else {
+        PointKind::Crash
     };
+    let req = AdminRequest::GroupPoint { kind };
     match tracker_ask(tracker, &req, "redun point group") {
         Ok(r) => {
             println!("{}", r.group_point.unwrap_or(0));

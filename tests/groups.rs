@@ -106,11 +106,34 @@ struct Group {
     target: Option<Daemon>,
     /// Index of the target's host in `net`.
     target_host: usize,
+    opts: Opts,
+}
+
+/// What the members' configs say.
+struct Opts {
+    /// `group.interval`.
+    interval: String,
+    /// `group.timeout`.
+    timeout: String,
+    /// More keys of `[points]`.
+    points: String,
+    /// More keys of member `i`'s `[[volume]]`, given the group's directory.
+    volume: fn(&Path, usize) -> String,
 }
 
 impl Group {
     /// `n` members with one volume each, group points every `interval`.
     fn start(n: usize, interval: &str) -> Group {
+        let opts = Opts {
+            interval: interval.into(),
+            timeout: "50ms".into(),
+            points: String::new(),
+            volume: |_, _| String::new(),
+        };
+        Group::start_with(n, opts)
+    }
+
+    fn start_with(n: usize, opts: Opts) -> Group {
         require("ip");
         require("nft");
         let net = Net::new(n + 1);
@@ -130,10 +153,11 @@ impl Group {
             members: Vec::new(),
             target: None,
             target_host,
+            opts,
         };
         g.start_target();
         for i in 0..n {
-            let m = g.member_files(i, n, interval);
+            let m = g.member_files(i, n);
             g.members.push(m);
             g.start_tracker(i);
             g.start_shipper(i);
@@ -176,7 +200,7 @@ impl Group {
     }
 
     /// Member `i`'s files and config: volume `vI`, group member id `I`.
-    fn member_files(&self, i: usize, n: usize, interval: &str) -> Member {
+    fn member_files(&self, i: usize, n: usize) -> Member {
         let d = self.dir().join(format!("m{}", i + 1));
         std::fs::create_dir_all(&d).unwrap();
         let image = d.join("disk.img");
@@ -186,15 +210,19 @@ impl Group {
         let mut toml = format!(
             "[tracker]\nlisten = [\"unix:{nbd}\"]\nadmin_socket = \"{admin}\"\n\
              [tracker.journal]\ndir = \"{journal}\"\nsize = \"64M\"\n\
-             [points]\ncrash_interval = \"0\"\n\
-             [[volume]]\nname = \"v{id}\"\npath = \"{image}\"\n\
+             [points]\ncrash_interval = \"0\"\n{points}\
+             [[volume]]\nname = \"v{id}\"\npath = \"{image}\"\n{volume}\
              [group]\nname = \"g\"\nid = {id}\nlisten = \"{ip}:20004\"\ninterval = \"{interval}\"\n\
-             timeout = \"50ms\"\ntls_ca = \"{ca}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n",
+             timeout = \"{timeout}\"\ntls_ca = \"{ca}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n",
             nbd = s(&d.join("nbd.sock")),
             admin = s(&d.join("tracker.sock")),
             journal = s(&d.join("journal")),
             id = i + 1,
             image = s(&image),
+            points = self.opts.points,
+            volume = (self.opts.volume)(&self.dir(), i),
+            interval = self.opts.interval,
+            timeout = self.opts.timeout,
             ip = self.net.ip(i),
             ca = s(&pki.join("ca.crt")),
             cert = s(&pki.join(format!("{name}.crt"))),
@@ -228,6 +256,8 @@ impl Group {
             .net
             .exec(i, "redun-tracker", &["--config".into(), s(&m.config)]);
         let log = m.config.with_file_name("tracker.log");
+        // A killed tracker leaves its socket: wait for the new one.
+        let _ = std::fs::remove_file(&m.admin);
         let t = Daemon::start_program(Path::new("ip"), &args, &log);
         wait_for(&m.admin, "a member's admin socket");
         self.members[i].tracker = Some(t);
@@ -637,6 +667,202 @@ fn a_cut_off_member_aborts_points_the_others_keep_writing_and_points_resume() {
         "a stranger prepared a point:\n{log}"
     );
     assert!(aborted >= 1);
+    for m in &mut g.members {
+        m.shipper.as_mut().unwrap().stop();
+        m.tracker.as_mut().unwrap().stop();
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The lines of the hooks' shared log.
+fn hook_lines(g: &Group) -> Vec<String> {
+    std::fs::read_to_string(g.dir().join("hooks.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Waits up to `within` for every one of `want` to be a line of the hooks' log; the time
+/// it took.
+fn wait_hooks(g: &Group, want: &[&str], within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let lines = hook_lines(g);
+        if want.iter().all(|w| lines.iter().any(|l| l == w)) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "hooks {want:?} did not all run within {within:?}: {lines:?}\n{}",
+            g.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn app_consistent_group_points_run_every_members_hooks_and_a_killed_coordinator_holds_nobody() {
+    // Every member's hooks log to one file; `mI/pre-sleep` makes member I's pre-hook slow,
+    // `mI/pre-fail` makes it fail.
+    let opts = Opts {
+        interval: "0".into(),
+        timeout: "2s".into(),
+        points: "hook_timeout = \"3s\"\n".into(),
+        volume: |d, i| {
+            let (log, m) = (s(&d.join("hooks.log")), s(&d.join(format!("m{}", i + 1))));
+            format!(
+                "pre_hook = 'echo pre $REDUN_VOLUME >> {log}; \
+                 sleep $(cat {m}/pre-sleep 2>/dev/null || echo 0); test ! -e {m}/pre-fail'\n\
+                 post_hook = 'echo post $REDUN_VOLUME >> {log}'\n"
+            )
+        },
+    };
+    let mut g = Group::start_with(3, opts);
+    g.wait_rounds(0, 0);
+    // Member 1 coordinates (the lowest id).
+    let admin1 = g.members[0].admin.clone();
+    let redun_point = |app: bool| {
+        let mut c = Command::new(bin("redun"));
+        c.args(["point", "group", "--tracker-socket"]).arg(&admin1);
+        if app {
+            c.arg("--app");
+        }
+        c
+    };
+    let all = |phase: &str| -> Vec<String> { (1..=3).map(|i| format!("{phase} v{i}")).collect() };
+    let hooks_log = g.dir().join("hooks.log");
+    let clear_log = || std::fs::write(&hooks_log, "").unwrap();
+
+    // An app-consistent group point: every pre-hook runs before any marker is placed, every
+    // post-hook after the decision; the target lists it as an app point of every member.
+    let out = run(&mut redun_point(true));
+    let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let want: Vec<String> = [all("pre"), all("post")].concat();
+    wait_hooks(&g, &strs(&want), Duration::from_secs(10));
+    let lines = hook_lines(&g);
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let mut first: Vec<String> = lines[..3].to_vec();
+    first.sort();
+    assert_eq!(
+        first,
+        all("pre"),
+        "a post-hook ran before every pre-hook had: {lines:?}"
+    );
+    g.wait_caught_up();
+    let points = g.group_points();
+    let p = points
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("app group point {id} is not listed: {points:?}"));
+    assert_eq!(p["kind"], "app", "{p}");
+    assert_eq!(p["usable"], true, "{p}");
+    assert_eq!(p["volumes"].as_array().unwrap().len(), 3, "{p}");
+
+    // A member whose pre-hook fails: the point aborts, names the volume, and every member's
+    // post-hook runs all the same.
+    clear_log();
+    let m2 = g.dir().join("m2");
+    std::fs::write(m2.join("pre-fail"), "").unwrap();
+    let out = redun_point(true).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("member 2") && err.contains("volume v2") && err.contains("pre-hook"),
+        "{err}"
+    );
+    let failed: u64 = err
+        .split("group point ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no point id in {err:?}"));
+    let post = all("post");
+    wait_hooks(&g, &strs(&post), Duration::from_secs(10));
+    std::fs::remove_file(m2.join("pre-fail")).unwrap();
+
+    // The coordinator killed while every member is frozen (its own pre-hook is slow): the
+    // others thaw by themselves once the coordinator's patience is over.
+    clear_log();
+    std::fs::write(g.dir().join("m1/pre-sleep"), "2").unwrap();
+    let mut pending = redun_point(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_hooks(&g, &["pre v1", "pre v2", "pre v3"], Duration::from_secs(10));
+    g.members[0].tracker.as_mut().unwrap().kill9();
+    let _ = pending.wait();
+    // Patience: hook_timeout 3 s + timeout 2 s, + 3 timeouts.
+    let thawed = wait_hooks(&g, &["post v2", "post v3"], Duration::from_secs(20));
+    assert!(
+        !hook_lines(&g).contains(&"post v1".to_string()),
+        "the killed coordinator thawed"
+    );
+    let log2 = g.members[1].tracker.as_ref().unwrap().log_text();
+    assert!(
+        log2.contains("no PREPARE or decision came in time: thawing"),
+        "{log2}"
+    );
+    eprintln!("members thawed {thawed:?} after the frozen coordinator was killed");
+    std::fs::remove_file(g.dir().join("m1/pre-sleep")).unwrap();
+
+    // Restarted, the coordinator is killed while member 2 holds replies: member 3 is stopped
+    // so that the round waits for its READY; member 2 lets the held reply go within its
+    // timeout.
+    g.start_tracker(0);
+    g.wait_rounds(0, 0);
+    let m3 = g.members[2].tracker.as_ref().unwrap().pid();
+    nix::sys::signal::kill(m3, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut round = redun_point(false)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let nbd2 = format!("nbd+unix:///v2?socket={}", s(&g.members[1].nbd));
+    let write = python_spawn("causal_counter.py", &["0.001", &nbd2]);
+    std::thread::sleep(Duration::from_millis(400));
+    g.members[0].tracker.as_mut().unwrap().kill9();
+    let _ = round.wait();
+    let out = write.wait_with_output().unwrap();
+    nix::sys::signal::kill(m3, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let held: f64 = said
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("causal_counter.py said {said:?} {:?}", out.stderr));
+    assert!(
+        (200.0..3500.0).contains(&held),
+        "a write on member 2 after PREPARE waited {held} ms with the coordinator killed (timeout 2 s)"
+    );
+    let log2 = g.members[1].tracker.as_ref().unwrap().log_text();
+    let killed: u64 = log2
+        .lines()
+        .rfind(|l| l.contains("no decision within 2s"))
+        .and_then(|l| l.split("point=").nth(1))
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("member 2 did not abort the killed round by itself:\n{log2}"));
+    eprintln!("a write held by point {killed} left after {held} ms, its coordinator killed");
+
+    // Back: points commit again, and neither the failed nor the killed point is listed.
+    g.start_tracker(0);
+    g.wait_rounds(0, 0);
+    let out = run(&mut redun_point(false));
+    let resumed: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    g.wait_caught_up();
+    let ids: Vec<u64> = g
+        .group_points()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.contains(&resumed), "{ids:?}");
+    assert!(!ids.contains(&failed) && !ids.contains(&killed), "{ids:?}");
     for m in &mut g.members {
         m.shipper.as_mut().unwrap().stop();
         m.tracker.as_mut().unwrap().stop();

@@ -417,7 +417,7 @@ pub fn request_json_within(
 pub fn request(socket: &Path, req: &AdminRequest) -> io::Result<AdminResponse> {
     // Points may run hooks (two of at most `points.hook_timeout` each).
     let timeout = match req {
-        AdminRequest::Point { .. } => Duration::from_secs(600),
+        AdminRequest::Point { .. } | AdminRequest::GroupPoint { .. } => Duration::from_secs(600),
         _ => Duration::from_secs(60),
     };
     let v = request_json_within(socket, &serde_json::to_value(req)?, timeout)?;

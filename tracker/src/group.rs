@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::hooks::Hooks;
 use crate::journal::format::{GroupDecision, PointKind};
 use crate::tls::TlsFiles;
 use crate::track::ChangeLog;
@@ -53,6 +54,9 @@ pub struct GroupSection {
     /// How long the coordinator waits for every READY, and a member for the decision
     /// [default: 50ms].
     pub timeout: Option<String>,
+    /// How often the coordinator places an app-consistent group point (every member's
+    /// hooks run around it), e.g. "15m"; "0" only on demand [default: 0].
+    pub app_interval: Option<String>,
     /// The member that coordinates [default: the lowest id that every lower id cannot
     /// outrank: see docs/PROTOCOL.md].
     pub coordinator: Option<u32>,
@@ -84,6 +88,7 @@ pub struct GroupConfig {
     pub listen: String,
     pub interval_ms: u64,
     pub timeout_ms: u64,
+    pub app_interval_ms: u64,
     pub coordinator: Option<u32>,
     /// `None`: every volume of the tracker.
     pub volumes: Option<Vec<String>>,
@@ -108,6 +113,7 @@ impl GroupSection {
         };
         let interval_ms = ms("interval", &self.interval, DEFAULT_INTERVAL_MS)?;
         let timeout_ms = ms("timeout", &self.timeout, DEFAULT_TIMEOUT_MS)?;
+        let app_interval_ms = ms("app_interval", &self.app_interval, 0)?;
         if timeout_ms == 0 {
             return Err("group.timeout = \"0\": the members need some time, e.g. \"50ms\"".into());
         }
@@ -165,6 +171,7 @@ impl GroupSection {
             listen,
             interval_ms,
             timeout_ms,
+            app_interval_ms,
             coordinator: self.coordinator,
             volumes: self.volumes.clone(),
             tls_ca: file("tls_ca", &self.tls_ca)?,
@@ -190,6 +197,15 @@ pub enum Msg {
     },
     Ping,
     Pong,
+    /// App-consistent points only, before PREPARE: run the pre-hooks. The member runs its
+    /// post-hooks when the point is decided, or by itself after `patience_ms`.
+    Freeze {
+        point: u64,
+        patience_ms: u64,
+    },
+    Frozen {
+        point: u64,
+    },
     Prepare {
         point: u64,
         kind: PointKind,
@@ -246,14 +262,78 @@ fn receive<R: BufRead>(r: &mut R) -> io::Result<Msg> {
     serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// This tracker's side of the two phases: markers, held replies, decisions.
+/// Longest a coordinator may ask a member to stay frozen without a decision.
+const MAX_PATIENCE: Duration = Duration::from_secs(3600);
+
+/// A point this member froze for or prepared, and has not seen decided.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// When this member gives the point up by itself.
+    deadline: Instant,
+    /// The markers are placed and the replies held (PREPARE).
+    prepared: bool,
+    /// The pre-hooks ran or are running (FREEZE): the post-hooks run when the point ends.
+    frozen: bool,
+}
+
+/// The hooks of a member's group volumes, one phase at a time: a thaw waits for a freeze
+/// that still runs, and the other way round.
+#[derive(Debug, Default)]
+pub struct GroupHooks {
+    volumes: Vec<(String, Hooks)>,
+    running: Mutex<()>,
+}
+
+impl GroupHooks {
+    /// The hooks of `volumes` (those without any are left out).
+    pub fn new(volumes: Vec<(String, Hooks)>) -> Self {
+        GroupHooks {
+            volumes: volumes
+                .into_iter()
+                .filter(|(_, h)| h.pre.is_some() || h.post.is_some())
+                .collect(),
+            running: Mutex::default(),
+        }
+    }
+
+    /// The pre-hooks, volume after volume, up to the first that fails.
+    fn freeze(&self) -> Result<(), String> {
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, h) in &self.volumes {
+            if let Some(cmd) = &h.pre {
+                crate::hooks::run(cmd, name, "pre", h.timeout)
+                    .map_err(|e| format!("volume {name}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every post-hook, whatever the others did.
+    fn thaw(&self, group: &str, point: u64) {
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, h) in &self.volumes {
+            if let Some(cmd) = &h.post {
+                match crate::hooks::run(cmd, name, "post", h.timeout) {
+                    Ok(()) => debug!("group={group} point={point} volume={name}: thawed"),
+                    Err(e) => warn!(
+                        "group={group} point={point} volume={name}: {e}: check that the \
+                         application is running again"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// This tracker's side of the two phases: hooks, markers, held replies, decisions.
 #[derive(Debug)]
 pub struct Member {
     group: String,
     volumes: Vec<(String, Arc<ChangeLog>)>,
+    hooks: Arc<GroupHooks>,
     timeout: Duration,
-    /// Points prepared and not decided yet, with when this member aborts them by itself.
-    pending: Mutex<HashMap<u64, Instant>>,
+    /// Points frozen or prepared and not decided yet.
+    pending: Mutex<HashMap<u64, Pending>>,
     wake: Condvar,
     stopping: AtomicBool,
     /// Points this member committed and aborted.
@@ -262,10 +342,16 @@ pub struct Member {
 }
 
 impl Member {
-    pub fn new(group: &str, volumes: Vec<(String, Arc<ChangeLog>)>, timeout: Duration) -> Self {
+    pub fn new(
+        group: &str,
+        volumes: Vec<(String, Arc<ChangeLog>)>,
+        hooks: GroupHooks,
+        timeout: Duration,
+    ) -> Self {
         Member {
             group: group.to_string(),
             volumes,
+            hooks: Arc::new(hooks),
             timeout,
             pending: Mutex::default(),
             wake: Condvar::new(),
@@ -275,18 +361,68 @@ impl Member {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// PREPARE: the marker in every group volume, replies held from there on.
+    /// FREEZE: the pre-hooks of every group volume. On failure the post-hooks run at once
+    /// (they always run) and the point is over here.
+    pub fn freeze(&self, point: u64, patience: Duration) -> Result<(), String> {
+        {
+            let mut pending = self.lock();
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err("the tracker is stopping".into());
+            }
+            if pending.contains_key(&point) {
+                return Err(format!("point {point} is already under way"));
+            }
+            let deadline = Instant::now() + patience.min(MAX_PATIENCE);
+            let p = Pending {
+                deadline,
+                prepared: false,
+                frozen: true,
+            };
+            pending.insert(point, p);
+            self.wake.notify_all();
+        }
+        self.hooks.freeze().inspect_err(|e| {
+            warn!("group={} point={point}: {e}: the point aborts", self.group);
+            // Whoever takes the point out thaws: here, or a decision or the timer meanwhile.
+            if self.lock().remove(&point).is_some() {
+                self.aborted.fetch_add(1, Ordering::Relaxed);
+                self.hooks.thaw(&self.group, point);
+            }
+        })
+    }
+
+    /// The post-hooks of `point`, in a thread of their own: a decision is not held up.
+    fn thaw_later(&self, point: u64) {
+        let (hooks, group) = (self.hooks.clone(), self.group.clone());
+        let spawned = std::thread::Builder::new()
+            .name("group-thaw".into())
+            .spawn(move || hooks.thaw(&group, point));
+        if spawned.is_err() {
+            self.hooks.thaw(&self.group, point);
+        }
+    }
+
+    /// PREPARE: the marker in every group volume, replies held from there on. An
+    /// app-consistent point must be frozen first.
     pub fn prepare(&self, point: u64, kind: PointKind) -> Result<Vec<Marked>, String> {
         let mut pending = self.lock();
         if self.stopping.load(Ordering::SeqCst) {
             return Err("the tracker is stopping".into());
         }
-        if pending.contains_key(&point) {
-            return Err(format!("point {point} is already prepared"));
+        let frozen = match pending.get(&point) {
+            Some(p) if p.prepared => return Err(format!("point {point} is already prepared")),
+            Some(p) => p.frozen,
+            None => false,
+        };
+        if kind == PointKind::App && !frozen {
+            return Err(format!(
+                "app-consistent point {point} was not frozen here (no FREEZE, or it was \
+                 given up)"
+            ));
         }
         let mut marked = Vec::new();
         for (i, (name, log)) in self.volumes.iter().enumerate() {
@@ -296,25 +432,44 @@ impl Member {
                     marker,
                 }),
                 Err(e) => {
+                    pending.remove(&point);
                     drop(pending);
                     // The volumes marked so far, in order, hear the abort.
                     self.finish(point, false, &[], &self.volumes[..i]);
+                    if frozen {
+                        self.thaw_later(point);
+                    }
                     return Err(format!("volume {name}: {e}"));
                 }
             }
         }
-        pending.insert(point, Instant::now() + self.timeout);
+        let p = Pending {
+            deadline: Instant::now() + self.timeout,
+            prepared: true,
+            frozen,
+        };
+        pending.insert(point, p);
         self.wake.notify_all();
         Ok(marked)
     }
 
     /// COMMIT or ABORT. Returns whether the point was committed here: not when this member
-    /// had already aborted it (its own timeout) or never prepared it.
+    /// had already given it up (its own timeout), never prepared it, or did not record it.
+    /// A frozen point thaws in the background.
     pub fn decide(&self, point: u64, commit: bool, volumes: &[String]) -> bool {
-        if self.lock().remove(&point).is_none() {
+        let Some(p) = self.lock().remove(&point) else {
             return false;
+        };
+        let committed = if p.prepared {
+            self.finish(point, commit, volumes, &self.volumes)
+        } else {
+            self.aborted.fetch_add(1, Ordering::Relaxed);
+            false
+        };
+        if p.frozen {
+            self.thaw_later(point);
         }
-        self.finish(point, commit, volumes, &self.volumes)
+        committed
     }
 
     /// Appends the decision to each of the `marked` volumes and opens its gate.
@@ -361,22 +516,41 @@ impl Member {
         loop {
             let now = Instant::now();
             let stopping = self.stopping.load(Ordering::SeqCst);
-            let late: Vec<u64> = pending
+            let late: Vec<(u64, Pending)> = pending
                 .iter()
-                .filter(|(_, d)| **d <= now || stopping)
-                .map(|(p, _)| *p)
+                .filter(|(_, p)| p.deadline <= now || stopping)
+                .map(|(id, p)| (*id, *p))
                 .collect();
             if !late.is_empty() {
                 // Taken here, under the lock: a decision arriving now finds them gone.
-                pending.retain(|p, _| !late.contains(p));
+                pending.retain(|id, _| !late.iter().any(|(l, _)| l == id));
                 drop(pending);
-                for p in late {
-                    self.finish(p, false, &[], &self.volumes);
+                // Held replies first: a thaw may take a while.
+                for (id, p) in late.iter().filter(|(_, p)| p.prepared) {
+                    self.finish(*id, false, &[], &self.volumes);
                     warn!(
-                        "group={} point={p}: no decision within {:?}: aborted here, replies \
-                         released",
-                        self.group, self.timeout
+                        "group={} point={id}: no decision within {:?}: aborted here, replies \
+                         released{}",
+                        self.group,
+                        self.timeout,
+                        if p.frozen { ", thawing" } else { "" }
                     );
+                }
+                for (id, p) in late.iter().filter(|(_, p)| p.frozen) {
+                    if !p.prepared {
+                        self.aborted.fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            "group={} point={id}: frozen, and no PREPARE or decision came in \
+                             time: thawing",
+                            self.group
+                        );
+                    }
+                    // A stopping tracker thaws before it exits.
+                    if stopping {
+                        self.hooks.thaw(&self.group, *id);
+                    } else {
+                        self.thaw_later(*id);
+                    }
                 }
                 pending = self.lock();
                 continue;
@@ -386,6 +560,7 @@ impl Member {
             }
             let wait = pending
                 .values()
+                .map(|p| p.deadline)
                 .min()
                 .map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
             pending = self
@@ -406,6 +581,12 @@ impl Member {
     fn handle(&self, msg: Msg) -> Msg {
         match msg {
             Msg::Ping => Msg::Pong,
+            Msg::Freeze { point, patience_ms } => {
+                match self.freeze(point, Duration::from_millis(patience_ms)) {
+                    Ok(()) => Msg::Frozen { point },
+                    Err(message) => Msg::Error { message },
+                }
+            }
             Msg::Prepare { point, kind } => match self.prepare(point, kind) {
                 Ok(volumes) => Msg::Ready { point, volumes },
                 Err(message) => Msg::Error { message },
@@ -534,6 +715,8 @@ pub struct Group {
     threads: Mutex<Vec<JoinHandle<()>>>,
     status: Mutex<GroupStatus>,
     last_point: Mutex<u64>,
+    /// How long the coordinator waits for the members' pre-hooks (`points.hook_timeout`).
+    hook_timeout: Duration,
     /// One round at a time.
     round: Mutex<()>,
 }
@@ -544,6 +727,8 @@ impl Group {
     pub fn start(
         cfg: GroupConfig,
         volumes: Vec<(String, Arc<ChangeLog>)>,
+        hooks: GroupHooks,
+        hook_timeout: Duration,
     ) -> anyhow::Result<Arc<Group>> {
         let tls = TlsFiles {
             ca: cfg.tls_ca.clone(),
@@ -565,6 +750,7 @@ impl Group {
         let member = Arc::new(Member::new(
             &cfg.name,
             volumes,
+            hooks,
             Duration::from_millis(cfg.timeout_ms),
         ));
         let stop = Arc::new(AtomicBool::new(false));
@@ -637,9 +823,10 @@ impl Group {
             stop,
             threads: Mutex::new(threads),
             last_point: Mutex::new(0),
+            hook_timeout,
             round: Mutex::new(()),
         });
-        if group.cfg.interval_ms > 0 {
+        if group.cfg.interval_ms > 0 || group.cfg.app_interval_ms > 0 {
             let g = group.clone();
             let t = std::thread::Builder::new()
                 .name("group-rounds".into())
@@ -685,8 +872,14 @@ impl Group {
     }
 
     fn rounds(&self) {
-        let every = Duration::from_millis(self.cfg.interval_ms);
+        // Without crash-consistent rounds, the loop still wakes to check the links.
+        let every = match self.cfg.interval_ms {
+            0 => Duration::from_secs(1),
+            ms => Duration::from_millis(ms),
+        };
+        let app_every = Duration::from_millis(self.cfg.app_interval_ms);
         let mut next = Instant::now() + every;
+        let mut next_app = (self.cfg.app_interval_ms > 0).then(|| Instant::now() + app_every);
         let mut was_degraded = false;
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
@@ -702,7 +895,15 @@ impl Group {
             if !self.coordinating() {
                 continue;
             }
-            let r = self.round(PointKind::Crash);
+            let kind = match next_app {
+                Some(t) if now >= t => {
+                    next_app = Some(now + app_every);
+                    PointKind::App
+                }
+                _ if self.cfg.interval_ms > 0 => PointKind::Crash,
+                _ => continue,
+            };
+            let r = self.round(kind);
             let degraded = !r.committed;
             if degraded && !was_degraded {
                 warn!(
@@ -761,7 +962,8 @@ impl Group {
         asked
     }
 
-    /// Runs one round as coordinator: PREPARE, then COMMIT or ABORT.
+    /// Runs one round as coordinator: FREEZE (app-consistent points), PREPARE, then
+    /// COMMIT or ABORT.
     pub fn round(&self, kind: PointKind) -> Round {
         let _one = self.round.lock().unwrap_or_else(|e| e.into_inner());
         let point = self.next_point();
@@ -769,7 +971,8 @@ impl Group {
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let mut error = String::new();
         let mut volumes = Vec::new();
-        let mut prepared = Vec::new();
+        // The peers that must hear the decision: they may have frozen or prepared.
+        let mut involved = Vec::new();
         // A member known to be unreachable makes the point abort before anyone holds a reply.
         if let Some(p) = self.peers.iter().find(|p| !p.up.load(Ordering::SeqCst)) {
             error = format!(
@@ -779,14 +982,19 @@ impl Group {
                 p.last_error.lock().unwrap()
             );
         } else {
-            match self.member.prepare(point, kind) {
-                Ok(v) => volumes.extend(v.into_iter().map(|m| m.volume)),
-                Err(e) => error = format!("member {}: {e}", self.cfg.id),
+            if kind == PointKind::App {
+                self.freeze(point, &mut involved, &mut error);
+            }
+            if error.is_empty() {
+                match self.member.prepare(point, kind) {
+                    Ok(v) => volumes.extend(v.into_iter().map(|m| m.volume)),
+                    Err(e) => error = format!("member {}: {e}", self.cfg.id),
+                }
             }
             if error.is_empty() {
                 let answers = self.ask_all(
                     &|_| Some(Msg::Prepare { point, kind }),
-                    start + timeout,
+                    Instant::now() + timeout,
                     true,
                 );
                 for p in &self.peers {
@@ -795,22 +1003,21 @@ impl Group {
                             point: q,
                             volumes: v,
                         })) if *q == point => {
-                            prepared.push(p.id);
                             volumes.extend(v.iter().map(|m| m.volume.clone()));
                         }
                         Some(Ok(Msg::Error { message })) => {
                             error = format!("member {}: {message}", p.id);
+                            continue;
                         }
                         Some(Ok(other)) => {
                             error = format!("member {}: unexpected answer {other:?}", p.id);
-                            prepared.push(p.id);
                         }
-                        Some(Err(e)) => {
-                            error = format!("member {} ({}): {e}", p.id, p.address);
-                            // It may have prepared: it must hear the abort.
-                            prepared.push(p.id);
-                        }
-                        None => {}
+                        // It may have prepared: it must hear the abort.
+                        Some(Err(e)) => error = format!("member {} ({}): {e}", p.id, p.address),
+                        None => continue,
+                    }
+                    if !involved.contains(&p.id) {
+                        involved.push(p.id);
                     }
                 }
             }
@@ -818,7 +1025,7 @@ impl Group {
         let commit = error.is_empty();
         volumes.sort();
         let to_send = |p: &Peer| {
-            prepared.contains(&p.id).then(|| {
+            involved.contains(&p.id).then(|| {
                 if commit {
                     Msg::Commit {
                         point,
@@ -876,6 +1083,42 @@ impl Group {
             volumes,
             elapsed,
             error,
+        }
+    }
+
+    /// The FREEZE phase: every member's pre-hooks, this one's meanwhile. Peers that froze
+    /// or may have are added to `involved`; the first failure is left in `error`.
+    fn freeze(&self, point: u64, involved: &mut Vec<u32>, error: &mut String) {
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let wait = self.hook_timeout + timeout;
+        // A frozen member hears the decision within this, unless the coordinator is gone.
+        let patience = wait + 3 * timeout;
+        let patience_ms = u64::try_from(patience.as_millis()).unwrap_or(u64::MAX);
+        let asked = self.ask(
+            &|_| Some(Msg::Freeze { point, patience_ms }),
+            Instant::now() + wait,
+            true,
+        );
+        if let Err(e) = self.member.freeze(point, patience) {
+            *error = format!("member {}: {e}", self.cfg.id);
+        }
+        let answers = asked.collect();
+        for p in &self.peers {
+            match answers.get(&p.id) {
+                Some(Ok(Msg::Frozen { point: q })) if *q == point => involved.push(p.id),
+                Some(Ok(Msg::Error { message })) => {
+                    *error = format!("member {}: {message}", p.id);
+                }
+                Some(Ok(other)) => {
+                    *error = format!("member {}: unexpected answer {other:?}", p.id);
+                    involved.push(p.id);
+                }
+                Some(Err(e)) => {
+                    *error = format!("member {} ({}): {e}", p.id, p.address);
+                    involved.push(p.id);
+                }
+                None => {}
+            }
         }
     }
 
@@ -1168,7 +1411,10 @@ mod tests {
     fn validation_names_the_key() {
         let vols = ["db".to_string()];
         let c = section().validate(&vols).unwrap();
-        assert_eq!((c.timeout_ms, c.interval_ms), (50, 5000));
+        assert_eq!(
+            (c.timeout_ms, c.interval_ms, c.app_interval_ms),
+            (50, 5000, 0)
+        );
         assert_eq!(c.listen, "0.0.0.0:20004");
         let bad = |f: &dyn Fn(&mut GroupSection), want: &str| {
             let mut s = section();
@@ -1184,6 +1430,10 @@ mod tests {
         );
         bad(&|s| s.timeout = Some("0".into()), "group.timeout");
         bad(&|s| s.interval = Some("5 parsecs".into()), "group.interval");
+        bad(
+            &|s| s.app_interval = Some("-1m".into()),
+            "group.app_interval",
+        );
         bad(&|s| s.coordinator = Some(7), "group.coordinator = 7");
         bad(
             &|s| s.volumes = Some(vec!["logs".into()]),

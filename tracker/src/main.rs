@@ -14,6 +14,7 @@ use redun_tracker::admin::{
     AdminRequest, AdminResponse, AdminServer, PlacedPoint, TrackerStatus, VolumeStatus,
 };
 use redun_tracker::config::{self, ConfigFile};
+use redun_tracker::group::GroupHooks;
 use redun_tracker::hooks::Hooks;
 use redun_tracker::io::{Engine, EngineChoice, FileBackend};
 use redun_tracker::journal::format::PointKind;
@@ -186,6 +187,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         accept_threads.push(server.spawn_listener(l)?);
     }
 
+    let hooks: Arc<HashMap<String, Hooks>> = Arc::new(
+        cfg.volumes
+            .iter()
+            .map(|v| {
+                let h = Hooks {
+                    pre: v.pre_hook.clone(),
+                    post: v.post_hook.clone(),
+                    timeout: Duration::from_millis(cfg.hook_timeout_ms),
+                };
+                (v.name.clone(), h)
+            })
+            .collect(),
+    );
     let group = match &cfg.group {
         Some(g) => {
             let volumes =
@@ -204,24 +218,22 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     })
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
-            Some(redun_tracker::group::Group::start(g.clone(), volumes)?)
+            let group_hooks = GroupHooks::new(
+                volumes
+                    .iter()
+                    .filter_map(|(name, _)| Some((name.clone(), hooks.get(name)?.clone())))
+                    .collect(),
+            );
+            Some(redun_tracker::group::Group::start(
+                g.clone(),
+                volumes,
+                group_hooks,
+                Duration::from_millis(cfg.hook_timeout_ms),
+            )?)
         }
         None => None,
     };
 
-    let hooks: Arc<HashMap<String, Hooks>> = Arc::new(
-        cfg.volumes
-            .iter()
-            .map(|v| {
-                let h = Hooks {
-                    pre: v.pre_hook.clone(),
-                    post: v.post_hook.clone(),
-                    timeout: Duration::from_millis(cfg.hook_timeout_ms),
-                };
-                (v.name.clone(), h)
-            })
-            .collect(),
-    );
     let hooks_for_admin = hooks.clone();
     let started = Instant::now();
     let status_server = server.clone();
