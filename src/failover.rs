@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use redun_tracker::admin::{self, AdminRequest};
+use redun_tracker::journal::format::PointKind;
 
 use crate::ask::{Daemon, ask, ask_or_exit, volumes};
 
@@ -66,17 +67,70 @@ pub fn planned(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let req = serde_json::json!({"cmd": "failover", "volume": volume, "point": id});
-    match target_request(target, &req) {
-        Ok(v) => {
-            promoted(volume, &v, "planned, nothing lost");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("redun failover: {e}");
-            ExitCode::from(1)
-        }
+    promote(volume, &id.into(), "planned, nothing lost", target)
+}
+
+/// `redun failover --planned --group NAME`: a group point that fences every member volume
+/// (no write after it is taken anywhere), then, once the target holds it from every member,
+/// every member volume promoted at it.
+pub fn planned_group(group: &str, tracker: &Path, target: &Path, timeout: Duration) -> ExitCode {
+    // The tracker must be a member of that group: the round fences its group's volumes.
+    let status = admin::request_json(tracker, &serde_json::json!({"cmd": "status"}));
+    let theirs = status
+        .as_ref()
+        .ok()
+        .and_then(|v| v["status"]["group"]["name"].as_str().map(String::from));
+    if theirs.as_deref() != Some(group) {
+        eprintln!(
+            "redun failover: the tracker on {} is {}: run this on a member of group {group} \
+             (--tracker-socket)",
+            tracker.display(),
+            match (&status, theirs) {
+                (Err(e), _) => format!("unreachable ({e})"),
+                (Ok(_), Some(g)) => format!("a member of group {g}"),
+                (Ok(_), None) => "in no consistency group".into(),
+            }
+        );
+        return ExitCode::from(1);
     }
+    let id = match crate::points::group_round(tracker, PointKind::Crash, true, "redun failover") {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    println!("group {group}: writes refused on every member volume; final group point {id}");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let points = match crate::points::group_points("failover", group, target) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        if points.iter().any(|p| p["id"] == id && p["usable"] == true) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "redun failover: the target does not hold group point {id} from every member \
+                 within {timeout:?} (redun points --group {group}); the member volumes stay \
+                 fenced: run this again once shipping works, or `redun unfence VOLUME` on \
+                 each member to go back to the sources"
+            );
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    crate::points::on_group_point("failover", group, Some(id), target, |volume, point| {
+        promote(volume, &point.into(), "planned, nothing lost", target)
+    })
+    .map_or_else(
+        |code| code,
+        |id| {
+            println!(
+                "group {group}: every member volume failed over at group point {id}, nothing \
+                 lost"
+            );
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 /// True when the target (if it runs here) says `volume` is failed over to it.
@@ -213,6 +267,21 @@ fn failback(volume: &str, shipper: &Path, target: &Path, timeout: Duration) -> E
     }
 }
 
+/// Promotes `point` (an id or "latest") of `volume` on the target; `how` for the message.
+fn promote(volume: &str, point: &serde_json::Value, how: &str, target: &Path) -> ExitCode {
+    let req = serde_json::json!({"cmd": "failover", "volume": volume, "point": point});
+    match target_request(target, &req) {
+        Ok(v) => {
+            promoted(volume, &v, how);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("redun failover: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// Unplanned: promote `point` (an id, or `latest`: everything the target holds).
 pub fn unplanned(volume: &str, point: &str, target: &Path) -> ExitCode {
     let point = if point == "latest" {
@@ -229,17 +298,7 @@ pub fn unplanned(volume: &str, point: &str, target: &Path) -> ExitCode {
             }
         }
     };
-    let req = serde_json::json!({"cmd": "failover", "volume": volume, "point": point});
-    match target_request(target, &req) {
-        Ok(v) => {
-            promoted(volume, &v, "unplanned");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("redun failover: {e}");
-            ExitCode::from(1)
-        }
-    }
+    promote(volume, &point, "unplanned", target)
 }
 
 /// `redun failover --unplanned --group NAME`: every member volume at one group point.

@@ -189,14 +189,11 @@ struct FailoverArgs {
     /// With --unplanned: the point to promote, or latest [default: latest].
     #[arg(long, value_name = "ID|latest", requires = "unplanned")]
     point: Option<String>,
-    /// With --unplanned: fail over every member volume of consistency group NAME at one
-    /// group point (--point: a group point id; latest: the newest usable group point).
-    #[arg(
-        long,
-        value_name = "NAME",
-        requires = "unplanned",
-        conflicts_with = "volume"
-    )]
+    /// Fail over every member volume of consistency group NAME at one group point: with
+    /// --planned, a final group point that fences every member (run it on a member, with the
+    /// target's socket); with --unplanned, --point (a group point id, or latest: the newest
+    /// usable group point).
+    #[arg(long, value_name = "NAME", conflicts_with = "volume")]
     group: Option<String>,
     /// The tracker's admin socket (--planned).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
@@ -415,6 +412,12 @@ fn main() -> ExitCode {
                 &a.target_socket,
                 std::time::Duration::from_secs(a.timeout),
             ),
+            (None, None) if a.planned && a.group.is_some() => failover::planned_group(
+                a.group.as_deref().unwrap_or_default(),
+                &a.tracker_socket,
+                &a.target_socket,
+                std::time::Duration::from_secs(a.timeout),
+            ),
             (None, None) if a.unplanned && a.group.is_some() => failover::unplanned_group(
                 a.group.as_deref().unwrap_or_default(),
                 a.point.as_deref().unwrap_or("latest"),
@@ -429,6 +432,13 @@ fn main() -> ExitCode {
                 eprintln!(
                     "redun failover {volume}: say --planned (the source is alive) or \
                      --unplanned (it is gone)"
+                );
+                ExitCode::from(2)
+            }
+            (None, None) if a.group.is_some() => {
+                eprintln!(
+                    "redun failover --group: say --planned (the members are alive) or \
+                     --unplanned (they are gone)"
                 );
                 ExitCode::from(2)
             }

@@ -152,18 +152,35 @@ pub fn group(app: bool, tracker: &Path) -> ExitCode {
     } else {
         PointKind::Crash
     };
-    let req = AdminRequest::GroupPoint { kind };
-    match tracker_ask(tracker, &req, "redun point group") {
-        Ok(r) => {
-            println!("{}", r.group_point.unwrap_or(0));
+    match group_round(tracker, kind, false, "redun point group") {
+        Ok(id) => {
+            println!("{id}");
             ExitCode::SUCCESS
         }
         Err(code) => code,
     }
 }
 
+/// Runs a group round from the tracker (as `cmd`): the committed group point's id.
+pub(crate) fn group_round(
+    tracker: &Path,
+    kind: PointKind,
+    fence: bool,
+    cmd: &str,
+) -> Result<u64, ExitCode> {
+    let req = AdminRequest::GroupPoint { kind, fence };
+    tracker_ask(tracker, &req, cmd)?.group_point.ok_or_else(|| {
+        eprintln!("{cmd}: the tracker answered without a group point");
+        ExitCode::from(1)
+    })
+}
+
 /// The group's complete points as the target lists them.
-fn group_points(cmd: &str, group: &str, target: &Path) -> Result<Vec<serde_json::Value>, ExitCode> {
+pub(crate) fn group_points(
+    cmd: &str,
+    group: &str,
+    target: &Path,
+) -> Result<Vec<serde_json::Value>, ExitCode> {
     let req = serde_json::json!({"cmd": "points", "group": group});
     let v = ask_or_exit(cmd, Daemon::Target, target, &req)?;
     Ok(v["points"].as_array().cloned().unwrap_or_default())

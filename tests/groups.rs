@@ -209,6 +209,7 @@ impl Group {
         let name = format!("m{}", i + 1);
         let mut toml = format!(
             "[tracker]\nlisten = [\"unix:{nbd}\"]\nadmin_socket = \"{admin}\"\n\
+             metrics.listen = \"127.0.0.1:9752\"\n\
              [tracker.journal]\ndir = \"{journal}\"\nsize = \"64M\"\n\
              [points]\ncrash_interval = \"0\"\n{points}\
              [[volume]]\nname = \"v{id}\"\npath = \"{image}\"\n{volume}\
@@ -705,7 +706,7 @@ fn wait_hooks(g: &Group, want: &[&str], within: Duration) -> Duration {
 }
 
 #[test]
-fn app_consistent_group_points_run_every_members_hooks_and_a_killed_coordinator_holds_nobody() {
+fn app_points_a_killed_coordinator_and_a_planned_failover_of_the_group() {
     // Every member's hooks log to one file; `mI/pre-sleep` makes member I's pre-hook slow,
     // `mI/pre-fail` makes it fail.
     let opts = Opts {
@@ -723,6 +724,7 @@ fn app_consistent_group_points_run_every_members_hooks_and_a_killed_coordinator_
     };
     let mut g = Group::start_with(3, opts);
     g.wait_rounds(0, 0);
+    let uris = g.uris();
     // Member 1 coordinates (the lowest id).
     let admin1 = g.members[0].admin.clone();
     let redun_point = |app: bool| {
@@ -863,6 +865,121 @@ fn app_consistent_group_points_run_every_members_hooks_and_a_killed_coordinator_
         .collect();
     assert!(ids.contains(&resumed), "{ids:?}");
     assert!(!ids.contains(&failed) && !ids.contains(&killed), "{ids:?}");
+
+    // A planned failover of the group whose fencing round aborts (member 3 does not answer):
+    // every member volume takes writes again.
+    let target_sock = g.dir().join("target.sock");
+    let planned = || {
+        let mut c = Command::new(bin("redun"));
+        c.args(["failover", "--planned", "--group", "g", "--timeout", "60"])
+            .arg("--tracker-socket")
+            .arg(&admin1)
+            .arg("--target-socket")
+            .arg(&target_sock);
+        c
+    };
+    let fenced = |g: &Group| -> Vec<bool> {
+        (0..3)
+            .map(|i| g.tracker_status(i)["volumes"][0]["fenced"] == true)
+            .collect()
+    };
+    let m3 = g.members[2].tracker.as_ref().unwrap().pid();
+    nix::sys::signal::kill(m3, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let out = planned().output().unwrap();
+    nix::sys::signal::kill(m3, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("aborted") && err.contains("member 3"), "{err}");
+    // Member 3 handles the stale PREPARE once it runs again, then gives it up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fenced(&g) != [false; 3] {
+        assert!(
+            Instant::now() < deadline,
+            "still fenced: {:?}\n{}",
+            fenced(&g),
+            g.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log2 = g.members[1].tracker.as_ref().unwrap().log_text();
+    assert!(
+        log2.contains("the fencing point aborted: writes are taken again"),
+        "{log2}"
+    );
+
+    // The planned failover of the group: every member volume fenced at one group point,
+    // promoted on the target once every member shipped it, nothing acknowledged lost.
+    g.wait_rounds(0, 0);
+    let (k, _) = workload(&["1", &uris[0], &uris[1], &uris[2]]);
+    let out = run(&mut planned());
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("every member volume failed over at group point")
+            && said.contains("nothing lost"),
+        "{said}"
+    );
+    assert_eq!(fenced(&g), [true; 3]);
+    let want = vec![k; 3];
+    let names: Vec<String> = (1..=3).map(|i| format!("v{i}")).collect();
+    assert_eq!(
+        read_counters(&g, &names),
+        want,
+        "the failed-over volumes lost writes"
+    );
+    let refused = python_spawn("causal_counter.py", &["0.001", &uris[1]])
+        .wait_with_output()
+        .unwrap();
+    assert!(!refused.status.success(), "a fenced member took a write");
+
+    // The coordinator's metrics (restarted before the last three rounds).
+    require("promtool");
+    let out = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &g.net.hosts[0],
+        "/usr/bin/python3",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9752/metrics').read().decode(), end='')",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let linted = lint.wait_with_output().unwrap();
+    assert!(linted.status.success(), "promtool: {linted:?}\n{text}");
+    let series = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(
+        series("redun_group_rounds_total{group=\"g\",outcome=\"committed\"}"),
+        2.0
+    );
+    assert_eq!(
+        series("redun_group_rounds_total{group=\"g\",outcome=\"aborted\"}"),
+        1.0
+    );
+    assert_eq!(
+        series("redun_group_points_total{group=\"g\",outcome=\"committed\"}"),
+        2.0
+    );
+    assert_eq!(series("redun_group_coordinating{group=\"g\"}"), 1.0);
+    assert_eq!(
+        series("redun_group_member_reachable{group=\"g\",member=\"3\"}"),
+        1.0
+    );
+    assert!(series("redun_group_last_round_seconds{group=\"g\"}") > 0.0);
     for m in &mut g.members {
         m.shipper.as_mut().unwrap().stop();
         m.tracker.as_mut().unwrap().stop();

@@ -79,6 +79,10 @@ pub enum AdminRequest {
     GroupPoint {
         #[serde(default = "crash")]
         kind: crate::journal::format::PointKind,
+        /// Every member volume refuses writes from the point on, if it commits (`redun
+        /// failover --planned --group`).
+        #[serde(default)]
+        fence: bool,
     },
 }
 

@@ -209,6 +209,9 @@ pub enum Msg {
     Prepare {
         point: u64,
         kind: PointKind,
+        /// The volumes refuse writes from the marker on (a planned failover of the group).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fence: bool,
     },
     Ready {
         point: u64,
@@ -266,7 +269,7 @@ fn receive<R: BufRead>(r: &mut R) -> io::Result<Msg> {
 const MAX_PATIENCE: Duration = Duration::from_secs(3600);
 
 /// A point this member froze for or prepared, and has not seen decided.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pending {
     /// When this member gives the point up by itself.
     deadline: Instant,
@@ -274,6 +277,8 @@ struct Pending {
     prepared: bool,
     /// The pre-hooks ran or are running (FREEZE): the post-hooks run when the point ends.
     frozen: bool,
+    /// The volumes (indices) this point fenced: they take writes again if it aborts.
+    fenced: Vec<usize>,
 }
 
 /// The hooks of a member's group volumes, one phase at a time: a thaw waits for a freeze
@@ -381,6 +386,7 @@ impl Member {
                 deadline,
                 prepared: false,
                 frozen: true,
+                fenced: Vec::new(),
             };
             pending.insert(point, p);
             self.wake.notify_all();
@@ -407,8 +413,9 @@ impl Member {
     }
 
     /// PREPARE: the marker in every group volume, replies held from there on. An
-    /// app-consistent point must be frozen first.
-    pub fn prepare(&self, point: u64, kind: PointKind) -> Result<Vec<Marked>, String> {
+    /// app-consistent point must be frozen first. With `fence`, the volumes refuse writes
+    /// from their marker on, for good if the point commits (a planned failover).
+    pub fn prepare(&self, point: u64, kind: PointKind, fence: bool) -> Result<Vec<Marked>, String> {
         let mut pending = self.lock();
         if self.stopping.load(Ordering::SeqCst) {
             return Err("the tracker is stopping".into());
@@ -425,17 +432,23 @@ impl Member {
             ));
         }
         let mut marked = Vec::new();
+        let mut fenced = Vec::new();
         for (i, (name, log)) in self.volumes.iter().enumerate() {
-            match log.mark_group(kind, point) {
-                Ok(marker) => marked.push(Marked {
-                    volume: name.clone(),
-                    marker,
-                }),
+            match log.mark_group(kind, point, fence) {
+                Ok((marker, new)) => {
+                    marked.push(Marked {
+                        volume: name.clone(),
+                        marker,
+                    });
+                    if new {
+                        fenced.push(i);
+                    }
+                }
                 Err(e) => {
                     pending.remove(&point);
                     drop(pending);
                     // The volumes marked so far, in order, hear the abort.
-                    self.finish(point, false, &[], &self.volumes[..i]);
+                    self.finish(point, false, &[], &self.volumes[..i], &fenced);
                     if frozen {
                         self.thaw_later(point);
                     }
@@ -447,6 +460,7 @@ impl Member {
             deadline: Instant::now() + self.timeout,
             prepared: true,
             frozen,
+            fenced,
         };
         pending.insert(point, p);
         self.wake.notify_all();
@@ -461,7 +475,7 @@ impl Member {
             return false;
         };
         let committed = if p.prepared {
-            self.finish(point, commit, volumes, &self.volumes)
+            self.finish(point, commit, volumes, &self.volumes, &p.fenced)
         } else {
             self.aborted.fetch_add(1, Ordering::Relaxed);
             false
@@ -472,13 +486,15 @@ impl Member {
         committed
     }
 
-    /// Appends the decision to each of the `marked` volumes and opens its gate.
+    /// Appends the decision to each of the `marked` volumes and opens its gate. An abort
+    /// unfences the volumes the point `fenced` (indices in `marked`).
     fn finish(
         &self,
         point: u64,
         commit: bool,
         volumes: &[String],
         marked: &[(String, Arc<ChangeLog>)],
+        fenced: &[usize],
     ) -> bool {
         let decision = GroupDecision {
             group: self.group.clone(),
@@ -488,7 +504,21 @@ impl Member {
         }
         .encode();
         let mut ok = commit;
-        for (name, log) in marked {
+        for (i, (name, log)) in marked.iter().enumerate() {
+            if !commit && fenced.contains(&i) {
+                match log.unfence() {
+                    Ok(()) => info!(
+                        "group={} point={point} volume={name}: the fencing point aborted: \
+                         writes are taken again",
+                        self.group
+                    ),
+                    Err(e) => warn!(
+                        "group={} point={point} volume={name}: the fencing point aborted but \
+                         the volume stays fenced ({e}): `redun unfence {name}`",
+                        self.group
+                    ),
+                }
+            }
             if let Err(e) = log.decide(&decision) {
                 warn!(
                     "group={} point={point} volume={name}: the decision is not recorded ({e}); \
@@ -519,7 +549,7 @@ impl Member {
             let late: Vec<(u64, Pending)> = pending
                 .iter()
                 .filter(|(_, p)| p.deadline <= now || stopping)
-                .map(|(id, p)| (*id, *p))
+                .map(|(id, p)| (*id, p.clone()))
                 .collect();
             if !late.is_empty() {
                 // Taken here, under the lock: a decision arriving now finds them gone.
@@ -527,7 +557,7 @@ impl Member {
                 drop(pending);
                 // Held replies first: a thaw may take a while.
                 for (id, p) in late.iter().filter(|(_, p)| p.prepared) {
-                    self.finish(*id, false, &[], &self.volumes);
+                    self.finish(*id, false, &[], &self.volumes, &p.fenced);
                     warn!(
                         "group={} point={id}: no decision within {:?}: aborted here, replies \
                          released{}",
@@ -587,7 +617,7 @@ impl Member {
                     Err(message) => Msg::Error { message },
                 }
             }
-            Msg::Prepare { point, kind } => match self.prepare(point, kind) {
+            Msg::Prepare { point, kind, fence } => match self.prepare(point, kind, fence) {
                 Ok(volumes) => Msg::Ready { point, volumes },
                 Err(message) => Msg::Error { message },
             },
@@ -903,7 +933,7 @@ impl Group {
                 _ if self.cfg.interval_ms > 0 => PointKind::Crash,
                 _ => continue,
             };
-            let r = self.round(kind);
+            let r = self.round(kind, false);
             let degraded = !r.committed;
             if degraded && !was_degraded {
                 warn!(
@@ -963,8 +993,9 @@ impl Group {
     }
 
     /// Runs one round as coordinator: FREEZE (app-consistent points), PREPARE, then
-    /// COMMIT or ABORT.
-    pub fn round(&self, kind: PointKind) -> Round {
+    /// COMMIT or ABORT. With `fence`, every member volume refuses writes from its marker on
+    /// if the point commits (a planned failover of the whole group).
+    pub fn round(&self, kind: PointKind, fence: bool) -> Round {
         let _one = self.round.lock().unwrap_or_else(|e| e.into_inner());
         let point = self.next_point();
         let start = Instant::now();
@@ -986,14 +1017,14 @@ impl Group {
                 self.freeze(point, &mut involved, &mut error);
             }
             if error.is_empty() {
-                match self.member.prepare(point, kind) {
+                match self.member.prepare(point, kind, fence) {
                     Ok(v) => volumes.extend(v.into_iter().map(|m| m.volume)),
                     Err(e) => error = format!("member {}: {e}", self.cfg.id),
                 }
             }
             if error.is_empty() {
                 let answers = self.ask_all(
-                    &|_| Some(Msg::Prepare { point, kind }),
+                    &|_| Some(Msg::Prepare { point, kind, fence }),
                     Instant::now() + timeout,
                     true,
                 );

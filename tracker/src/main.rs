@@ -249,12 +249,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             )),
             ..AdminResponse::ok()
         },
-        AdminRequest::GroupPoint { kind } => match &group_for_admin {
+        AdminRequest::GroupPoint { kind, fence } => match &group_for_admin {
             None => AdminResponse::error(
                 "this tracker is in no consistency group (configure [group] in the config file)",
             ),
             Some(g) => {
-                let r = g.round(kind);
+                let r = g.round(kind, fence);
                 if r.committed {
                     info!(
                         "group={} point={} committed on demand volumes={} in {}us",
@@ -688,6 +688,61 @@ fn metrics(st: &TrackerStatus) -> String {
                 "redun_journal_waiting_writes",
                 "Writes waiting for journal space.",
                 j.waiting_writes,
+            );
+        }
+    }
+    if let Some(gs) = &st.group {
+        let l = || vec![("group".to_string(), gs.name.clone())];
+        for (outcome, n) in [("committed", gs.committed), ("aborted", gs.aborted)] {
+            let mut labels = l();
+            labels.push(("outcome".into(), outcome.into()));
+            m.counter(
+                "redun_group_points",
+                "Group points this member decided, whoever coordinated.",
+                labels,
+                n,
+            );
+        }
+        for (outcome, n) in [
+            ("committed", gs.rounds_committed),
+            ("aborted", gs.rounds_aborted),
+        ] {
+            let mut labels = l();
+            labels.push(("outcome".into(), outcome.into()));
+            m.counter(
+                "redun_group_rounds",
+                "Group rounds this member ran as coordinator.",
+                labels,
+                n,
+            );
+        }
+        m.gauge(
+            "redun_group_last_round_seconds",
+            "How long the last round this member coordinated took.",
+            l(),
+            gs.last_round_us as f64 / 1e6,
+        );
+        m.gauge(
+            "redun_group_coordinating",
+            "1 while this member runs the rounds.",
+            l(),
+            f64::from(u8::from(gs.coordinating)),
+        );
+        m.state(
+            "redun_group_state",
+            "1 for the group's state as this member sees it.",
+            &l(),
+            &["ok", "degraded"],
+            &gs.state,
+        );
+        for member in &gs.members {
+            let mut labels = l();
+            labels.push(("member".into(), member.id.to_string()));
+            m.gauge(
+                "redun_group_member_reachable",
+                "1 while the member is connected.",
+                labels,
+                f64::from(u8::from(member.reachable)),
             );
         }
     }

@@ -752,20 +752,7 @@ impl ChangeLog {
     /// every write recorded so far, and makes the journal durable. Returns the marker's
     /// sequence number: the planned failover promotes it.
     pub fn fence(&self) -> io::Result<u64> {
-        {
-            let mut st = self.lock();
-            if !st.fenced {
-                let f = fence_path(&self.path);
-                std::fs::write(&f, b"writes refused: failed over to the target\n")
-                    .and_then(|()| File::open(&f)?.sync_all())
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
-                st.fenced = true;
-                warn!(
-                    "journal {}: fenced: writes are refused from now on",
-                    self.path.display()
-                );
-            }
-        }
+        self.set_fenced(&mut self.lock())?;
         let seq = self
             .mark(PointKind::Crash, false)?
             .ok_or_else(|| io::Error::other("no point placed"))?;
@@ -773,10 +760,30 @@ impl ChangeLog {
         Ok(seq)
     }
 
+    /// Refuses writes from now on, durably. Returns whether it did not already.
+    fn set_fenced(&self, st: &mut State) -> io::Result<bool> {
+        if st.fenced {
+            return Ok(false);
+        }
+        let f = fence_path(&self.path);
+        std::fs::write(&f, b"writes refused: failed over to the target\n")
+            .and_then(|()| File::open(&f)?.sync_all())
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
+        st.fenced = true;
+        warn!(
+            "journal {}: fenced: writes are refused from now on",
+            self.path.display()
+        );
+        Ok(true)
+    }
+
     /// Takes writes again (after a failover was abandoned, or once the volume is the
     /// primary again).
     pub fn unfence(&self) -> io::Result<()> {
-        let mut st = self.lock();
+        self.clear_fenced(&mut self.lock())
+    }
+
+    fn clear_fenced(&self, st: &mut State) -> io::Result<()> {
         let f = fence_path(&self.path);
         match std::fs::remove_file(&f) {
             Ok(()) => {}
@@ -872,17 +879,26 @@ impl ChangeLog {
 
     /// Appends the marker of consistency-group point `point` and, under the same lock, closes
     /// the volume's reply gate: from here on no reply leaves until [`ChangeLog::decide`]
-    /// (docs/PROTOCOL.md, "Consistency groups"). Returns the marker's sequence number.
-    pub fn mark_group(&self, kind: PointKind, point: u64) -> io::Result<u64> {
+    /// (docs/PROTOCOL.md, "Consistency groups"). With `fence`, writes are refused from the
+    /// marker on (a planned failover of the group). Returns the marker's sequence number and
+    /// whether this call fenced the volume.
+    pub fn mark_group(&self, kind: PointKind, point: u64, fence: bool) -> io::Result<(u64, bool)> {
         let mut guard = self.lock();
-        let seq = self.append_marker(
-            &mut guard,
-            kind,
-            point,
-            "it cannot take part in group points",
-        )?;
+        let fenced = fence && self.set_fenced(&mut guard)?;
+        let seq = self
+            .append_marker(
+                &mut guard,
+                kind,
+                point,
+                "it cannot take part in group points",
+            )
+            .inspect_err(|_| {
+                if fenced {
+                    let _ = self.clear_fenced(&mut guard);
+                }
+            })?;
         self.gate.hold(point);
-        Ok(seq)
+        Ok((seq, fenced))
     }
 
     /// Appends a marker of `kind` (of group point `group_point`, 0: none). Refused while the
