@@ -5,6 +5,8 @@
 # group, then with the members in one group placing a point every second. Prints write p50 and
 # p99 latency, IOPS, the added latency and the throughput ratio, and the time of one round
 # (coordinator's PREPARE to the last COMMIT answer), sampled from the coordinator's status.
+# ratio: mean IOPS with points over mean IOPS without; pairs: the median of each repeat's
+# ratio (with points against the run without just before it).
 # Targets (issue 7): added p99 <= 1 ms, throughput >= 0.98x. Journals are 4 GiB so that none
 # overflows during a run (a volume that needs a resync takes no group points, and dirty
 # regions would make the baseline another workload).
@@ -109,9 +111,10 @@ done
 
 python3 - "$members_list" "$repeat" <<'PY'
 import json, statistics, sys
-print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'ratio':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
+print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'ratio':>6} {'pairs':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
 for n in sys.argv[1].split():
     rows = {}
+    every = {}
     repeats = range(1, int(sys.argv[2]) + 1)
     for g in (0, 1):
         runs = []
@@ -119,7 +122,11 @@ for n in sys.argv[1].split():
             j = json.load(open(f"result-{n}-{g}-{k}.json"))["jobs"][0]["write"]
             pct = j["clat_ns"]["percentile"]
             runs.append((j["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000))
+        every[g] = runs
         rows[g] = tuple(statistics.mean(r[i] for r in runs) for i in range(3))
+    # Each run with group points against the run without just before it: the median of
+    # these ratios is less sensitive to the machine's drift than the ratio of the means.
+    pairs = statistics.median(b[0] / a[0] for a, b in zip(every[0], every[1]))
     rounds = {}
     errors = set()
     last = [0, 0]
@@ -144,7 +151,7 @@ for n in sys.argv[1].split():
         if g:
             b = rows[0]
             us = sorted(rounds.values()) or [0]
-            extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {iops / b[0]:>5.2f}x"
+            extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {iops / b[0]:>5.2f}x {pairs:>5.2f}x"
                      f" {statistics.median(us):>12.0f}/{max(us):<9.0f} {last[0]:>10}/{last[1]}")
         print(f"{n:>7} {'every 1s' if g else 'none':<13} {iops:>9.0f} {p50:>8.0f} {p99:>8.0f}{extra}")
     for e in sorted(errors):

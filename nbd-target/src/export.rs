@@ -576,7 +576,7 @@ impl Resolve<ViewBackend> for PointExports {
                 // Mid-synchronisation, the latest state is no image of the volume.
                 Some(s) => {
                     warn!(
-                        "nbd export={name}: volume {vol} is being synchronised since seq {}: \
+                        "nbd export={name} volume={vol}: the volume is being synchronised since seq {}: \
                          latest is not a consistent image; use a point before it",
                         s.since_seq
                     );

@@ -150,7 +150,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let scratch = data_dir.join(format!("{}.test.img", v.name));
         if scratch.exists() {
             info!(
-                "volume {}: discarding the test failover overlay {} of before the restart",
+                "volume={}: discarding the test failover overlay {} of before the restart",
                 v.name,
                 scratch.display()
             );
@@ -158,17 +158,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         match target.store(&v.name) {
             Ok(Some(s)) => info!(
-                "replica {}: {} recovery points, latest seq {}",
+                "replica={}: {} recovery points, latest seq {}",
                 v.name,
                 s.points().len(),
                 s.latest()
             ),
             Ok(None) => {}
-            Err(e) => warn!("replica {}: {e}", v.name),
+            Err(e) => warn!("replica={}: {e}", v.name),
         }
         if let Err(e) = target.load_promotion(&v.name) {
             warn!(
-                "volume {}: cannot serve the failed-over volume: {e}",
+                "volume={}: cannot serve the failed-over volume: {e}",
                 v.name
             );
         }

@@ -205,7 +205,7 @@ impl Target {
                 .map_err(|e| format!("cannot sync {}: {e}", img.display()))?;
         }
         info!(
-            "volume {volume}: failed over at point {} (generation {}), served read-write",
+            "volume={volume}: failed over at point {} (generation {}), served read-write",
             p.point, p.generation
         );
         self.promoted
@@ -299,7 +299,7 @@ impl Target {
         store::write_json(&self.promotion_path(volume), &p).map_err(|e| e.to_string())?;
         promoted.insert(volume.to_string(), (p.clone(), Arc::new(o)));
         info!(
-            "volume {volume}: failed over at seq {seq} (generation {generation}), served \
+            "volume={volume}: failed over at seq {seq} (generation {generation}), served \
              read-write as {volume}"
         );
         Ok(p)
@@ -312,7 +312,7 @@ impl Target {
             .get_mut(volume)
             .ok_or_else(|| format!("volume {volume} is not failed over to this target"))?;
         self.update_promotion(volume, p, |n| n.committed = true)?;
-        info!("volume {volume}: failover at point {} committed", p.point);
+        info!("volume={volume}: failover at point {} committed", p.point);
         Ok(p.clone())
     }
 
@@ -391,7 +391,7 @@ impl Target {
             .map_err(|e| format!("cannot create the scratch overlay {}: {e}", path.display()))?;
         let o = Arc::new(o);
         tests.insert(volume.to_string(), o.clone());
-        info!("volume {volume}: test failover of point {id} exported as {volume}@test");
+        info!("volume={volume}: test failover of point {id} exported as {volume}@test");
         Ok(o)
     }
 
@@ -404,9 +404,9 @@ impl Target {
             .remove(volume)
             .ok_or_else(|| format!("no test failover of volume {volume} is under way"))?;
         if let Err(e) = std::fs::remove_file(o.path()) {
-            warn!("cannot delete {}: {e}", o.path().display());
+            warn!("file={}: cannot delete: {e}", o.path().display());
         }
-        info!("volume {volume}: test failover cleaned up");
+        info!("volume={volume}: test failover cleaned up");
         Ok(o)
     }
 
@@ -611,7 +611,7 @@ impl Target {
                 .name("repl-conn".into())
                 .spawn(move || me.connection(tcp, peer));
             if let Err(e) = spawned {
-                warn!("replication: cannot start a thread for {peer}: {e}");
+                warn!("peer={peer}: replication: cannot start a thread: {e}");
             }
         }
     }
@@ -623,7 +623,7 @@ impl Target {
         let conn = match rustls::ServerConnection::new(self.tls.clone()) {
             Ok(c) => c,
             Err(e) => {
-                warn!("replication: TLS set-up for {peer} failed: {e}");
+                warn!("peer={peer}: replication: TLS set-up failed: {e}");
                 return;
             }
         };
@@ -631,7 +631,7 @@ impl Target {
         while tls.conn.is_handshaking() {
             if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
                 warn!(
-                    "replication: refused {peer}: TLS handshake failed: {e} (a shipper needs a \
+                    "peer={peer}: replication: refused: TLS handshake failed: {e} (a shipper needs a \
                      certificate signed by this target's CA)"
                 );
                 return;
@@ -654,7 +654,7 @@ impl Target {
                 return;
             }
             Err(e) => {
-                warn!("replication: {peer} sent no HELLO: {e}");
+                warn!("peer={peer}: replication: no HELLO: {e}");
                 return;
             }
         };
@@ -714,7 +714,7 @@ impl Target {
             s.peer = Some(peer.to_string());
         }
         info!(
-            "replication: {peer} ships volume {} (generation {}, replica at seq {})",
+            "peer={peer} volume={} generation={} replica_seq={}: replication: shipping begins",
             st.name, st.generation, st.next_seq
         );
         let welcome = Frame::Welcome {
@@ -724,17 +724,19 @@ impl Target {
             sync_cursor: st.sync.map_or(0, |s| s.cursor),
         };
         if let Err(e) = proto::write_frame(&mut tls, &welcome) {
-            warn!("replication: volume {}: {peer}: {e}", st.name);
+            warn!("volume={} peer={peer}: replication: {e}", st.name);
             return;
         }
         let _ = tls.sock.set_read_timeout(Some(IDLE_TIMEOUT));
         if let Err(e) = self.stream(&mut tls, &mut replica, &claim.0) {
             match e {
-                StreamEnd::Closed => info!("replication: volume {}: {peer} disconnected", st.name),
-                StreamEnd::Io(e) => warn!("replication: volume {}: {peer}: {e}", st.name),
+                StreamEnd::Closed => {
+                    info!("volume={} peer={peer}: replication: disconnected", st.name)
+                }
+                StreamEnd::Io(e) => warn!("volume={} peer={peer}: replication: {e}", st.name),
                 StreamEnd::Refused(r) => {
                     warn!(
-                        "replication: volume {}: refusing {peer}: {}",
+                        "volume={} peer={peer}: replication: refusing: {}",
                         st.name, r.message
                     );
                     claim.0.status.lock().unwrap().last_error = Some(r.message.clone());
@@ -895,7 +897,7 @@ fn frame_name(f: &Frame) -> &'static str {
 /// before the shipper reads it.
 fn refuse(tls: &mut Tls, peer: SocketAddr, r: &Refusal) {
     use std::io::Read;
-    warn!("replication: refused {peer}: {}", r.message);
+    warn!("peer={peer}: replication: refused: {}", r.message);
     let _ = proto::write_frame(
         tls,
         &Frame::Refuse {

@@ -578,7 +578,7 @@ impl Store {
             }
             std::fs::rename(&seed, &base_path).map_err(io_err("cannot adopt", &seed))?;
             info!(
-                "replica {}: seeded from {} (only blocks that differ will be sent)",
+                "replica={}: seeded from {} (only blocks that differ will be sent)",
                 id.name,
                 seed.display()
             );
@@ -715,7 +715,7 @@ impl Store {
                 let f = e.file_name().to_string_lossy().to_string();
                 let listed = f == open.name || manifest.segments.iter().any(|s| s.file == f);
                 if (f.ends_with(".seg") || f.ends_with(".tmp")) && !listed {
-                    info!("replica {name}: removing {f}, which the store no longer uses");
+                    info!("replica={name}: removing {f}, which the store no longer uses");
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -875,7 +875,7 @@ impl Store {
                 if let Err(e) = self.seal(inner) {
                     // The records are durable; sealing is tried again at the next commit.
                     warn!(
-                        "replica {}: cannot seal a segment yet: {e}",
+                        "replica={}: cannot seal a segment yet: {e}",
                         inner.state.name
                     );
                 }
@@ -1235,7 +1235,7 @@ impl Store {
         }
         sync_dir(&self.dir)?;
         info!(
-            "replica {}: merged {} segments ({} bytes) into the base, now at seq {through}",
+            "replica={}: merged {} segments ({} bytes) into the base, now at seq {through}",
             self.lock().state.name,
             done.merged_segments,
             done.merged_bytes
@@ -1400,7 +1400,7 @@ impl Store {
         done.compacted_segments += run.len();
         done.compacted_bytes_freed += old_bytes.saturating_sub(r.bytes);
         info!(
-            "replica {}: compacted {} segments into {} ({} bytes freed)",
+            "replica={}: compacted {} segments into {} ({} bytes freed)",
             id.name,
             run.len(),
             r.file,

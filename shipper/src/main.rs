@@ -310,7 +310,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                             .spawn(move || vs.run(&stop))
                         {
                             Ok(t) => threads.lock().unwrap().push(t),
-                            Err(e) => warn!("volume {name}: cannot start its shipper: {e}"),
+                            Err(e) => warn!("volume={name}: cannot start its shipper: {e}"),
                         }
                     }
                     std::thread::sleep(Duration::from_millis(500));
@@ -377,13 +377,13 @@ fn watch_rpo(statuses: &dyn Fn() -> Vec<ShipStatus>, limit: f64, stop: &AtomicBo
         for v in statuses() {
             if v.rpo_warning && over.insert(v.name.clone()) {
                 warn!(
-                    "volume {}: RPO {:.1}s exceeds shipper.rpo_warning ({limit}s); state={:?} \
+                    "volume={}: RPO {:.1}s exceeds shipper.rpo_warning ({limit}s); state={:?} \
                      lag_bytes={}",
                     v.name, v.rpo_seconds, v.state, v.lag_bytes
                 );
             } else if !v.rpo_warning && over.remove(&v.name) {
                 info!(
-                    "volume {}: RPO {:.1}s is back within shipper.rpo_warning ({limit}s)",
+                    "volume={}: RPO {:.1}s is back within shipper.rpo_warning ({limit}s)",
                     v.name, v.rpo_seconds
                 );
             }
@@ -540,7 +540,7 @@ fn reverse(
     if !vs.begin_reverse() {
         return Err(format!("volume {name}: a failback is under way already"));
     }
-    info!("volume {name}: failback begins (full: {full})");
+    info!("volume={name}: failback begins (full: {full})");
     let (tracker, stop) = (tracker.to_path_buf(), stop.clone());
     let t = vs.clone();
     std::thread::Builder::new()

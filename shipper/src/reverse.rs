@@ -90,7 +90,7 @@ impl VolumeShipper {
             match self.reverse(tracker, full, stop) {
                 Ok(()) => return,
                 Err(ShipError::Fatal(m)) => {
-                    warn!("volume {}: failback stopped: {m}", self.name);
+                    warn!("volume={}: failback stopped: {m}", self.name);
                     self.update_reverse(|r| {
                         r.phase = "failed".into();
                         r.error = Some(m.clone());
@@ -101,7 +101,7 @@ impl VolumeShipper {
                     let delay = crate::ship::retry_delay(failures, self.retry_unit());
                     failures = failures.saturating_add(1);
                     warn!(
-                        "volume {}: failback: {m}; retry {failures} in {:.1}s",
+                        "volume={}: failback: {m}; retry {failures} in {:.1}s",
                         self.name,
                         delay.as_secs_f64()
                     );
@@ -222,7 +222,7 @@ impl VolumeShipper {
             r.generation = Some(generation);
         });
         info!(
-            "volume {volume}: failed back: {} passes, {} bytes compared, {} bytes copied ({} on \
+            "volume={volume}: failed back: {} passes, {} bytes compared, {} bytes copied ({} on \
              the wire); the volume takes writes again and ships at generation {generation}",
             s.passes, s.compared_bytes, s.copied_bytes, s.wire_bytes
         );

@@ -384,7 +384,7 @@ impl VolumeShipper {
                 Some(v)
             }
             Err(e) => {
-                warn!("volume {}: cannot verify: {}", self.name, e.0);
+                warn!("volume={}: cannot verify: {}", self.name, e.0);
                 self.verifies_started.store(asked, Ordering::SeqCst);
                 None
             }
@@ -435,7 +435,7 @@ impl VolumeShipper {
             let mut st = self.status.lock().unwrap();
             if st.waiting_for_window.is_none() {
                 info!(
-                    "volume {}: a resync is due; it waits for the resync window {}",
+                    "volume={}: a resync is due; it waits for the resync window {}",
                     self.name, w
                 );
             }
@@ -465,7 +465,7 @@ impl VolumeShipper {
             }
             Err(e) => {
                 warn!(
-                    "volume {}: cannot synchronise now: {}; trying again in 5s",
+                    "volume={}: cannot synchronise now: {}; trying again in 5s",
                     self.name, e.0
                 );
                 self.status.lock().unwrap().last_error = Some(e.0);
@@ -562,7 +562,7 @@ impl VolumeShipper {
                 Ok(()) => return,
                 Err(ShipError::Fatal(m)) => {
                     warn!(
-                        "volume {}: {m}; shipping stopped (state critical) until `redun resume {}`",
+                        "volume={}: {m}; shipping stopped (state critical) until `redun resume {}`",
                         self.name, self.name
                     );
                     {
@@ -579,7 +579,7 @@ impl VolumeShipper {
                     let delay = retry_delay(failures, self.opts.retry_unit);
                     failures = failures.saturating_add(1);
                     warn!(
-                        "volume {}: {m}; retry {failures} in {:.1}s",
+                        "volume={}: {m}; retry {failures} in {:.1}s",
                         self.name,
                         delay.as_secs_f64()
                     );
@@ -690,7 +690,7 @@ impl VolumeShipper {
             .set_read_timeout(Some(ACK_TIMEOUT))
             .map_err(|e| classify_io(&target, &e))?;
         info!(
-            "volume {}: shipping to {target} from seq {start}",
+            "volume={}: shipping to {target} from seq {start}",
             self.name
         );
         {
@@ -725,7 +725,7 @@ impl VolumeShipper {
                     .poll_source(None)
                     .and_then(|()| s.pump(&mut |f| proto::write_frame(&mut tls, f)));
                 if let Err(e) = pumped {
-                    warn!("volume {}: synchronisation stopped: {}", self.name, e.0);
+                    warn!("volume={}: synchronisation stopped: {}", self.name, e.0);
                     self.status.lock().unwrap().last_error = Some(e.0);
                     sync = None;
                     next_sync_try = Instant::now() + Duration::from_secs(5);
@@ -741,7 +741,7 @@ impl VolumeShipper {
                     .poll_source(None)
                     .and_then(|()| v.pump(last_sent, &mut |f| proto::write_frame(&mut tls, f)));
                 if let Err(e) = pumped {
-                    warn!("volume {}: verify stopped: {}", self.name, e.0);
+                    warn!("volume={}: verify stopped: {}", self.name, e.0);
                     verify = None;
                 }
             }
@@ -843,7 +843,7 @@ impl VolumeShipper {
                         }
                         Ok(false) => {}
                         Err(e) => {
-                            warn!("volume {}: {}", self.name, e.0);
+                            warn!("volume={}: {}", self.name, e.0);
                             sync = None;
                             self.status.lock().unwrap().sync = None;
                         }

@@ -322,7 +322,7 @@ impl Sync {
             JobKind::Resync
         };
         info!(
-            "volume {volume}: {} {} of {total} bytes{}",
+            "volume={volume}: {} {} of {total} bytes{}",
             match kind {
                 JobKind::InitialReplication => "initial replication",
                 JobKind::Resync => "resync",
@@ -651,7 +651,7 @@ impl Sync {
                 )?;
                 let s = self.status();
                 info!(
-                    "volume {}: synchronisation {} done: {} bytes compared, {} sent, in {:.3}s; \
+                    "volume={}: synchronisation {} done: {} bytes compared, {} sent, in {:.3}s; \
                      {} dirty bytes left",
                     self.volume,
                     self.job.job,

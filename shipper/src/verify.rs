@@ -120,7 +120,7 @@ impl Verify {
             .name(format!("verify-{volume}"))
             .spawn(move || read_bracketed(&file, block, &sock, &vol, &requests, &done))
             .map_err(|e| SyncError(format!("cannot start a thread: {e}")))?;
-        info!("volume {volume}: verify {id} of {size} bytes begins");
+        info!("volume={volume}: verify {id} of {size} bytes begins");
         Ok(Verify {
             volume: volume.to_string(),
             size,
@@ -329,7 +329,7 @@ impl Verify {
             .collect();
         if s.differing.is_empty() {
             info!(
-                "volume {}: verify {} done in {:.1}s: {} bytes compared, source and replica \
+                "volume={}: verify {} done in {:.1}s: {} bytes compared, source and replica \
                  agree{}",
                 self.volume,
                 s.id,
@@ -339,7 +339,7 @@ impl Verify {
             );
         } else {
             warn!(
-                "volume {}: verify {} done: the replica differs from the source in {} ranges \
+                "volume={}: verify {} done: the replica differs from the source in {} ranges \
                  ({}){}; run `redun resync {} --full` to repair it",
                 self.volume,
                 s.id,

@@ -299,7 +299,7 @@ impl AdminServer {
             .name("admin".into())
             .spawn(move || accept_loop(listener, handler, &s))
             .map_err(err)?;
-        info!("admin socket on {}", path.display());
+        info!("socket={}: admin socket listening", path.display());
         Ok(AdminServer {
             path: path.to_path_buf(),
             stop,

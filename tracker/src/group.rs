@@ -1221,7 +1221,7 @@ impl Link {
                     Ok(c) => {
                         if !self.peer.up.swap(true, Ordering::SeqCst) {
                             info!(
-                                "group member {} ({}) is reachable",
+                                "member={} address={}: group member is reachable",
                                 self.peer.id, self.peer.address
                             );
                         }
@@ -1256,7 +1256,7 @@ impl Link {
     fn down(&self, why: &str) {
         if self.peer.up.swap(false, Ordering::SeqCst) {
             warn!(
-                "group member {} ({}) is unreachable: {why}",
+                "member={} address={}: group member is unreachable: {why}",
                 self.peer.id, self.peer.address
             );
         }

@@ -112,14 +112,14 @@ pub fn app_point(log: &ChangeLog, volume: &str, hooks: &Hooks) -> Result<u64, St
     match (marked, post) {
         (Ok(id), Ok(())) => {
             info!(
-                "volume {volume}: app-consistent point {id} placed (hooks took {:?})",
+                "volume={volume}: app-consistent point {id} placed (hooks took {:?})",
                 started.elapsed()
             );
             Ok(id)
         }
         (Ok(id), Err(e)) => {
             log.note_point_failed();
-            warn!("volume {volume}: app-consistent point {id} placed, but {e}");
+            warn!("volume={volume}: app-consistent point {id} placed, but {e}");
             Err(format!(
                 "volume {volume}: point {id} was placed while frozen, but {e}: check that the \
                  application is running again"

@@ -156,12 +156,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 b = b.with_log(Arc::new(log));
             }
             None => warn!(
-                "volume {}: changes are not tracked (--no-journal): the replica cannot follow",
+                "volume={}: changes are not tracked (--no-journal): the replica cannot follow",
                 v.name
             ),
         }
         info!(
-            "volume {} on {} size={} engine={}",
+            "volume={} path={} size={} engine={}",
             v.name,
             v.path.display(),
             redun_tracker::nbd::BlockBackend::size(&b),
@@ -293,7 +293,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let mut job = log.sync_begin(full)?;
                 job.path = e.backend.path().display().to_string();
                 info!(
-                    "volume {volume}: synchronisation {} of {} bytes begins at seq {}",
+                    "volume={volume}: synchronisation {} of {} bytes begins at seq {}",
                     job.job,
                     job.ranges.iter().map(|r| r.1).sum::<u64>(),
                     job.begin_seq
@@ -325,7 +325,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }),
         AdminRequest::SyncDone { volume, job } => on_tracked(&status_server, &volume, |_, log| {
             let left = log.sync_done(job)?;
-            info!("volume {volume}: synchronisation {job} done; {left} dirty bytes left");
+            info!("volume={volume}: synchronisation {job} done; {left} dirty bytes left");
             Ok(AdminResponse {
                 dirty_bytes: Some(left),
                 ..AdminResponse::ok()
@@ -454,7 +454,7 @@ fn place_point(
     match placed {
         Ok(id) => {
             info!(
-                "volume {volume}: {} recovery point {id} placed",
+                "volume={volume}: {} recovery point {id} placed",
                 kind.name()
             );
             AdminResponse::placed(PlacedPoint {
@@ -490,7 +490,7 @@ fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse 
     if !on {
         return match log.unfence() {
             Ok(()) => {
-                info!("volume {volume}: writes are taken again");
+                info!("volume={volume}: writes are taken again");
                 AdminResponse::ok()
             }
             Err(err) => AdminResponse::error(format!("volume {volume}: {err}")),
@@ -500,7 +500,7 @@ fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse 
     // written before it is made durable.
     match log.fence().and_then(|id| e.backend.sync().map(|()| id)) {
         Ok(id) => {
-            info!("volume {volume}: fenced; final point {id}");
+            info!("volume={volume} point={id}: fenced; this is the final point");
             AdminResponse::placed(PlacedPoint {
                 volume: volume.to_string(),
                 id,
@@ -569,7 +569,7 @@ fn crash_points(
                 Err(err) => {
                     // Said once per episode, not every interval.
                     if failing.insert(e.name.clone()) {
-                        warn!("volume {}: no scheduled recovery points: {err}", e.name);
+                        warn!("volume={}: no scheduled recovery points: {err}", e.name);
                     }
                 }
             }

@@ -22,14 +22,14 @@ pub fn block_stop_signals() -> std::io::Result<SigSet> {
 pub fn wait_stop(signals: &SigSet, daemon: &str) -> std::io::Result<Signal> {
     let sig = signals.wait()?;
     stopping();
-    info!("{daemon}: {sig:?} received, stopping");
+    info!("daemon={daemon} signal={sig:?}: received, stopping");
     Ok(sig)
 }
 
 /// Logs `DAEMON ready: STATUS` and tells systemd the daemon is ready, with the status line;
 /// starts watchdog pings when the unit asks for them (`WatchdogSec=`).
 pub fn ready(daemon: &str, status: &str) {
-    info!("{daemon} ready: {status}");
+    info!("daemon={daemon}: ready: {status}");
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }

@@ -51,7 +51,7 @@ impl Target {
             .map_err(|e| format!("volume {volume}: cannot sync {}: {e}", o.path().display()))?;
         if !p.failback {
             self.update_promotion(volume, p, |n| n.failback = true)?;
-            info!("volume {volume}: writes to the promoted volume refused: failing back");
+            info!("volume={volume}: writes to the promoted volume refused: failing back");
         }
         Ok(p.clone())
     }
@@ -79,11 +79,11 @@ impl Target {
             match std::fs::remove_file(&f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => warn!("volume {volume}: cannot remove {}: {e}", f.display()),
+                Err(e) => warn!("volume={volume}: cannot remove {}: {e}", f.display()),
             }
         }
         info!(
-            "volume {volume}: failed back to the original site (promoted at point {}); the \
+            "volume={volume}: failed back to the original site (promoted at point {}); the \
              replica goes on at generation {next}",
             p.point
         );
@@ -141,16 +141,16 @@ impl Target {
             }
         }
         let _claim = self.claim(volume)?;
-        info!("failback: {peer} pulls volume {volume} back");
+        info!("volume={volume} peer={peer}: failback: pulled back");
         let r = self.passes(tls, volume, &store, promoted.as_ref());
         match r {
             Ok(()) => Ok(()),
             Err(StreamEnd::Closed) => {
-                info!("failback: volume {volume}: {peer} disconnected");
+                info!("volume={volume} peer={peer}: failback: disconnected");
                 Ok(())
             }
             Err(StreamEnd::Io(e)) => {
-                warn!("failback: volume {volume}: {peer}: {e}");
+                warn!("volume={volume} peer={peer}: failback: {e}");
                 Ok(())
             }
             Err(StreamEnd::Refused(r)) => Err(r),
@@ -225,7 +225,7 @@ impl Target {
                         None => store.state().generation,
                     };
                     info!(
-                        "failback: volume {volume}: the old primary holds the volume up to its \
+                        "volume={volume}: failback: the old primary holds the volume up to its \
                          record {head}; generation {generation}"
                     );
                     let welcome = Frame::Welcome {

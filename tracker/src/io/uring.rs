@@ -213,7 +213,10 @@ impl UringQueue {
             }
             let idx = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
             let Some(p) = self.slab.get_mut(idx).and_then(|s| s.as_mut()) else {
-                error!("io_uring completion for unknown slot {}", cqe.user_data());
+                error!(
+                    "slot={}: io_uring completion for an unknown slot",
+                    cqe.user_data()
+                );
                 continue;
             };
             // After a flush of the backing file, the journal's (unless it failed: dirty

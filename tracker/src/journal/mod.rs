@@ -420,7 +420,7 @@ impl<S: Store> Journal<S> {
                 });
             }
             warn!(
-                "journal: cutting the chain at seq={} off={}: {}",
+                "seq={} off={}: journal: cutting the chain: {}",
                 end.seq, end.file_offset, end.why
             );
         }

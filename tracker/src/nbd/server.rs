@@ -393,13 +393,13 @@ impl<B: BlockBackend> Server<B> {
     }
 
     fn accept_loop(&self, listener: Listener) {
-        info!("nbd listening on {}", listener.local_addr());
+        info!("listen={}: nbd listening", listener.local_addr());
         while !self.stopping.load(Ordering::SeqCst) {
             match listener.poll_readable(200) {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(e) => {
-                    warn!("nbd poll on {} failed: {e}", listener.local_addr());
+                    warn!("listen={}: nbd poll failed: {e}", listener.local_addr());
                     thread::sleep(Duration::from_millis(100));
                     continue;
                 }
@@ -412,7 +412,7 @@ impl<B: BlockBackend> Server<B> {
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    warn!("nbd accept on {} failed: {e}", listener.local_addr());
+                    warn!("listen={}: nbd accept failed: {e}", listener.local_addr());
                     thread::sleep(Duration::from_millis(50));
                 }
             }
@@ -487,7 +487,10 @@ impl<B: BlockBackend> Server<B> {
             .wait_timeout_while(conns, timeout, |c| !c.is_empty())
             .unwrap();
         if res.timed_out() {
-            warn!("nbd shutdown: {} connections still busy", conns.len());
+            warn!(
+                "connections={}: nbd shutdown: connections still busy",
+                conns.len()
+            );
             return false;
         }
         true
@@ -533,7 +536,7 @@ where
             r
         }
         Err(e) => {
-            warn!("nbd export={} cannot open an I/O queue: {e}", export.name);
+            warn!("nbd export={}: cannot open an I/O queue: {e}", export.name);
             Err(e)
         }
     };

@@ -307,7 +307,7 @@ impl<S: Store> RegionMap<S> {
         };
         if !header.clean && map.hot.count > 0 {
             warn!(
-                "region map: unclean stop, {} hot extents become dirty",
+                "extents={}: region map: unclean stop, hot extents become dirty",
                 map.hot.count
             );
             map.mark_hot_dirty();

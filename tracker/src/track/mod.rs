@@ -310,7 +310,7 @@ impl<J: Store, M: Store> Change<'_, J, M> {
                     // The journal cannot be synced: what it holds unsynced lies in hot
                     // extents, which become dirty; from now on extents cool without it.
                     error!(
-                        "journal {} failed ({e}): tracking dirty regions instead; the volume \
+                        "journal={}: the journal failed ({e}): tracking dirty regions instead; the volume \
                          needs a resync",
                         name.display()
                     );
@@ -333,7 +333,7 @@ impl<J: Store, M: Store> Change<'_, J, M> {
                 }
                 Some(Err(JournalError::Full { capacity, .. })) if was_empty => {
                     warn!(
-                        "journal {}: a {len}-byte change does not fit even in the empty \
+                        "journal={}: a {len}-byte change does not fit even in the empty \
                          journal ({capacity} bytes): tracking dirty regions instead; the volume \
                          needs a resync (use a larger --journal-size)",
                         name.display()
@@ -342,7 +342,7 @@ impl<J: Store, M: Store> Change<'_, J, M> {
                 }
                 Some(Err(JournalError::Full { capacity, .. })) => {
                     warn!(
-                        "journal {} is full ({capacity} bytes unreleased): tracking dirty \
+                        "journal={}: the journal is full ({capacity} bytes unreleased): tracking dirty \
                          regions instead; the volume needs a resync",
                         name.display()
                     );
@@ -350,7 +350,7 @@ impl<J: Store, M: Store> Change<'_, J, M> {
                 }
                 Some(Err(e)) => {
                     error!(
-                        "journal {} failed ({e}): tracking dirty regions instead; the volume \
+                        "journal={}: the journal failed ({e}): tracking dirty regions instead; the volume \
                          needs a resync",
                         name.display()
                     );
@@ -476,7 +476,7 @@ impl ChangeLog {
             })?;
             if rec.hot_extents > 0 {
                 warn!(
-                    "region map {}: unclean stop, {} hot extents of the volume need a resync",
+                    "region_map={}: unclean stop, {} hot extents of the volume need a resync",
                     map_path.display(),
                     rec.hot_extents
                 );
@@ -492,7 +492,7 @@ impl ChangeLog {
                 // The map is created before its journal: a journal without one lost it, and
                 // nothing tells which regions a crash touched.
                 warn!(
-                    "region map {} is missing beside an existing journal: the whole volume \
+                    "region_map={}: missing beside an existing journal: the whole volume \
                      needs a resync",
                     map_path.display()
                 );
@@ -506,7 +506,7 @@ impl ChangeLog {
                 m.persist_dirty().map_err(|e| cerr(&map_path, e))?;
                 if m.dirty_bytes() > 0 {
                     info!(
-                        "volume {name}: new journal; {} bytes of existing data need an initial \
+                        "volume={name}: new journal; {} bytes of existing data need an initial \
                          replication",
                         m.dirty_bytes()
                     );
@@ -527,7 +527,7 @@ impl ChangeLog {
                     }
                     map.persist_dirty().map_err(|e| cerr(&map_path, e))?;
                     error!(
-                        "journal {}: record seq {} at file offset {} is damaged ({}); it and \
+                        "journal={}: record seq {} at file offset {} is damaged ({}); it and \
                          the {} records after it are dropped and {} of the volume is marked \
                          dirty{}: the volume needs a resync",
                         path.display(),
@@ -552,7 +552,7 @@ impl ChangeLog {
             }
             None => {
                 let f = create_preallocated(&path, size).map_err(|e| cerr(&path, e))?;
-                info!("journal {} created ({size} bytes)", path.display());
+                info!("journal={} size={size}: created", path.display());
                 Journal::create(f, random_uuid(), volume_size).map_err(jerr)?
             }
         };
@@ -708,7 +708,7 @@ impl ChangeLog {
                         st.waiting += 1;
                         if st.waiting == 1 {
                             warn!(
-                                "journal {} is full: writes wait until the shipper releases \
+                                "journal={}: the journal is full: writes wait until the shipper releases \
                                  records (journal.on_full = \"block\")",
                                 self.path.display()
                             );
@@ -734,7 +734,7 @@ impl ChangeLog {
             st.waiting -= 1;
             if st.waiting == 0 && r.is_ok() {
                 info!(
-                    "journal {}: space released, writes resume",
+                    "journal={}: space released, writes resume",
                     self.path.display()
                 );
             }
@@ -771,7 +771,7 @@ impl ChangeLog {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
         st.fenced = true;
         warn!(
-            "journal {}: fenced: writes are refused from now on",
+            "journal={}: fenced: writes are refused from now on",
             self.path.display()
         );
         Ok(true)
@@ -1136,13 +1136,13 @@ impl ChangeLog {
             Ok(Some(seq)) if seq >= j.tail_seq() => {
                 if let Err(e) = j.release(seq) {
                     error!(
-                        "journal {}: cannot release through seq {seq}: {e}",
+                        "journal={}: cannot release through seq {seq}: {e}",
                         self.path.display()
                     );
                 }
             }
             Ok(_) => {}
-            Err(e) => warn!("journal {}: {e}; not releasing", self.path.display()),
+            Err(e) => warn!("journal={}: {e}; not releasing", self.path.display()),
         }
     }
 
@@ -1205,11 +1205,11 @@ impl ChangeLog {
         let mut st = self.lock();
         let journal_ok = match st.journal.take().map(|j| j.close()) {
             Some(Ok(_)) => {
-                info!("journal {} closed cleanly", self.path.display());
+                info!("journal={}: closed cleanly", self.path.display());
                 true
             }
             Some(Err(e)) => {
-                error!("journal {}: cannot close cleanly: {e}", self.path.display());
+                error!("journal={}: cannot close cleanly: {e}", self.path.display());
                 false
             }
             None => true,
@@ -1221,7 +1221,7 @@ impl ChangeLog {
             }
             if let Err(e) = m.close() {
                 error!(
-                    "region map {}: cannot close cleanly: {e}",
+                    "region_map={}: cannot close cleanly: {e}",
                     self.map_path.display()
                 );
             }
@@ -1257,7 +1257,7 @@ fn write_out_or_overflow(st: &mut State, path: &Path) -> io::Result<()> {
         Err(e) => {
             if !st.journal_failed {
                 error!(
-                    "journal {} failed ({e}): tracking dirty regions instead; the volume \
+                    "journal={}: the journal failed ({e}): tracking dirty regions instead; the volume \
                      needs a resync",
                     path.display()
                 );
@@ -1292,7 +1292,7 @@ fn commit_loop(shared: &Shared, path: &Path) {
         if let Some(m) = st.map.as_mut() {
             if let Err(e) = m.write_dirty() {
                 warn!(
-                    "region map of {}: cannot write dirty bits: {e}",
+                    "journal={}: cannot write dirty bits to the region map: {e}",
                     path.display()
                 );
             }
