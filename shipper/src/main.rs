@@ -102,19 +102,11 @@ fn main() -> ExitCode {
 
 /// Adds the default port to a target without one.
 fn with_port(target: &str) -> String {
-    let has_port = target
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && !h.ends_with(':') && p.parse::<u16>().is_ok());
-    if has_port {
+    if redun_shipper::tls::has_port(target) {
         target.to_string()
     } else {
         format!("{target}:{}", redun_shipper::proto::DEFAULT_PORT)
     }
-}
-
-fn host_of(target: &str) -> String {
-    let h = target.rsplit_once(':').map_or(target, |(h, _)| h);
-    h.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -177,7 +169,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         server_name: args
             .target_name
             .or(file.target_name.clone())
-            .unwrap_or_else(|| host_of(&target)),
+            .unwrap_or_else(|| redun_shipper::tls::host_of(&target)),
         target,
         tls,
         batch_bytes: usize::try_from(batch_size).unwrap_or(usize::MAX).max(4096),

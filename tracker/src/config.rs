@@ -178,13 +178,14 @@ pub struct TrackerConfig {
 }
 
 impl TrackerConfig {
-    /// The change-log settings of every volume.
-    pub fn log_options(&self) -> LogOptions {
+    /// The change-log settings of volume `name`.
+    pub fn log_options(&self, name: &str) -> LogOptions {
         LogOptions {
             size: self.journal_size,
             on_full: self.on_full,
             region: self.region_size,
             full_percent: self.full_percent,
+            grouped: self.group.as_ref().is_some_and(|g| g.includes(name)),
         }
     }
 }
@@ -513,7 +514,7 @@ mod tests {
         .unwrap();
         assert_eq!(c3.journal_dir, Some(PathBuf::from(DEFAULT_JOURNAL_DIR)));
         assert_eq!(c3.journal_size, DEFAULT_JOURNAL_SIZE);
-        assert_eq!(c3.log_options(), LogOptions::default());
+        assert_eq!(c3.log_options("db"), LogOptions::default());
         for (bad, what) in [
             ("journal.full_percent = 0", "full_percent = 0"),
             ("journal.full_percent = 150", "full_percent = 150"),

@@ -92,10 +92,17 @@ pub struct GroupConfig {
     pub coordinator: Option<u32>,
     /// `None`: every volume of the tracker.
     pub volumes: Option<Vec<String>>,
-    pub tls_ca: PathBuf,
-    pub tls_cert: PathBuf,
-    pub tls_key: PathBuf,
+    pub tls: TlsFiles,
     pub members: Vec<MemberEntry>,
+}
+
+impl GroupConfig {
+    /// Whether volume `name` of this tracker takes part.
+    pub fn includes(&self, name: &str) -> bool {
+        self.volumes
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|x| x == name))
+    }
 }
 
 impl GroupSection {
@@ -129,10 +136,7 @@ impl GroupSection {
             if !ids.insert(m.id) {
                 return Err(format!("group.member id {} is listed twice", m.id));
             }
-            if m.address
-                .rsplit_once(':')
-                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-            {
+            if !crate::tls::has_port(&m.address) {
                 return Err(format!(
                     "group.member {} address = {:?}: expected HOST:PORT, e.g. 10.0.0.2:20004",
                     m.id, m.address
@@ -174,9 +178,11 @@ impl GroupSection {
             app_interval_ms,
             coordinator: self.coordinator,
             volumes: self.volumes.clone(),
-            tls_ca: file("tls_ca", &self.tls_ca)?,
-            tls_cert: file("tls_cert", &self.tls_cert)?,
-            tls_key: file("tls_key", &self.tls_key)?,
+            tls: TlsFiles {
+                ca: file("tls_ca", &self.tls_ca)?,
+                cert: file("tls_cert", &self.tls_cert)?,
+                key: file("tls_key", &self.tls_key)?,
+            },
             members: self.member.clone(),
         })
     }
@@ -269,7 +275,7 @@ fn receive<R: BufRead>(r: &mut R) -> io::Result<Msg> {
 const MAX_PATIENCE: Duration = Duration::from_secs(3600);
 
 /// A point this member froze for or prepared, and has not seen decided.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Pending {
     /// When this member gives the point up by itself.
     deadline: Instant,
@@ -293,10 +299,7 @@ impl GroupHooks {
     /// The hooks of `volumes` (those without any are left out).
     pub fn new(volumes: Vec<(String, Hooks)>) -> Self {
         GroupHooks {
-            volumes: volumes
-                .into_iter()
-                .filter(|(_, h)| h.pre.is_some() || h.post.is_some())
-                .collect(),
+            volumes: volumes.into_iter().filter(|(_, h)| !h.is_empty()).collect(),
             running: Mutex::default(),
         }
     }
@@ -305,10 +308,7 @@ impl GroupHooks {
     fn freeze(&self) -> Result<(), String> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         for (name, h) in &self.volumes {
-            if let Some(cmd) = &h.pre {
-                crate::hooks::run(cmd, name, "pre", h.timeout)
-                    .map_err(|e| format!("volume {name}: {e}"))?;
-            }
+            h.run_pre(name).map_err(|e| format!("volume {name}: {e}"))?;
         }
         Ok(())
     }
@@ -317,14 +317,12 @@ impl GroupHooks {
     fn thaw(&self, group: &str, point: u64) {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         for (name, h) in &self.volumes {
-            if let Some(cmd) = &h.post {
-                match crate::hooks::run(cmd, name, "post", h.timeout) {
-                    Ok(()) => debug!("group={group} point={point} volume={name}: thawed"),
-                    Err(e) => warn!(
-                        "group={group} point={point} volume={name}: {e}: check that the \
-                         application is running again"
-                    ),
-                }
+            match h.run_post(name) {
+                Ok(()) => debug!("group={group} point={point} volume={name}: thawed"),
+                Err(e) => warn!(
+                    "group={group} point={point} volume={name}: {e}: check that the \
+                     application is running again"
+                ),
             }
         }
     }
@@ -394,21 +392,36 @@ impl Member {
         self.hooks.freeze().inspect_err(|e| {
             warn!("group={} point={point}: {e}: the point aborts", self.group);
             // Whoever takes the point out thaws: here, or a decision or the timer meanwhile.
-            if self.lock().remove(&point).is_some() {
-                self.aborted.fetch_add(1, Ordering::Relaxed);
-                self.hooks.thaw(&self.group, point);
+            if let Some(p) = self.lock().remove(&point) {
+                self.conclude(point, &p, false, &[]);
+                self.thaw(point, true);
             }
         })
     }
 
-    /// The post-hooks of `point`, in a thread of their own: a decision is not held up.
-    fn thaw_later(&self, point: u64) {
+    /// The post-hooks of `point`: `now` in this thread, otherwise in a thread of their own
+    /// (a decision is not held up).
+    fn thaw(&self, point: u64, now: bool) {
         let (hooks, group) = (self.hooks.clone(), self.group.clone());
-        let spawned = std::thread::Builder::new()
-            .name("group-thaw".into())
-            .spawn(move || hooks.thaw(&group, point));
-        if spawned.is_err() {
+        let spawned = !now
+            && std::thread::Builder::new()
+                .name("group-thaw".into())
+                .spawn(move || hooks.thaw(&group, point))
+                .is_ok();
+        if !spawned {
             self.hooks.thaw(&self.group, point);
+        }
+    }
+
+    /// Ends `point`, which the caller took out of `pending`: a prepared point records the
+    /// decision and opens its gates, any other counts as aborted. Its thaw is the caller's.
+    /// Returns whether it committed here.
+    fn conclude(&self, point: u64, p: &Pending, commit: bool, volumes: &[String]) -> bool {
+        if p.prepared {
+            self.finish(point, commit, volumes, &self.volumes, &p.fenced)
+        } else {
+            self.aborted.fetch_add(1, Ordering::Relaxed);
+            false
         }
     }
 
@@ -450,7 +463,7 @@ impl Member {
                     // The volumes marked so far, in order, hear the abort.
                     self.finish(point, false, &[], &self.volumes[..i], &fenced);
                     if frozen {
-                        self.thaw_later(point);
+                        self.thaw(point, false);
                     }
                     return Err(format!("volume {name}: {e}"));
                 }
@@ -474,14 +487,9 @@ impl Member {
         let Some(p) = self.lock().remove(&point) else {
             return false;
         };
-        let committed = if p.prepared {
-            self.finish(point, commit, volumes, &self.volumes, &p.fenced)
-        } else {
-            self.aborted.fetch_add(1, Ordering::Relaxed);
-            false
-        };
+        let committed = self.conclude(point, &p, commit, volumes);
         if p.frozen {
-            self.thaw_later(point);
+            self.thaw(point, false);
         }
         committed
     }
@@ -530,7 +538,9 @@ impl Member {
         }
         // Every decision is in its journal before any held reply leaves.
         for (_, log) in marked {
-            log.gate().release(point);
+            if let Some(gate) = log.gate() {
+                gate.release(point);
+            }
         }
         if ok {
             self.committed.fetch_add(1, Ordering::Relaxed);
@@ -546,41 +556,40 @@ impl Member {
         loop {
             let now = Instant::now();
             let stopping = self.stopping.load(Ordering::SeqCst);
-            let late: Vec<(u64, Pending)> = pending
+            let ids: Vec<u64> = pending
                 .iter()
                 .filter(|(_, p)| p.deadline <= now || stopping)
-                .map(|(id, p)| (*id, p.clone()))
+                .map(|(id, _)| *id)
                 .collect();
-            if !late.is_empty() {
+            if !ids.is_empty() {
                 // Taken here, under the lock: a decision arriving now finds them gone.
-                pending.retain(|id, _| !late.iter().any(|(l, _)| l == id));
+                let late: Vec<(u64, Pending)> = ids
+                    .into_iter()
+                    .filter_map(|id| Some((id, pending.remove(&id)?)))
+                    .collect();
                 drop(pending);
                 // Held replies first: a thaw may take a while.
-                for (id, p) in late.iter().filter(|(_, p)| p.prepared) {
-                    self.finish(*id, false, &[], &self.volumes, &p.fenced);
-                    warn!(
-                        "group={} point={id}: no decision within {:?}: aborted here, replies \
-                         released{}",
-                        self.group,
-                        self.timeout,
-                        if p.frozen { ", thawing" } else { "" }
-                    );
-                }
-                for (id, p) in late.iter().filter(|(_, p)| p.frozen) {
-                    if !p.prepared {
-                        self.aborted.fetch_add(1, Ordering::Relaxed);
+                for (id, p) in &late {
+                    self.conclude(*id, p, false, &[]);
+                    if p.prepared {
+                        warn!(
+                            "group={} point={id}: no decision within {:?}: aborted here, \
+                             replies released{}",
+                            self.group,
+                            self.timeout,
+                            if p.frozen { ", thawing" } else { "" }
+                        );
+                    } else {
                         warn!(
                             "group={} point={id}: frozen, and no PREPARE or decision came in \
                              time: thawing",
                             self.group
                         );
                     }
-                    // A stopping tracker thaws before it exits.
-                    if stopping {
-                        self.hooks.thaw(&self.group, *id);
-                    } else {
-                        self.thaw_later(*id);
-                    }
+                }
+                // A stopping tracker thaws before it exits.
+                for (id, _) in late.iter().filter(|(_, p)| p.frozen) {
+                    self.thaw(*id, stopping);
                 }
                 pending = self.lock();
                 continue;
@@ -744,11 +753,10 @@ pub struct Group {
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     status: Mutex<GroupStatus>,
-    last_point: Mutex<u64>,
     /// How long the coordinator waits for the members' pre-hooks (`points.hook_timeout`).
     hook_timeout: Duration,
-    /// One round at a time.
-    round: Mutex<()>,
+    /// One round at a time; the last point id this coordinator gave out.
+    round: Mutex<u64>,
 }
 
 impl Group {
@@ -760,13 +768,8 @@ impl Group {
         hooks: GroupHooks,
         hook_timeout: Duration,
     ) -> anyhow::Result<Arc<Group>> {
-        let tls = TlsFiles {
-            ca: cfg.tls_ca.clone(),
-            cert: cfg.tls_cert.clone(),
-            key: cfg.tls_key.clone(),
-        };
-        let server_tls = tls.server_config()?;
-        let client_tls = tls.client_config()?;
+        let server_tls = cfg.tls.server_config()?;
+        let client_tls = cfg.tls.client_config()?;
         let listener = TcpListener::bind(&cfg.listen).map_err(|e| {
             anyhow::anyhow!(
                 "group {}: cannot listen on group.listen = {} ({e}): is another tracker using \
@@ -809,15 +812,11 @@ impl Group {
                 up: AtomicBool::new(false),
                 last_error: Mutex::new("not connected yet".into()),
             });
-            let server_name = e.name.clone().unwrap_or_else(|| {
-                e.address
-                    .rsplit_once(':')
-                    .map_or("", |(h, _)| h)
-                    .to_string()
-            });
-            let server_name = rustls_pki_types::ServerName::try_from(
-                server_name.trim_matches(['[', ']']).to_string(),
-            )
+            let server_name = e
+                .name
+                .clone()
+                .unwrap_or_else(|| crate::tls::host_of(&e.address));
+            let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
             .map_err(|err| {
                 anyhow::anyhow!(
                     "group.member {}: {server_name:?} is not a certificate name ({err}); set name",
@@ -852,9 +851,8 @@ impl Group {
             peers,
             stop,
             threads: Mutex::new(threads),
-            last_point: Mutex::new(0),
             hook_timeout,
-            round: Mutex::new(()),
+            round: Mutex::new(0),
         });
         if group.cfg.interval_ms > 0 || group.cfg.app_interval_ms > 0 {
             let g = group.clone();
@@ -889,16 +887,6 @@ impl Group {
                 .iter()
                 .any(|p| p.id < self.cfg.id && p.up.load(Ordering::SeqCst)),
         }
-    }
-
-    /// A fresh point id: milliseconds since the epoch in the high bits, the coordinator's
-    /// id in the low 12, increasing for this coordinator.
-    fn next_point(&self) -> u64 {
-        let now = crate::track::unix_ms();
-        let mut last = self.last_point.lock().unwrap();
-        let p = ((now << 12) | u64::from(self.cfg.id & 0xfff)).max(*last + (1 << 12));
-        *last = p;
-        p
     }
 
     fn rounds(&self) {
@@ -996,8 +984,8 @@ impl Group {
     /// COMMIT or ABORT. With `fence`, every member volume refuses writes from its marker on
     /// if the point commits (a planned failover of the whole group).
     pub fn round(&self, kind: PointKind, fence: bool) -> Round {
-        let _one = self.round.lock().unwrap_or_else(|e| e.into_inner());
-        let point = self.next_point();
+        let mut last = self.round.lock().unwrap_or_else(|e| e.into_inner());
+        let point = next_point(&mut last, self.cfg.id);
         let start = Instant::now();
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let mut error = String::new();
@@ -1029,26 +1017,12 @@ impl Group {
                     true,
                 );
                 for p in &self.peers {
-                    match answers.get(&p.id) {
-                        Some(Ok(Msg::Ready {
-                            point: q,
-                            volumes: v,
-                        })) if *q == point => {
-                            volumes.extend(v.iter().map(|m| m.volume.clone()));
-                        }
-                        Some(Ok(Msg::Error { message })) => {
-                            error = format!("member {}: {message}", p.id);
-                            continue;
-                        }
-                        Some(Ok(other)) => {
-                            error = format!("member {}: unexpected answer {other:?}", p.id);
-                        }
-                        // It may have prepared: it must hear the abort.
-                        Some(Err(e)) => error = format!("member {} ({}): {e}", p.id, p.address),
-                        None => continue,
-                    }
-                    if !involved.contains(&p.id) {
-                        involved.push(p.id);
+                    let ready = |m: &Msg| matches!(m, Msg::Ready { point: q, .. } if *q == point);
+                    let answer = answers.get(&p.id);
+                    if let Some(Msg::Ready { volumes: v, .. }) =
+                        take_answer(p, answer, ready, &mut involved, &mut error)
+                    {
+                        volumes.extend(v.iter().map(|m| m.volume.clone()));
                     }
                 }
             }
@@ -1135,21 +1109,8 @@ impl Group {
         }
         let answers = asked.collect();
         for p in &self.peers {
-            match answers.get(&p.id) {
-                Some(Ok(Msg::Frozen { point: q })) if *q == point => involved.push(p.id),
-                Some(Ok(Msg::Error { message })) => {
-                    *error = format!("member {}: {message}", p.id);
-                }
-                Some(Ok(other)) => {
-                    *error = format!("member {}: unexpected answer {other:?}", p.id);
-                    involved.push(p.id);
-                }
-                Some(Err(e)) => {
-                    *error = format!("member {} ({}): {e}", p.id, p.address);
-                    involved.push(p.id);
-                }
-                None => {}
-            }
+            let frozen = |m: &Msg| matches!(m, Msg::Frozen { point: q } if *q == point);
+            take_answer(p, answers.get(&p.id), frozen, involved, error);
         }
     }
 
@@ -1199,6 +1160,45 @@ impl Group {
             let _ = t.join();
         }
     }
+}
+
+/// Peer `p`'s `answer` to FREEZE or PREPARE: the answer when `expected` accepts it;
+/// otherwise the failure is left in `error`. A peer that may have acted (any answer but
+/// ERROR, or none in time) joins `involved`: it must hear the decision.
+fn take_answer<'a>(
+    p: &Peer,
+    answer: Option<&'a Result<Msg, String>>,
+    expected: impl Fn(&Msg) -> bool,
+    involved: &mut Vec<u32>,
+    error: &mut String,
+) -> Option<&'a Msg> {
+    let good = match answer? {
+        Ok(m) if expected(m) => Some(m),
+        Ok(Msg::Error { message }) => {
+            *error = format!("member {}: {message}", p.id);
+            return None;
+        }
+        Ok(other) => {
+            *error = format!("member {}: unexpected answer {other:?}", p.id);
+            None
+        }
+        Err(e) => {
+            *error = format!("member {} ({}): {e}", p.id, p.address);
+            None
+        }
+    };
+    if !involved.contains(&p.id) {
+        involved.push(p.id);
+    }
+    good
+}
+
+/// A fresh point id after `last`: milliseconds since the epoch in the high bits, the
+/// coordinator's `id` in the low 12, increasing for this coordinator.
+fn next_point(last: &mut u64, id: u32) -> u64 {
+    let now = crate::track::unix_ms();
+    *last = ((now << 12) | u64::from(id & 0xfff)).max(*last + (1 << 12));
+    *last
 }
 
 /// The coordinating side's connection to one peer.
@@ -1312,34 +1312,24 @@ fn accept_loop(
     member: &Arc<Member>,
     stop: &AtomicBool,
 ) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((tcp, peer)) => {
-                let (tls, group, members, member) = (
-                    tls.clone(),
-                    group.to_string(),
-                    members.to_vec(),
-                    member.clone(),
-                );
-                let _ = std::thread::Builder::new()
-                    .name("group-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(tcp, &tls, &group, id, &members, &member) {
-                            if e.kind() != io::ErrorKind::UnexpectedEof {
-                                warn!("group={group}: connection from {peer}: {e}");
-                            }
-                        }
-                    });
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                warn!("group={group}: accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
+    let what = format!("group={group}");
+    crate::service::accept_until(listener, stop, &what, |tcp, peer| {
+        let (tls, group, members, member) = (
+            tls.clone(),
+            group.to_string(),
+            members.to_vec(),
+            member.clone(),
+        );
+        let _ = std::thread::Builder::new()
+            .name("group-conn".into())
+            .spawn(move || {
+                if let Err(e) = serve(tcp, &tls, &group, id, &members, &member) {
+                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                        warn!("group={group}: connection from {peer}: {e}");
+                    }
+                }
+            });
+    });
 }
 
 /// One coordinator's connection: HELLO, then requests until it closes.

@@ -27,6 +27,27 @@ pub struct Hooks {
     pub timeout: Duration,
 }
 
+impl Hooks {
+    /// Neither a pre-hook nor a post-hook.
+    pub fn is_empty(&self) -> bool {
+        self.pre.is_none() && self.post.is_none()
+    }
+
+    /// The pre-hook of `volume`, if it has one.
+    pub fn run_pre(&self, volume: &str) -> Result<(), String> {
+        self.pre
+            .as_deref()
+            .map_or(Ok(()), |c| run(c, volume, "pre", self.timeout))
+    }
+
+    /// The post-hook of `volume`, if it has one.
+    pub fn run_post(&self, volume: &str) -> Result<(), String> {
+        self.post
+            .as_deref()
+            .map_or(Ok(()), |c| run(c, volume, "post", self.timeout))
+    }
+}
+
 /// Runs `cmd` for `volume` and waits at most `timeout` for it to exit 0.
 pub fn run(cmd: &str, volume: &str, which: &str, timeout: Duration) -> Result<(), String> {
     let cstr = |s: &[u8]| CString::new(s).map_err(|_| format!("{which}-hook contains a NUL byte"));
@@ -87,17 +108,14 @@ pub fn run(cmd: &str, volume: &str, which: &str, timeout: Duration) -> Result<()
 /// even when the pre-hook or the marker failed; the point counts only when all three worked
 /// (a point whose thaw failed was still taken frozen, so it is kept, and the error says so).
 pub fn app_point(log: &ChangeLog, volume: &str, hooks: &Hooks) -> Result<u64, String> {
-    if hooks.pre.is_none() && hooks.post.is_none() {
+    if hooks.is_empty() {
         return Err(format!(
             "volume {volume} has no pre_hook or post_hook: an app-consistent point needs the \
              commands that freeze and thaw the application (set them in its [[volume]] entry)"
         ));
     }
     let started = Instant::now();
-    let pre = hooks
-        .pre
-        .as_deref()
-        .map_or(Ok(()), |c| run(c, volume, "pre", hooks.timeout));
+    let pre = hooks.run_pre(volume);
     let marked = match &pre {
         Ok(()) => log
             .mark(PointKind::App, false)
@@ -105,10 +123,7 @@ pub fn app_point(log: &ChangeLog, volume: &str, hooks: &Hooks) -> Result<u64, St
             .and_then(|id| id.ok_or_else(|| format!("volume {volume}: no point placed"))),
         Err(e) => Err(format!("volume {volume}: {e}; no point placed")),
     };
-    let post = hooks
-        .post
-        .as_deref()
-        .map_or(Ok(()), |c| run(c, volume, "post", hooks.timeout));
+    let post = hooks.run_post(volume);
     match (marked, post) {
         (Ok(id), Ok(())) => {
             info!(

@@ -148,11 +148,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         match &cfg.journal_dir {
             Some(dir) => {
                 let size = redun_tracker::nbd::BlockBackend::size(&b);
-                let log =
-                    ChangeLog::open_or_create(dir, &v.name, size, &cfg.log_options(), &|| {
-                        b.data_ranges()
-                    })
-                    .with_context(|| format!("volume {:?}", v.name))?;
+                let log = ChangeLog::open_or_create(
+                    dir,
+                    &v.name,
+                    size,
+                    &cfg.log_options(&v.name),
+                    &|| b.data_ranges(),
+                )
+                .with_context(|| format!("volume {:?}", v.name))?;
                 b = b.with_log(Arc::new(log));
             }
             None => warn!(
@@ -206,7 +209,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 server
                     .exports()
                     .iter()
-                    .filter(|e| g.volumes.as_ref().is_none_or(|v| v.contains(&e.name)))
+                    .filter(|e| g.includes(&e.name))
                     .map(|e| {
                         e.backend.log().cloned().map(|l| (e.name.clone(), l)).ok_or_else(|| {
                         anyhow::anyhow!(
@@ -579,7 +582,7 @@ fn crash_points(
 
 /// The tracker's metrics (docs/OPERATIONS.md lists them).
 fn metrics(st: &TrackerStatus) -> String {
-    use redun_tracker::metrics::{Scrape, volume};
+    use redun_tracker::metrics::{Scrape, group, volume};
     let mut m = Scrape::new();
     for v in &st.volumes {
         let l = || volume(&v.name);
@@ -692,29 +695,27 @@ fn metrics(st: &TrackerStatus) -> String {
         }
     }
     if let Some(gs) = &st.group {
-        let l = || vec![("group".to_string(), gs.name.clone())];
-        for (outcome, n) in [("committed", gs.committed), ("aborted", gs.aborted)] {
-            let mut labels = l();
-            labels.push(("outcome".into(), outcome.into()));
-            m.counter(
+        let l = || group(&gs.name);
+        let counts = [
+            (
                 "redun_group_points",
                 "Group points this member decided, whoever coordinated.",
-                labels,
-                n,
-            );
-        }
-        for (outcome, n) in [
-            ("committed", gs.rounds_committed),
-            ("aborted", gs.rounds_aborted),
-        ] {
-            let mut labels = l();
-            labels.push(("outcome".into(), outcome.into()));
-            m.counter(
+                gs.committed,
+                gs.aborted,
+            ),
+            (
                 "redun_group_rounds",
                 "Group rounds this member ran as coordinator.",
-                labels,
-                n,
-            );
+                gs.rounds_committed,
+                gs.rounds_aborted,
+            ),
+        ];
+        for (name, help, committed, aborted) in counts {
+            for (outcome, n) in [("committed", committed), ("aborted", aborted)] {
+                let mut labels = l();
+                labels.push(("outcome".into(), outcome.into()));
+                m.counter(name, help, labels, n);
+            }
         }
         m.gauge(
             "redun_group_last_round_seconds",

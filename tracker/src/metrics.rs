@@ -28,6 +28,11 @@ pub fn volume(name: &str) -> Labels {
     vec![("volume".to_string(), name.to_string())]
 }
 
+/// `[("group", name)]`.
+pub fn group(name: &str) -> Labels {
+    vec![("group".to_string(), name.to_string())]
+}
+
 type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
 /// Histograms by label set, made with [`latency_histogram`].
 pub type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
@@ -188,23 +193,12 @@ impl Drop for MetricsServer {
 }
 
 fn accept(l: &TcpListener, render: &Render, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match l.accept() {
-            Ok((s, peer)) => {
-                // Scrapes are rare and small: one at a time, on this thread.
-                if let Err(e) = answer(s, render) {
-                    debug!("metrics: {peer}: {e}");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                warn!("metrics: accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
+    // Scrapes are rare and small: one at a time, on this thread.
+    crate::service::accept_until(l, stop, "metrics", |s, peer| {
+        if let Err(e) = answer(s, render) {
+            debug!("metrics: {peer}: {e}");
         }
-    }
+    });
 }
 
 /// One HTTP/1.x exchange: the request line and headers are read, one response written.

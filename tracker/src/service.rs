@@ -61,3 +61,25 @@ pub fn stopping() {
         let _ = sd_notify::notify(&[NotifyState::Stopping]);
     }
 }
+
+/// Accepts on the non-blocking `listener` until `stop`, handing every connection to `conn`;
+/// `what` names the listener in the log. A stop is seen within 50 ms.
+pub fn accept_until(
+    listener: &std::net::TcpListener,
+    stop: &std::sync::atomic::AtomicBool,
+    what: &str,
+    mut conn: impl FnMut(std::net::TcpStream, std::net::SocketAddr),
+) {
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((s, peer)) => conn(s, peer),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                warn!("{what}: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}

@@ -15,8 +15,21 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// Whether `addr` is `HOST:PORT` (an IPv6 host in brackets).
+pub fn has_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !h.ends_with(':') && p.parse::<u16>().is_ok())
+}
+
+/// The host of `HOST[:PORT]`, without IPv6 brackets: the name a peer's certificate must
+/// carry unless one is given.
+pub fn host_of(addr: &str) -> String {
+    let h = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    h.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
 /// The three PEM files of one daemon.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,

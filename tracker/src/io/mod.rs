@@ -229,11 +229,11 @@ impl BlockBackend for FileBackend {
     }
 
     fn open_queue(&self, sink: Arc<dyn CompletionSink>) -> io::Result<FileQueue> {
-        // Replies of a tracked volume pass its consistency-group gate.
-        let sink: Arc<dyn CompletionSink> = match &self.log {
-            Some(log) => Arc::new(crate::track::gate::GateSink {
+        // Replies of a volume of the consistency group pass its gate.
+        let sink: Arc<dyn CompletionSink> = match self.log.as_ref().and_then(|l| l.gate()) {
+            Some(gate) => Arc::new(crate::track::gate::GateSink {
                 inner: sink,
-                gate: log.gate().clone(),
+                gate: gate.clone(),
             }),
             None => sink,
         };

@@ -69,6 +69,8 @@ pub struct LogOptions {
     pub region: u64,
     /// The journal counts as full once this percentage of its capacity is unreleased.
     pub full_percent: u8,
+    /// The volume takes part in the tracker's consistency group: its replies pass a gate.
+    pub grouped: bool,
 }
 
 impl Default for LogOptions {
@@ -78,6 +80,7 @@ impl Default for LogOptions {
             on_full: OnFull::Bitmap,
             region: DEFAULT_REGION,
             full_percent: 100,
+            grouped: false,
         }
     }
 }
@@ -206,8 +209,9 @@ pub struct ChangeLog {
     /// Points placed (crash, app) and app-consistent points that failed.
     points: [AtomicU64; 2],
     points_failed: AtomicU64,
-    /// Replies held for consistency-group points ([`ChangeLog::mark_group`]).
-    gate: Arc<Gate>,
+    /// Replies held for consistency-group points ([`ChangeLog::mark_group`]); only a volume
+    /// of the group has one, so no other pays for it on its replies.
+    gate: Option<Arc<Gate>>,
 }
 
 /// Why a journal could not be opened.
@@ -601,7 +605,7 @@ impl ChangeLog {
             on_full: opts.on_full,
             points: Default::default(),
             points_failed: AtomicU64::new(0),
-            gate: Arc::default(),
+            gate: opts.grouped.then(Arc::default),
         })
     }
 
@@ -799,7 +803,7 @@ impl ChangeLog {
     }
 
     /// Applies the blocks a failback brought back (`NAME.failback` beside the journal,
-    /// written by the shipper; docs/FORMAT.md) to the fenced volume of `size` bytes: each is
+    /// written by the shipper; docs/FORMAT.md) to the fenced volume: each is
     /// recorded in the journal like a write, then the backing file and the journal are made
     /// durable. Returns the last record's sequence number and the bytes applied.
     pub fn apply_failback(&self, backing: &File) -> io::Result<(u64, u64)> {
@@ -883,6 +887,11 @@ impl ChangeLog {
     /// marker on (a planned failover of the group). Returns the marker's sequence number and
     /// whether this call fenced the volume.
     pub fn mark_group(&self, kind: PointKind, point: u64, fence: bool) -> io::Result<(u64, bool)> {
+        let Some(gate) = &self.gate else {
+            return Err(io::Error::other(
+                "the volume is not in the consistency group",
+            ));
+        };
         let mut guard = self.lock();
         let fenced = fence && self.set_fenced(&mut guard)?;
         let seq = self
@@ -897,7 +906,7 @@ impl ChangeLog {
                     let _ = self.clear_fenced(&mut guard);
                 }
             })?;
-        self.gate.hold(point);
+        gate.hold(point);
         Ok((seq, fenced))
     }
 
@@ -953,9 +962,10 @@ impl ChangeLog {
         )
     }
 
-    /// The gate replies pass through (held during a group point's two phases).
-    pub fn gate(&self) -> &Arc<Gate> {
-        &self.gate
+    /// The gate replies pass through (held during a group point's two phases), on a volume
+    /// of the consistency group.
+    pub fn gate(&self) -> Option<&Arc<Gate>> {
+        self.gate.as_ref()
     }
 
     /// Appends a record that is not a change (a marker, a sync record) covering `range`, and
