@@ -161,5 +161,6 @@ PY
 true
 # BENCH_KEEP=DIR keeps fio's JSON, the round samples and the members' logs.
 if [ -n "${BENCH_KEEP:-}" ]; then
-    mkdir -p "$BENCH_KEEP" && cp -r result-* why-aborted.txt m*/ "$BENCH_KEEP"/ 2>/dev/null || true
+    mkdir -p "$BENCH_KEEP" && cp result-* why-aborted.txt "$BENCH_KEEP"/ 2>/dev/null || true
+    for d in m*/; do mkdir -p "$BENCH_KEEP/$d" && cp "$d"*.log "$BENCH_KEEP/$d" 2>/dev/null || true; done
 fi

@@ -74,38 +74,27 @@ pub fn planned(
 /// (no write after it is taken anywhere), then, once the target holds it from every member,
 /// every member volume promoted at it.
 pub fn planned_group(group: &str, tracker: &Path, target: &Path, timeout: Duration) -> ExitCode {
-    // The tracker must be a member of that group: the round fences its group's volumes.
-    let status = admin::request_json(tracker, &serde_json::json!({"cmd": "status"}));
-    let theirs = status
-        .as_ref()
-        .ok()
-        .and_then(|v| v["status"]["group"]["name"].as_str().map(String::from));
-    if theirs.as_deref() != Some(group) {
-        eprintln!(
-            "redun failover: the tracker on {} is {}: run this on a member of group {group} \
-             (--tracker-socket)",
-            tracker.display(),
-            match (&status, theirs) {
-                (Err(e), _) => format!("unreachable ({e})"),
-                (Ok(_), Some(g)) => format!("a member of group {g}"),
-                (Ok(_), None) => "in no consistency group".into(),
-            }
-        );
-        return ExitCode::from(1);
-    }
-    let id = match crate::points::group_round(tracker, PointKind::Crash, true, "redun failover") {
+    // The tracker refuses unless it is a member of that group.
+    let round = crate::points::group_round(
+        tracker,
+        Some(group),
+        PointKind::Crash,
+        true,
+        "redun failover",
+    );
+    let id = match round {
         Ok(id) => id,
         Err(code) => return code,
     };
     println!("group {group}: writes refused on every member volume; final group point {id}");
     let deadline = Instant::now() + timeout;
-    loop {
+    let point = loop {
         let points = match crate::points::group_points("failover", group, target) {
             Ok(p) => p,
             Err(code) => return code,
         };
-        if points.iter().any(|p| p["id"] == id && p["usable"] == true) {
-            break;
+        if let Some(p) = points.into_iter().find(|p| p.id == id && p.usable) {
+            break p;
         }
         if Instant::now() >= deadline {
             eprintln!(
@@ -117,8 +106,8 @@ pub fn planned_group(group: &str, tracker: &Path, target: &Path, timeout: Durati
             return ExitCode::from(1);
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-    crate::points::on_group_point("failover", group, Some(id), target, |volume, point| {
+    };
+    crate::points::on_members(&point, |volume, point| {
         promote(volume, &point.into(), "planned, nothing lost", target)
     })
     .map_or_else(
@@ -282,42 +271,36 @@ fn promote(volume: &str, point: &serde_json::Value, how: &str, target: &Path) ->
     }
 }
 
+/// `--point ID|latest`: `None` for latest; a bad value is said (`list`: where the ids
+/// are listed) and exits 2.
+fn parse_point(point: &str, list: &str) -> Result<Option<u64>, ExitCode> {
+    match point {
+        "latest" => Ok(None),
+        id => id.parse::<u64>().map(Some).map_err(|_| {
+            eprintln!("redun failover: --point {id:?}: give a point id ({list}) or latest");
+            ExitCode::from(2)
+        }),
+    }
+}
+
 /// Unplanned: promote `point` (an id, or `latest`: everything the target holds).
 pub fn unplanned(volume: &str, point: &str, target: &Path) -> ExitCode {
-    let point = if point == "latest" {
-        serde_json::json!("latest")
-    } else {
-        match point.parse::<u64>() {
-            Ok(id) => serde_json::json!(id),
-            Err(_) => {
-                eprintln!(
-                    "redun failover: --point {point:?}: give a point id (redun points \
-                     {volume}) or latest"
-                );
-                return ExitCode::from(2);
-            }
-        }
+    let point = match parse_point(point, &format!("redun points {volume}")) {
+        Ok(Some(id)) => serde_json::json!(id),
+        Ok(None) => serde_json::json!("latest"),
+        Err(code) => return code,
     };
     promote(volume, &point, "unplanned", target)
 }
 
 /// `redun failover --unplanned --group NAME`: every member volume at one group point.
 pub fn unplanned_group(group: &str, point: &str, target: &Path) -> ExitCode {
-    let id = match point {
-        "latest" => None,
-        id => match id.parse::<u64>() {
-            Ok(id) => Some(id),
-            Err(_) => {
-                eprintln!(
-                    "redun failover: --point {id:?}: give a group point id (redun points \
-                     --group {group}) or latest"
-                );
-                return ExitCode::from(2);
-            }
-        },
+    let id = match parse_point(point, &format!("redun points --group {group}")) {
+        Ok(id) => id,
+        Err(code) => return code,
     };
     crate::points::on_group_point("failover", group, id, target, |volume, point| {
-        unplanned(volume, &point.to_string(), target)
+        promote(volume, &point.into(), "unplanned", target)
     })
     .map_or_else(
         |code| code,

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use redun_tracker::admin::{self, AdminRequest};
 use redun_tracker::journal::format::PointKind;
 
+use redun_target::server::GroupPoint;
+
 use crate::ask::{Daemon, ask_or_exit};
 
 /// Sends `req` (a point or a fence) to the tracker and returns the point it placed; on
@@ -152,7 +154,7 @@ pub fn group(app: bool, tracker: &Path) -> ExitCode {
     } else {
         PointKind::Crash
     };
-    match group_round(tracker, kind, false, "redun point group") {
+    match group_round(tracker, None, kind, false, "redun point group") {
         Ok(id) => {
             println!("{id}");
             ExitCode::SUCCESS
@@ -161,14 +163,20 @@ pub fn group(app: bool, tracker: &Path) -> ExitCode {
     }
 }
 
-/// Runs a group round from the tracker (as `cmd`): the committed group point's id.
+/// Runs a group round from the tracker (as `cmd`): the committed group point's id. With
+/// `group`, the tracker refuses unless it is a member of that group.
 pub(crate) fn group_round(
     tracker: &Path,
+    group: Option<&str>,
     kind: PointKind,
     fence: bool,
     cmd: &str,
 ) -> Result<u64, ExitCode> {
-    let req = AdminRequest::GroupPoint { kind, fence };
+    let req = AdminRequest::GroupPoint {
+        kind,
+        fence,
+        group: group.map(String::from),
+    };
     tracker_ask(tracker, &req, cmd)?.group_point.ok_or_else(|| {
         eprintln!("{cmd}: the tracker answered without a group point");
         ExitCode::from(1)
@@ -180,10 +188,13 @@ pub(crate) fn group_points(
     cmd: &str,
     group: &str,
     target: &Path,
-) -> Result<Vec<serde_json::Value>, ExitCode> {
+) -> Result<Vec<GroupPoint>, ExitCode> {
     let req = serde_json::json!({"cmd": "points", "group": group});
-    let v = ask_or_exit(cmd, Daemon::Target, target, &req)?;
-    Ok(v["points"].as_array().cloned().unwrap_or_default())
+    let mut v = ask_or_exit(cmd, Daemon::Target, target, &req)?;
+    serde_json::from_value(v["points"].take()).map_err(|e| {
+        eprintln!("redun {cmd}: the target's list of group {group}'s points is unreadable: {e}");
+        ExitCode::from(1)
+    })
 }
 
 /// Runs `f(volume, point)` for every member volume of group point `id` (the newest usable
@@ -194,12 +205,12 @@ pub(crate) fn on_group_point(
     group: &str,
     id: Option<u64>,
     target: &Path,
-    mut f: impl FnMut(&str, u64) -> ExitCode,
+    f: impl FnMut(&str, u64) -> ExitCode,
 ) -> Result<u64, ExitCode> {
     let points = group_points(cmd, group, target)?;
     let chosen = match id {
-        Some(id) => points.iter().find(|p| p["id"] == id),
-        None => points.iter().rev().find(|p| p["usable"] == true),
+        Some(id) => points.iter().find(|p| p.id == id),
+        None => points.iter().rev().find(|p| p.usable),
     };
     let Some(chosen) = chosen else {
         eprintln!(
@@ -211,18 +222,24 @@ pub(crate) fn on_group_point(
         );
         return Err(ExitCode::from(1));
     };
+    on_members(chosen, f)
+}
+
+/// Runs `f(volume, point)` for every member volume of group point `p`; returns its id, or
+/// the exit status of the last member that failed (after trying them all).
+pub(crate) fn on_members(
+    p: &GroupPoint,
+    mut f: impl FnMut(&str, u64) -> ExitCode,
+) -> Result<u64, ExitCode> {
     let mut code = ExitCode::SUCCESS;
-    for m in chosen["volumes"].as_array().into_iter().flatten() {
-        let r = f(
-            m["volume"].as_str().unwrap_or("?"),
-            m["point"].as_u64().unwrap_or(0),
-        );
+    for m in &p.volumes {
+        let r = f(&m.volume, m.point);
         if r != ExitCode::SUCCESS {
             code = r;
         }
     }
     if code == ExitCode::SUCCESS {
-        Ok(chosen["id"].as_u64().unwrap_or(0))
+        Ok(p.id)
     } else {
         Err(code)
     }
@@ -246,18 +263,17 @@ pub fn list_group(group: &str, json: bool, target: &Path) -> ExitCode {
         "ID", "TIME (UTC)", "KIND", "USABLE"
     );
     for p in &points {
-        let vols: Vec<String> = p["volumes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| format!("{}:{}", m["volume"].as_str().unwrap_or("?"), m["point"]))
+        let vols: Vec<String> = p
+            .volumes
+            .iter()
+            .map(|m| format!("{}:{}", m.volume, m.point))
             .collect();
         println!(
             "{:>20}  {:<24}  {:<5}  {:<6}  {}",
-            p["id"].as_u64().unwrap_or(0),
-            utc(p["unix_ms"].as_u64().unwrap_or(0)),
-            p["kind"].as_str().unwrap_or("?"),
-            if p["usable"] == true { "yes" } else { "no" },
+            p.id,
+            utc(p.unix_ms),
+            p.kind.name(),
+            if p.usable { "yes" } else { "no" },
             vols.join(" ")
         );
     }

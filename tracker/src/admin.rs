@@ -83,6 +83,9 @@ pub enum AdminRequest {
         /// failover --planned --group`).
         #[serde(default)]
         fence: bool,
+        /// Refused unless this tracker is a member of this group.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
     },
 }
 

@@ -252,10 +252,18 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             )),
             ..AdminResponse::ok()
         },
-        AdminRequest::GroupPoint { kind, fence } => match &group_for_admin {
+        AdminRequest::GroupPoint { kind, fence, group } => match &group_for_admin {
             None => AdminResponse::error(
                 "this tracker is in no consistency group (configure [group] in the config file)",
             ),
+            Some(g) if group.as_deref().is_some_and(|n| n != g.name()) => {
+                AdminResponse::error(format!(
+                    "this tracker is a member of group {}, not {}: run this on a member of \
+                     that group (--tracker-socket)",
+                    g.name(),
+                    group.unwrap_or_default()
+                ))
+            }
             Some(g) => {
                 let r = g.round(kind, fence);
                 if r.committed {
