@@ -25,35 +25,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
-use redun_tracker::journal::format::{
-    GroupDecision, Kind, MarkerInfo, PointKind, SyncInfo, SyncRole,
+use redun_store::segment::{self as codec, Scanned, SegmentError, encode_entry, encode_index};
+pub use redun_store::segment::{
+    Decided, ENTRY_HEADER_LEN, Entry, Identity, MANIFEST_FORMAT, Manifest, Point,
+    SEGMENT_HEADER_LEN, SegmentRef,
 };
+use redun_tracker::journal::format::{GroupDecision, Kind, PointKind, SyncInfo, SyncRole};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-pub const SEGMENT_MAGIC: [u8; 8] = *b"RDSEG001";
-pub const SEGMENT_HEADER_LEN: usize = 64;
-pub const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"RSE1");
-pub const ENTRY_HEADER_LEN: usize = 40;
-pub const INDEX_ENTRY_LEN: usize = 32;
-pub const TRAILER_MAGIC: [u8; 8] = *b"RDSEGEND";
-pub const TRAILER_LEN: usize = 32;
 /// A segment is sealed at the first commit after it holds this many bytes.
 pub const SEAL_BYTES: u64 = 64 << 20;
 /// Appended records are written to the segment file once this many bytes wait in memory.
 const WRITE_BYTES: usize = 8 << 20;
-pub const MANIFEST_FORMAT: u32 = 1;
-
-/// The identity a store is created with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub name: String,
-    /// The volume's uuid, hex.
-    pub uuid: String,
-    pub size: u64,
-    pub generation: u64,
-}
-
 /// What `NAME.state` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaState {
@@ -107,74 +90,6 @@ impl ReplicaState {
             generation: self.generation,
         }
     }
-}
-
-/// A recovery point: the volume as of the marker record with sequence number `id`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Point {
-    pub id: u64,
-    pub unix_ms: u64,
-    pub kind: PointKind,
-    /// The consistency group's point this marker belongs to (0: none). Such a point is
-    /// listed only once a [`Decided`] commit for it is durable.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub group: u64,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
-
-/// A consistency group's decision record, as the store keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decided {
-    /// The decision record's sequence number.
-    pub seq: u64,
-    #[serde(flatten)]
-    pub decision: GroupDecision,
-}
-
-/// The records of one segment: its index, the points its markers place and its group
-/// decisions.
-type Scanned = (Vec<Entry>, Vec<Point>, Vec<Decided>);
-
-/// A sealed segment as the manifest lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SegmentRef {
-    pub file: String,
-    pub first_seq: u64,
-    pub last_seq: u64,
-    pub bytes: u64,
-}
-
-/// `NAME.store/manifest.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: u32,
-    pub name: String,
-    pub uuid: String,
-    pub size: u64,
-    pub generation: u64,
-    /// Every record up to this sequence number is in `base.img` (0: none).
-    pub base_seq: u64,
-    pub segments: Vec<SegmentRef>,
-    /// Points in sealed segments, oldest first (points in the open segment are found by
-    /// reading it).
-    pub points: Vec<Point>,
-    /// Consistency-group decisions in sealed segments, for the group points still listed.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub decisions: Vec<Decided>,
-}
-
-/// One record of a segment, as the index keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
-    pub seq: u64,
-    pub offset: u64,
-    /// Where the payload starts in the segment file.
-    pub data: u64,
-    pub length: u32,
-    pub kind: Kind,
 }
 
 /// A sealed segment: immutable.
@@ -320,220 +235,23 @@ pub fn read_state(data_dir: &Path, name: &str) -> Result<Option<ReplicaState>, S
     read_json(&p).map(Some)
 }
 
-fn segment_header(id: &Identity, first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
-    let mut h = [0u8; SEGMENT_HEADER_LEN];
-    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    h[8..12].copy_from_slice(&1u32.to_le_bytes());
-    let uuid = u128::from_str_radix(&id.uuid, 16).unwrap_or(0);
-    h[16..32].copy_from_slice(&uuid.to_be_bytes());
-    h[32..40].copy_from_slice(&id.generation.to_le_bytes());
-    h[40..48].copy_from_slice(&first_seq.to_le_bytes());
-    let sum = xxh3_64(&h[..56]);
-    h[56..64].copy_from_slice(&sum.to_le_bytes());
-    h
+fn segment_err(path: &Path) -> impl FnOnce(SegmentError) -> StoreError + '_ {
+    move |e| match e {
+        SegmentError::Io(source) => io_err("cannot read", path)(source),
+        SegmentError::Damaged(reason) => damaged(path, reason),
+    }
 }
 
-/// The checksum of an entry: its header's first 32 bytes and its payload, seeded with the
-/// segment's first sequence number (an entry copied into another segment does not verify).
-fn entry_checksum(head: &[u8], payload: &[u8], first_seq: u64) -> u64 {
-    let mut h = Xxh3::with_seed(first_seq);
-    h.update(&head[..32]);
-    h.update(payload);
-    h.digest()
-}
-
-fn encode_entry(
-    out: &mut Vec<u8>,
-    first_seq: u64,
-    kind: Kind,
-    seq: u64,
-    offset: u64,
-    length: u32,
-    payload: &[u8],
-) {
-    let mut head = [0u8; ENTRY_HEADER_LEN];
-    head[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
-    head[4] = kind as u8;
-    head[8..16].copy_from_slice(&seq.to_le_bytes());
-    head[16..24].copy_from_slice(&offset.to_le_bytes());
-    head[24..28].copy_from_slice(&length.to_le_bytes());
-    let plen = u32::try_from(payload.len()).expect("payloads are at most 32 MiB");
-    head[28..32].copy_from_slice(&plen.to_le_bytes());
-    let sum = entry_checksum(&head, payload, first_seq);
-    head[32..40].copy_from_slice(&sum.to_le_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(payload);
-}
-
-fn le64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
-fn le32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
-}
-
-/// Reads the entries of a segment from its first record to `len` (an open segment, or a
-/// sealed one whose index is damaged), checking every checksum.
+/// Reads the entries of a segment file from its first record to `len`, checking every
+/// checksum ([`codec::scan_segment`]).
 fn scan_segment(file: &File, path: &Path, first_seq: u64, len: u64) -> Result<Scanned, StoreError> {
-    let mut head = [0u8; SEGMENT_HEADER_LEN];
-    file.read_exact_at(&mut head, 0)
-        .map_err(io_err("cannot read", path))?;
-    if head[0..8] != SEGMENT_MAGIC || le64(&head[56..]) != xxh3_64(&head[..56]) {
-        return Err(damaged(path, "the segment header is not valid"));
-    }
-    if le64(&head[40..]) != first_seq {
-        return Err(damaged(
-            path,
-            format!(
-                "the segment starts at seq {}, not {first_seq}",
-                le64(&head[40..])
-            ),
-        ));
-    }
-    let mut entries = Vec::new();
-    let mut points = Vec::new();
-    let mut decisions = Vec::new();
-    let mut pos = SEGMENT_HEADER_LEN as u64;
-    let mut next = first_seq;
-    let mut eh = [0u8; ENTRY_HEADER_LEN];
-    while pos < len {
-        let bad = |why: String| damaged(path, format!("entry at byte {pos}: {why}"));
-        if pos + ENTRY_HEADER_LEN as u64 > len {
-            return Err(bad("truncated header".into()));
-        }
-        file.read_exact_at(&mut eh, pos)
-            .map_err(io_err("cannot read", path))?;
-        if le32(&eh[0..]) != ENTRY_MAGIC {
-            return Err(bad("bad magic".into()));
-        }
-        let kind = Kind::from_u8(eh[4]).ok_or_else(|| bad(format!("unknown kind {}", eh[4])))?;
-        let seq = le64(&eh[8..]);
-        let offset = le64(&eh[16..]);
-        let length = le32(&eh[24..]);
-        let plen = u64::from(le32(&eh[28..]));
-        if seq != next && !(entries.is_empty() && seq >= next) {
-            return Err(bad(format!("seq {seq} where {next} was expected")));
-        }
-        let data = pos + ENTRY_HEADER_LEN as u64;
-        if data + plen > len {
-            return Err(bad("truncated payload".into()));
-        }
-        let mut payload = vec![0u8; usize::try_from(plen).unwrap_or(usize::MAX)];
-        file.read_exact_at(&mut payload, data)
-            .map_err(io_err("cannot read", path))?;
-        if entry_checksum(&eh, &payload, first_seq) != le64(&eh[32..]) {
-            return Err(bad(format!("checksum mismatch (seq {seq})")));
-        }
-        note_record(kind, seq, &payload, &mut points, &mut decisions);
-        entries.push(Entry {
-            seq,
-            offset,
-            data,
-            length,
-            kind,
-        });
-        next = seq + 1;
-        pos = data + plen;
-    }
-    Ok((entries, points, decisions))
+    codec::scan_segment(file, first_seq, len).map_err(segment_err(path))
 }
 
-/// What a marker or decision record adds to a segment's points and decisions.
-fn note_record(
-    kind: Kind,
-    seq: u64,
-    payload: &[u8],
-    points: &mut Vec<Point>,
-    decisions: &mut Vec<Decided>,
-) {
-    match kind {
-        Kind::Marker => {
-            if let Some(m) = MarkerInfo::decode(payload) {
-                points.push(Point {
-                    id: seq,
-                    unix_ms: m.unix_ms,
-                    kind: m.kind,
-                    group: m.group_point,
-                });
-            }
-        }
-        Kind::Decision => {
-            if let Some(decision) = GroupDecision::decode(payload) {
-                decisions.push(Decided { seq, decision });
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Reads a sealed segment's index through its trailer.
+/// Reads a sealed segment file's index through its trailer.
 fn read_index(file: &File, path: &Path, r: &SegmentRef) -> Result<Vec<Entry>, StoreError> {
     let len = file.metadata().map_err(io_err("cannot stat", path))?.len();
-    if len != r.bytes || len < (SEGMENT_HEADER_LEN + TRAILER_LEN) as u64 {
-        return Err(damaged(
-            path,
-            format!("the segment has {len} bytes, the manifest says {}", r.bytes),
-        ));
-    }
-    let mut t = [0u8; TRAILER_LEN];
-    file.read_exact_at(&mut t, len - TRAILER_LEN as u64)
-        .map_err(io_err("cannot read", path))?;
-    if t[0..8] != TRAILER_MAGIC {
-        return Err(damaged(path, "the segment has no trailer"));
-    }
-    let at = le64(&t[8..]);
-    let count = le64(&t[16..]);
-    let bytes = count
-        .checked_mul(INDEX_ENTRY_LEN as u64)
-        .filter(|b| at.checked_add(*b) == Some(len - TRAILER_LEN as u64))
-        .ok_or_else(|| damaged(path, "the segment's trailer is not valid"))?;
-    let mut idx = vec![0u8; usize::try_from(bytes).unwrap_or(usize::MAX)];
-    file.read_exact_at(&mut idx, at)
-        .map_err(io_err("cannot read", path))?;
-    if xxh3_64(&idx) != le64(&t[24..]) {
-        return Err(damaged(path, "the segment's index checksum does not match"));
-    }
-    let mut entries = Vec::with_capacity(idx.len() / INDEX_ENTRY_LEN);
-    for e in idx.chunks_exact(INDEX_ENTRY_LEN) {
-        let kind = Kind::from_u8(e[28]).ok_or_else(|| damaged(path, "unknown kind in index"))?;
-        entries.push(Entry {
-            seq: le64(&e[0..]),
-            offset: le64(&e[8..]),
-            data: le64(&e[16..]),
-            length: le32(&e[24..]),
-            kind,
-        });
-    }
-    let first = entries.first().map(|e| e.seq);
-    let last = entries.last().map(|e| e.seq);
-    if first != Some(r.first_seq) || last != Some(r.last_seq) {
-        return Err(damaged(
-            path,
-            format!(
-                "the index covers seq {first:?}..={last:?}, the manifest {}..={}",
-                r.first_seq, r.last_seq
-            ),
-        ));
-    }
-    Ok(entries)
-}
-
-fn encode_index(entries: &[Entry], at: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(entries.len() * INDEX_ENTRY_LEN + TRAILER_LEN);
-    for e in entries {
-        out.extend_from_slice(&e.seq.to_le_bytes());
-        out.extend_from_slice(&e.offset.to_le_bytes());
-        out.extend_from_slice(&e.data.to_le_bytes());
-        out.extend_from_slice(&e.length.to_le_bytes());
-        out.extend_from_slice(&[e.kind as u8, 0, 0, 0]);
-    }
-    let sum = xxh3_64(&out);
-    out.extend_from_slice(&TRAILER_MAGIC);
-    out.extend_from_slice(&at.to_le_bytes());
-    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    out.extend_from_slice(&sum.to_le_bytes());
-    out
+    codec::read_index(file, len, r).map_err(segment_err(path))
 }
 
 fn open_rw(path: &Path, create: bool) -> Result<File, StoreError> {
@@ -591,17 +309,7 @@ impl Store {
                 .map_err(io_err("cannot size", &base_path))?;
         }
         base.sync_all().map_err(io_err("cannot sync", &base_path))?;
-        let manifest = Manifest {
-            format: MANIFEST_FORMAT,
-            name: id.name.clone(),
-            uuid: id.uuid.clone(),
-            size: id.size,
-            generation: id.generation,
-            base_seq: 0,
-            segments: Vec::new(),
-            points: Vec::new(),
-            decisions: Vec::new(),
-        };
+        let manifest = Manifest::new(id);
         let open = new_open(&dir, id, 0)?;
         let state = ReplicaState {
             name: id.name.clone(),
@@ -848,7 +556,7 @@ impl Store {
             length,
             kind,
         });
-        note_record(kind, seq, payload, &mut o.points, &mut o.decisions);
+        codec::note_record(kind, seq, payload, &mut o.points, &mut o.decisions);
         inner.applied = seq + 1;
         if o.buf.len() >= WRITE_BYTES {
             if let Err(e) = write_buf(o, &self.dir) {
@@ -1324,7 +1032,7 @@ impl Store {
         let path = self.dir.join(&name);
         let file = open_rw(&path, true)?;
         let werr = io_err("cannot write", &path);
-        let mut buf = segment_header(id, last).to_vec();
+        let mut buf = codec::segment_header(id, last).to_vec();
         let mut written = 0u64;
         let mut entries = Vec::with_capacity(map.pieces.len());
         for (&start, p) in &map.pieces {
@@ -1451,7 +1159,7 @@ fn new_open(dir: &Path, id: &Identity, first_seq: u64) -> Result<Open, StoreErro
     let name = segment_name(first_seq);
     let path = dir.join(&name);
     let file = open_rw(&path, true)?;
-    let head = segment_header(id, first_seq);
+    let head = codec::segment_header(id, first_seq);
     file.set_len(0)
         .and_then(|()| file.write_all_at(&head, 0))
         .and_then(|()| file.sync_all())
