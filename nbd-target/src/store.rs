@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
+use redun_store::extent::{ExtentMap, Src};
 use redun_store::segment::{self as codec, Scanned, SegmentError, encode_entry, encode_index};
 pub use redun_store::segment::{
     Decided, ENTRY_HEADER_LEN, Entry, Identity, MANIFEST_FORMAT, Manifest, Point,
@@ -699,25 +700,12 @@ impl Store {
             .chain(g.open.decisions.iter())
             .filter(|d| d.seq < durable)
             .collect();
-        g.manifest
-            .points
-            .iter()
-            .chain(g.open.points.iter())
-            .filter_map(|p| {
-                let usable =
-                    p.id < durable && p.id >= g.manifest.base_seq && g.state.consistent_at(p.id);
-                if p.group == 0 {
-                    return f(*p, None, usable);
-                }
-                let d = decisions
-                    .iter()
-                    .find(|d| d.decision.point == p.group && d.seq > p.id)?;
-                d.decision
-                    .commit
-                    .then(|| f(*p, Some(&d.decision), usable))
-                    .flatten()
-            })
-            .collect()
+        let points = g.manifest.points.iter().chain(g.open.points.iter());
+        codec::listed(points, &decisions, |p, d| {
+            let usable =
+                p.id < durable && p.id >= g.manifest.base_seq && g.state.consistent_at(p.id);
+            f(p, d, usable)
+        })
     }
 
     /// The synchronisation under way (durably), if any: `latest` is then no image of the
@@ -1288,104 +1276,6 @@ impl Drop for Pin {
             if *n == 0 {
                 p.remove(&self.seq);
             }
-        }
-    }
-}
-
-/// Where a piece of a view's bytes comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Src {
-    Zero,
-    /// `pos`: the file offset of the piece's first byte in `files[file]`.
-    Data {
-        file: u32,
-        pos: u64,
-    },
-}
-
-impl Src {
-    fn advance(self, by: u64) -> Src {
-        match self {
-            Src::Zero => Src::Zero,
-            Src::Data { file, pos } => Src::Data {
-                file,
-                pos: pos + by,
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    end: u64,
-    src: Src,
-}
-
-/// Non-overlapping pieces of the volume by start offset; bytes outside every piece come
-/// from the base.
-#[derive(Debug, Default)]
-struct ExtentMap {
-    pieces: BTreeMap<u64, Piece>,
-}
-
-impl ExtentMap {
-    /// `[start, end)` now comes from `src`, over whatever was there.
-    fn insert(&mut self, start: u64, end: u64, src: Src) {
-        if let Some((&ps, p)) = self.pieces.range(..start).next_back() {
-            let p = *p;
-            if p.end > start {
-                self.pieces.get_mut(&ps).expect("present").end = start;
-                if p.end > end {
-                    self.pieces.insert(
-                        end,
-                        Piece {
-                            end: p.end,
-                            src: p.src.advance(end - ps),
-                        },
-                    );
-                }
-            }
-        }
-        while let Some((&k, p)) = self.pieces.range(start..end).next() {
-            let p = *p;
-            self.pieces.remove(&k);
-            if p.end > end {
-                self.pieces.insert(
-                    end,
-                    Piece {
-                        end: p.end,
-                        src: p.src.advance(end - k),
-                    },
-                );
-            }
-        }
-        self.pieces.insert(start, Piece { end, src });
-    }
-
-    /// The pieces that overlap `[start, end)`, clipped to it, with the gaps between them
-    /// as `None` (base).
-    fn walk(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, Option<Src>)) {
-        let mut pos = start;
-        let first = self
-            .pieces
-            .range(..=start)
-            .next_back()
-            .filter(|(_, p)| p.end > start);
-        let rest = self.pieces.range((
-            std::ops::Bound::Excluded(start),
-            std::ops::Bound::Excluded(end),
-        ));
-        for (&ps, p) in first.into_iter().chain(rest) {
-            if ps > pos {
-                f(pos, ps, None);
-                pos = ps;
-            }
-            let e = p.end.min(end);
-            f(pos, e, Some(p.src.advance(pos - ps)));
-            pos = e;
-        }
-        if pos < end {
-            f(pos, end, None);
         }
     }
 }

@@ -252,6 +252,30 @@ pub fn note_record(
     }
 }
 
+/// `f` of every listed point among `points` (oldest first), where `f` says `Some`: a plain
+/// point always, a consistency group's point only once a decision after its marker (among
+/// `decisions`, the durable ones) commits it, passed to `f`.
+pub fn listed<'a, T>(
+    points: impl Iterator<Item = &'a Point>,
+    decisions: &[&Decided],
+    mut f: impl FnMut(Point, Option<&GroupDecision>) -> Option<T>,
+) -> Vec<T> {
+    points
+        .filter_map(|p| {
+            if p.group == 0 {
+                return f(*p, None);
+            }
+            let d = decisions
+                .iter()
+                .find(|d| d.decision.point == p.group && d.seq > p.id)?;
+            d.decision
+                .commit
+                .then(|| f(*p, Some(&d.decision)))
+                .flatten()
+        })
+        .collect()
+}
+
 /// Reads the entries of a segment from its first record to `len` (an open segment, or a
 /// sealed one whose index is damaged), checking every checksum.
 pub fn scan_segment<R: ReadAt + ?Sized>(

@@ -1,0 +1,958 @@
+//! The replica store in object storage (docs/FORMAT.md, "Bucket layout"): the segments of
+//! the file store, sealed and encrypted, as immutable objects, and a manifest that only one
+//! writer can advance.
+//!
+//! ```text
+//! PREFIX/NAME/manifest/VERSION.json    manifest versions 1, 2, ... (20 digits), each created
+//!                                      once with create-if-absent; the highest one is current
+//! PREFIX/NAME/seg/FIRST-LAST-W-N.seg   an encrypted sealed segment (records FIRST..=LAST),
+//!                                      uploaded by writer W as its Nth object
+//! ```
+//!
+//! A writer uploads a batch's segments, then creates the next manifest version listing
+//! them: the batch is durable (and may be released from the journal) once that put
+//! succeeds. Two writers that read the same version race to create the next one; the store
+//! lets exactly one succeed, and the other is fenced. Readers take the highest version and
+//! fetch segment chunks on demand through a bounded cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use serde::{Deserialize, Serialize};
+
+use crate::crypt::{CryptError, ENC_HEADER_LEN, Header, VolumeKey};
+use crate::extent::{ExtentMap, Src};
+use crate::segment::{
+    self, Decided, Entry, Identity, Manifest, Point, SegmentBuf, SegmentError, SegmentRef,
+    TRAILER_LEN,
+};
+use redun_tracker::journal::format::Kind;
+
+/// Objects above this size are uploaded in parts of [`PART_BYTES`].
+pub const MULTIPART_BYTES: usize = 16 << 20;
+pub const PART_BYTES: usize = 8 << 20;
+/// Manifest versions kept below the current one (older ones are deleted).
+const KEEP_MANIFESTS: u64 = 8;
+/// Default bound of a reader's chunk cache.
+pub const CACHE_BYTES: usize = 256 << 20;
+
+/// How to reach a bucket, beside its URL: the `[bucket]` table of a config file. Unset
+/// keys come from the standard environment variables (`AWS_*`, `AZURE_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketOptions {
+    /// An S3-compatible server or Azure Blob endpoint (`http://127.0.0.1:9000`).
+    pub endpoint: Option<String>,
+    /// S3 region (default `us-east-1`).
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Azure storage account and its key.
+    pub account: Option<String>,
+    pub access_key: Option<String>,
+    /// Allow plain HTTP endpoints (test servers on loopback).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+/// Why a bucket operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("bucket URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{what} {object} in {url}: {source}")]
+    Store {
+        what: &'static str,
+        object: String,
+        url: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    #[error(
+        "volume {volume}: object {object} in {url} is damaged: {reason} (it is not served; restore from another point, or replicate again)"
+    )]
+    Damaged {
+        volume: String,
+        object: String,
+        url: String,
+        reason: String,
+    },
+    #[error(
+        "volume {volume}: {url} holds it encrypted under another key (key check {found}, the key file's is {ours}): use the key file the volume was replicated with"
+    )]
+    WrongKey {
+        volume: String,
+        url: String,
+        found: String,
+        ours: String,
+    },
+    #[error(
+        "volume {volume}: another writer created manifest version {version} in {url} first: this writer is fenced and stops (a second shipper for the volume, or a failover took it over); what it did not commit is not listed"
+    )]
+    Fenced {
+        volume: String,
+        url: String,
+        version: u64,
+    },
+    #[error("volume {volume}: not in {url} (no manifest under {prefix})")]
+    NotFound {
+        volume: String,
+        url: String,
+        prefix: String,
+    },
+    #[error("volume {volume} in {url}: {reason}")]
+    Refused {
+        volume: String,
+        url: String,
+        reason: String,
+    },
+}
+
+impl BucketError {
+    /// True when trying again later may succeed (the server or the network), false when
+    /// the bucket's contents or the configuration are at fault.
+    pub fn is_transient(&self) -> bool {
+        use object_store::Error as E;
+        match self {
+            BucketError::Store { source, .. } => !matches!(
+                **source,
+                E::NotFound { .. }
+                    | E::AlreadyExists { .. }
+                    | E::Precondition { .. }
+                    | E::NotSupported { .. }
+                    | E::NotImplemented { .. }
+                    | E::PermissionDenied { .. }
+                    | E::Unauthenticated { .. }
+                    | E::UnknownConfigurationKey { .. }
+                    | E::InvalidPath { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// One bucket (or container) and prefix, with the runtime its client runs on.
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    /// The prefix, without slashes at either end ("" for none).
+    root: String,
+    url: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bucket({})", self.url)
+    }
+}
+
+/// Splits `scheme://NAME/PREFIX` into NAME and PREFIX.
+fn split_url(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    Some((scheme, name, prefix.trim_matches('/')))
+}
+
+impl Bucket {
+    /// Opens `s3://BUCKET/PREFIX`, `az://CONTAINER/PREFIX` or `file:///DIR` (a directory
+    /// laid out like a bucket, which must exist).
+    pub fn open(url: &str, o: &BucketOptions) -> Result<Bucket, BucketError> {
+        let bad = |reason: String| BucketError::Url {
+            url: url.to_string(),
+            reason,
+        };
+        let (scheme, name, prefix) = split_url(url).ok_or_else(|| {
+            bad("expected s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///DIR".into())
+        })?;
+        let store: Arc<dyn ObjectStore> = match scheme {
+            "s3" => {
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(name);
+                if let Some(e) = &o.endpoint {
+                    b = b.with_endpoint(e);
+                }
+                if let Some(r) = &o.region {
+                    b = b.with_region(r);
+                }
+                if let Some(k) = &o.access_key_id {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(k) = &o.secret_access_key {
+                    b = b.with_secret_access_key(k);
+                }
+                if o.allow_http {
+                    b = b.with_allow_http(true);
+                }
+                Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+            }
+            "az" => {
+                let mut b = MicrosoftAzureBuilder::from_env().with_container_name(name);
+                if let Some(a) = &o.account {
+                    b = b.with_account(a);
+                }
+                if let Some(k) = &o.access_key {
+                    b = b.with_access_key(k);
+                }
+                if let Some(e) = &o.endpoint {
+                    b = b.with_endpoint(e.clone());
+                }
+                if o.allow_http {
+                    b = b.with_allow_http(true);
+                }
+                Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+            }
+            "file" => {
+                let dir = format!("/{}", url["file://".len()..].trim_matches('/'));
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(format!("{e} (the directory must exist)")))?;
+                return Ok(Bucket::with_store(Arc::new(fs), url, ""));
+            }
+            "memory" => return Ok(Bucket::with_store(Arc::new(InMemory::new()), url, prefix)),
+            _ => {
+                return Err(bad(format!(
+                    "unknown scheme {scheme}:// (use s3://, az:// or file://)"
+                )));
+            }
+        };
+        if name.is_empty() {
+            return Err(bad("no bucket or container name".into()));
+        }
+        Ok(Bucket::with_store(store, url, prefix))
+    }
+
+    /// A bucket on a store built elsewhere (tests: `object_store`'s in-memory and
+    /// local-filesystem stores).
+    pub fn with_store(store: Arc<dyn ObjectStore>, url: &str, prefix: &str) -> Bucket {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("redun-bucket")
+            .enable_all()
+            .build()
+            .expect("a tokio runtime starts");
+        Bucket {
+            store,
+            root: prefix.trim_matches('/').to_string(),
+            url: url.to_string(),
+            rt,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The store itself (tests reach objects directly).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The path of `rel` below volume `name`'s directory.
+    pub fn path(&self, name: &str, rel: &str) -> ObjPath {
+        if self.root.is_empty() {
+            ObjPath::from(format!("{name}/{rel}"))
+        } else {
+            ObjPath::from(format!("{}/{name}/{rel}", self.root))
+        }
+    }
+
+    fn run<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn err<'a>(
+        &'a self,
+        what: &'static str,
+        object: &'a ObjPath,
+    ) -> impl FnOnce(object_store::Error) -> BucketError + 'a {
+        move |source| BucketError::Store {
+            what,
+            object: object.to_string(),
+            url: self.url.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The volumes that have a manifest in the bucket.
+    pub fn volumes(&self) -> Result<Vec<String>, BucketError> {
+        let root = (!self.root.is_empty()).then(|| ObjPath::from(self.root.as_str()));
+        let l = self
+            .run(self.store.list_with_delimiter(root.as_ref()))
+            .map_err(|e| BucketError::Store {
+                what: "cannot list",
+                object: self.root.clone(),
+                url: self.url.clone(),
+                source: Box::new(e),
+            })?;
+        let mut out = Vec::new();
+        for p in l.common_prefixes {
+            if let Some(name) = p.filename() {
+                if self.newest_version(name)?.is_some() {
+                    out.push(name.to_string());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The highest manifest version of volume `name`, if any.
+    fn newest_version(&self, name: &str) -> Result<Option<u64>, BucketError> {
+        let dir = self.path(name, "manifest");
+        let metas: Vec<_> = self
+            .run(self.store.list(Some(&dir)).try_collect::<Vec<_>>())
+            .map_err(self.err("cannot list", &dir))?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .max())
+    }
+
+    fn manifest_path(&self, name: &str, version: u64) -> ObjPath {
+        self.path(name, &format!("manifest/{version:020}.json"))
+    }
+
+    /// The current manifest of volume `name`, if it has one.
+    pub fn manifest(&self, name: &str) -> Result<Option<BucketManifest>, BucketError> {
+        // A version can be deleted between the listing and the read when newer ones exist.
+        for _ in 0..3 {
+            let Some(v) = self.newest_version(name)? else {
+                return Ok(None);
+            };
+            let p = self.manifest_path(name, v);
+            let body = match self.run(async { self.store.get(&p).await?.bytes().await }) {
+                Ok(b) => b,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(self.err("cannot read", &p)(e)),
+            };
+            let m: BucketManifest =
+                serde_json::from_slice(&body).map_err(|e| BucketError::Damaged {
+                    volume: name.to_string(),
+                    object: p.to_string(),
+                    url: self.url.clone(),
+                    reason: e.to_string(),
+                })?;
+            if m.version != v || m.store.name != name {
+                return Err(BucketError::Damaged {
+                    volume: name.to_string(),
+                    object: p.to_string(),
+                    url: self.url.clone(),
+                    reason: format!("it says version {} of volume {}", m.version, m.store.name),
+                });
+            }
+            return Ok(Some(m));
+        }
+        Err(BucketError::Refused {
+            volume: name.to_string(),
+            url: self.url.clone(),
+            reason: "its manifest kept changing while it was read; try again".into(),
+        })
+    }
+
+    /// Creates manifest version `m.version`; `Ok(false)` when it exists already.
+    fn create_manifest(&self, m: &BucketManifest) -> Result<bool, BucketError> {
+        let p = self.manifest_path(&m.store.name, m.version);
+        let body = serde_json::to_vec_pretty(m).expect("serializable");
+        match self.run(
+            self.store
+                .put_opts(&p, PutPayload::from(body), PutMode::Create.into()),
+        ) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err("cannot write", &p)(e)),
+        }
+    }
+
+    /// Uploads one object, in parts when it is large.
+    fn put(&self, p: &ObjPath, bytes: Vec<u8>) -> Result<(), BucketError> {
+        let r = self.run(async {
+            if bytes.len() <= MULTIPART_BYTES {
+                return self.store.put(p, PutPayload::from(bytes)).await.map(|_| ());
+            }
+            let upload = self.store.put_multipart(p).await?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            w.write(&bytes);
+            w.finish().await.map(|_| ())
+        });
+        r.map_err(self.err("cannot upload", p))
+    }
+
+    fn get_range(&self, p: &ObjPath, r: std::ops::Range<u64>) -> Result<Vec<u8>, BucketError> {
+        self.run(self.store.get_range(p, r))
+            .map(|b| b.to_vec())
+            .map_err(self.err("cannot read", p))
+    }
+}
+
+fn unix_ms() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One version of a volume's manifest in a bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketManifest {
+    /// This version's number (1, 2, ...), also its object's name.
+    pub version: u64,
+    /// The writer that created it (random, per writer session).
+    pub writer: String,
+    pub unix_ms: u64,
+    /// The check value of the volume's key ([`VolumeKey::check_hex`]).
+    pub key_check: String,
+    /// The first sequence number not in the bucket (0: nothing yet).
+    pub next_seq: u64,
+    /// Base seq, segments (`file`: the object's name below the volume), points, decisions.
+    #[serde(flatten)]
+    pub store: Manifest,
+}
+
+impl BucketManifest {
+    /// The listed points, oldest first, each with whether it can be read.
+    pub fn points(&self) -> Vec<(Point, bool)> {
+        let decisions: Vec<&Decided> = self.store.decisions.iter().collect();
+        segment::listed(self.store.points.iter(), &decisions, |p, _| {
+            Some((p, p.id >= self.store.base_seq && p.id < self.next_seq))
+        })
+    }
+
+    /// The last sequence number in the bucket (0: none).
+    pub fn latest(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+}
+
+fn random_token() -> String {
+    use chacha20poly1305::XNonce;
+    use chacha20poly1305::aead::Generate;
+    let n: [u8; 24] = XNonce::generate().into();
+    n[..6].iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The only writer of a volume in a bucket, until another one creates a manifest version
+/// first.
+#[derive(Debug)]
+pub struct VolumeWriter {
+    bucket: Arc<Bucket>,
+    key: Arc<VolumeKey>,
+    id: Identity,
+    token: String,
+    uploads: u64,
+    manifest: BucketManifest,
+}
+
+impl VolumeWriter {
+    /// Opens volume `id.name` for writing: takes over its newest manifest, or creates the
+    /// first one. Refuses a volume of another uuid, another key, or a newer generation (the
+    /// volume failed over: this writer is the old primary).
+    pub fn open(
+        bucket: Arc<Bucket>,
+        id: &Identity,
+        key: Arc<VolumeKey>,
+    ) -> Result<VolumeWriter, BucketError> {
+        let token = random_token();
+        let refused = |reason: String| BucketError::Refused {
+            volume: id.name.clone(),
+            url: bucket.url.clone(),
+            reason,
+        };
+        let manifest = match bucket.manifest(&id.name)? {
+            Some(m) => {
+                if m.key_check != key.check_hex() {
+                    return Err(BucketError::WrongKey {
+                        volume: id.name.clone(),
+                        url: bucket.url.clone(),
+                        found: m.key_check,
+                        ours: key.check_hex(),
+                    });
+                }
+                if m.store.uuid != id.uuid || m.store.size != id.size {
+                    return Err(refused(format!(
+                        "the bucket holds a volume of uuid {} and {} bytes, this one is {} with {} bytes: use another prefix, or remove the old volume's objects",
+                        m.store.uuid, m.store.size, id.uuid, id.size
+                    )));
+                }
+                if m.store.generation > id.generation {
+                    return Err(refused(format!(
+                        "the volume is at generation {} there (it failed over), this writer at {}: it must not write",
+                        m.store.generation, id.generation
+                    )));
+                }
+                m
+            }
+            None => {
+                let m = BucketManifest {
+                    version: 1,
+                    writer: token.clone(),
+                    unix_ms: unix_ms(),
+                    key_check: key.check_hex(),
+                    next_seq: 0,
+                    store: Manifest::new(id),
+                };
+                if !bucket.create_manifest(&m)? {
+                    return Err(BucketError::Fenced {
+                        volume: id.name.clone(),
+                        url: bucket.url.clone(),
+                        version: 1,
+                    });
+                }
+                m
+            }
+        };
+        Ok(VolumeWriter {
+            bucket,
+            key,
+            id: id.clone(),
+            token,
+            uploads: 0,
+            manifest,
+        })
+    }
+
+    /// The first sequence number the bucket does not hold.
+    pub fn next_seq(&self) -> u64 {
+        self.manifest.next_seq
+    }
+
+    pub fn manifest(&self) -> &BucketManifest {
+        &self.manifest
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.id
+    }
+
+    /// A new segment for records from `first_seq` on.
+    pub fn segment(&self, first_seq: u64) -> SegmentBuf {
+        SegmentBuf::new(&self.id, first_seq)
+    }
+
+    /// Uploads `segs` (in sequence order, each past the one before) in parallel, then
+    /// creates the next manifest version listing them. When this returns `Ok`, their records
+    /// are durable in the bucket; on an error nothing new is listed and the call may be
+    /// repeated with the same segments.
+    pub fn append(&mut self, segs: Vec<SegmentBuf>) -> Result<u64, BucketError> {
+        let mut m = self.manifest.clone();
+        let mut objects = Vec::new();
+        for s in segs {
+            let Some(last) = s.last_seq() else { continue };
+            let first = s.first_seq();
+            if first < m.next_seq {
+                return Err(BucketError::Refused {
+                    volume: self.id.name.clone(),
+                    url: self.bucket.url.clone(),
+                    reason: format!(
+                        "a segment from seq {first} but the bucket holds records up to {}",
+                        m.latest()
+                    ),
+                });
+            }
+            self.uploads += 1;
+            let file = format!(
+                "seg/{first:020}-{last:020}-{}-{}.seg",
+                self.token, self.uploads
+            );
+            let (bytes, (_, points, decisions)) = s.seal();
+            m.store.segments.push(SegmentRef {
+                file: file.clone(),
+                first_seq: first,
+                last_seq: last,
+                bytes: bytes.len() as u64,
+            });
+            m.store.points.extend(points);
+            m.store.decisions.extend(decisions);
+            m.next_seq = last + 1;
+            objects.push((file, bytes));
+        }
+        if objects.is_empty() {
+            return Ok(m.next_seq);
+        }
+        let key = &self.key;
+        let bucket = &self.bucket;
+        let name = &self.id.name;
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = objects
+                .into_iter()
+                .map(|(file, bytes)| {
+                    s.spawn(move || {
+                        let sealed = key.seal(&file, &bytes);
+                        bucket.put(&bucket.path(name, &file), sealed)
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .map(|j| j.join().expect("an upload thread does not panic"))
+                .collect::<Result<Vec<()>, _>>()
+        })?;
+        m.version += 1;
+        m.writer = self.token.clone();
+        m.store.generation = m.store.generation.max(self.id.generation);
+        m.unix_ms = unix_ms();
+        if !self.bucket.create_manifest(&m)? {
+            // Ours, from an attempt whose answer was lost? Otherwise another writer's.
+            match self.bucket.manifest(&self.id.name)? {
+                Some(cur) if cur.version == m.version && cur.writer == self.token => {}
+                _ => {
+                    return Err(BucketError::Fenced {
+                        volume: self.id.name.clone(),
+                        url: self.bucket.url.clone(),
+                        version: m.version,
+                    });
+                }
+            }
+        }
+        self.manifest = m;
+        self.prune_manifests();
+        Ok(self.manifest.next_seq)
+    }
+
+    /// Deletes manifest versions older than the [`KEEP_MANIFESTS`] before the current one,
+    /// every few versions (best effort: a failure leaves objects the next pass deletes).
+    fn prune_manifests(&self) {
+        let v = self.manifest.version;
+        if v % KEEP_MANIFESTS != 0 {
+            return;
+        }
+        let b = &self.bucket;
+        for old in v.saturating_sub(3 * KEEP_MANIFESTS)..v.saturating_sub(KEEP_MANIFESTS) {
+            let p = b.manifest_path(&self.id.name, old.max(1));
+            match b.run(b.store.delete(&p)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => log::warn!(
+                    "volume={} bucket={}: cannot delete old manifest {p}: {e}",
+                    self.id.name,
+                    b.url
+                ),
+            }
+        }
+    }
+}
+
+/// A sealed segment object, as a reader knows it.
+#[derive(Debug)]
+struct SegObject {
+    path: ObjPath,
+    file: String,
+    header: Header,
+    entries: Vec<Entry>,
+}
+
+/// Decrypted chunks of segment objects, least recently used first out.
+#[derive(Debug)]
+struct ChunkCache {
+    cap: usize,
+    inner: Mutex<CacheInner>,
+}
+
+type ChunkKey = (Arc<str>, u64);
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    map: HashMap<ChunkKey, (Arc<Vec<u8>>, u64)>,
+    order: BTreeMap<u64, ChunkKey>,
+    tick: u64,
+    bytes: usize,
+}
+
+impl ChunkCache {
+    fn get(&self, k: &ChunkKey) -> Option<Arc<Vec<u8>>> {
+        let mut g = self.inner.lock().expect("cache lock");
+        let g = &mut *g;
+        g.tick += 1;
+        let tick = g.tick;
+        let (c, t) = g.map.get_mut(k)?;
+        g.order.remove(t);
+        *t = tick;
+        g.order.insert(tick, k.clone());
+        Some(c.clone())
+    }
+
+    fn put(&self, k: ChunkKey, c: Arc<Vec<u8>>) {
+        let mut g = self.inner.lock().expect("cache lock");
+        let g = &mut *g;
+        g.tick += 1;
+        g.bytes += c.len();
+        if let Some((old, t)) = g.map.insert(k.clone(), (c, g.tick)) {
+            g.bytes -= old.len();
+            g.order.remove(&t);
+        }
+        g.order.insert(g.tick, k);
+        while g.bytes > self.cap {
+            let Some((_, k)) = g.order.pop_first() else {
+                break;
+            };
+            if let Some((c, _)) = g.map.remove(&k) {
+                g.bytes -= c.len();
+            }
+        }
+    }
+}
+
+/// Reads a volume's points out of a bucket.
+#[derive(Debug)]
+pub struct VolumeReader {
+    bucket: Arc<Bucket>,
+    key: Arc<VolumeKey>,
+    manifest: BucketManifest,
+    segs: Mutex<HashMap<String, Arc<SegObject>>>,
+    cache: Arc<ChunkCache>,
+}
+
+impl VolumeReader {
+    /// Opens volume `name`'s newest manifest; refuses a key that is not the volume's.
+    pub fn open(
+        bucket: Arc<Bucket>,
+        name: &str,
+        key: Arc<VolumeKey>,
+        cache_bytes: usize,
+    ) -> Result<VolumeReader, BucketError> {
+        let manifest = bucket
+            .manifest(name)?
+            .ok_or_else(|| BucketError::NotFound {
+                volume: name.to_string(),
+                url: bucket.url.clone(),
+                prefix: bucket.path(name, "manifest/").to_string(),
+            })?;
+        if manifest.key_check != key.check_hex() {
+            return Err(BucketError::WrongKey {
+                volume: name.to_string(),
+                url: bucket.url.clone(),
+                found: manifest.key_check,
+                ours: key.check_hex(),
+            });
+        }
+        Ok(VolumeReader {
+            bucket,
+            key,
+            manifest,
+            segs: Mutex::new(HashMap::new()),
+            cache: Arc::new(ChunkCache {
+                cap: cache_bytes,
+                inner: Mutex::default(),
+            }),
+        })
+    }
+
+    pub fn manifest(&self) -> &BucketManifest {
+        &self.manifest
+    }
+
+    fn name(&self) -> &str {
+        &self.manifest.store.name
+    }
+
+    fn damaged(&self, object: &ObjPath, reason: String) -> BucketError {
+        BucketError::Damaged {
+            volume: self.name().to_string(),
+            object: object.to_string(),
+            url: self.bucket.url.clone(),
+            reason,
+        }
+    }
+
+    fn crypt_err(&self, object: &ObjPath, e: CryptError) -> BucketError {
+        match e {
+            CryptError::WrongKey { found, ours } => BucketError::WrongKey {
+                volume: self.name().to_string(),
+                url: self.bucket.url.clone(),
+                found,
+                ours,
+            },
+            e => self.damaged(object, e.to_string()),
+        }
+    }
+
+    /// Plaintext bytes `r` of a segment object, through the cache.
+    fn read_plain(&self, s: &SegObject, r: std::ops::Range<u64>) -> Result<Vec<u8>, BucketError> {
+        if r.end > s.header.len {
+            return Err(self.damaged(
+                &s.path,
+                format!("bytes {r:?} are past its {} bytes", s.header.len),
+            ));
+        }
+        let (first, bytes, skip) = s.header.locate(r.clone());
+        let chunk = u64::from(crate::crypt::CHUNK);
+        let last = r.end.max(r.start + 1).div_ceil(chunk);
+        let tag: Arc<str> = Arc::from(s.file.as_str());
+        let mut chunks: Vec<Arc<Vec<u8>>> = Vec::new();
+        for i in first..last {
+            match self.cache.get(&(tag.clone(), i)) {
+                Some(c) => chunks.push(c),
+                None => break,
+            }
+        }
+        if chunks.len() as u64 != last - first {
+            let from = first + chunks.len() as u64;
+            let (_, fetch, _) = s.header.locate(from * chunk..r.end);
+            let raw = self.bucket.get_range(&s.path, fetch.start..bytes.end)?;
+            let plain = self
+                .key
+                .open_chunks(&s.file, &s.header, from, &raw)
+                .map_err(|e| self.crypt_err(&s.path, e))?;
+            for (i, c) in (from..).zip(plain.chunks(crate::crypt::CHUNK as usize)) {
+                let c = Arc::new(c.to_vec());
+                self.cache.put((tag.clone(), i), c.clone());
+                chunks.push(c);
+            }
+        }
+        let n = usize::try_from(r.end - r.start).expect("a read fits in memory");
+        let mut out = Vec::with_capacity(n + skip);
+        for c in chunks {
+            out.extend_from_slice(&c);
+            if out.len() >= skip + n {
+                break;
+            }
+        }
+        out.drain(..skip);
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Fetches a segment object's header and index (once per reader).
+    fn segment(&self, r: &SegmentRef) -> Result<Arc<SegObject>, BucketError> {
+        if let Some(s) = self.segs.lock().expect("segs lock").get(&r.file) {
+            return Ok(s.clone());
+        }
+        let path = self.bucket.path(self.name(), &r.file);
+        let raw = self
+            .bucket
+            .get_range(&path, 0..ENC_HEADER_LEN as u64)
+            .map_err(|e| match e {
+                BucketError::Store { source, .. }
+                    if matches!(*source, object_store::Error::NotFound { .. }) =>
+                {
+                    self.damaged(&path, "the manifest lists it but it does not exist".into())
+                }
+                e => e,
+            })?;
+        let header = self
+            .key
+            .header(&raw)
+            .map_err(|e| self.crypt_err(&path, e))?;
+        let size = self
+            .bucket
+            .run(self.bucket.store.head(&path))
+            .map_err(self.bucket.err("cannot read", &path))?
+            .size;
+        if size != header.object_len() || header.len != r.bytes {
+            return Err(self.damaged(
+                &path,
+                format!(
+                    "it has {size} bytes holding {} of segment, {} and {} expected (truncated or replaced)",
+                    header.len,
+                    header.object_len(),
+                    r.bytes
+                ),
+            ));
+        }
+        let mut s = SegObject {
+            path,
+            file: r.file.clone(),
+            header,
+            entries: Vec::new(),
+        };
+        let seg_err = |e: SegmentError| self.damaged(&s.path, e.to_string());
+        let t = self.read_plain(&s, r.bytes - TRAILER_LEN as u64..r.bytes)?;
+        let (at, _, sum) = segment::parse_trailer(&t, r.bytes).map_err(seg_err)?;
+        let idx = self.read_plain(&s, at..r.bytes - TRAILER_LEN as u64)?;
+        let entries = segment::parse_index(&idx, sum, r).map_err(seg_err)?;
+        s.entries = entries;
+        let s = Arc::new(s);
+        self.segs
+            .lock()
+            .expect("segs lock")
+            .insert(r.file.clone(), s.clone());
+        Ok(s)
+    }
+
+    /// The volume as of sequence number `seq` (a listed point, or [`BucketManifest::latest`]).
+    pub fn view(&self, seq: u64) -> Result<BucketView<'_>, BucketError> {
+        let m = &self.manifest;
+        if seq < m.store.base_seq || seq > m.latest() {
+            return Err(BucketError::Refused {
+                volume: self.name().to_string(),
+                url: self.bucket.url.clone(),
+                reason: format!(
+                    "seq {seq} is not held (the bucket holds {}..={})",
+                    m.store.base_seq,
+                    m.latest()
+                ),
+            });
+        }
+        let mut map = ExtentMap::default();
+        let mut segs = Vec::new();
+        for r in m.store.segments.iter().filter(|r| r.first_seq <= seq) {
+            let s = self.segment(r)?;
+            let file = u32::try_from(segs.len()).expect("fewer than 2^32 segments");
+            for e in s.entries.iter().take_while(|e| e.seq <= seq) {
+                let src = match e.kind {
+                    Kind::Write => Src::Data { file, pos: e.data },
+                    Kind::Trim | Kind::Zero => Src::Zero,
+                    _ => continue,
+                };
+                if e.length > 0 {
+                    map.insert(e.offset, e.offset + u64::from(e.length), src);
+                }
+            }
+            segs.push(s);
+        }
+        Ok(BucketView {
+            reader: self,
+            seq,
+            map,
+            segs,
+        })
+    }
+}
+
+/// A read-only image of a volume at one sequence number, read from a bucket.
+#[derive(Debug)]
+pub struct BucketView<'a> {
+    reader: &'a VolumeReader,
+    seq: u64,
+    map: ExtentMap,
+    segs: Vec<Arc<SegObject>>,
+}
+
+impl BucketView<'_> {
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn size(&self) -> u64 {
+        self.reader.manifest.store.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (within the volume).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BucketError> {
+        let end = offset + buf.len() as u64;
+        let mut r = Ok(());
+        self.map.walk(offset, end, |s, e, src| {
+            if r.is_err() {
+                return;
+            }
+            let at = |x: u64| usize::try_from(x - offset).unwrap_or(usize::MAX);
+            let out = &mut buf[at(s)..at(e)];
+            match src {
+                // No base objects yet: what no segment covers reads as zeroes.
+                None | Some(Src::Zero) => out.fill(0),
+                Some(Src::Data { file, pos }) => {
+                    let seg = &self.segs[file as usize];
+                    r = self
+                        .reader
+                        .read_plain(seg, pos..pos + (e - s))
+                        .map(|d| out.copy_from_slice(&d));
+                }
+            }
+        });
+        r
+    }
+}

@@ -1,0 +1,103 @@
+//! The extent index of a view (docs/FORMAT.md, "Replica store"): which segment bytes, or
+//! zeroes, cover each range of the volume at one sequence number; the rest reads from the
+//! base.
+
+use std::collections::BTreeMap;
+
+/// Where a piece of a view's bytes comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Src {
+    Zero,
+    /// `pos`: the offset of the piece's first byte in segment `file` of the view.
+    Data {
+        file: u32,
+        pos: u64,
+    },
+}
+
+impl Src {
+    pub fn advance(self, by: u64) -> Src {
+        match self {
+            Src::Zero => Src::Zero,
+            Src::Data { file, pos } => Src::Data {
+                file,
+                pos: pos + by,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Piece {
+    pub end: u64,
+    pub src: Src,
+}
+
+/// Non-overlapping pieces of the volume by start offset; bytes outside every piece come
+/// from the base.
+#[derive(Debug, Default)]
+pub struct ExtentMap {
+    pub pieces: BTreeMap<u64, Piece>,
+}
+
+impl ExtentMap {
+    /// `[start, end)` now comes from `src`, over whatever was there.
+    pub fn insert(&mut self, start: u64, end: u64, src: Src) {
+        if let Some((&ps, p)) = self.pieces.range(..start).next_back() {
+            let p = *p;
+            if p.end > start {
+                self.pieces.get_mut(&ps).expect("present").end = start;
+                if p.end > end {
+                    self.pieces.insert(
+                        end,
+                        Piece {
+                            end: p.end,
+                            src: p.src.advance(end - ps),
+                        },
+                    );
+                }
+            }
+        }
+        while let Some((&k, p)) = self.pieces.range(start..end).next() {
+            let p = *p;
+            self.pieces.remove(&k);
+            if p.end > end {
+                self.pieces.insert(
+                    end,
+                    Piece {
+                        end: p.end,
+                        src: p.src.advance(end - k),
+                    },
+                );
+            }
+        }
+        self.pieces.insert(start, Piece { end, src });
+    }
+
+    /// The pieces that overlap `[start, end)`, clipped to it, with the gaps between them
+    /// as `None` (base).
+    pub fn walk(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, Option<Src>)) {
+        let mut pos = start;
+        let first = self
+            .pieces
+            .range(..=start)
+            .next_back()
+            .filter(|(_, p)| p.end > start);
+        let rest = self.pieces.range((
+            std::ops::Bound::Excluded(start),
+            std::ops::Bound::Excluded(end),
+        ));
+        for (&ps, p) in first.into_iter().chain(rest) {
+            if ps > pos {
+                f(pos, ps, None);
+                pos = ps;
+            }
+            let e = p.end.min(end);
+            f(pos, e, Some(p.src.advance(pos - ps)));
+            pos = e;
+        }
+        if pos < end {
+            f(pos, end, None);
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The bucket backend against `object_store`'s in-memory and local-filesystem stores: what
+//! a writer appends reads back at every point, only one of two racing writers advances the
+//! manifest, damage and wrong keys are refused, and no plaintext reaches the bucket.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::sync::{Arc, Barrier};
+
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::{ObjectStore, PutPayload};
+use redun_store::bucket::{Bucket, BucketError, BucketOptions, VolumeReader, VolumeWriter};
+use redun_store::crypt::VolumeKey;
+use redun_store::segment::{Identity, SegmentBuf};
+use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind};
+
+const SIZE: u64 = 4 << 20;
+
+fn id(generation: u64) -> Identity {
+    Identity {
+        name: "vol1".into(),
+        uuid: "0123456789abcdef0123456789abcdef".into(),
+        size: SIZE,
+        generation,
+    }
+}
+
+fn key(b: u8) -> Arc<VolumeKey> {
+    Arc::new(VolumeKey::from_bytes(&[b; 32]))
+}
+
+/// The stores every test runs against: in memory, and a directory through
+/// LocalFileSystem (which supports create-if-absent only, the one mode the format needs).
+fn stores() -> Vec<(Arc<Bucket>, Option<tempfile::TempDir>)> {
+    let d = tempfile::tempdir().unwrap();
+    let fs = LocalFileSystem::new_with_prefix(d.path()).unwrap();
+    vec![
+        (
+            Arc::new(Bucket::with_store(
+                Arc::new(InMemory::new()),
+                "memory://t",
+                "pre/fix",
+            )),
+            None,
+        ),
+        (
+            Arc::new(Bucket::with_store(Arc::new(fs), "file://t", "")),
+            Some(d),
+        ),
+    ]
+}
+
+/// A tiny xorshift, so that runs repeat.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn marker(unix_ms: u64) -> Vec<u8> {
+    MarkerInfo {
+        kind: PointKind::Crash,
+        unix_ms,
+        group_point: 0,
+    }
+    .encode()
+}
+
+/// Appends `n` random records (writes of planted text, zeroes, trims) and a marker as one
+/// segment, mirroring them in `model`; returns the marker's seq.
+#[allow(clippy::cast_possible_truncation)]
+fn batch(w: &VolumeWriter, rng: &mut Rng, model: &mut [u8], n: usize) -> (SegmentBuf, u64) {
+    let first = w.next_seq();
+    let mut seg = w.segment(first);
+    let mut seq = first;
+    for _ in 0..n {
+        let off = (rng.next() % (SIZE / 512 - 64)) * 512;
+        let len = ((rng.next() % 64) + 1) * 512;
+        let (o, l) = (off as usize, len as usize);
+        match rng.next() % 5 {
+            0 => {
+                seg.push(Kind::Zero, seq, off, len as u32, &[]);
+                model[o..o + l].fill(0);
+            }
+            1 => {
+                seg.push(Kind::Trim, seq, off, len as u32, &[]);
+                model[o..o + l].fill(0);
+            }
+            _ => {
+                let mut data: Vec<u8> = b"PLANTED-PLAINTEXT-"
+                    .iter()
+                    .cycle()
+                    .take(l)
+                    .copied()
+                    .collect();
+                data[0] = (seq & 0xff) as u8;
+                seg.push(Kind::Write, seq, off, len as u32, &data);
+                model[o..o + l].copy_from_slice(&data);
+            }
+        }
+        seq += 1;
+    }
+    seg.push(Kind::Marker, seq, 0, 0, &marker(seq));
+    (seg, seq)
+}
+
+fn read_all(v: &redun_store::bucket::BucketView<'_>) -> Vec<u8> {
+    let mut out = vec![0u8; SIZE as usize];
+    let mut pos = 0usize;
+    // Odd-sized pieces: reads start and end inside extents and chunks.
+    while pos < out.len() {
+        let n = (out.len() - pos).min(300_007);
+        v.read_at(&mut out[pos..pos + n], pos as u64).unwrap();
+        pos += n;
+    }
+    out
+}
+
+#[test]
+fn points_read_back_as_written() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut model = vec![0u8; SIZE as usize];
+        let mut images = Vec::new();
+        for round in 0..6 {
+            // Two segments per append, uploaded in parallel.
+            let (a, pa) = batch(&w, &mut rng, &mut model, 40);
+            images.push((pa, model.clone()));
+            let mut w2 = w.segment(pa + 1);
+            let next = pa + 1;
+            let mut seq = next;
+            for i in 0..30u64 {
+                let off = ((round * 97 + i * 13) % (SIZE / 4096)) * 4096;
+                let data = vec![(seq & 0xff) as u8; 8192];
+                w2.push(Kind::Write, seq, off, 8192, &data);
+                let o = off as usize;
+                let end = (o + 8192).min(SIZE as usize);
+                model[o..end].copy_from_slice(&data[..end - o]);
+                seq += 1;
+            }
+            w2.push(Kind::Marker, seq, 0, 0, &marker(seq));
+            images.push((seq, model.clone()));
+            assert_eq!(w.append(vec![a, w2]).unwrap(), seq + 1);
+        }
+        assert_eq!(w.manifest().version, 7);
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        let points = r.manifest().points();
+        assert_eq!(points.len(), images.len());
+        for ((p, usable), (seq, image)) in points.iter().zip(&images) {
+            assert_eq!(p.id, *seq);
+            assert!(usable);
+            assert!(read_all(&r.view(p.id).unwrap()) == *image, "point {seq}");
+        }
+        assert!(r.view(r.manifest().latest() + 1).is_err());
+        assert_eq!(bucket.volumes().unwrap(), vec!["vol1".to_string()]);
+        // A new writer takes over where the old one stopped.
+        let w3 = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+        assert_eq!(w3.next_seq(), w.next_seq());
+    }
+}
+
+#[test]
+fn a_large_segment_goes_up_in_parts() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(2)).unwrap();
+        let mut seg = w.segment(0);
+        let mut model = vec![0u8; SIZE as usize];
+        for seq in 0..5u64 {
+            // 5 x 4 MiB: above the multipart threshold.
+            let data: Vec<u8> = (0..SIZE)
+                .map(|i| ((i / 4096) as u8) ^ (seq as u8))
+                .collect();
+            seg.push(Kind::Write, seq, 0, SIZE as u32, &data);
+            model = data;
+        }
+        seg.push(Kind::Marker, 5, 0, 0, &marker(5));
+        assert!(seg.len() > redun_store::bucket::MULTIPART_BYTES);
+        w.append(vec![seg]).unwrap();
+        let r = VolumeReader::open(bucket, "vol1", key(2), 8 << 20).unwrap();
+        assert!(read_all(&r.view(5).unwrap()) == model);
+    }
+}
+
+fn one_write(w: &VolumeWriter, byte: u8) -> SegmentBuf {
+    let seq = w.next_seq();
+    let mut s = w.segment(seq);
+    s.push(Kind::Write, seq, 0, 4096, &[byte; 4096]);
+    s.push(Kind::Marker, seq + 1, 0, 0, &marker(seq + 1));
+    s
+}
+
+#[test]
+fn of_two_racing_writers_one_wins_and_the_other_is_fenced() {
+    for (bucket, _dir) in stores() {
+        // In turn: both read version 1, the first to append wins.
+        let mut a = VolumeWriter::open(bucket.clone(), &id(1), key(3)).unwrap();
+        let mut b = VolumeWriter::open(bucket.clone(), &id(1), key(3)).unwrap();
+        a.append(vec![one_write(&a, 0xaa)]).unwrap();
+        let e = b.append(vec![one_write(&b, 0xbb)]).unwrap_err();
+        assert!(matches!(e, BucketError::Fenced { version: 2, .. }), "{e}");
+        assert!(
+            e.to_string().contains("vol1") && e.to_string().contains("fenced"),
+            "{e}"
+        );
+        // At the same moment, many times: exactly one of each pair wins.
+        for _ in 0..20 {
+            let ws: Vec<_> = (0..2)
+                .map(|_| VolumeWriter::open(bucket.clone(), &id(1), key(3)).unwrap())
+                .collect();
+            let go = Arc::new(Barrier::new(2));
+            let results: Vec<_> = ws
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut w)| {
+                    let go = go.clone();
+                    std::thread::spawn(move || {
+                        let s = one_write(&w, i as u8 + 1);
+                        go.wait();
+                        w.append(vec![s]).map(|_| w.manifest().version)
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let wins = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(wins, 1, "{results:?}");
+            assert!(
+                results
+                    .iter()
+                    .any(|r| matches!(r, Err(BucketError::Fenced { .. })))
+            );
+        }
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(3), 1 << 20).unwrap();
+        assert_eq!(r.manifest().version, 22);
+        assert_eq!(r.manifest().points().len(), 21);
+        // A writer of an older generation (the old primary after a failover) is refused.
+        let mut g2 = VolumeWriter::open(bucket.clone(), &id(2), key(3)).unwrap();
+        g2.append(vec![one_write(&g2, 9)]).unwrap();
+        let e = VolumeWriter::open(bucket.clone(), &id(1), key(3)).unwrap_err();
+        assert!(e.to_string().contains("generation 2"), "{e}");
+    }
+}
+
+fn objects(bucket: &Bucket) -> Vec<object_store::ObjectMeta> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(bucket.store().list(None).try_collect::<Vec<_>>())
+        .unwrap()
+}
+
+fn segment_objects(bucket: &Bucket) -> Vec<object_store::path::Path> {
+    let mut v: Vec<_> = objects(bucket)
+        .into_iter()
+        .map(|m| m.location)
+        .filter(|p| p.as_ref().ends_with(".seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn rewrite(bucket: &Bucket, p: &object_store::path::Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut b = rt
+        .block_on(async { bucket.store().get(p).await.unwrap().bytes().await })
+        .unwrap()
+        .to_vec();
+    f(&mut b);
+    rt.block_on(bucket.store().put(p, PutPayload::from(b)))
+        .unwrap();
+}
+
+#[test]
+fn damaged_and_cut_objects_are_named_and_never_served() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(4)).unwrap();
+        // 256 KiB of data: the segment spans five chunks, its index is in the last.
+        let mut big = w.segment(0);
+        big.push(Kind::Write, 0, 0, 256 << 10, &[1u8; 256 << 10]);
+        big.push(Kind::Marker, 1, 0, 0, &marker(1));
+        w.append(vec![big]).unwrap();
+        w.append(vec![one_write(&w, 2)]).unwrap();
+        let segs = segment_objects(&bucket);
+        assert_eq!(segs.len(), 2);
+        // A flipped byte inside the first segment's first chunk.
+        rewrite(&bucket, &segs[0], |b| b[64 + 64 + 40 + 100] ^= 1);
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(4), 1 << 20).unwrap();
+        let view = r.view(1).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = view.read_at(&mut buf, 0).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, BucketError::Damaged { .. }), "{msg}");
+        assert!(
+            msg.contains(segs[0].as_ref()) && msg.contains("fails authentication"),
+            "{msg}"
+        );
+        // Bytes in other chunks are still served; the damaged ones never are.
+        view.read_at(&mut buf, 200 << 10).unwrap();
+        assert_eq!(buf, vec![1u8; 4096]);
+        r.view(3).unwrap().read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![2u8; 4096]);
+        assert!(r.view(3).unwrap().read_at(&mut buf, 4096).is_err());
+        // Damage in the second (one-chunk) segment: its index cannot be read, so no view
+        // that needs it opens.
+        rewrite(&bucket, &segs[1], |b| b[100] ^= 1);
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(4), 1 << 20).unwrap();
+        let msg = r.view(3).unwrap_err().to_string();
+        assert!(
+            msg.contains(segs[1].as_ref()) && msg.contains("fails authentication"),
+            "{msg}"
+        );
+        rewrite(&bucket, &segs[1], |b| b[100] ^= 1);
+        // A cut-off object is refused when a view opens it.
+        rewrite(&bucket, &segs[1], |b| b.truncate(b.len() - 10));
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(4), 1 << 20).unwrap();
+        let msg = r.view(3).unwrap_err().to_string();
+        assert!(
+            msg.contains(segs[1].as_ref()) && msg.contains("truncated"),
+            "{msg}"
+        );
+        // A listed object that is gone.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(bucket.store().delete(&segs[1])).unwrap();
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(4), 1 << 20).unwrap();
+        let msg = r.view(3).unwrap_err().to_string();
+        assert!(msg.contains("does not exist"), "{msg}");
+    }
+}
+
+#[test]
+fn no_plaintext_in_the_bucket_and_a_wrong_key_is_refused() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(5)).unwrap();
+        let mut rng = Rng(7);
+        let mut model = vec![0u8; SIZE as usize];
+        let (s, _) = batch(&w, &mut rng, &mut model, 50);
+        w.append(vec![s]).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let all = objects(&bucket);
+        assert!(all.len() >= 3, "{all:?}");
+        for m in &all {
+            let b = rt
+                .block_on(async { bucket.store().get(&m.location).await.unwrap().bytes().await })
+                .unwrap();
+            assert!(
+                !b.windows(18).any(|x| x == b"PLANTED-PLAINTEXT-"),
+                "{} holds plaintext",
+                m.location
+            );
+        }
+        let e = VolumeReader::open(bucket.clone(), "vol1", key(6), 1 << 20).unwrap_err();
+        assert!(matches!(e, BucketError::WrongKey { .. }), "{e}");
+        assert!(
+            e.to_string().contains("vol1") && e.to_string().contains("key file"),
+            "{e}"
+        );
+        let e = VolumeWriter::open(bucket.clone(), &id(1), key(6)).unwrap_err();
+        assert!(matches!(e, BucketError::WrongKey { .. }), "{e}");
+        let e = VolumeReader::open(bucket.clone(), "nope", key(5), 1 << 20).unwrap_err();
+        assert!(
+            e.to_string().contains("nope") && e.to_string().contains("no manifest"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn urls_are_checked() {
+    let o = BucketOptions::default();
+    for (url, want) in [
+        ("nothing", "expected s3://"),
+        ("gs://b/p", "unknown scheme gs://"),
+        ("file:///no/such/dir/at/all", "must exist"),
+    ] {
+        let e = Bucket::open(url, &o).unwrap_err().to_string();
+        assert!(e.contains(url) && e.contains(want), "{e}");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", d.path().display());
+    let b = Arc::new(Bucket::open(&url, &o).unwrap());
+    let mut w = VolumeWriter::open(b.clone(), &id(1), key(7)).unwrap();
+    w.append(vec![one_write(&w, 3)]).unwrap();
+    assert!(
+        d.path()
+            .join("vol1/manifest/00000000000000000002.json")
+            .exists()
+    );
+}
