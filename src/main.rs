@@ -16,6 +16,7 @@ mod failover;
 mod jobs;
 mod journal;
 mod points;
+mod restore;
 
 /// redun: continuous block replication and disaster recovery for Linux servers.
 #[derive(Debug, Parser)]
@@ -108,6 +109,12 @@ enum Command {
         /// The consistency group whose points to list.
         #[arg(long, value_name = "NAME")]
         group: Option<String>,
+        /// Read the points from a bucket instead of the target: s3://BUCKET/PREFIX,
+        /// az://CONTAINER/PREFIX or file:///DIR.
+        #[arg(long, value_name = "URL", conflicts_with = "group")]
+        store: Option<String>,
+        #[command(flatten)]
+        bucket: BucketArgs,
         /// Print JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
@@ -130,6 +137,27 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
         tracker_socket: PathBuf,
     },
+    /// Write a recovery point of VOLUME from a bucket to a local file or block device.
+    Restore {
+        volume: String,
+        /// The bucket: s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///DIR.
+        #[arg(long, value_name = "URL")]
+        store: String,
+        /// The point's id (`redun points VOLUME --store URL`), or `latest`.
+        #[arg(long, value_name = "ID", default_value = "latest")]
+        point: String,
+        /// The file (created, sparse) or block device to write.
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        bucket: BucketArgs,
+    },
+    /// Volume encryption keys for buckets.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Inspect and replay journal files (read-only on the journal).
     #[command(subcommand)]
     Journal(JournalCommand),
@@ -139,6 +167,35 @@ enum Command {
     /// The configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// How to read a volume in a bucket.
+#[derive(Debug, clap::Args)]
+struct BucketArgs {
+    /// The volume's key file (default /etc/redun/keys/VOLUME.key).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// The config file whose [bucket] table says how to reach the bucket (endpoint,
+    /// credentials); unset keys come from the AWS_* / AZURE_* environment variables.
+    #[arg(long, value_name = "FILE", default_value = "/etc/redun/redun.toml")]
+    config: PathBuf,
+}
+
+impl BucketArgs {
+    fn source<'a>(&'a self, volume: &'a str, store: &'a str) -> restore::Source<'a> {
+        restore::Source {
+            volume,
+            store,
+            key: self.key.as_deref(),
+            config: &self.config,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Write a new random volume key to PATH (never replaces a file).
+    New { path: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +427,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Config(ConfigCommand::Check { file }) => config_check::run(&file),
+        Command::Key(KeyCommand::New { path }) => restore::key_new(&path),
+        Command::Restore {
+            volume,
+            store,
+            point,
+            to,
+            quiet,
+            bucket,
+        } => restore::restore(&bucket.source(&volume, &store), &point, &to, !quiet),
         Command::Point(PointCommand::Create {
             volume,
             app,
@@ -390,9 +456,15 @@ fn main() -> ExitCode {
         Command::Points {
             volume,
             group,
+            store,
+            bucket,
             json,
             target_socket,
         } => match (volume, group) {
+            (Some(volume), None) if store.is_some() => restore::list(
+                &bucket.source(&volume, store.as_deref().unwrap_or("")),
+                json,
+            ),
             (_, Some(group)) => points::list_group(&group, json, &target_socket),
             (Some(volume), None) => points::list(&volume, json, &target_socket),
             (None, None) => ExitCode::from(2),

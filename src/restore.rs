@@ -1,0 +1,209 @@
+//! Recovery points straight from a bucket: `redun key new`, `redun points --store` and
+//! `redun restore` (docs/FORMAT.md, "Bucket layout").
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use redun_store::bucket::{Bucket, BucketOptions, VolumeReader};
+use redun_store::crypt::VolumeKey;
+
+/// Where a volume's key file is when `--key` is not given.
+pub const DEFAULT_KEY_DIR: &str = "/etc/redun/keys";
+/// Bytes restored per read and write.
+const STEP: usize = 4 << 20;
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("redun: {msg}");
+    ExitCode::FAILURE
+}
+
+/// `redun key new PATH`.
+pub fn key_new(path: &Path) -> ExitCode {
+    match VolumeKey::create_file(path) {
+        Ok(k) => {
+            println!(
+                "wrote a new volume key to {} (key check {}); copy it to the recovery site and keep a copy off this server: without it the bucket cannot be read",
+                path.display(),
+                k.check_hex()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!(
+            "{e} (an existing key is never replaced: it may be the only way to read a bucket)"
+        )),
+    }
+}
+
+/// The `[bucket]` table of the config file, when the file exists.
+fn options(config: &Path) -> Result<BucketOptions, String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        bucket: BucketOptions,
+    }
+    match std::fs::read_to_string(config) {
+        Ok(text) => toml::from_str::<File>(&text)
+            .map(|f| f.bucket)
+            .map_err(|e| format!("config file {}: {e}", config.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BucketOptions::default()),
+        Err(e) => Err(format!("config file {}: {e}", config.display())),
+    }
+}
+
+/// Where and how to read a volume in a bucket.
+#[derive(Debug)]
+pub struct Source<'a> {
+    pub volume: &'a str,
+    pub store: &'a str,
+    pub key: Option<&'a Path>,
+    pub config: &'a Path,
+}
+
+impl Source<'_> {
+    fn open(&self, cache: usize) -> Result<VolumeReader, String> {
+        let o = options(self.config)?;
+        let bucket = Bucket::open(self.store, &o).map_err(|e| e.to_string())?;
+        let default_key = Path::new(DEFAULT_KEY_DIR).join(format!("{}.key", self.volume));
+        let key_path = self.key.unwrap_or(&default_key);
+        let key = VolumeKey::load(key_path).map_err(|e| format!("volume {}: {e}", self.volume))?;
+        VolumeReader::open(Arc::new(bucket), self.volume, Arc::new(key), cache)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `redun points VOLUME --store URL`.
+pub fn list(src: &Source<'_>, json: bool) -> ExitCode {
+    let r = match src.open(1 << 20) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let m = r.manifest();
+    let points = m.points();
+    if json {
+        let v: Vec<_> = points
+            .iter()
+            .map(|(p, usable)| {
+                serde_json::json!({"id": p.id, "unix_ms": p.unix_ms, "kind": p.kind, "usable": usable})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "volume": src.volume, "store": src.store, "manifest_version": m.version,
+            "latest": m.latest(), "points": v,
+        });
+        println!("{out}");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "volume {} in {}: manifest version {}, {} segments, latest seq {}",
+        src.volume,
+        src.store,
+        m.version,
+        m.store.segments.len(),
+        m.latest()
+    );
+    println!("{:>20}  {:>15}  {:<5}  usable", "point", "unix_ms", "kind");
+    for (p, usable) in points {
+        let kind = serde_json::to_value(p.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "{:>20}  {:>15}  {:<5}  {}",
+            p.id,
+            p.unix_ms,
+            kind,
+            if usable { "yes" } else { "no" }
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `redun restore VOLUME --store URL --point ID --to PATH`.
+pub fn restore(src: &Source<'_>, point: &str, to: &Path, progress: bool) -> ExitCode {
+    match restore_inner(src, point, to, progress) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn restore_inner(src: &Source<'_>, point: &str, to: &Path, progress: bool) -> Result<(), String> {
+    let r = src.open(redun_store::bucket::CACHE_BYTES)?;
+    let m = r.manifest();
+    let seq = if point == "latest" {
+        m.latest()
+    } else {
+        let id: u64 = point
+            .parse()
+            .map_err(|_| format!("--point {point}: expected a point id or `latest`"))?;
+        match m.points().into_iter().find(|(p, _)| p.id == id) {
+            Some((_, true)) => id,
+            Some((_, false)) => {
+                return Err(format!(
+                    "volume {}: point {id} is listed but cannot be read from {} (see `redun points {} --store {}`)",
+                    src.volume, src.store, src.volume, src.store
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "volume {}: no point {id} in {} (list them with `redun points {} --store {}`)",
+                    src.volume, src.store, src.volume, src.store
+                ));
+            }
+        }
+    };
+    let view = r.view(seq).map_err(|e| e.to_string())?;
+    let size = view.size();
+    let device = std::fs::metadata(to).is_ok_and(|md| md.file_type().is_block_device());
+    let out = OpenOptions::new()
+        .write(true)
+        .create(!device)
+        .truncate(!device)
+        .open(to)
+        .map_err(|e| format!("cannot open {}: {e}", to.display()))?;
+    let werr = |e: std::io::Error| format!("cannot write {}: {e}", to.display());
+    if !device {
+        out.set_len(size).map_err(werr)?;
+    }
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(size);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        b.set_message(format!("restoring {} point {seq}", src.volume));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut buf = vec![0u8; STEP];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = usize::try_from((size - pos).min(STEP as u64)).expect("at most STEP");
+        view.read_at(&mut buf[..n], pos)
+            .map_err(|e| e.to_string())?;
+        // A new file is sparse: zeroes stay holes. A device gets every byte.
+        if device || buf[..n].iter().any(|&b| b != 0) {
+            out.write_all_at(&buf[..n], pos).map_err(werr)?;
+        }
+        pos += n as u64;
+        bar.set_position(pos);
+    }
+    out.sync_all().map_err(werr)?;
+    bar.finish_and_clear();
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(
+        stdout,
+        "restored volume {} at point {seq} ({size} bytes) from {} to {}",
+        src.volume,
+        src.store,
+        to.display()
+    );
+    Ok(())
+}
