@@ -149,6 +149,17 @@ fn check_target(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>
     }
 }
 
+fn check_bucket(path: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    match crate::restore::options(path) {
+        Ok(o) if o != redun_store::bucket::BucketOptions::default() => notes.push(format!(
+            "bucket: endpoint {}",
+            o.endpoint.as_deref().unwrap_or("(the provider's)")
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(e),
+    }
+}
+
 /// Prints what each daemon would say of `path`; exit 1 when any section is wrong.
 pub fn run(path: &Path) -> ExitCode {
     if let Err(e) = std::fs::read_to_string(path) {
@@ -158,6 +169,7 @@ pub fn run(path: &Path) -> ExitCode {
     let (mut problems, mut notes) = (Vec::new(), Vec::new());
     check_tracker(path, &mut problems, &mut notes);
     check_shipper(path, &mut problems, &mut notes);
+    check_bucket(path, &mut problems, &mut notes);
     check_target(path, &mut problems, &mut notes);
     // A file every daemon fails to parse is said once, not once per daemon.
     let mut seen = std::collections::HashSet::new();

@@ -39,19 +39,18 @@ pub fn key_new(path: &Path) -> ExitCode {
 }
 
 /// The `[bucket]` table of the config file, when the file exists.
-fn options(config: &Path) -> Result<BucketOptions, String> {
+pub fn options(config: &Path) -> Result<BucketOptions, String> {
     #[derive(serde::Deserialize)]
     struct File {
         #[serde(default)]
         bucket: BucketOptions,
     }
-    match std::fs::read_to_string(config) {
-        Ok(text) => toml::from_str::<File>(&text)
-            .map(|f| f.bucket)
-            .map_err(|e| format!("config file {}: {e}", config.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BucketOptions::default()),
-        Err(e) => Err(format!("config file {}: {e}", config.display())),
+    if !config.exists() {
+        return Ok(BucketOptions::default());
     }
+    redun_tracker::config::load_toml::<File>(config)
+        .map(|f| f.bucket)
+        .map_err(|e| e.to_string())
 }
 
 /// Where and how to read a volume in a bucket.

@@ -417,7 +417,12 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
         (
             "[target]",
             "[targett]",
-            "config {P}: line {L}: [targett]: unknown field `targett`, expected one of `tracker`, `volume`, `shipper`, `target`, `points`, `retention`, `resync`, `group`",
+            "config {P}: line {L}: [targett]: unknown field `targett`, expected one of `tracker`, `volume`, `shipper`, `target`, `points`, `retention`, `resync`, `group`, `bucket`",
+        ),
+        (
+            "allow_http = false",
+            "allow_htp = false",
+            "config {P}: line {L}: allow_htp = false: unknown field `allow_htp`, expected one of `endpoint`, `region`, `access_key_id`, `secret_access_key`, `account`, `access_key`, `allow_http`",
         ),
         (
             "window = \"22:00-06:00\"",

@@ -40,6 +40,9 @@ pub struct ConfigFile {
     /// The consistency group this tracker's volumes belong to.
     #[serde(default)]
     pub group: Option<crate::group::GroupSection>,
+    /// How to reach object storage (the shipper, the target and the CLI read it).
+    #[serde(default)]
+    pub bucket: Option<toml::Table>,
 }
 
 /// `[points]`: recovery points the tracker places.
