@@ -793,17 +793,7 @@ impl Store {
         let mut map = ExtentMap::default();
         for (file, entries) in &parts {
             for e in entries {
-                let src = match e.kind {
-                    Kind::Write => Src::Data {
-                        file: *file,
-                        pos: e.data,
-                    },
-                    Kind::Trim | Kind::Zero => Src::Zero,
-                    Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => continue,
-                };
-                if e.length > 0 {
-                    map.insert(e.offset, e.offset + u64::from(e.length), src);
-                }
+                map.apply(*file, e);
             }
         }
         View {
@@ -996,14 +986,7 @@ impl Store {
         for (i, s) in run.iter().enumerate() {
             let file = u32::try_from(i).expect("a short run");
             for e in &s.entries {
-                let src = match e.kind {
-                    Kind::Write => Src::Data { file, pos: e.data },
-                    Kind::Trim | Kind::Zero => Src::Zero,
-                    Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => continue,
-                };
-                if e.length > 0 {
-                    map.insert(e.offset, e.offset + u64::from(e.length), src);
-                }
+                map.apply(file, e);
             }
         }
         if map.pieces.is_empty() {
@@ -1302,25 +1285,14 @@ impl View {
 
     /// Reads `buf.len()` bytes at `offset` (within the volume).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset + buf.len() as u64;
-        let mut r = Ok(());
-        self.map.walk(offset, end, |s, e, src| {
-            if r.is_err() {
-                return;
+        self.map.read(buf, offset, |out, s, src| match src {
+            None => self.base.read_exact_at(out, s),
+            Some(Src::Zero) => {
+                out.fill(0);
+                Ok(())
             }
-            // Within `buf`, whose length is a usize.
-            let at = |x: u64| usize::try_from(x - offset).unwrap_or(usize::MAX);
-            let out = &mut buf[at(s)..at(e)];
-            r = match src {
-                None => self.base.read_exact_at(out, s),
-                Some(Src::Zero) => {
-                    out.fill(0);
-                    Ok(())
-                }
-                Some(Src::Data { file, pos }) => self.files[file as usize].read_exact_at(out, pos),
-            };
-        });
-        r
+            Some(Src::Data { file, pos }) => self.files[file as usize].read_exact_at(out, pos),
+        })
     }
 
     /// The checksum of each `block`-sized block of `[offset, offset + len)`

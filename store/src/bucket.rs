@@ -35,7 +35,6 @@ use crate::segment::{
     self, Decided, Entry, Identity, Manifest, Point, SegmentBuf, SegmentError, SegmentRef,
     TRAILER_LEN,
 };
-use redun_tracker::journal::format::Kind;
 
 /// Objects above this size are uploaded in parts of [`PART_BYTES`].
 pub const MULTIPART_BYTES: usize = 16 << 20;
@@ -893,14 +892,7 @@ impl VolumeReader {
             let s = self.segment(r)?;
             let file = u32::try_from(segs.len()).expect("fewer than 2^32 segments");
             for e in s.entries.iter().take_while(|e| e.seq <= seq) {
-                let src = match e.kind {
-                    Kind::Write => Src::Data { file, pos: e.data },
-                    Kind::Trim | Kind::Zero => Src::Zero,
-                    _ => continue,
-                };
-                if e.length > 0 {
-                    map.insert(e.offset, e.offset + u64::from(e.length), src);
-                }
+                map.apply(file, e);
             }
             segs.push(s);
         }
@@ -933,26 +925,18 @@ impl BucketView<'_> {
 
     /// Reads `buf.len()` bytes at `offset` (within the volume).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BucketError> {
-        let end = offset + buf.len() as u64;
-        let mut r = Ok(());
-        self.map.walk(offset, end, |s, e, src| {
-            if r.is_err() {
-                return;
+        self.map.read(buf, offset, |out, _, src| match src {
+            // No base objects yet: what no segment covers reads as zeroes.
+            None | Some(Src::Zero) => {
+                out.fill(0);
+                Ok(())
             }
-            let at = |x: u64| usize::try_from(x - offset).unwrap_or(usize::MAX);
-            let out = &mut buf[at(s)..at(e)];
-            match src {
-                // No base objects yet: what no segment covers reads as zeroes.
-                None | Some(Src::Zero) => out.fill(0),
-                Some(Src::Data { file, pos }) => {
-                    let seg = &self.segs[file as usize];
-                    r = self
-                        .reader
-                        .read_plain(seg, pos..pos + (e - s))
-                        .map(|d| out.copy_from_slice(&d));
-                }
+            Some(Src::Data { file, pos }) => {
+                let seg = &self.segs[file as usize];
+                let d = self.reader.read_plain(seg, pos..pos + out.len() as u64)?;
+                out.copy_from_slice(&d);
+                Ok(())
             }
-        });
-        r
+        })
     }
 }

@@ -4,6 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use redun_tracker::journal::format::Kind;
+
+use crate::segment::Entry;
+
 /// Where a piece of a view's bytes comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Src {
@@ -72,6 +76,40 @@ impl ExtentMap {
             }
         }
         self.pieces.insert(start, Piece { end, src });
+    }
+
+    /// Applies segment entry `e` of segment `file`: a write's bytes now come from its
+    /// payload, a trim's or zeroes' read as zeroes; other kinds change no bytes.
+    pub fn apply(&mut self, file: u32, e: &Entry) {
+        let src = match e.kind {
+            Kind::Write => Src::Data { file, pos: e.data },
+            Kind::Trim | Kind::Zero => Src::Zero,
+            Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => return,
+        };
+        if e.length > 0 {
+            self.insert(e.offset, e.offset + u64::from(e.length), src);
+        }
+    }
+
+    /// Fills `buf`, the volume's bytes from `offset`, piece by piece: `f(out, start, src)`
+    /// fills `out`, the bytes from volume offset `start` that `src` (or the base, `None`)
+    /// holds. Stops at the first error.
+    pub fn read<E>(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        mut f: impl FnMut(&mut [u8], u64, Option<Src>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let end = offset + buf.len() as u64;
+        let mut r = Ok(());
+        self.walk(offset, end, |s, e, src| {
+            if r.is_ok() {
+                // Within `buf`, whose length is a usize.
+                let at = |x: u64| usize::try_from(x - offset).unwrap_or(usize::MAX);
+                r = f(&mut buf[at(s)..at(e)], s, src);
+            }
+        });
+        r
     }
 
     /// The pieces that overlap `[start, end)`, clipped to it, with the gaps between them
