@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use redun_tracker::admin::{self, AdminRequest};
 use redun_tracker::journal::format::PointKind;
 
+use redun_store::segment::Point;
 use redun_target::server::GroupPoint;
 
 use crate::ask::{Daemon, ask_or_exit};
@@ -129,22 +130,37 @@ pub fn list(volume: &str, json: bool, target: &Path) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let points = v["points"].as_array().cloned().unwrap_or_default();
+    // Each entry is a store point with `usable` beside it.
+    let points = v["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let point = serde_json::from_value::<Point>(p.clone()).ok()?;
+            Some((point, p["usable"] == true))
+        });
+    print_table(points, &format!("volume {volume}"));
+    ExitCode::SUCCESS
+}
+
+/// The table of a volume's points, each with whether it can be read: the target's and a
+/// bucket's alike.
+pub(crate) fn print_table(points: impl Iterator<Item = (Point, bool)>, of: &str) {
     println!("{:>12}  {:<24}  {:<5}  USABLE", "ID", "TIME (UTC)", "KIND");
-    for p in &points {
-        let ms = p["unix_ms"].as_u64().unwrap_or(0);
+    let mut none = true;
+    for (p, usable) in points {
+        none = false;
         println!(
             "{:>12}  {:<24}  {:<5}  {}",
-            p["id"].as_u64().unwrap_or(0),
-            utc(ms),
-            p["kind"].as_str().unwrap_or("?"),
-            if p["usable"] == true { "yes" } else { "no" }
+            p.id,
+            utc(p.unix_ms),
+            p.kind.name(),
+            if usable { "yes" } else { "no" }
         );
     }
-    if points.is_empty() {
-        println!("(no recovery points yet for volume {volume})");
+    if none {
+        println!("(no recovery points yet for {of})");
     }
-    ExitCode::SUCCESS
 }
 
 /// `redun point group`: a consistency-group round from the local tracker.

@@ -2,7 +2,6 @@
 //! `redun restore` (docs/FORMAT.md, "Bucket layout").
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 use std::process::ExitCode;
@@ -104,20 +103,7 @@ pub fn list(src: &Source<'_>, json: bool) -> ExitCode {
         m.store.segments.len(),
         m.latest()
     );
-    println!("{:>20}  {:>15}  {:<5}  usable", "point", "unix_ms", "kind");
-    for (p, usable) in points {
-        let kind = serde_json::to_value(p.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        println!(
-            "{:>20}  {:>15}  {:<5}  {}",
-            p.id,
-            p.unix_ms,
-            kind,
-            if usable { "yes" } else { "no" }
-        );
-    }
+    crate::points::print_table(points.into_iter(), &format!("volume {}", src.volume));
     ExitCode::SUCCESS
 }
 
@@ -196,9 +182,7 @@ fn restore_inner(src: &Source<'_>, point: &str, to: &Path, progress: bool) -> Re
     }
     out.sync_all().map_err(werr)?;
     bar.finish_and_clear();
-    let mut stdout = std::io::stdout();
-    let _ = writeln!(
-        stdout,
+    println!(
         "restored volume {} at point {seq} ({size} bytes) from {} to {}",
         src.volume,
         src.store,

@@ -777,31 +777,32 @@ impl VolumeReader {
                 format!("bytes {r:?} are past its {} bytes", s.header.len),
             ));
         }
-        let (first, bytes, skip) = s.header.locate(r.clone());
-        let chunk = u64::from(crate::crypt::CHUNK);
-        let last = r.end.max(r.start + 1).div_ceil(chunk);
+        let want = s.header.chunks_of(r.clone());
+        let size = s.header.chunk_size();
         let tag: Arc<str> = Arc::from(s.file.as_str());
         let mut chunks: Vec<Arc<Vec<u8>>> = Vec::new();
-        for i in first..last {
+        for i in want.clone() {
             match self.cache.get(&(tag.clone(), i)) {
                 Some(c) => chunks.push(c),
                 None => break,
             }
         }
-        if chunks.len() as u64 != last - first {
-            let from = first + chunks.len() as u64;
-            let (_, fetch, _) = s.header.locate(from * chunk..r.end);
-            let raw = self.bucket.get_range(&s.path, fetch.start..bytes.end)?;
+        let from = want.start + chunks.len() as u64;
+        if from < want.end {
+            let fetch = s.header.chunk_bytes(from..want.end);
+            let raw = self.bucket.get_range(&s.path, fetch)?;
             let plain = self
                 .key
                 .open_chunks(&s.file, &s.header, from, &raw)
                 .map_err(|e| self.crypt_err(&s.path, e))?;
-            for (i, c) in (from..).zip(plain.chunks(crate::crypt::CHUNK as usize)) {
+            let step = usize::try_from(size).expect("chunks are small");
+            for (i, c) in (from..).zip(plain.chunks(step)) {
                 let c = Arc::new(c.to_vec());
                 self.cache.put((tag.clone(), i), c.clone());
                 chunks.push(c);
             }
         }
+        let skip = usize::try_from(r.start - want.start * size).expect("within a chunk");
         let n = usize::try_from(r.end - r.start).expect("a read fits in memory");
         let mut out = Vec::with_capacity(n + skip);
         for c in chunks {

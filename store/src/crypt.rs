@@ -303,15 +303,20 @@ impl Header {
         self.chunk_at(self.chunks()) - (self.chunks() * u64::from(self.chunk) - self.len)
     }
 
-    /// The chunks that hold plaintext bytes `r`: the first chunk's number, the object
-    /// bytes to fetch, and where `r` starts in the decrypted chunks.
-    pub fn locate(&self, r: Range<u64>) -> (u64, Range<u64>, usize) {
-        let c = u64::from(self.chunk);
-        let first = r.start / c;
-        let last = r.end.max(r.start + 1).div_ceil(c).min(self.chunks());
-        let end = (self.chunk_at(last)).min(self.object_len());
-        let skip = usize::try_from(r.start - first * c).expect("within a chunk");
-        (first, self.chunk_at(first)..end, skip)
+    /// Plaintext bytes per chunk.
+    pub fn chunk_size(&self) -> u64 {
+        u64::from(self.chunk)
+    }
+
+    /// The numbers of the chunks that hold plaintext bytes `r` (at least one).
+    pub fn chunks_of(&self, r: Range<u64>) -> Range<u64> {
+        let c = self.chunk_size();
+        r.start / c..r.end.max(r.start + 1).div_ceil(c).min(self.chunks())
+    }
+
+    /// Where chunks `c` are in the object.
+    pub fn chunk_bytes(&self, c: Range<u64>) -> Range<u64> {
+        self.chunk_at(c.start)..self.chunk_at(c.end).min(self.object_len())
     }
 }
 
@@ -340,9 +345,11 @@ mod tests {
             199_999..200_000,
             10..70_000,
         ] {
-            let (first, bytes, skip) = h.locate(r.clone());
+            let chunks = h.chunks_of(r.clone());
+            let bytes = h.chunk_bytes(chunks.clone());
+            let skip = (r.start - chunks.start * h.chunk_size()) as usize;
             let b = &obj[bytes.start as usize..bytes.end as usize];
-            let p = k.open_chunks("seg/a", &h, first, b).unwrap();
+            let p = k.open_chunks("seg/a", &h, chunks.start, b).unwrap();
             let n = (r.end - r.start) as usize;
             assert_eq!(&p[skip..skip + n], &plain[r.start as usize..r.end as usize]);
         }
