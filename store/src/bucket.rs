@@ -3,8 +3,9 @@
 //! writer can advance.
 //!
 //! ```text
-//! PREFIX/NAME/manifest/VERSION.json    manifest versions 1, 2, ... (20 digits), each created
-//!                                      once with create-if-absent; the highest one is current
+//! PREFIX/NAME/manifest/VERSION.json.enc  manifest versions 1, 2, ... (20 digits, encrypted
+//!                                      JSON), each created once with create-if-absent; the
+//!                                      highest one is current
 //! PREFIX/NAME/seg/FIRST-LAST-W-N.seg   an encrypted sealed segment (records FIRST..=LAST),
 //!                                      uploaded by writer W as its Nth object
 //! ```
@@ -41,6 +42,7 @@ pub const MULTIPART_BYTES: usize = 16 << 20;
 pub const PART_BYTES: usize = 8 << 20;
 /// Manifest versions kept below the current one (older ones are deleted).
 const KEEP_MANIFESTS: u64 = 8;
+const MANIFEST_SUFFIX: &str = ".json.enc";
 /// Default bound of a reader's chunk cache.
 pub const CACHE_BYTES: usize = 256 << 20;
 
@@ -310,43 +312,99 @@ impl Bucket {
             .map_err(self.err("cannot list", &dir))?;
         Ok(metas
             .iter()
-            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .filter_map(|m| {
+                m.location
+                    .filename()?
+                    .strip_suffix(MANIFEST_SUFFIX)?
+                    .parse()
+                    .ok()
+            })
             .max())
     }
 
-    fn manifest_path(&self, name: &str, version: u64) -> ObjPath {
-        self.path(name, &format!("manifest/{version:020}.json"))
+    /// The versions of volume `name`'s manifest below `below`.
+    fn versions_below(&self, name: &str, below: u64) -> Result<Vec<u64>, BucketError> {
+        let dir = self.path(name, "manifest");
+        let metas: Vec<_> = self
+            .run(self.store.list(Some(&dir)).try_collect::<Vec<_>>())
+            .map_err(self.err("cannot list", &dir))?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| {
+                m.location
+                    .filename()?
+                    .strip_suffix(MANIFEST_SUFFIX)?
+                    .parse()
+                    .ok()
+            })
+            .filter(|&v| v < below)
+            .collect())
     }
 
-    /// The current manifest of volume `name`, if it has one.
-    pub fn manifest(&self, name: &str) -> Result<Option<BucketManifest>, BucketError> {
+    /// A manifest version's object name below the volume.
+    fn manifest_file(version: u64) -> String {
+        format!("manifest/{version:020}{MANIFEST_SUFFIX}")
+    }
+
+    fn damaged(&self, name: &str, object: &ObjPath, reason: String) -> BucketError {
+        BucketError::Damaged {
+            volume: name.to_string(),
+            object: object.to_string(),
+            url: self.url.clone(),
+            reason,
+        }
+    }
+
+    fn crypt_err(&self, name: &str, object: &ObjPath, e: CryptError) -> BucketError {
+        match e {
+            CryptError::WrongKey { found, ours } => BucketError::WrongKey {
+                volume: name.to_string(),
+                url: self.url.clone(),
+                found,
+                ours,
+            },
+            e => self.damaged(name, object, e.to_string()),
+        }
+    }
+
+    /// Manifest version `v` of volume `name`, checked; `None` if it does not exist.
+    fn read_manifest(
+        &self,
+        name: &str,
+        v: u64,
+        key: &VolumeKey,
+    ) -> Result<Option<BucketManifest>, BucketError> {
+        let file = Self::manifest_file(v);
+        let p = self.path(name, &file);
+        let body = match self.run(async { self.store.get(&p).await?.bytes().await }) {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("cannot read", &p)(e)),
+        };
+        let plain = key
+            .open(&file, &body)
+            .map_err(|e| self.crypt_err(name, &p, e))?;
+        let m: BucketManifest =
+            serde_json::from_slice(&plain).map_err(|e| self.damaged(name, &p, e.to_string()))?;
+        m.check(name, v).map_err(|e| self.damaged(name, &p, e))?;
+        Ok(Some(m))
+    }
+
+    /// The current manifest of volume `name`, if it has one; refuses a key that is not the
+    /// volume's.
+    pub fn manifest(
+        &self,
+        name: &str,
+        key: &VolumeKey,
+    ) -> Result<Option<BucketManifest>, BucketError> {
         // A version can be deleted between the listing and the read when newer ones exist.
         for _ in 0..3 {
             let Some(v) = self.newest_version(name)? else {
                 return Ok(None);
             };
-            let p = self.manifest_path(name, v);
-            let body = match self.run(async { self.store.get(&p).await?.bytes().await }) {
-                Ok(b) => b,
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(self.err("cannot read", &p)(e)),
-            };
-            let m: BucketManifest =
-                serde_json::from_slice(&body).map_err(|e| BucketError::Damaged {
-                    volume: name.to_string(),
-                    object: p.to_string(),
-                    url: self.url.clone(),
-                    reason: e.to_string(),
-                })?;
-            if m.version != v || m.store.name != name {
-                return Err(BucketError::Damaged {
-                    volume: name.to_string(),
-                    object: p.to_string(),
-                    url: self.url.clone(),
-                    reason: format!("it says version {} of volume {}", m.version, m.store.name),
-                });
+            if let Some(m) = self.read_manifest(name, v, key)? {
+                return Ok(Some(m));
             }
-            return Ok(Some(m));
         }
         Err(BucketError::Refused {
             volume: name.to_string(),
@@ -356,9 +414,10 @@ impl Bucket {
     }
 
     /// Creates manifest version `m.version`; `Ok(false)` when it exists already.
-    fn create_manifest(&self, m: &BucketManifest) -> Result<bool, BucketError> {
-        let p = self.manifest_path(&m.store.name, m.version);
-        let body = serde_json::to_vec_pretty(m).expect("serializable");
+    fn create_manifest(&self, m: &BucketManifest, key: &VolumeKey) -> Result<bool, BucketError> {
+        let file = Self::manifest_file(m.version);
+        let p = self.path(&m.store.name, &file);
+        let body = key.seal(&file, &serde_json::to_vec_pretty(m).expect("serializable"));
         match self.run(
             self.store
                 .put_opts(&p, PutPayload::from(body), PutMode::Create.into()),
@@ -405,8 +464,6 @@ pub struct BucketManifest {
     /// The writer that created it (random, per writer session).
     pub writer: String,
     pub unix_ms: u64,
-    /// The check value of the volume's key ([`VolumeKey::check_hex`]).
-    pub key_check: String,
     /// The first sequence number not in the bucket (0: nothing yet).
     pub next_seq: u64,
     /// Base seq, segments (`file`: the object's name below the volume), points, decisions.
@@ -415,6 +472,43 @@ pub struct BucketManifest {
 }
 
 impl BucketManifest {
+    /// What a manifest read as version `v` of volume `name` must hold; a reason if it does
+    /// not (a writer's bug, since manifests are authenticated).
+    fn check(&self, name: &str, v: u64) -> Result<(), String> {
+        if self.version != v || self.store.name != name {
+            return Err(format!(
+                "it says version {} of volume {}",
+                self.version, self.store.name
+            ));
+        }
+        let mut after = self.store.base_seq;
+        for (i, s) in self.store.segments.iter().enumerate() {
+            if s.first_seq > s.last_seq
+                || (i > 0 && s.first_seq <= after)
+                || s.first_seq < self.store.base_seq
+                || s.bytes < TRAILER_LEN as u64
+            {
+                return Err(format!(
+                    "its segment {} (seq {}..={}, {} bytes) is out of order or too short",
+                    s.file, s.first_seq, s.last_seq, s.bytes
+                ));
+            }
+            after = s.last_seq;
+        }
+        let next = self
+            .store
+            .segments
+            .last()
+            .map_or(self.next_seq, |s| s.last_seq.saturating_add(1));
+        if next != self.next_seq {
+            return Err(format!(
+                "next_seq is {} but its last segment ends before seq {next}",
+                self.next_seq,
+            ));
+        }
+        Ok(())
+    }
+
     /// The listed points, oldest first, each with whether it can be read.
     pub fn points(&self) -> Vec<(Point, bool)> {
         let decisions: Vec<&Decided> = self.store.decisions.iter().collect();
@@ -445,7 +539,11 @@ pub struct VolumeWriter {
     id: Identity,
     token: String,
     uploads: u64,
+    /// The newest version this writer knows is in the bucket.
     manifest: BucketManifest,
+    /// The next version, its segments uploaded, whose creation had no clear answer.
+    pending: Option<BucketManifest>,
+    fenced: Option<u64>,
 }
 
 impl VolumeWriter {
@@ -463,49 +561,34 @@ impl VolumeWriter {
             url: bucket.url.clone(),
             reason,
         };
-        let manifest = match bucket.manifest(&id.name)? {
-            Some(m) => {
-                if m.key_check != key.check_hex() {
-                    return Err(BucketError::WrongKey {
-                        volume: id.name.clone(),
-                        url: bucket.url.clone(),
-                        found: m.key_check,
-                        ours: key.check_hex(),
-                    });
-                }
-                if m.store.uuid != id.uuid || m.store.size != id.size {
-                    return Err(refused(format!(
-                        "the bucket holds a volume of uuid {} and {} bytes, this one is {} with {} bytes: use another prefix, or remove the old volume's objects",
-                        m.store.uuid, m.store.size, id.uuid, id.size
-                    )));
-                }
-                if m.store.generation > id.generation {
-                    return Err(refused(format!(
-                        "the volume is at generation {} there (it failed over), this writer at {}: it must not write",
-                        m.store.generation, id.generation
-                    )));
-                }
-                m
+        let manifest = loop {
+            if let Some(m) = bucket.manifest(&id.name, &key)? {
+                break m;
             }
-            None => {
-                let m = BucketManifest {
-                    version: 1,
-                    writer: token.clone(),
-                    unix_ms: unix_ms(),
-                    key_check: key.check_hex(),
-                    next_seq: 0,
-                    store: Manifest::new(id),
-                };
-                if !bucket.create_manifest(&m)? {
-                    return Err(BucketError::Fenced {
-                        volume: id.name.clone(),
-                        url: bucket.url.clone(),
-                        version: 1,
-                    });
-                }
-                m
+            let m = BucketManifest {
+                version: 1,
+                writer: token.clone(),
+                unix_ms: unix_ms(),
+                next_seq: 0,
+                store: Manifest::new(id),
+            };
+            // Another writer may create the first version at the same time: then take it.
+            if bucket.create_manifest(&m, &key)? {
+                break m;
             }
         };
+        if manifest.store.uuid != id.uuid || manifest.store.size != id.size {
+            return Err(refused(format!(
+                "the bucket holds a volume of uuid {} and {} bytes, this one is {} with {} bytes: use another prefix, or remove the old volume's objects",
+                manifest.store.uuid, manifest.store.size, id.uuid, id.size
+            )));
+        }
+        if manifest.store.generation > id.generation {
+            return Err(refused(format!(
+                "the volume is at generation {} there (it failed over), this writer at {}: it must not write",
+                manifest.store.generation, id.generation
+            )));
+        }
         Ok(VolumeWriter {
             bucket,
             key,
@@ -513,10 +596,13 @@ impl VolumeWriter {
             token,
             uploads: 0,
             manifest,
+            pending: None,
+            fenced: None,
         })
     }
 
-    /// The first sequence number the bucket does not hold.
+    /// The first sequence number the bucket holds no record from (as far as this writer
+    /// knows: see [`VolumeWriter::settle`]).
     pub fn next_seq(&self) -> u64 {
         self.manifest.next_seq
     }
@@ -534,11 +620,22 @@ impl VolumeWriter {
         SegmentBuf::new(&self.id, first_seq)
     }
 
-    /// Uploads `segs` (in sequence order, each past the one before) in parallel, then
-    /// creates the next manifest version listing them. When this returns `Ok`, their records
-    /// are durable in the bucket; on an error nothing new is listed and the call may be
-    /// repeated with the same segments.
+    fn fenced(&self, version: u64) -> BucketError {
+        BucketError::Fenced {
+            volume: self.id.name.clone(),
+            url: self.bucket.url.clone(),
+            version,
+        }
+    }
+
+    /// Uploads `segs` (in sequence order, each past the one before, the first at or past
+    /// [`VolumeWriter::next_seq`]) in parallel, then creates the next manifest version
+    /// listing them. When this returns `Ok`, their records are durable in the bucket.
+    ///
+    /// On a transient error the outcome may be unknown: call [`VolumeWriter::settle`] until
+    /// it answers, then send again from [`VolumeWriter::next_seq`]. `append` settles first.
     pub fn append(&mut self, segs: Vec<SegmentBuf>) -> Result<u64, BucketError> {
+        self.settle()?;
         let mut m = self.manifest.clone();
         let mut objects = Vec::new();
         for s in segs {
@@ -595,41 +692,73 @@ impl VolumeWriter {
         m.writer = self.token.clone();
         m.store.generation = m.store.generation.max(self.id.generation);
         m.unix_ms = unix_ms();
-        if !self.bucket.create_manifest(&m)? {
+        self.pending = Some(m);
+        self.settle()
+    }
+
+    /// Finishes an append whose manifest put had no clear answer: puts exactly the same
+    /// manifest again, and accepts the version only if it is byte for byte ours. Returns
+    /// [`VolumeWriter::next_seq`]; a transient error leaves the append pending.
+    pub fn settle(&mut self) -> Result<u64, BucketError> {
+        if let Some(v) = self.fenced {
+            return Err(self.fenced(v));
+        }
+        let Some(m) = self.pending.clone() else {
+            return Ok(self.manifest.next_seq);
+        };
+        let name = &self.id.name;
+        if !self.bucket.create_manifest(&m, &self.key)? {
             // Ours, from an attempt whose answer was lost? Otherwise another writer's.
-            match self.bucket.manifest(&self.id.name)? {
-                Some(cur) if cur.version == m.version && cur.writer == self.token => {}
-                _ => {
-                    return Err(BucketError::Fenced {
-                        volume: self.id.name.clone(),
-                        url: self.bucket.url.clone(),
-                        version: m.version,
-                    });
-                }
+            if self
+                .bucket
+                .read_manifest(name, m.version, &self.key)?
+                .as_ref()
+                != Some(&m)
+            {
+                self.pending = None;
+                self.fenced = Some(m.version);
+                return Err(self.fenced(m.version));
             }
         }
+        // Old versions are deleted, so a number can be free again for a writer that fell
+        // far behind: what it created counts only if no higher version exists.
+        let newest = self.bucket.newest_version(name)?;
+        if newest.is_some_and(|n| n > m.version) {
+            self.pending = None;
+            self.fenced = Some(m.version);
+            return Err(self.fenced(m.version));
+        }
+        self.pending = None;
         self.manifest = m;
         self.prune_manifests();
         Ok(self.manifest.next_seq)
     }
 
-    /// Deletes manifest versions older than the [`KEEP_MANIFESTS`] before the current one,
-    /// every few versions (best effort: a failure leaves objects the next pass deletes).
+    /// Deletes manifest versions more than [`KEEP_MANIFESTS`] below the current one, every
+    /// [`KEEP_MANIFESTS`] versions (best effort: a failure leaves objects the next pass
+    /// deletes).
     fn prune_manifests(&self) {
         let v = self.manifest.version;
         if v % KEEP_MANIFESTS != 0 {
             return;
         }
         let b = &self.bucket;
-        for old in v.saturating_sub(3 * KEEP_MANIFESTS)..v.saturating_sub(KEEP_MANIFESTS) {
-            let p = b.manifest_path(&self.id.name, old.max(1));
+        let warn = |e: &dyn fmt::Display| {
+            log::warn!(
+                "volume={} bucket={}: cannot delete old manifest versions: {e}",
+                self.id.name,
+                b.url
+            );
+        };
+        let old = match b.versions_below(&self.id.name, v - KEEP_MANIFESTS) {
+            Ok(o) => o,
+            Err(e) => return warn(&e),
+        };
+        for old in old {
+            let p = b.path(&self.id.name, &Bucket::manifest_file(old));
             match b.run(b.store.delete(&p)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => log::warn!(
-                    "volume={} bucket={}: cannot delete old manifest {p}: {e}",
-                    self.id.name,
-                    b.url
-                ),
+                Err(e) => warn(&format_args!("{p}: {e}")),
             }
         }
     }
@@ -714,20 +843,12 @@ impl VolumeReader {
         cache_bytes: usize,
     ) -> Result<VolumeReader, BucketError> {
         let manifest = bucket
-            .manifest(name)?
+            .manifest(name, &key)?
             .ok_or_else(|| BucketError::NotFound {
                 volume: name.to_string(),
                 url: bucket.url.clone(),
                 prefix: bucket.path(name, "manifest/").to_string(),
             })?;
-        if manifest.key_check != key.check_hex() {
-            return Err(BucketError::WrongKey {
-                volume: name.to_string(),
-                url: bucket.url.clone(),
-                found: manifest.key_check,
-                ours: key.check_hex(),
-            });
-        }
         Ok(VolumeReader {
             bucket,
             key,
@@ -749,24 +870,11 @@ impl VolumeReader {
     }
 
     fn damaged(&self, object: &ObjPath, reason: String) -> BucketError {
-        BucketError::Damaged {
-            volume: self.name().to_string(),
-            object: object.to_string(),
-            url: self.bucket.url.clone(),
-            reason,
-        }
+        self.bucket.damaged(self.name(), object, reason)
     }
 
     fn crypt_err(&self, object: &ObjPath, e: CryptError) -> BucketError {
-        match e {
-            CryptError::WrongKey { found, ours } => BucketError::WrongKey {
-                volume: self.name().to_string(),
-                url: self.bucket.url.clone(),
-                found,
-                ours,
-            },
-            e => self.damaged(object, e.to_string()),
-        }
+        self.bucket.crypt_err(self.name(), object, e)
     }
 
     /// Plaintext bytes `r` of a segment object, through the cache.
@@ -793,7 +901,7 @@ impl VolumeReader {
             let raw = self.bucket.get_range(&s.path, fetch)?;
             let plain = self
                 .key
-                .open_chunks(&s.file, &s.header, from, &raw)
+                .open_chunks(&s.file, &s.header, from..want.end, &raw)
                 .map_err(|e| self.crypt_err(&s.path, e))?;
             let step = usize::try_from(size).expect("chunks are small");
             for (i, c) in (from..).zip(plain.chunks(step)) {

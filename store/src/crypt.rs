@@ -26,6 +26,8 @@ pub const TAG_LEN: usize = 16;
 /// Plaintext bytes per chunk: a 4 KiB read fetches at most two chunks.
 pub const CHUNK: u32 = 64 << 10;
 const KEY_CHECK_AAD: &[u8] = b"redun key check v1";
+/// The largest plaintext an object header may claim (1 PiB): keeps offsets far from overflow.
+const MAX_OBJECT: u64 = 1 << 50;
 
 /// Why an object cannot be decrypted, or a key file used.
 #[derive(Debug, thiserror::Error)]
@@ -124,9 +126,11 @@ impl VolumeKey {
                 t.len()
             )));
         }
+        if !t.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad("is not 64 hex digits".into()));
+        }
         for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16)
-                .map_err(|_| bad("is not 64 hex digits".into()))?;
+            *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).expect("hex digits");
         }
         Ok(VolumeKey::from_bytes(&bytes))
     }
@@ -166,7 +170,14 @@ impl VolumeKey {
         let header = Header::parse(&h).expect("a header we built");
         let mut out = Vec::with_capacity(usize::try_from(header.object_len()).unwrap_or(0));
         out.extend_from_slice(&h);
-        for (i, chunk) in (0u64..).zip(plain.chunks(CHUNK as usize)) {
+        // An empty object still has one (empty) chunk, so that its tag authenticates it.
+        let chunks = plain.chunks(CHUNK as usize);
+        let chunks: Vec<&[u8]> = if plain.is_empty() {
+            vec![&[]]
+        } else {
+            chunks.collect()
+        };
+        for (i, chunk) in (0u64..).zip(chunks) {
             let aad = Self::aad(&h, name, i);
             let c = self
                 .cipher
@@ -195,18 +206,29 @@ impl VolumeKey {
         Ok(h)
     }
 
-    /// Decrypts chunks `first..` of object `name` from `bytes`, the object's bytes at
-    /// [`Header::chunks`] (whole chunks, back to back).
+    /// Decrypts chunks `chunks` of object `name` from `bytes`, the object's bytes at
+    /// [`Header::chunk_bytes`]`(chunks)` (whole chunks, back to back).
     pub fn open_chunks(
         &self,
         name: &str,
         h: &Header,
-        first: u64,
+        chunks: Range<u64>,
         bytes: &[u8],
     ) -> Result<Vec<u8>, CryptError> {
+        let at = h.chunk_bytes(chunks.clone());
+        if chunks.end > h.chunks() || bytes.len() as u64 != at.end - at.start {
+            return Err(damaged(format!(
+                "object bytes {}..{} (chunks {}..{}) came back as {} bytes (the object is truncated or replaced)",
+                at.start,
+                at.end,
+                chunks.start,
+                chunks.end,
+                bytes.len()
+            )));
+        }
         let mut out = Vec::with_capacity(bytes.len());
         let step = h.chunk as usize + TAG_LEN;
-        for (i, c) in (first..).zip(bytes.chunks(step)) {
+        for (i, c) in chunks.zip(bytes.chunks(step)) {
             let want = h.chunk_plain_len(i) + TAG_LEN as u64;
             if c.len() as u64 != want {
                 return Err(damaged(format!(
@@ -246,7 +268,7 @@ impl VolumeKey {
                 h.object_len()
             )));
         }
-        self.open_chunks(name, &h, 0, &obj[ENC_HEADER_LEN..])
+        self.open_chunks(name, &h, 0..h.chunks(), &obj[ENC_HEADER_LEN..])
     }
 }
 
@@ -277,16 +299,23 @@ impl Header {
                 "unsupported object version {version} or chunk size {chunk}"
             )));
         }
+        let len = u64::from_le_bytes(raw[16..24].try_into().expect("8"));
+        if len > MAX_OBJECT {
+            return Err(damaged(format!(
+                "its header says {len} bytes, more than any object holds"
+            )));
+        }
         Ok(Header {
             raw,
             chunk,
-            len: u64::from_le_bytes(raw[16..24].try_into().expect("8")),
+            len,
             nonce: raw[24..48].try_into().expect("24"),
         })
     }
 
-    fn chunks(&self) -> u64 {
-        self.len.div_ceil(u64::from(self.chunk))
+    /// How many chunks the object has: at least one, so that an empty object has a tag.
+    pub fn chunks(&self) -> u64 {
+        self.len.div_ceil(u64::from(self.chunk)).max(1)
     }
 
     fn chunk_plain_len(&self, i: u64) -> u64 {
@@ -300,7 +329,7 @@ impl Header {
 
     /// The object's size in the bucket.
     pub fn object_len(&self) -> u64 {
-        self.chunk_at(self.chunks()) - (self.chunks() * u64::from(self.chunk) - self.len)
+        ENC_HEADER_LEN as u64 + self.len + self.chunks() * TAG_LEN as u64
     }
 
     /// Plaintext bytes per chunk.
@@ -349,11 +378,25 @@ mod tests {
             let bytes = h.chunk_bytes(chunks.clone());
             let skip = (r.start - chunks.start * h.chunk_size()) as usize;
             let b = &obj[bytes.start as usize..bytes.end as usize];
-            let p = k.open_chunks("seg/a", &h, chunks.start, b).unwrap();
+            let p = k.open_chunks("seg/a", &h, chunks.clone(), b).unwrap();
+            if chunks.end - chunks.start > 1 {
+                let cut = &b[..b.len() - 16 - 65_536];
+                let e = k.open_chunks("seg/a", &h, chunks, cut).unwrap_err();
+                assert!(e.to_string().contains("truncated"), "{e}");
+            }
             let n = (r.end - r.start) as usize;
             assert_eq!(&p[skip..skip + n], &plain[r.start as usize..r.end as usize]);
         }
-        assert_eq!(k.open("e", &k.seal("e", &[])).unwrap(), Vec::<u8>::new());
+        let empty = k.seal("e", &[]);
+        assert_eq!(empty.len(), 64 + 16);
+        assert_eq!(k.open("e", &empty).unwrap(), Vec::<u8>::new());
+        assert!(
+            k.open("f", &empty).is_err(),
+            "an empty object is authenticated"
+        );
+        let mut huge = empty.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(k.header(&huge[..64]).is_err());
     }
 
     #[test]
@@ -413,6 +456,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("none.key") && e.contains("redun key new"), "{e}");
+        std::fs::write(&p, format!("+{}\n", "a".repeat(63))).unwrap();
+        let e = VolumeKey::load(&p).unwrap_err().to_string();
+        assert!(e.contains("64 hex digits"), "{e}");
         std::fs::write(&p, "abc\n").unwrap();
         let e = VolumeKey::load(&p).unwrap_err().to_string();
         assert!(e.contains("v.key") && e.contains("64 hex digits"), "{e}");

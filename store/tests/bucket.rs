@@ -3,13 +3,18 @@
 //! manifest, damage and wrong keys are refused, and no plaintext reaches the bucket.
 #![allow(clippy::cast_possible_truncation)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 
 use futures::TryStreamExt;
-use object_store::ObjectStoreExt;
+use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
-use object_store::{ObjectStore, PutPayload};
+use object_store::path::Path as ObjPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 use redun_store::bucket::{Bucket, BucketError, BucketOptions, VolumeReader, VolumeWriter};
 use redun_store::crypt::VolumeKey;
 use redun_store::segment::{Identity, SegmentBuf};
@@ -387,7 +392,226 @@ fn urls_are_checked() {
     w.append(vec![one_write(&w, 3)]).unwrap();
     assert!(
         d.path()
-            .join("vol1/manifest/00000000000000000002.json")
+            .join("vol1/manifest/00000000000000000002.json.enc")
             .exists()
     );
+}
+
+/// An in-memory store whose server can be "down" (every request fails as a connection
+/// error would), fail the next create-if-absent put, or lose the answer to it after doing it.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: InMemory,
+    down: AtomicBool,
+    fail_next_create: AtomicBool,
+    lose_next_create: AtomicBool,
+}
+
+impl std::fmt::Display for Flaky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Flaky({})", self.inner)
+    }
+}
+
+fn refused(what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "Flaky",
+        source: format!("{what}: connection refused").into(),
+    }
+}
+
+impl Flaky {
+    fn up(&self, what: &str) -> object_store::Result<()> {
+        match self.down.load(Ordering::SeqCst) {
+            true => Err(refused(what)),
+            false => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Flaky {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.up("put")?;
+        let create = matches!(opts.mode, PutMode::Create);
+        if create && self.fail_next_create.swap(false, Ordering::SeqCst) {
+            return Err(refused("create"));
+        }
+        let r = self.inner.put_opts(location, payload, opts).await;
+        if create && r.is_ok() && self.lose_next_create.swap(false, Ordering::SeqCst) {
+            return Err(object_store::Error::Generic {
+                store: "Flaky",
+                source: "the connection broke before the answer".into(),
+            });
+        }
+        r
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.up("multipart")?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.up("get")?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        match self.up("list") {
+            Ok(()) => self.inner.list(prefix),
+            Err(e) => Box::pin(futures::stream::once(async move { Err(e) })),
+        }
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        self.up("list")?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.up("copy")?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+fn flaky() -> (Arc<Flaky>, Arc<Bucket>) {
+    let f = Arc::new(Flaky::default());
+    let b = Arc::new(Bucket::with_store(f.clone(), "memory://flaky", "p"));
+    (f, b)
+}
+
+#[test]
+fn a_lost_answer_or_a_down_server_loses_nothing_and_repeats_nothing() {
+    let (f, bucket) = flaky();
+    let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(8)).unwrap();
+    w.append(vec![one_write(&w, 1)]).unwrap();
+    // The manifest put happens but its answer is lost: the append reports a transient
+    // error, and settling finds the version is exactly ours.
+    f.lose_next_create.store(true, Ordering::SeqCst);
+    let e = w.append(vec![one_write(&w, 2)]).unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(w.next_seq(), 2, "not known to be in the bucket yet");
+    assert_eq!(w.settle().unwrap(), 4);
+    assert_eq!(w.manifest().version, 3);
+    // The server is down while segments go up: nothing is listed, and sending again works.
+    f.down.store(true, Ordering::SeqCst);
+    let e = w.append(vec![one_write(&w, 3)]).unwrap_err();
+    assert!(
+        e.is_transient() && e.to_string().contains("connection refused"),
+        "{e}"
+    );
+    f.down.store(false, Ordering::SeqCst);
+    assert_eq!(w.settle().unwrap(), 4);
+    assert_eq!(w.append(vec![one_write(&w, 3)]).unwrap(), 6);
+    // Down for the manifest only (after the uploads): the append stays pending through
+    // failed settles and lands once the server is back.
+    let s = one_write(&w, 4);
+    f.lose_next_create.store(true, Ordering::SeqCst);
+    assert!(w.append(vec![s]).unwrap_err().is_transient());
+    f.down.store(true, Ordering::SeqCst);
+    assert!(w.settle().unwrap_err().is_transient());
+    f.down.store(false, Ordering::SeqCst);
+    assert_eq!(w.settle().unwrap(), 8);
+    let r = VolumeReader::open(bucket.clone(), "vol1", key(8), 1 << 20).unwrap();
+    assert_eq!(r.manifest().version, 5);
+    assert_eq!(r.manifest().points().len(), 4);
+    let mut buf = vec![0u8; 4096];
+    r.view(7).unwrap().read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![4u8; 4096]);
+    // A pending version that another writer created meanwhile with other contents: fenced,
+    // and it stays fenced.
+    let mut other = VolumeWriter::open(bucket.clone(), &id(1), key(8)).unwrap();
+    f.fail_next_create.store(true, Ordering::SeqCst);
+    assert!(w.append(vec![one_write(&w, 5)]).unwrap_err().is_transient());
+    other.append(vec![one_write(&other, 6)]).unwrap();
+    let e = w.settle().unwrap_err();
+    assert!(matches!(e, BucketError::Fenced { version: 6, .. }), "{e}");
+    assert!(matches!(w.settle(), Err(BucketError::Fenced { .. })));
+    let r = VolumeReader::open(bucket, "vol1", key(8), 1 << 20).unwrap();
+    r.view(9).unwrap().read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![6u8; 4096]);
+}
+
+#[test]
+fn a_writer_that_fell_behind_old_deleted_versions_is_still_fenced() {
+    for (bucket, _dir) in stores() {
+        let mut stale = VolumeWriter::open(bucket.clone(), &id(1), key(9)).unwrap();
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(9)).unwrap();
+        for i in 0..40 {
+            w.append(vec![one_write(&w, i)]).unwrap();
+        }
+        let kept = objects(&bucket)
+            .iter()
+            .filter(|m| m.location.as_ref().contains("/manifest/"))
+            .count();
+        assert!(kept <= 16, "old versions are deleted, {kept} kept");
+        // Version 2 no longer exists, so the stale writer's put of it succeeds: it must
+        // still find out that it is not the newest, and stop.
+        let e = stale.append(vec![one_write(&stale, 99)]).unwrap_err();
+        assert!(matches!(e, BucketError::Fenced { version: 2, .. }), "{e}");
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(9), 1 << 20).unwrap();
+        assert_eq!(r.manifest().version, 41);
+        let mut buf = vec![0u8; 4096];
+        r.view(r.manifest().latest())
+            .unwrap()
+            .read_at(&mut buf, 0)
+            .unwrap();
+        assert_eq!(buf, vec![39u8; 4096]);
+    }
+}
+
+#[test]
+fn a_changed_manifest_is_damage() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(10)).unwrap();
+        w.append(vec![one_write(&w, 1)]).unwrap();
+        let m = objects(&bucket)
+            .into_iter()
+            .map(|m| m.location)
+            .filter(|p| p.as_ref().ends_with("00000000000000000002.json.enc"))
+            .collect::<Vec<_>>();
+        assert_eq!(m.len(), 1);
+        rewrite(&bucket, &m[0], |b| b[100] ^= 1);
+        let e = VolumeReader::open(bucket.clone(), "vol1", key(10), 1 << 20).unwrap_err();
+        assert!(matches!(e, BucketError::Damaged { .. }), "{e}");
+        assert!(e.to_string().contains(m[0].as_ref()), "{e}");
+        // Version 1 moved into version 2's place fails too: the name is authenticated.
+        let v1 = ObjPath::from(m[0].as_ref().replace("02.json", "01.json"));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(bucket.store().copy(&v1, &m[0])).unwrap();
+        let e = VolumeReader::open(bucket.clone(), "vol1", key(10), 1 << 20).unwrap_err();
+        assert!(matches!(e, BucketError::Damaged { .. }), "{e}");
+    }
 }
