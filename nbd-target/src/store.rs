@@ -29,9 +29,9 @@ use redun_store::extent::{ExtentMap, Src};
 use redun_store::segment::{self as codec, Scanned, SegmentError, encode_entry, encode_index};
 pub use redun_store::segment::{
     Decided, ENTRY_HEADER_LEN, Entry, Identity, MANIFEST_FORMAT, Manifest, Point,
-    SEGMENT_HEADER_LEN, SegmentRef,
+    SEGMENT_HEADER_LEN, SegmentRef, SyncState,
 };
-use redun_tracker::journal::format::{GroupDecision, Kind, PointKind, SyncInfo, SyncRole};
+use redun_tracker::journal::format::{GroupDecision, Kind, PointKind, SyncInfo};
 use serde::{Deserialize, Serialize};
 
 /// A segment is sealed at the first commit after it holds this many bytes.
@@ -63,22 +63,10 @@ pub struct ReplicaState {
     pub inconsistent: Vec<[u64; 2]>,
 }
 
-/// A synchronisation as the replica knows it (docs/PROTOCOL.md, "Synchronisation").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncState {
-    /// The job that fills the slots (0: a begin no job claimed yet).
-    pub job: u64,
-    /// The first begin record: from here on the replica is inconsistent.
-    pub since_seq: u64,
-    /// Every range of the job below this offset is synchronised (from filled slots).
-    pub cursor: u64,
-}
-
 impl ReplicaState {
     /// True when the point placed by marker `id` is a consistent image.
     pub fn consistent_at(&self, id: u64) -> bool {
-        self.sync.is_none_or(|s| id < s.since_seq)
-            && !self.inconsistent.iter().any(|w| w[0] <= id && id <= w[1])
+        codec::consistent_at(self.sync.as_ref(), &self.inconsistent, id)
     }
 }
 
@@ -514,27 +502,14 @@ impl Store {
         }
         self.push(&mut g, Kind::Sync, seq, range.0, range.1, &info.encode())?;
         let inner = &mut *g;
-        match (info.role, inner.sync.as_mut()) {
-            (SyncRole::Begin, None) => {
-                inner.sync = Some(SyncState {
-                    job: info.job,
-                    since_seq: seq,
-                    cursor: 0,
-                });
-            }
-            (SyncRole::Begin, Some(s)) if info.job != 0 && info.job != s.job => {
-                s.job = info.job;
-                s.cursor = 0;
-            }
-            (SyncRole::Slot, Some(s)) if s.job == info.job && blocks.is_some() => {
-                s.cursor = s.cursor.max(range.0 + u64::from(range.1));
-            }
-            (SyncRole::End, Some(s)) if s.job == info.job => {
-                inner.inconsistent.push([s.since_seq, seq]);
-                inner.sync = None;
-            }
-            _ => {}
-        }
+        let note = codec::SyncNote {
+            seq,
+            info,
+            offset: range.0,
+            length: range.1,
+            filled: blocks.is_some(),
+        };
+        codec::follow_sync(&mut inner.sync, &mut inner.inconsistent, &note);
         Ok(())
     }
 

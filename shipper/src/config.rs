@@ -14,6 +14,9 @@ pub struct ConfigFile {
     pub shipper: ShipperSection,
     #[serde(default)]
     pub resync: ResyncSection,
+    /// `[bucket]`: endpoint and credentials of `shipper.target_store`.
+    #[serde(default)]
+    pub bucket: redun_store::bucket::BucketOptions,
 }
 
 /// `[resync]`: when synchronisations start by themselves.
@@ -88,6 +91,14 @@ pub struct ShipperSection {
     pub journal_dir: Option<PathBuf>,
     pub tracker_socket: Option<PathBuf>,
     pub target: Option<String>,
+    /// A bucket instead of a target: `s3://BUCKET/PREFIX`, `az://CONTAINER/PREFIX`,
+    /// `file:///DIR`.
+    pub target_store: Option<String>,
+    /// Where the volumes' key files are, `NAME.key` [default: /etc/redun/keys].
+    pub key_dir: Option<PathBuf>,
+    /// A bucket batch is uploaded at the latest this long after its first record, e.g.
+    /// "2s" [default: 2s].
+    pub store_flush: Option<String>,
     pub target_name: Option<String>,
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,

@@ -10,6 +10,7 @@ pub mod reverse;
 pub mod ship;
 pub mod sync;
 pub mod throttle;
+pub mod to_bucket;
 pub mod verify;
 
 /// TLS set-up, shared with the tracker's consistency groups (it lives in the tracker crate).

@@ -38,6 +38,19 @@ struct Args {
     /// The target, HOST:PORT (port 9443 when left out).
     #[arg(long, value_name = "HOST:PORT")]
     target: Option<String>,
+    /// Ship into a bucket instead of a target: s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or
+    /// file:///DIR (endpoint and credentials from the config file's [bucket] table, else the
+    /// AWS_* or AZURE_* environment variables).
+    #[arg(long, value_name = "URL")]
+    target_store: Option<String>,
+    /// Where the volumes' key files for --target-store are, NAME.key (`redun key new`)
+    /// [default: /etc/redun/keys].
+    #[arg(long, value_name = "DIR")]
+    key_dir: Option<PathBuf>,
+    /// With --target-store: upload a batch at the latest this long after its first record,
+    /// e.g. 2s (the RPO's floor) [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = redun_tracker::config::parse_duration)]
+    store_flush: Option<u64>,
     /// The name the target's certificate must carry [default: the HOST of --target].
     #[arg(long, value_name = "NAME")]
     target_name: Option<String>,
@@ -110,14 +123,15 @@ fn with_port(target: &str) -> String {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let (file, resync, cfg_path) = match &args.config {
+    let (file, resync, bucket_opts, cfg_path) = match &args.config {
         Some(p) => {
             let f = ConfigFile::load(p)?;
-            (f.shipper, f.resync, p.clone())
+            (f.shipper, f.resync, f.bucket, p.clone())
         }
         None => (
             ShipperSection::default(),
             ResyncSection::default(),
+            redun_store::bucket::BucketOptions::default(),
             PathBuf::from("(no config file)"),
         ),
     };
@@ -126,27 +140,57 @@ fn run(args: Args) -> anyhow::Result<()> {
             "{flag} is required (or shipper.{key} in the config file given with --config)"
         )
     };
-    let tls = TlsFiles {
-        ca: args
-            .tls_ca
-            .or(file.tls_ca.clone())
-            .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
-        cert: args
-            .tls_cert
-            .or(file.tls_cert.clone())
-            .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
-        key: args
-            .tls_key
-            .or(file.tls_key.clone())
-            .ok_or_else(|| missing("--tls-key", "tls_key"))?,
-    }
-    .client_config()?;
-    let target = with_port(
-        &args
-            .target
-            .or(file.target.clone())
-            .ok_or_else(|| missing("--target", "target"))?,
-    );
+    let store_url = args.target_store.or(file.target_store.clone());
+    let target_addr = args.target.or(file.target.clone());
+    let (tls, target, store) = match (store_url, target_addr) {
+        (Some(url), Some(t)) => anyhow::bail!(
+            "give a target ({t}) or a bucket ({url}), not both (--target, --target-store, or \
+             shipper.target and shipper.target_store in the config file)"
+        ),
+        (Some(url), None) => {
+            let flush = match (args.store_flush, &file.store_flush) {
+                (Some(ms), _) => ms,
+                (None, Some(v)) => redun_tracker::config::parse_duration(v).map_err(|e| {
+                    anyhow::anyhow!(
+                        "config {}: shipper.store_flush = {v:?}: {e}",
+                        cfg_path.display()
+                    )
+                })?,
+                (None, None) => 2000,
+            };
+            let bucket = redun_store::bucket::Bucket::open(&url, &bucket_opts)?;
+            let st = redun_shipper::to_bucket::StoreTarget {
+                bucket: Arc::new(bucket),
+                key_dir: args
+                    .key_dir
+                    .or(file.key_dir.clone())
+                    .unwrap_or_else(|| PathBuf::from("/etc/redun/keys")),
+                segment_bytes: 8 << 20,
+                uploads: 4,
+                flush_after: Duration::from_millis(flush.max(1)),
+            };
+            (None, url, Some(Arc::new(st)))
+        }
+        (None, t) => {
+            let tls = TlsFiles {
+                ca: args
+                    .tls_ca
+                    .or(file.tls_ca.clone())
+                    .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
+                cert: args
+                    .tls_cert
+                    .or(file.tls_cert.clone())
+                    .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
+                key: args
+                    .tls_key
+                    .or(file.tls_key.clone())
+                    .ok_or_else(|| missing("--tls-key", "tls_key"))?,
+            }
+            .client_config()?;
+            let t = t.ok_or_else(|| missing("--target (or --target-store)", "target"))?;
+            (Some(tls), with_port(&t), None)
+        }
+    };
     let batch_size = match args.batch_size.or(file.batch_size.clone()) {
         Some(v) => parse_size(&v).map_err(|e| anyhow::anyhow!("batch size: {e}"))?,
         None => 4 << 20,
@@ -172,6 +216,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| redun_shipper::tls::host_of(&target)),
         target,
         tls,
+        store,
         batch_bytes: usize::try_from(batch_size).unwrap_or(usize::MAX).max(4096),
         level,
         generation: args.generation.or(file.generation).unwrap_or(1),

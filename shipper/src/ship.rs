@@ -30,7 +30,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// An idle connection pings this often, so that a dead one is noticed.
 const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// How long to wait for new records before looking again.
-const IDLE_WAIT: Duration = Duration::from_millis(100);
+pub(crate) const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Back-off after the first failure, in retry units; then every [`RETRY_STEADY`] units.
 const RETRY_SCHEDULE: [u32; 5] = [1, 2, 4, 8, 10];
@@ -47,11 +47,14 @@ pub fn retry_delay(n: u32, unit: Duration) -> Duration {
 /// How a volume is shipped.
 #[derive(Debug, Clone)]
 pub struct ShipOptions {
-    /// `HOST:PORT` of the target.
+    /// `HOST:PORT` of the target, or the bucket's URL.
     pub target: String,
     /// The name the target's certificate must carry.
     pub server_name: String,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// The TLS client set-up (`None` when shipping into a bucket).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Ship into this bucket instead of a target.
+    pub store: Option<Arc<crate::to_bucket::StoreTarget>>,
     /// A batch closes at this many bytes of records (or when no more are waiting).
     pub batch_bytes: usize,
     pub level: i32,
@@ -212,7 +215,7 @@ fn unexpected(target: &str) -> ShipError {
     ))
 }
 
-fn journal_err(path: &std::path::Path, e: JournalError) -> ShipError {
+pub(crate) fn journal_err(path: &std::path::Path, e: JournalError) -> ShipError {
     ShipError::Retry(format!("journal {}: {e}", path.display()))
 }
 
@@ -221,7 +224,7 @@ fn journal_err(path: &std::path::Path, e: JournalError) -> ShipError {
 pub struct VolumeShipper {
     pub name: String,
     pub journal: PathBuf,
-    opts: ShipOptions,
+    pub(crate) opts: ShipOptions,
     status: Mutex<ShipStatus>,
     heads: Option<Arc<Heads>>,
     /// Set by [`VolumeShipper::resume`]; wakes a critical volume.
@@ -237,17 +240,20 @@ pub struct VolumeShipper {
     generation: std::sync::atomic::AtomicU64,
     /// A failback runs.
     reversing: std::sync::atomic::AtomicBool,
+    /// The bucket writer, kept across sessions so that an append whose answer was lost is
+    /// settled by the next one.
+    pub(crate) writer: Mutex<Option<redun_store::bucket::VolumeWriter>>,
 }
 
 /// A batch sent and not yet acknowledged.
 #[derive(Debug)]
-struct InFlight {
-    last_seq: u64,
+pub(crate) struct InFlight {
+    pub(crate) last_seq: u64,
     /// Record bytes, and bytes on the wire.
-    bytes: u64,
-    sent: u64,
+    pub(crate) bytes: u64,
+    pub(crate) sent: u64,
     /// When its records were read from the journal.
-    read_at: Instant,
+    pub(crate) read_at: Instant,
 }
 
 /// Batches the shipper sends ahead of their acknowledgements.
@@ -277,6 +283,7 @@ impl VolumeShipper {
                     .max(opts.generation),
             ),
             reversing: std::sync::atomic::AtomicBool::new(false),
+            writer: Mutex::new(None),
             journal,
             opts,
         }
@@ -332,6 +339,13 @@ impl VolumeShipper {
     /// Asks for an online verify of the volume, which starts once the volume is shipping
     /// with nothing else to do; returns its id (`status().verify.id`).
     pub fn request_verify(&self) -> Result<u64, String> {
+        if self.opts.store.is_some() {
+            return Err(format!(
+                "volume {}: it ships to a bucket, which cannot checksum its blocks: verify \
+                 by restoring a point (`redun restore`) and comparing",
+                self.name
+            ));
+        }
         if self.heads.is_none() {
             return Err(format!(
                 "volume {}: a verify needs the tracker's admin socket (--tracker-socket)",
@@ -409,7 +423,7 @@ impl VolumeShipper {
     /// `replica_started`: the replica held data and no job when this session began (a
     /// resync of it may wait for the window; an initial replication, or a job under way,
     /// does not).
-    fn maybe_sync(
+    pub(crate) fn maybe_sync(
         &self,
         replica: (u64, u64),
         replica_started: bool,
@@ -452,10 +466,17 @@ impl VolumeShipper {
             self.opts.sync_block,
             &[
                 format!("journal {} open", self.journal.display()),
-                format!(
-                    "target {} reachable and authenticated (mutual TLS)",
-                    self.opts.target
-                ),
+                if self.opts.store.is_some() {
+                    format!(
+                        "bucket {} reachable, the volume's key matches",
+                        self.opts.target
+                    )
+                } else {
+                    format!(
+                        "target {} reachable and authenticated (mutual TLS)",
+                        self.opts.target
+                    )
+                },
                 format!("replica accepted the volume's identity and size ({size} bytes)"),
             ],
         ) {
@@ -631,7 +652,13 @@ impl VolumeShipper {
                 self.opts.server_name
             ))
         })?;
-        let conn = rustls::ClientConnection::new(self.opts.tls.clone(), name)
+        let tls = self.opts.tls.clone().ok_or_else(|| {
+            ShipError::Fatal(format!(
+                "volume {}: this shipper sends to a bucket and has no TLS set-up",
+                self.name
+            ))
+        })?;
+        let conn = rustls::ClientConnection::new(tls, name)
             .map_err(|e| ShipError::Fatal(format!("TLS set-up: {e}")))?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         while tls.conn.is_handshaking() {
@@ -643,6 +670,9 @@ impl VolumeShipper {
     }
 
     fn session(&self, stop: &AtomicBool, connected: &mut bool) -> Result<(), ShipError> {
+        if let Some(st) = self.opts.store.clone() {
+            return self.bucket_session(&st, stop, connected);
+        }
         let target = self.opts.target.clone();
         let mut reader = JournalReader::open(&self.journal).map_err(|e| {
             ShipError::Retry(format!(
@@ -730,11 +760,7 @@ impl VolumeShipper {
                     sync = None;
                     next_sync_try = Instant::now() + Duration::from_secs(5);
                 }
-                let mut st = self.status.lock().unwrap();
-                let before = st.sync.as_ref().map_or(0, |j| j.sent_bytes);
-                st.sync = sync.as_ref().map(Sync::status);
-                let now = st.sync.as_ref().map_or(before, |j| j.sent_bytes);
-                st.sync_bytes_sent += now.saturating_sub(before);
+                self.note_sync(sync.as_ref());
             }
             if let Some(v) = verify.as_mut() {
                 let pumped = v
@@ -920,7 +946,7 @@ impl VolumeShipper {
 
     /// The next records, up to the batch size; none when none are waiting. A sync slot whose
     /// blocks are still being compared ends the batch and is `held` until they are.
-    fn read_batch(
+    pub(crate) fn read_batch(
         &self,
         reader: &mut JournalReader,
         held: &mut Option<Record>,
@@ -964,8 +990,17 @@ impl VolumeShipper {
         Ok(records)
     }
 
+    /// The synchronisation's figures in status.
+    pub(crate) fn note_sync(&self, sync: Option<&Sync>) {
+        let mut st = self.status.lock().unwrap();
+        let before = st.sync.as_ref().map_or(0, |j| j.sent_bytes);
+        st.sync = sync.map(Sync::status);
+        let now = st.sync.as_ref().map_or(before, |j| j.sent_bytes);
+        st.sync_bytes_sent += now.saturating_sub(before);
+    }
+
     /// Lag and RPO from the batches in flight.
-    fn note_lag(&self, window: &VecDeque<InFlight>) {
+    pub(crate) fn note_lag(&self, window: &VecDeque<InFlight>) {
         let mut s = self.status.lock().unwrap();
         s.lag_bytes = window.iter().map(|b| b.bytes).sum();
         s.rpo_seconds = window
@@ -1017,14 +1052,14 @@ impl VolumeShipper {
 
 /// Bytes acknowledged over a sliding window of a few seconds.
 #[derive(Debug, Default)]
-struct RateWindow {
+pub(crate) struct RateWindow {
     samples: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl RateWindow {
     const WINDOW: Duration = Duration::from_secs(5);
 
-    fn per_second(&mut self, bytes: u64) -> f64 {
+    pub(crate) fn per_second(&mut self, bytes: u64) -> f64 {
         let now = Instant::now();
         if bytes > 0 {
             self.samples.push_back((now, bytes));

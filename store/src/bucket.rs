@@ -34,7 +34,7 @@ use crate::crypt::{CryptError, ENC_HEADER_LEN, Header, VolumeKey};
 use crate::extent::{ExtentMap, Src};
 use crate::segment::{
     self, Decided, Entry, Identity, Manifest, Point, SegmentBuf, SegmentError, SegmentRef,
-    TRAILER_LEN,
+    SyncState, TRAILER_LEN,
 };
 
 /// Objects above this size are uploaded in parts of [`PART_BYTES`].
@@ -466,6 +466,12 @@ pub struct BucketManifest {
     pub unix_ms: u64,
     /// The first sequence number not in the bucket (0: nothing yet).
     pub next_seq: u64,
+    /// The synchronisation under way (its points and `latest` are not images of the
+    /// volume), and the `[begin, end]` windows of finished ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncState>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inconsistent: Vec<[u64; 2]>,
     /// Base seq, segments (`file`: the object's name below the volume), points, decisions.
     #[serde(flatten)]
     pub store: Manifest,
@@ -513,8 +519,15 @@ impl BucketManifest {
     pub fn points(&self) -> Vec<(Point, bool)> {
         let decisions: Vec<&Decided> = self.store.decisions.iter().collect();
         segment::listed(self.store.points.iter(), &decisions, |p, _| {
-            Some((p, p.id >= self.store.base_seq && p.id < self.next_seq))
+            let held = p.id >= self.store.base_seq && p.id < self.next_seq;
+            Some((p, held && self.consistent_at(p.id)))
         })
+    }
+
+    /// True when the image as of `seq` is one of the volume (no synchronisation was under
+    /// way at it).
+    pub fn consistent_at(&self, seq: u64) -> bool {
+        segment::consistent_at(self.sync.as_ref(), &self.inconsistent, seq)
     }
 
     /// The last sequence number in the bucket (0: none).
@@ -570,6 +583,8 @@ impl VolumeWriter {
                 writer: token.clone(),
                 unix_ms: unix_ms(),
                 next_seq: 0,
+                sync: None,
+                inconsistent: Vec::new(),
                 store: Manifest::new(id),
             };
             // Another writer may create the first version at the same time: then take it.
@@ -656,6 +671,9 @@ impl VolumeWriter {
                 "seg/{first:020}-{last:020}-{}-{}.seg",
                 self.token, self.uploads
             );
+            for n in s.syncs() {
+                segment::follow_sync(&mut m.sync, &mut m.inconsistent, n);
+            }
             let (bytes, (_, points, decisions)) = s.seal();
             m.store.segments.push(SegmentRef {
                 file: file.clone(),

@@ -7,7 +7,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use redun_tracker::journal::format::{GroupDecision, Kind, MarkerInfo, PointKind};
+use redun_tracker::journal::format::{
+    BlockExtent, GroupDecision, Kind, MarkerInfo, PointKind, SyncInfo, SyncRole,
+};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -114,6 +116,62 @@ pub struct Entry {
 /// The records of one segment: its index, the points its markers place and its group
 /// decisions.
 pub type Scanned = (Vec<Entry>, Vec<Point>, Vec<Decided>);
+
+/// A synchronisation as the replica knows it (docs/PROTOCOL.md, "Synchronisation").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// The job that fills the slots (0: a begin no job claimed yet).
+    pub job: u64,
+    /// The first begin record: from here on the replica is inconsistent.
+    pub since_seq: u64,
+    /// Every range of the job below this offset is synchronised (from filled slots).
+    pub cursor: u64,
+}
+
+/// A sync record as a replica follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncNote {
+    pub seq: u64,
+    pub info: SyncInfo,
+    /// The slot's range.
+    pub offset: u64,
+    pub length: u32,
+    /// A slot that carries its blocks (not one its shipper left unfilled).
+    pub filled: bool,
+}
+
+/// Follows a synchronisation through its records: a begin opens it (from then on the
+/// replica is inconsistent), a filled slot moves its cursor, its end closes it and adds the
+/// window it covered to `inconsistent`.
+pub fn follow_sync(sync: &mut Option<SyncState>, inconsistent: &mut Vec<[u64; 2]>, n: &SyncNote) {
+    match (n.info.role, sync.as_mut()) {
+        (SyncRole::Begin, None) => {
+            *sync = Some(SyncState {
+                job: n.info.job,
+                since_seq: n.seq,
+                cursor: 0,
+            });
+        }
+        (SyncRole::Begin, Some(s)) if n.info.job != 0 && n.info.job != s.job => {
+            s.job = n.info.job;
+            s.cursor = 0;
+        }
+        (SyncRole::Slot, Some(s)) if s.job == n.info.job && n.filled => {
+            s.cursor = s.cursor.max(n.offset + u64::from(n.length));
+        }
+        (SyncRole::End, Some(s)) if s.job == n.info.job => {
+            inconsistent.push([s.since_seq, n.seq]);
+            *sync = None;
+        }
+        _ => {}
+    }
+}
+
+/// True when the point placed by marker `id` is a consistent image: no synchronisation
+/// was under way at it.
+pub fn consistent_at(sync: Option<&SyncState>, inconsistent: &[[u64; 2]], id: u64) -> bool {
+    sync.is_none_or(|s| id < s.since_seq) && !inconsistent.iter().any(|w| w[0] <= id && id <= w[1])
+}
 
 /// Why segment bytes cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -414,6 +472,7 @@ pub struct SegmentBuf {
     entries: Vec<Entry>,
     points: Vec<Point>,
     decisions: Vec<Decided>,
+    syncs: Vec<SyncNote>,
 }
 
 impl SegmentBuf {
@@ -424,7 +483,38 @@ impl SegmentBuf {
             entries: Vec::new(),
             points: Vec::new(),
             decisions: Vec::new(),
+            syncs: Vec::new(),
         }
+    }
+
+    /// Appends a sync record: a slot's blocks (data or zeroes) as entries of its sequence
+    /// number, then the record itself, as the target's store does.
+    pub fn push_sync(
+        &mut self,
+        seq: u64,
+        info: SyncInfo,
+        range: (u64, u32),
+        blocks: Option<&[BlockExtent<'_>]>,
+    ) {
+        for b in blocks.unwrap_or_default() {
+            match b.data {
+                Some(d) => self.push(Kind::Write, seq, b.offset, b.length, d),
+                None => self.push(Kind::Zero, seq, b.offset, b.length, &[]),
+            }
+        }
+        self.push(Kind::Sync, seq, range.0, range.1, &info.encode());
+        self.syncs.push(SyncNote {
+            seq,
+            info,
+            offset: range.0,
+            length: range.1,
+            filled: blocks.is_some(),
+        });
+    }
+
+    /// The sync records pushed, in order.
+    pub fn syncs(&self) -> &[SyncNote] {
+        &self.syncs
     }
 
     pub fn push(&mut self, kind: Kind, seq: u64, offset: u64, length: u32, payload: &[u8]) {

@@ -4,7 +4,7 @@
 #![allow(clippy::cast_possible_truncation)] // Test volumes are small.
 use super::*;
 use proptest::prelude::*;
-use redun_tracker::journal::format::MarkerInfo;
+use redun_tracker::journal::format::{MarkerInfo, SyncRole};
 
 const SIZE: u64 = 64 * 1024;
 

@@ -1,0 +1,340 @@
+//! Shipping a volume straight into a bucket (`--target-store`, docs/FORMAT.md "Bucket
+//! layout"): records are gathered into segments, a batch of segments is uploaded in
+//! parallel and listed by the next manifest version, and only then released from the
+//! journal. Synchronisations (initial replication, resync) run as with a target, except
+//! that the bucket cannot checksum its blocks: every block of a job's ranges that holds
+//! data is sent, and zero blocks travel as ranges.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use redun_store::bucket::{Bucket, BucketError, VolumeWriter};
+use redun_store::crypt::VolumeKey;
+use redun_store::segment::{Identity, SegmentBuf};
+use redun_tracker::journal::Record;
+use redun_tracker::journal::format::{Kind, SyncInfo};
+use redun_tracker::journal::reader::JournalReader;
+
+use crate::proto::{self, Frame, WireRecord};
+use crate::ship::{InFlight, RateWindow, ShipError, ShipState, VolumeShipper, journal_err};
+use crate::sync::Sync;
+
+/// What the bucket answers for a block it cannot checksum: matches no block, and is not
+/// the zero hash (so a block that holds data on the source is always sent).
+const UNKNOWN_HASH: u128 = u128::MAX;
+
+/// Where and how volumes are shipped into a bucket.
+#[derive(Debug)]
+pub struct StoreTarget {
+    pub bucket: Arc<Bucket>,
+    /// `NAME.key` per volume.
+    pub key_dir: PathBuf,
+    /// A segment closes at this many bytes.
+    pub segment_bytes: usize,
+    /// Segments uploaded in parallel by one manifest version.
+    pub uploads: usize,
+    /// A batch is uploaded at the latest this long after its first record was read.
+    pub flush_after: Duration,
+}
+
+/// Segments being filled, not yet in the bucket.
+#[derive(Debug, Default)]
+struct Pending {
+    segs: Vec<SegmentBuf>,
+    /// Record bytes (as on the wire, before compression).
+    bytes: u64,
+    last_seq: u64,
+    since: Option<Instant>,
+}
+
+fn bucket_err(e: &BucketError) -> ShipError {
+    if e.is_transient() {
+        ShipError::Retry(e.to_string())
+    } else {
+        ShipError::Fatal(e.to_string())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl VolumeShipper {
+    /// One session of shipping into the bucket; like [`VolumeShipper::session`], it ends on
+    /// `stop` (`Ok`) or on an error the caller retries or reports as critical.
+    pub(crate) fn bucket_session(
+        &self,
+        st: &StoreTarget,
+        stop: &AtomicBool,
+        connected: &mut bool,
+    ) -> Result<(), ShipError> {
+        let r = self.bucket_session_inner(st, stop, connected);
+        if let Err(ShipError::Fatal(_)) = &r {
+            // A writer that was fenced or refused is not used again: `redun resume` opens
+            // a new one, which reads the bucket afresh.
+            *self.writer.lock().unwrap() = None;
+        }
+        r
+    }
+
+    fn bucket_session_inner(
+        &self,
+        st: &StoreTarget,
+        stop: &AtomicBool,
+        connected: &mut bool,
+    ) -> Result<(), ShipError> {
+        let url = st.bucket.url().to_string();
+        let mut reader = JournalReader::open(&self.journal).map_err(|e| {
+            ShipError::Retry(format!(
+                "cannot open journal {}: {e} (is the tracker running with this --journal-dir?)",
+                self.journal.display()
+            ))
+        })?;
+        let sb = *reader.superblock();
+        let mut guard = self.writer.lock().unwrap();
+        if guard.is_none() {
+            let key_file = st.key_dir.join(format!("{}.key", self.name));
+            let key = VolumeKey::load(&key_file)
+                .map_err(|e| ShipError::Fatal(format!("volume {}: {e}", self.name)))?;
+            let id = Identity {
+                name: self.name.clone(),
+                uuid: hex(&sb.volume_uuid),
+                size: sb.volume_size,
+                generation: self.generation(),
+            };
+            let w = VolumeWriter::open(st.bucket.clone(), &id, Arc::new(key))
+                .map_err(|e| bucket_err(&e))?;
+            *guard = Some(w);
+        }
+        let w = guard.as_mut().expect("opened above");
+        // An append of the last session whose answer was lost is settled first.
+        let next_seq = w.settle().map_err(|e| bucket_err(&e))?;
+        let replica_job = w.manifest().sync.map_or((0, 0), |s| (s.job, s.cursor));
+        let tail = sb.tail_seq;
+        let start = if next_seq == 0 { tail } else { next_seq };
+        if start < tail {
+            return Err(ShipError::Fatal(format!(
+                "volume {}: the bucket {url} needs seq {start} next but the journal starts at \
+                 seq {tail}: records it lacks were released; the volume needs a resync",
+                self.name
+            )));
+        }
+        if let Err(e) = reader.seek(start) {
+            return Err(ShipError::Fatal(format!(
+                "volume {}: the bucket {url} is at seq {start}, which journal {} cannot give \
+                 ({e}): the bucket is ahead of this journal; the volume needs a resync",
+                self.name,
+                self.journal.display()
+            )));
+        }
+        info!(
+            "volume={}: shipping to bucket {url} from seq {start} (manifest version {})",
+            self.name,
+            w.manifest().version
+        );
+        {
+            let mut s = self.status_mut();
+            s.state = ShipState::Shipping;
+            s.acked_seq = start - 1;
+            s.next_retry_unix = None;
+            s.last_error = None;
+        }
+        let mut rate = RateWindow::default();
+        let mut pending = Pending::default();
+        let mut sync: Option<Sync> = None;
+        let mut held: Option<Record> = None;
+        let mut next_sync_try = Instant::now();
+        loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                // What is buffered was not released: the next session reads it again.
+                return Ok(());
+            }
+            if let Some(s) = sync.as_mut() {
+                if let Err(e) = pump_without_target(s) {
+                    warn!("volume={}: synchronisation stopped: {}", self.name, e.0);
+                    self.status_mut().last_error = Some(e.0);
+                    sync = None;
+                    next_sync_try = Instant::now() + Duration::from_secs(5);
+                }
+                self.note_sync(sync.as_ref());
+            }
+            let full = pending.segs.len() >= st.uploads
+                && pending
+                    .segs
+                    .last()
+                    .is_some_and(|s| s.len() >= st.segment_bytes);
+            let records = if full {
+                Vec::new()
+            } else {
+                self.read_batch(&mut reader, &mut held, sync.as_mut())?
+            };
+            let read_some = !records.is_empty();
+            for r in records {
+                add(w, &mut pending, st.segment_bytes, r).map_err(|e| {
+                    ShipError::Fatal(format!("volume {}: journal record: {e}", self.name))
+                })?;
+            }
+            if read_some {
+                let window: VecDeque<InFlight> = pending.in_flight().into_iter().collect();
+                self.note_lag(&window);
+            }
+            let due = pending
+                .since
+                .is_some_and(|t| full || t.elapsed() >= st.flush_after);
+            if due {
+                let segs = std::mem::take(&mut pending.segs);
+                let n = segs.len() as u64;
+                let sent: u64 = segs.iter().map(|s| s.len() as u64).sum();
+                if !self.opts.throttle.take(sent, stop) {
+                    return Ok(());
+                }
+                let next = w.append(segs).map_err(|e| bucket_err(&e))?;
+                let through = next - 1;
+                // Only now, listed by a manifest in the bucket, may the journal reuse the space.
+                reader.release(through).map_err(|e| {
+                    ShipError::Retry(format!(
+                        "cannot record the release of journal {}: {e}",
+                        self.journal.display()
+                    ))
+                })?;
+                *connected = true;
+                if let Some(s) = sync.as_mut() {
+                    match s.acked(through) {
+                        Ok(true) => {
+                            sync = None;
+                            self.status_mut().sync = None;
+                            next_sync_try = Instant::now() + 3 * crate::heads::INTERVAL;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!("volume={}: {}", self.name, e.0);
+                            sync = None;
+                            self.status_mut().sync = None;
+                        }
+                    }
+                }
+                let bytes = std::mem::take(&mut pending.bytes);
+                pending.since = None;
+                let mut s = self.status_mut();
+                s.acked_seq = through;
+                s.batches += n;
+                s.bytes_shipped += bytes;
+                s.bytes_sent += sent;
+                s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
+                s.throughput_bytes_per_second = rate.per_second(bytes);
+                drop(s);
+                self.note_lag(&VecDeque::new());
+                continue;
+            }
+            if read_some {
+                continue;
+            }
+            self.status_mut().throughput_bytes_per_second = rate.per_second(0);
+            // Caught up: a synchronisation starts only now, so that its records find room
+            // in the journal.
+            if sync.is_none() && pending.since.is_none() {
+                sync = self.maybe_sync(
+                    replica_job,
+                    next_seq > 0 && replica_job.0 == 0,
+                    sb.volume_size,
+                    &mut next_sync_try,
+                );
+                if sync.is_some() {
+                    continue;
+                }
+            }
+            if let Some(s) = sync.as_mut().filter(|s| s.awaiting_source()) {
+                s.poll_source(Some(Duration::from_millis(20)))
+                    .map_err(|e| ShipError::Retry(e.0))?;
+                continue;
+            }
+            let wait = pending.since.map_or(crate::ship::IDLE_WAIT, |t| {
+                st.flush_after
+                    .saturating_sub(t.elapsed())
+                    .min(crate::ship::IDLE_WAIT)
+            });
+            reader
+                .wait(wait)
+                .map_err(|e| journal_err(&self.journal, e.into()))?;
+        }
+    }
+}
+
+impl Pending {
+    /// The buffered records as one batch in flight (lag and RPO in status).
+    fn in_flight(&self) -> Option<InFlight> {
+        Some(InFlight {
+            last_seq: self.last_seq,
+            bytes: self.bytes,
+            sent: 0,
+            read_at: self.since?,
+        })
+    }
+}
+
+/// Adds a record read from the journal to the segment being filled (a new one when it is
+/// full).
+fn add(
+    w: &VolumeWriter,
+    p: &mut Pending,
+    segment_bytes: usize,
+    r: WireRecord,
+) -> Result<(), String> {
+    if p.segs.last().is_none_or(|s| s.len() >= segment_bytes) {
+        p.segs.push(w.segment(r.seq));
+    }
+    let seg = p.segs.last_mut().expect("pushed above");
+    p.bytes += (proto::RECORD_LEN + r.payload.len()) as u64;
+    p.last_seq = r.seq;
+    p.since.get_or_insert_with(Instant::now);
+    match Kind::from_u8(r.kind) {
+        Some(Kind::Sync) => {
+            let info = SyncInfo::decode(&r.payload)
+                .ok_or_else(|| format!("seq {}: not a sync record", r.seq))?;
+            let end = r.offset + u64::from(r.length);
+            let blocks = proto::decode_slot(&r.payload, r.offset, end)
+                .map_err(|e| format!("seq {}: {e}", r.seq))?;
+            seg.push_sync(r.seq, info, (r.offset, r.length), blocks.as_deref());
+        }
+        Some(k @ (Kind::Write | Kind::Marker | Kind::Decision)) => {
+            seg.push(k, r.seq, r.offset, r.length, &r.payload);
+        }
+        Some(k @ (Kind::Trim | Kind::Zero)) => seg.push(k, r.seq, r.offset, r.length, &[]),
+        Some(Kind::Pad) | None => {
+            return Err(format!("seq {}: kind {} cannot be shipped", r.seq, r.kind));
+        }
+    }
+    Ok(())
+}
+
+/// Drives a synchronisation with nobody to checksum the replica's blocks: every hash
+/// request is answered at once with [`UNKNOWN_HASH`] for each block.
+fn pump_without_target(s: &mut Sync) -> Result<(), crate::sync::SyncError> {
+    s.poll_source(None)?;
+    loop {
+        let mut asks = Vec::new();
+        s.pump(&mut |f| {
+            if let Frame::HashRequest {
+                job,
+                offset,
+                length,
+                block,
+            } = f
+            {
+                asks.push((*job, *offset, *length, *block));
+            }
+            Ok(())
+        })?;
+        if asks.is_empty() {
+            return Ok(());
+        }
+        for (job, offset, length, block) in asks {
+            let n = usize::try_from(length.div_ceil(u64::from(block))).expect("small");
+            s.on_hashes(job, offset, block, vec![UNKNOWN_HASH; n])?;
+        }
+    }
+}
