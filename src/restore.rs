@@ -119,6 +119,12 @@ fn restore_inner(src: &Source<'_>, point: &str, to: &Path, progress: bool) -> Re
     let r = src.open(redun_store::bucket::CACHE_BYTES)?;
     let m = r.manifest();
     let seq = if point == "latest" {
+        if !m.consistent_at(m.latest()) {
+            return Err(format!(
+                "volume {}: the latest image in {} is mid-synchronisation (initial replication or resync), not an image of the volume: restore a point (`redun points {} --store {}`), or wait until the synchronisation is done",
+                src.volume, src.store, src.volume, src.store
+            ));
+        }
         m.latest()
     } else {
         let id: u64 = point

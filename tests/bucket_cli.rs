@@ -13,7 +13,7 @@ use common::bin;
 use redun_store::bucket::{Bucket, BucketOptions, VolumeWriter};
 use redun_store::crypt::VolumeKey;
 use redun_store::segment::Identity;
-use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind};
+use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind, SyncInfo, SyncRole};
 
 const SIZE: u64 = 8 << 20;
 
@@ -259,4 +259,62 @@ fn points_restore_from_a_bucket_and_bad_input_is_refused() {
         !o.status.success() && t.contains(name) && t.contains("damaged"),
         "{t}"
     );
+}
+
+#[test]
+fn points_and_latest_inside_a_synchronisation_are_not_restored() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("bucket");
+    std::fs::create_dir(&store).unwrap();
+    let url = format!("file://{}", store.display());
+    let key = d.path().join("db.key");
+    let keys = key.to_str().unwrap();
+    assert!(redun(&["key", "new", keys]).status.success());
+    let points = replicate(&url, &key);
+    // A resync begins (its blocks are not all there yet), and a point is placed inside it.
+    let bucket = Arc::new(Bucket::open(&url, &BucketOptions::default()).unwrap());
+    let id = Identity {
+        name: "db".into(),
+        uuid: "00000000000000000000000000000042".into(),
+        size: SIZE,
+        generation: 1,
+    };
+    let mut w = VolumeWriter::open(bucket, &id, Arc::new(VolumeKey::load(&key).unwrap())).unwrap();
+    let seq = w.next_seq();
+    let mut seg = w.segment(seq);
+    let begin = SyncInfo {
+        role: SyncRole::Begin,
+        job: 7,
+    };
+    seg.push_sync(seq, begin, (0, 0), None);
+    seg.push(Kind::Marker, seq + 1, 0, 0, &marker(seq + 1));
+    w.append(vec![seg]).unwrap();
+    let common = ["--store", &url, "--key", keys];
+    let out = d.path().join("out.img");
+    let restore = |point: &str| {
+        redun(
+            &[
+                &["restore", "db", "--quiet", "--point", point, "--to"][..],
+                &[out.to_str().unwrap()],
+                &common,
+            ]
+            .concat(),
+        )
+    };
+    let o = restore("latest");
+    assert!(
+        !o.status.success() && text(&o).contains("mid-synchronisation"),
+        "{}",
+        text(&o)
+    );
+    let o = restore(&(seq + 1).to_string());
+    assert!(
+        !o.status.success() && text(&o).contains("cannot be read"),
+        "{}",
+        text(&o)
+    );
+    // The points before it still restore.
+    let (p, image) = points.last().unwrap();
+    assert!(restore(&p.to_string()).status.success());
+    assert!(std::fs::read(&out).unwrap() == *image);
 }
