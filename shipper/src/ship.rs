@@ -858,23 +858,7 @@ impl VolumeShipper {
                     _ => unreachable!("receive answers ACKs and HASHES"),
                 };
                 acked = through;
-                if let Some(s) = sync.as_mut() {
-                    match s.acked(through) {
-                        Ok(true) => {
-                            sync = None;
-                            self.status.lock().unwrap().sync = None;
-                            // Until the tracker's heads were sampled again, they still show
-                            // the job's dirty bytes.
-                            next_sync_try = Instant::now() + 3 * crate::heads::INTERVAL;
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            warn!("volume={}: {}", self.name, e.0);
-                            sync = None;
-                            self.status.lock().unwrap().sync = None;
-                        }
-                    }
-                }
+                self.sync_acked(&mut sync, through, &mut next_sync_try);
                 // Progress: the retry schedule starts over at the next failure.
                 *connected = true;
                 last_io = Instant::now();
@@ -988,6 +972,26 @@ impl VolumeShipper {
             }
         }
         Ok(records)
+    }
+
+    /// Records through `through` are durable on the other side: a synchronisation whose end
+    /// record they cover is over (the tracker clears its ranges).
+    pub(crate) fn sync_acked(
+        &self,
+        sync: &mut Option<Sync>,
+        through: u64,
+        next_sync_try: &mut Instant,
+    ) {
+        let Some(s) = sync.as_mut() else { return };
+        match s.acked(through) {
+            Ok(false) => return,
+            // Until the tracker's heads were sampled again, they still show the job's
+            // dirty bytes.
+            Ok(true) => *next_sync_try = Instant::now() + 3 * crate::heads::INTERVAL,
+            Err(e) => warn!("volume={}: {}", self.name, e.0),
+        }
+        *sync = None;
+        self.status.lock().unwrap().sync = None;
     }
 
     /// The synchronisation's figures in status.

@@ -202,21 +202,7 @@ impl VolumeShipper {
                     ))
                 })?;
                 *connected = true;
-                if let Some(s) = sync.as_mut() {
-                    match s.acked(through) {
-                        Ok(true) => {
-                            sync = None;
-                            self.status_mut().sync = None;
-                            next_sync_try = Instant::now() + 3 * crate::heads::INTERVAL;
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            warn!("volume={}: {}", self.name, e.0);
-                            sync = None;
-                            self.status_mut().sync = None;
-                        }
-                    }
-                }
+                self.sync_acked(&mut sync, through, &mut next_sync_try);
                 let bytes = std::mem::take(&mut pending.bytes);
                 pending.since = None;
                 let mut s = self.status_mut();

@@ -304,8 +304,8 @@ impl Bucket {
         Ok(out)
     }
 
-    /// The highest manifest version of volume `name`, if any.
-    fn newest_version(&self, name: &str) -> Result<Option<u64>, BucketError> {
+    /// The manifest versions of volume `name` in the bucket, in no order.
+    fn versions(&self, name: &str) -> Result<Vec<u64>, BucketError> {
         let dir = self.path(name, "manifest");
         let metas: Vec<_> = self
             .run(self.store.list(Some(&dir)).try_collect::<Vec<_>>())
@@ -319,26 +319,12 @@ impl Bucket {
                     .parse()
                     .ok()
             })
-            .max())
+            .collect())
     }
 
-    /// The versions of volume `name`'s manifest below `below`.
-    fn versions_below(&self, name: &str, below: u64) -> Result<Vec<u64>, BucketError> {
-        let dir = self.path(name, "manifest");
-        let metas: Vec<_> = self
-            .run(self.store.list(Some(&dir)).try_collect::<Vec<_>>())
-            .map_err(self.err("cannot list", &dir))?;
-        Ok(metas
-            .iter()
-            .filter_map(|m| {
-                m.location
-                    .filename()?
-                    .strip_suffix(MANIFEST_SUFFIX)?
-                    .parse()
-                    .ok()
-            })
-            .filter(|&v| v < below)
-            .collect())
+    /// The highest manifest version of volume `name`, if any.
+    fn newest_version(&self, name: &str) -> Result<Option<u64>, BucketError> {
+        Ok(self.versions(name)?.into_iter().max())
     }
 
     /// A manifest version's object name below the volume.
@@ -768,11 +754,11 @@ impl VolumeWriter {
                 b.url
             );
         };
-        let old = match b.versions_below(&self.id.name, v - KEEP_MANIFESTS) {
-            Ok(o) => o,
+        let all = match b.versions(&self.id.name) {
+            Ok(all) => all,
             Err(e) => return warn(&e),
         };
-        for old in old {
+        for old in all.into_iter().filter(|&o| o < v - KEEP_MANIFESTS) {
             let p = b.path(&self.id.name, &Bucket::manifest_file(old));
             match b.run(b.store.delete(&p)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
