@@ -38,9 +38,18 @@ fn marker(seq: u64) -> Vec<u8> {
     .encode()
 }
 
-/// Writes three batches into the bucket at `url` with `key`: returns each point's id and
-/// the volume's bytes at it.
-fn replicate(url: &str, key: &Path) -> Vec<(u64, Vec<u8>)> {
+/// A temporary directory holding an empty `file://` bucket: the directory, the bucket's
+/// directory and its URL.
+fn bucket_dir() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("bucket");
+    std::fs::create_dir(&store).unwrap();
+    let url = format!("file://{}", store.display());
+    (d, store, url)
+}
+
+/// The writer of volume `db` in the bucket at `url`, with the key file `key`.
+fn writer(url: &str, key: &Path) -> VolumeWriter {
     let bucket = Arc::new(Bucket::open(url, &BucketOptions::default()).unwrap());
     let id = Identity {
         name: "db".into(),
@@ -48,8 +57,13 @@ fn replicate(url: &str, key: &Path) -> Vec<(u64, Vec<u8>)> {
         size: SIZE,
         generation: 1,
     };
-    let key = Arc::new(VolumeKey::load(key).unwrap());
-    let mut w = VolumeWriter::open(bucket, &id, key).unwrap();
+    VolumeWriter::open(bucket, &id, Arc::new(VolumeKey::load(key).unwrap())).unwrap()
+}
+
+/// Writes three batches into the bucket at `url` with `key`: returns each point's id and
+/// the volume's bytes at it.
+fn replicate(url: &str, key: &Path) -> Vec<(u64, Vec<u8>)> {
+    let mut w = writer(url, key);
     let mut image = vec![0u8; usize::try_from(SIZE).unwrap()];
     let mut points = Vec::new();
     for round in 0..3u64 {
@@ -82,10 +96,7 @@ fn replicate(url: &str, key: &Path) -> Vec<(u64, Vec<u8>)> {
 
 #[test]
 fn points_restore_from_a_bucket_and_bad_input_is_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let store = d.path().join("bucket");
-    std::fs::create_dir(&store).unwrap();
-    let url = format!("file://{}", store.display());
+    let (d, store, url) = bucket_dir();
     let key = d.path().join("db.key");
     let keys = key.to_str().unwrap();
     let o = redun(&["key", "new", keys]);
@@ -263,23 +274,13 @@ fn points_restore_from_a_bucket_and_bad_input_is_refused() {
 
 #[test]
 fn points_and_latest_inside_a_synchronisation_are_not_restored() {
-    let d = tempfile::tempdir().unwrap();
-    let store = d.path().join("bucket");
-    std::fs::create_dir(&store).unwrap();
-    let url = format!("file://{}", store.display());
+    let (d, _, url) = bucket_dir();
     let key = d.path().join("db.key");
     let keys = key.to_str().unwrap();
     assert!(redun(&["key", "new", keys]).status.success());
     let points = replicate(&url, &key);
     // A resync begins (its blocks are not all there yet), and a point is placed inside it.
-    let bucket = Arc::new(Bucket::open(&url, &BucketOptions::default()).unwrap());
-    let id = Identity {
-        name: "db".into(),
-        uuid: "00000000000000000000000000000042".into(),
-        size: SIZE,
-        generation: 1,
-    };
-    let mut w = VolumeWriter::open(bucket, &id, Arc::new(VolumeKey::load(&key).unwrap())).unwrap();
+    let mut w = writer(&url, &key);
     let seq = w.next_seq();
     let mut seg = w.segment(seq);
     let begin = SyncInfo {

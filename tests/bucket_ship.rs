@@ -94,18 +94,11 @@ impl Site {
         v["status"]["volumes"].get(0).cloned()
     }
 
-    fn head_seq(&self) -> u64 {
-        let st = self.tracker.status_json();
-        st["tracker"]["status"]["volumes"][0]["journal"]["head_seq"]
-            .as_u64()
-            .expect("journal head_seq")
-    }
-
     /// Waits until every record is in the bucket and no synchronisation is under way.
     fn wait_caught_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let head = self.head_seq();
+            let head = self.tracker.head_seq();
             let dirty =
                 self.tracker.status_json()["tracker"]["status"]["volumes"][0]["dirty_bytes"]
                     .as_u64();

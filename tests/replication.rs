@@ -234,19 +234,12 @@ impl Site {
         v["volumes"][0].clone()
     }
 
-    fn head_seq(&self) -> u64 {
-        let st = self.tracker.status_json();
-        st["tracker"]["status"]["volumes"][0]["journal"]["head_seq"]
-            .as_u64()
-            .expect("journal head_seq")
-    }
-
     /// Waits until the shipper reports every record the tracker wrote as durable on the
     /// target, with no lag.
     fn wait_caught_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let head = self.head_seq();
+            let head = self.tracker.head_seq();
             let st = self.shipper_status("shipper");
             if let Some(v) = &st {
                 if v["acked_seq"].as_u64() == Some(head) && v["lag_bytes"].as_u64() == Some(0) {
@@ -363,7 +356,7 @@ fn the_replica_follows_the_volume_and_converges() {
     .unwrap();
     assert_eq!(
         t["status"]["volumes"][0]["applied_seq"].as_u64(),
-        Some(site.head_seq()),
+        Some(site.tracker.head_seq()),
         "{t}"
     );
 }
@@ -562,7 +555,7 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     site.shipper.as_mut().unwrap().stop();
     // Another volume's identity under the same name: the replica's state says so.
     let original = site.forge_uuid(EXPORT);
-    let before = site.head_seq();
+    let before = site.tracker.head_seq();
     let pki = site.dir().join("pki");
     site.start_shipper(&pki, "shipper");
     site.wait_critical("uuid");
@@ -571,7 +564,7 @@ fn a_replica_of_another_volume_is_refused_without_retrying() {
     assert!(m["last_error"].as_str().unwrap().contains("uuid"), "{m}");
     // Writes go on while shipping is stopped; the operator fixes the cause and resumes.
     site.fio("randwrite", "4k", "1m", 6);
-    assert!(site.head_seq() > before);
+    assert!(site.tracker.head_seq() > before);
     // The tracker's heads tell the RPO and lag while nothing is shipped.
     std::thread::sleep(Duration::from_millis(400));
     let m = site.merged();
@@ -1260,13 +1253,16 @@ fn an_app_consistent_point_of_ext4_is_clean_and_its_test_failover_leaves_the_rep
         w.display()
     ));
     assert!(check.status.success());
-    let seq_before = site.head_seq();
+    let seq_before = site.tracker.head_seq();
     sh(&format!(
         "cd {m} && head -c 256K /dev/urandom > during-test && sync",
         m = mnt.display()
     ));
     site.wait_caught_up();
-    assert!(site.head_seq() > seq_before, "the source kept writing");
+    assert!(
+        site.tracker.head_seq() > seq_before,
+        "the source kept writing"
+    );
     let t = request_json(
         &site.dir().join("target.sock"),
         &serde_json::json!({"cmd": "status"}),
@@ -1274,7 +1270,11 @@ fn an_app_consistent_point_of_ext4_is_clean_and_its_test_failover_leaves_the_rep
     .unwrap();
     let tv = &t["status"]["volumes"][0];
     assert_eq!(tv["test_failover"]["point"].as_u64(), Some(id), "{tv}");
-    assert_eq!(tv["applied_seq"].as_u64(), Some(site.head_seq()), "{tv}");
+    assert_eq!(
+        tv["applied_seq"].as_u64(),
+        Some(site.tracker.head_seq()),
+        "{tv}"
+    );
     let busy = redun(&["test-failover", "cleanup", EXPORT]);
     assert!(!busy.status.success());
     assert!(
@@ -1976,7 +1976,7 @@ fn metrics_and_the_rpo_warning_tell_what_replication_does() {
     }
     assert_eq!(
         series(&target, "redun_replica_applied_seq{volume=\"disk\"}"),
-        site.head_seq() as f64
+        site.tracker.head_seq() as f64
     );
     // The target goes away while writes go on: past 1 s of RPO the shipper warns, in status,
     // in the metrics and in its log; once the target is back, the warning goes.

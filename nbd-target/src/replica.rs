@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use redun_shipper::proto::{self, Hello, RecordRef, RefuseCode};
+use redun_store::segment::hex;
 use redun_tracker::journal::format::{Kind, SyncInfo, SyncRole};
 
 use crate::store::{Identity, ReplicaState, Store, StoreError};
@@ -28,10 +29,6 @@ impl Refusal {
             message: message.into(),
         }
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl From<StoreError> for Refusal {

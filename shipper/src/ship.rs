@@ -674,12 +674,7 @@ impl VolumeShipper {
             return self.bucket_session(&st, stop, connected);
         }
         let target = self.opts.target.clone();
-        let mut reader = JournalReader::open(&self.journal).map_err(|e| {
-            ShipError::Retry(format!(
-                "cannot open journal {}: {e} (is the tracker running with this --journal-dir?)",
-                self.journal.display()
-            ))
-        })?;
+        let mut reader = self.open_journal()?;
         let mut tls = self.connect()?;
         let sb = *reader.superblock();
         let hello = self.hello(&sb);
@@ -701,21 +696,7 @@ impl VolumeShipper {
                     )));
                 }
             };
-        let tail = reader.superblock().tail_seq;
-        let start = if next_seq == 0 { tail } else { next_seq };
-        if start < tail {
-            return Err(ShipError::Fatal(format!(
-                "the replica on {target} needs seq {start} next but the journal starts at seq \
-                 {tail}: records it lacks were released; the volume needs a resync"
-            )));
-        }
-        if let Err(e) = reader.seek(start) {
-            return Err(ShipError::Fatal(format!(
-                "the replica on {target} is at seq {start}, which journal {} cannot give ({e}): \
-                 the replica is ahead of this journal; the volume needs a resync",
-                self.journal.display()
-            )));
-        }
+        let start = self.start_at(&mut reader, next_seq, &format!("the replica on {target}"))?;
         tls.sock
             .set_read_timeout(Some(ACK_TIMEOUT))
             .map_err(|e| classify_io(&target, &e))?;
@@ -723,13 +704,6 @@ impl VolumeShipper {
             "volume={}: shipping to {target} from seq {start}",
             self.name
         );
-        {
-            let mut s = self.status.lock().unwrap();
-            s.state = ShipState::Shipping;
-            s.acked_seq = start - 1;
-            s.next_retry_unix = None;
-            s.last_error = None;
-        }
         let mut last_io = Instant::now();
         let mut rate = RateWindow::default();
         // Batches sent and not yet acknowledged, oldest first.
@@ -862,26 +836,12 @@ impl VolumeShipper {
                 // Progress: the retry schedule starts over at the next failure.
                 *connected = true;
                 last_io = Instant::now();
-                // Only now, durable on the target, may the journal reuse the space.
-                reader.release(through).map_err(|e| {
-                    ShipError::Retry(format!(
-                        "cannot record the release of journal {}: {e}",
-                        self.journal.display()
-                    ))
-                })?;
                 let mut done = (0u64, 0u64, 0u64);
                 while window.front().is_some_and(|b| b.last_seq <= through) {
                     let b = window.pop_front().expect("checked");
                     done = (done.0 + 1, done.1 + b.bytes, done.2 + b.sent);
                 }
-                let mut s = self.status.lock().unwrap();
-                s.acked_seq = through;
-                s.batches += done.0;
-                s.bytes_shipped += done.1;
-                s.bytes_sent += done.2;
-                s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
-                s.throughput_bytes_per_second = rate.per_second(done.1);
-                drop(s);
+                self.durable(&mut reader, through, done, &mut rate)?;
                 self.note_lag(&window);
                 continue;
             }
@@ -972,6 +932,73 @@ impl VolumeShipper {
             }
         }
         Ok(records)
+    }
+
+    /// Opens the volume's journal for a session.
+    pub(crate) fn open_journal(&self) -> Result<JournalReader, ShipError> {
+        JournalReader::open(&self.journal).map_err(|e| {
+            ShipError::Retry(format!(
+                "cannot open journal {}: {e} (is the tracker running with this --journal-dir?)",
+                self.journal.display()
+            ))
+        })
+    }
+
+    /// Positions `reader` where the replica (`who`, for messages) needs the next record:
+    /// `next_seq`, or the journal's tail for a new replica. A replica the journal cannot
+    /// continue needs a resync. Returns the position; status says `shipping` from it.
+    pub(crate) fn start_at(
+        &self,
+        reader: &mut JournalReader,
+        next_seq: u64,
+        who: &str,
+    ) -> Result<u64, ShipError> {
+        let tail = reader.superblock().tail_seq;
+        let start = if next_seq == 0 { tail } else { next_seq };
+        if start < tail {
+            return Err(ShipError::Fatal(format!(
+                "{who} needs seq {start} next but the journal starts at seq {tail}: records it \
+                 lacks were released; the volume needs a resync"
+            )));
+        }
+        if let Err(e) = reader.seek(start) {
+            return Err(ShipError::Fatal(format!(
+                "{who} is at seq {start}, which journal {} cannot give ({e}): the replica is \
+                 ahead of this journal; the volume needs a resync",
+                self.journal.display()
+            )));
+        }
+        let mut s = self.status.lock().unwrap();
+        s.state = ShipState::Shipping;
+        s.acked_seq = start - 1;
+        s.next_retry_unix = None;
+        s.last_error = None;
+        Ok(start)
+    }
+
+    /// Records through `through` are durable on the other side: only now may the journal
+    /// reuse their space. `done` (batches, record bytes, bytes sent) is counted in status.
+    pub(crate) fn durable(
+        &self,
+        reader: &mut JournalReader,
+        through: u64,
+        done: (u64, u64, u64),
+        rate: &mut RateWindow,
+    ) -> Result<(), ShipError> {
+        reader.release(through).map_err(|e| {
+            ShipError::Retry(format!(
+                "cannot record the release of journal {}: {e}",
+                self.journal.display()
+            ))
+        })?;
+        let mut s = self.status.lock().unwrap();
+        s.acked_seq = through;
+        s.batches += done.0;
+        s.bytes_shipped += done.1;
+        s.bytes_sent += done.2;
+        s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
+        s.throughput_bytes_per_second = rate.per_second(done.1);
+        Ok(())
     }
 
     /// Records through `through` are durable on the other side: a synchronisation whose end

@@ -17,10 +17,9 @@ use redun_store::crypt::VolumeKey;
 use redun_store::segment::{Identity, SegmentBuf};
 use redun_tracker::journal::Record;
 use redun_tracker::journal::format::{Kind, SyncInfo};
-use redun_tracker::journal::reader::JournalReader;
 
 use crate::proto::{self, Frame, WireRecord};
-use crate::ship::{InFlight, RateWindow, ShipError, ShipState, VolumeShipper, journal_err};
+use crate::ship::{InFlight, RateWindow, ShipError, VolumeShipper, journal_err};
 use crate::sync::Sync;
 
 /// What the bucket answers for a block it cannot checksum: matches no block, and is not
@@ -59,10 +58,6 @@ fn bucket_err(e: &BucketError) -> ShipError {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 impl VolumeShipper {
     /// One session of shipping into the bucket; like [`VolumeShipper::session`], it ends on
     /// `stop` (`Ok`) or on an error the caller retries or reports as critical.
@@ -88,12 +83,7 @@ impl VolumeShipper {
         connected: &mut bool,
     ) -> Result<(), ShipError> {
         let url = st.bucket.url().to_string();
-        let mut reader = JournalReader::open(&self.journal).map_err(|e| {
-            ShipError::Retry(format!(
-                "cannot open journal {}: {e} (is the tracker running with this --journal-dir?)",
-                self.journal.display()
-            ))
-        })?;
+        let mut reader = self.open_journal()?;
         let sb = *reader.superblock();
         let mut guard = self.writer.lock().unwrap();
         if guard.is_none() {
@@ -102,7 +92,7 @@ impl VolumeShipper {
                 .map_err(|e| ShipError::Fatal(format!("volume {}: {e}", self.name)))?;
             let id = Identity {
                 name: self.name.clone(),
-                uuid: hex(&sb.volume_uuid),
+                uuid: redun_store::segment::hex(&sb.volume_uuid),
                 size: sb.volume_size,
                 generation: self.generation(),
             };
@@ -114,35 +104,13 @@ impl VolumeShipper {
         // An append of the last session whose answer was lost is settled first.
         let next_seq = w.settle().map_err(|e| bucket_err(&e))?;
         let replica_job = w.manifest().sync.map_or((0, 0), |s| (s.job, s.cursor));
-        let tail = sb.tail_seq;
-        let start = if next_seq == 0 { tail } else { next_seq };
-        if start < tail {
-            return Err(ShipError::Fatal(format!(
-                "volume {}: the bucket {url} needs seq {start} next but the journal starts at \
-                 seq {tail}: records it lacks were released; the volume needs a resync",
-                self.name
-            )));
-        }
-        if let Err(e) = reader.seek(start) {
-            return Err(ShipError::Fatal(format!(
-                "volume {}: the bucket {url} is at seq {start}, which journal {} cannot give \
-                 ({e}): the bucket is ahead of this journal; the volume needs a resync",
-                self.name,
-                self.journal.display()
-            )));
-        }
+        let who = format!("volume {}: the bucket {url}", self.name);
+        let start = self.start_at(&mut reader, next_seq, &who)?;
         info!(
             "volume={}: shipping to bucket {url} from seq {start} (manifest version {})",
             self.name,
             w.manifest().version
         );
-        {
-            let mut s = self.status_mut();
-            s.state = ShipState::Shipping;
-            s.acked_seq = start - 1;
-            s.next_retry_unix = None;
-            s.last_error = None;
-        }
         let mut rate = RateWindow::default();
         let mut pending = Pending::default();
         let mut sync: Option<Sync> = None;
@@ -194,25 +162,12 @@ impl VolumeShipper {
                 }
                 let next = w.append(segs).map_err(|e| bucket_err(&e))?;
                 let through = next - 1;
-                // Only now, listed by a manifest in the bucket, may the journal reuse the space.
-                reader.release(through).map_err(|e| {
-                    ShipError::Retry(format!(
-                        "cannot record the release of journal {}: {e}",
-                        self.journal.display()
-                    ))
-                })?;
-                *connected = true;
-                self.sync_acked(&mut sync, through, &mut next_sync_try);
+                // Listed by a manifest in the bucket: durable.
                 let bytes = std::mem::take(&mut pending.bytes);
                 pending.since = None;
-                let mut s = self.status_mut();
-                s.acked_seq = through;
-                s.batches += n;
-                s.bytes_shipped += bytes;
-                s.bytes_sent += sent;
-                s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
-                s.throughput_bytes_per_second = rate.per_second(bytes);
-                drop(s);
+                self.durable(&mut reader, through, (n, bytes, sent), &mut rate)?;
+                *connected = true;
+                self.sync_acked(&mut sync, through, &mut next_sync_try);
                 self.note_lag(&VecDeque::new());
                 continue;
             }

@@ -20,6 +20,8 @@ use std::path::Path;
 use chacha20poly1305::aead::{Aead, Generate, Key, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
+use crate::segment::hex;
+
 pub const ENC_MAGIC: [u8; 8] = *b"RDENC001";
 pub const ENC_HEADER_LEN: usize = 64;
 pub const TAG_LEN: usize = 16;
@@ -44,10 +46,6 @@ pub enum CryptError {
 
 fn damaged(reason: impl Into<String>) -> CryptError {
     CryptError::Damaged(reason.into())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A volume's encryption key.

@@ -117,6 +117,11 @@ pub struct Entry {
 /// decisions.
 pub type Scanned = (Vec<Entry>, Vec<Point>, Vec<Decided>);
 
+/// Bytes as lowercase hex (volume uuids, key checks).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// A synchronisation as the replica knows it (docs/PROTOCOL.md, "Synchronisation").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncState {

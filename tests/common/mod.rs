@@ -244,6 +244,14 @@ impl Tracker {
             .arg(&self.admin));
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
+
+    /// The journal's head sequence number (the last record written), from `redun status`.
+    pub fn head_seq(&self) -> u64 {
+        let st = self.status_json();
+        st["tracker"]["status"]["volumes"][0]["journal"]["head_seq"]
+            .as_u64()
+            .expect("journal head_seq")
+    }
 }
 
 pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
