@@ -11,7 +11,7 @@ use redun_store::bucket::{Bucket, BucketOptions, VolumeReader};
 use redun_store::crypt::VolumeKey;
 
 /// Where a volume's key file is when `--key` is not given.
-pub const DEFAULT_KEY_DIR: &str = "/etc/redun/keys";
+pub use redun_store::crypt::DEFAULT_KEY_DIR;
 /// Bytes restored per read and write.
 const STEP: usize = 4 << 20;
 

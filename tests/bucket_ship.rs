@@ -321,3 +321,287 @@ fn a_missing_key_and_conflicting_targets_are_refused_with_what_to_do() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("file:///no/such/bucket/dir"), "{e}");
 }
+
+impl Site {
+    /// `redun-target --store` on the site's bucket, its exports on a Unix socket.
+    fn start_bucket_target(&self, keys: &std::path::Path) -> Daemon {
+        let d = self.dir();
+        let log = d.join("target.log");
+        let earlier = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("overlays in")
+            .count();
+        let t = Daemon::start(
+            "redun-target",
+            &[
+                "--store".into(),
+                self.url.clone(),
+                "--key-dir".into(),
+                s(keys),
+                "--data-dir".into(),
+                s(&d.join("target-data")),
+                "--admin-socket".into(),
+                s(&d.join("target.sock")),
+                "--nbd-listen".into(),
+                format!("unix:{}", s(&d.join("target-nbd.sock"))),
+            ],
+            &log,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while t.log_text().matches("overlays in").count() <= earlier {
+            assert!(
+                Instant::now() < deadline,
+                "the target did not start: {}",
+                t.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    /// `redun ARGS --target-socket` of the bucket target.
+    fn redun_target(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("redun"))
+            .args(args)
+            .arg("--target-socket")
+            .arg(self.dir().join("target.sock"))
+            .output()
+            .unwrap()
+    }
+
+    /// Export `name` of the bucket target, read with nbdcopy; `None` when the read fails.
+    fn read_export(&self, name: &str) -> Option<Vec<u8>> {
+        let out = self.dir().join("export.img");
+        let _ = std::fs::remove_file(&out);
+        let ok = Command::new("nbdcopy")
+            .arg(self.export_uri(name))
+            .arg(&out)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        let b = ok.then(|| std::fs::read(&out).unwrap());
+        let _ = std::fs::remove_file(&out);
+        b
+    }
+
+    fn export_uri(&self, name: &str) -> String {
+        format!(
+            "nbd+unix:///{name}?socket={}",
+            self.dir().join("target-nbd.sock").display()
+        )
+    }
+}
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn same(what: &str, got: Option<Vec<u8>>, want: &[u8]) {
+    let got = got.unwrap_or_else(|| panic!("{what} could not be read"));
+    if let Some(i) = first_difference(&got, want) {
+        panic!("{what} differs at byte {i}");
+    }
+}
+
+/// The segment objects of the bucket's volume, largest first.
+fn segment_objects(site: &Site) -> Vec<PathBuf> {
+    let dir = site.dir().join(format!("bucket/{EXPORT}/seg"));
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).unwrap().len()));
+    v
+}
+
+#[test]
+fn the_target_serves_points_test_failover_and_failover_straight_from_the_bucket() {
+    require("fio");
+    require("nbdcopy");
+    require("qemu-io");
+    let mut site = Site::new();
+    site.wait_caught_up();
+    let mut expect = Vec::new();
+    for seed in [31u64, 32] {
+        site.fio("4M", seed);
+        expect.push((site.point_create(), site.image()));
+    }
+    site.wait_caught_up();
+    // Without the volume's key the target serves nothing of it and says what to do.
+    let empty = site.dir().join("no-keys");
+    std::fs::create_dir(&empty).unwrap();
+    let mut target = site.start_bucket_target(&empty);
+    let o = site.redun_target(&["points", EXPORT]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(&format!("{EXPORT}.key")) && e.contains("copy"),
+        "{e}"
+    );
+    assert!(site.read_export(&format!("{EXPORT}@latest")).is_none());
+    target.stop();
+
+    let mut target = site.start_bucket_target(&site.keys);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&site.redun_target(&["points", EXPORT, "--json"]))).unwrap();
+    for (id, image) in &expect {
+        assert!(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["id"] == *id && p["usable"] == true),
+            "point {id} not listed usable: {v}"
+        );
+        same(
+            &format!("{EXPORT}@{id}"),
+            site.read_export(&format!("{EXPORT}@{id}")),
+            image,
+        );
+    }
+    same(
+        "latest",
+        site.read_export(&format!("{EXPORT}@latest")),
+        &site.image(),
+    );
+    // Newer records appear without a restart.
+    site.fio("2M", 33);
+    let third = site.point_create();
+    let third_image = site.image();
+    site.wait_caught_up();
+    std::thread::sleep(Duration::from_millis(1100));
+    same(
+        "the newest point",
+        site.read_export(&format!("{EXPORT}@{third}")),
+        &third_image,
+    );
+    let st = request_json(
+        &site.dir().join("target.sock"),
+        &serde_json::json!({"cmd": "status"}),
+    )
+    .unwrap();
+    let tv = &st["status"]["volumes"][0];
+    assert_eq!(tv["name"], EXPORT, "{st}");
+    assert_eq!(tv["points"].as_u64(), Some(3), "{st}");
+    assert_eq!(
+        tv["applied_seq"].as_u64(),
+        Some(site.tracker.head_seq()),
+        "{st}"
+    );
+
+    // Test failover: the first point, writable; what it writes never reaches the bucket.
+    let (first, first_image) = &expect[0];
+    ok(&site.redun_target(&[
+        "test-failover",
+        "start",
+        EXPORT,
+        "--point",
+        &first.to_string(),
+    ]));
+    let test = format!("{EXPORT}@test");
+    same("the test failover", site.read_export(&test), first_image);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "flush"])
+        .arg(site.export_uri(&test)));
+    let mut changed = first_image.clone();
+    changed[1 << 20..(1 << 20) + 65536].fill(0x5a);
+    same(
+        "the test failover after a write",
+        site.read_export(&test),
+        &changed,
+    );
+    ok(&site.redun_target(&["test-failover", "cleanup", EXPORT]));
+    same(
+        "the point after the test failover",
+        site.read_export(&format!("{EXPORT}@{first}")),
+        first_image,
+    );
+
+    // Unplanned failover to the second point: served read-write; the source's shipper is
+    // fenced by the generation the target wrote into the bucket.
+    let (second, second_image) = &expect[1];
+    ok(&site.redun_target(&[
+        "failover",
+        EXPORT,
+        "--unplanned",
+        "--point",
+        &second.to_string(),
+    ]));
+    same(
+        "the failed-over volume",
+        site.read_export(EXPORT),
+        second_image,
+    );
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x6b 0 4k", "-c", "flush"])
+        .arg(site.export_uri(EXPORT)));
+    assert_eq!(site.reader().manifest().store.generation, 2);
+    site.fio("1M", 34);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = site.status().unwrap();
+        if st["state"] == "critical" {
+            let e = st["last_error"].as_str().unwrap();
+            assert!(e.contains("fenced") && e.contains(EXPORT), "{e}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old primary was not fenced: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    site.shipper.as_mut().unwrap().stop();
+    // A target restart serves the failed-over volume again, with its write.
+    target.stop();
+    let mut target = site.start_bucket_target(&site.keys);
+    let mut after = second_image.clone();
+    after[..4096].fill(0x6b);
+    same(
+        "the failed-over volume after a restart",
+        site.read_export(EXPORT),
+        &after,
+    );
+    target.stop();
+
+    // A flipped byte in a segment object, then a truncated one: the reads fail, the target
+    // names the object, and nothing damaged is served.
+    let segs = segment_objects(&site);
+    let (flipped, cut) = (&segs[0], &segs[1]);
+    let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    let original = std::fs::read(flipped).unwrap();
+    let mut b = original.clone();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(flipped, &b).unwrap();
+    let mut target = site.start_bucket_target(&site.keys);
+    assert!(
+        site.read_export(&format!("{EXPORT}@latest")).is_none(),
+        "latest was served from a damaged segment"
+    );
+    let log = target.log_text();
+    assert!(log.contains(&name(flipped)), "{log}");
+    target.stop();
+    std::fs::write(flipped, &original).unwrap();
+    let c = std::fs::read(cut).unwrap();
+    std::fs::write(cut, &c[..c.len() - 100]).unwrap();
+    let mut target = site.start_bucket_target(&site.keys);
+    assert!(
+        site.read_export(&format!("{EXPORT}@latest")).is_none(),
+        "latest was served from a truncated segment"
+    );
+    let log = target.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&name(cut)))
+        .unwrap_or_else(|| panic!("{} not named: {log}", name(cut)));
+    assert!(line.contains("truncated"), "{line}");
+    target.stop();
+}

@@ -18,6 +18,9 @@ pub struct ConfigFile {
     pub target: TargetSection,
     #[serde(default)]
     pub retention: RetentionSection,
+    /// `[bucket]`: endpoint and credentials of `target.store`.
+    #[serde(default)]
+    pub bucket: redun_store::bucket::BucketOptions,
 }
 
 /// `[retention]`: which recovery points the target keeps.
@@ -90,6 +93,13 @@ pub struct TargetSection {
     pub nbd_listen: Option<String>,
     /// Size at which a segment is sealed, e.g. "64M".
     pub segment_size: Option<String>,
+    /// Serve the volumes of this bucket (`s3://BUCKET/PREFIX`, `az://CONTAINER/PREFIX`,
+    /// `file:///DIR`) instead of replica stores in the data directory.
+    pub store: Option<String>,
+    /// Where the bucket's volume keys are (`NAME.key`) [default: /etc/redun/keys].
+    pub key_dir: Option<PathBuf>,
+    /// Decrypted segment data kept in memory per bucket volume, e.g. "256M".
+    pub cache_size: Option<String>,
     /// `metrics.listen = "127.0.0.1:9752"` inside `[target]`.
     #[serde(default)]
     pub metrics: redun_tracker::config::MetricsSection,
@@ -126,6 +136,12 @@ impl TargetSection {
                 path: path.to_path_buf(),
                 message,
             })?;
+        if let Some(v) = &self.cache_size {
+            redun_tracker::track::parse_size(v).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("target.cache_size = {v:?}: {e}"),
+            })?;
+        }
         if let Some(v) = &self.segment_size {
             redun_tracker::track::parse_size(v).map_err(|e| ConfigError::Parse {
                 path: path.to_path_buf(),

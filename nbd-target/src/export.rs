@@ -22,12 +22,13 @@ use redun_tracker::nbd::{
 };
 
 use crate::server::Target;
-use crate::store::{View, insert_range};
+use crate::source::Image;
+use crate::store::insert_range;
 
 /// A point of a volume: read-only, or writable through an overlay.
 #[derive(Debug)]
 pub struct ViewBackend {
-    view: Arc<View>,
+    view: Arc<dyn Image>,
     overlay: Option<Arc<Overlay>>,
     description: String,
 }
@@ -41,7 +42,7 @@ const OVERLAY_BLOCK: u64 = 4096;
 /// target restart.
 #[derive(Debug)]
 pub struct Overlay {
-    view: Arc<View>,
+    view: Arc<dyn Image>,
     file: File,
     path: PathBuf,
     point: u64,
@@ -81,7 +82,7 @@ pub struct TestFailover {
 
 impl Overlay {
     /// A new, empty overlay on `view` in scratch file `path` (created, sparse).
-    pub fn create(view: Arc<View>, point: u64, path: PathBuf) -> io::Result<Overlay> {
+    pub fn create(view: Arc<dyn Image>, point: u64, path: PathBuf) -> io::Result<Overlay> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -96,7 +97,7 @@ impl Overlay {
     /// ranges it holds (what was written since the failover) are kept in `log_path`. With
     /// `fresh`, both files start empty; otherwise they are read back.
     pub fn tracked(
-        view: Arc<View>,
+        view: Arc<dyn Image>,
         point: u64,
         path: PathBuf,
         log_path: PathBuf,
@@ -144,7 +145,7 @@ impl Overlay {
     }
 
     fn new(
-        view: Arc<View>,
+        view: Arc<dyn Image>,
         point: u64,
         path: PathBuf,
         file: File,
@@ -235,7 +236,7 @@ impl Overlay {
         self.point
     }
 
-    pub fn view(&self) -> &Arc<View> {
+    pub fn view(&self) -> &Arc<dyn Image> {
         &self.view
     }
 
@@ -324,7 +325,7 @@ impl Overlay {
 /// Reads complete inline on the connection's thread (page cache or disk reads of the
 /// segments and the base).
 pub struct ViewQueue {
-    view: Arc<View>,
+    view: Arc<dyn Image>,
     overlay: Option<Arc<Overlay>>,
     sink: Arc<dyn CompletionSink>,
 }
@@ -563,7 +564,7 @@ impl Resolve<ViewBackend> for PointExports {
             );
             return Some(self.overlay_export(name, overlay, description));
         }
-        let store = match self.target.store(vol) {
+        let store = match self.target.volume(vol) {
             Ok(Some(s)) => s,
             Ok(None) => return None,
             Err(e) => {
@@ -601,7 +602,13 @@ impl Resolve<ViewBackend> for PointExports {
                 return Some(e);
             }
         }
-        let view = store.view(seq)?;
+        let view = match store.image(seq) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("nbd export={name}: {e}");
+                return None;
+            }
+        };
         let description = match which {
             Which::Latest => format!("volume {vol}, latest replicated data (seq {seq})"),
             Which::Test => return None,
@@ -617,7 +624,7 @@ impl Resolve<ViewBackend> for PointExports {
         let e = Arc::new(Export::new(
             name.to_string(),
             ViewBackend {
-                view: Arc::new(view),
+                view,
                 overlay: None,
                 description,
             },
@@ -629,7 +636,7 @@ impl Resolve<ViewBackend> for PointExports {
     fn list(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for v in self.target.status() {
-            let Ok(Some(store)) = self.target.store(&v.name) else {
+            let Ok(Some(store)) = self.target.volume(&v.name) else {
                 continue;
             };
             out.push((

@@ -6,4 +6,5 @@ pub mod config;
 pub mod export;
 pub mod replica;
 pub mod server;
+pub mod source;
 pub mod store;

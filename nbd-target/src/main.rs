@@ -17,6 +17,7 @@ use redun_target::config::{
 };
 use redun_target::export::PointExports;
 use redun_target::server::{Choice, Target};
+use redun_target::source::BucketReplicas;
 use redun_target::store::Retention;
 use redun_tracker::admin::{AdminServer, JsonHandler};
 use redun_tracker::nbd::{Exports, ListenAddr, Listener, Server};
@@ -59,6 +60,19 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9752) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Serve the volumes that shippers write into this bucket (s3://BUCKET/PREFIX,
+    /// az://CONTAINER/PREFIX or file:///DIR; endpoint and credentials from the config file's
+    /// [bucket] table, else the standard environment variables) instead of replica stores.
+    /// No shipper connects then: the TLS flags and --listen are not used.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// With --store: where the volumes' key files are, NAME.key [default: /etc/redun/keys].
+    #[arg(long, value_name = "DIR")]
+    key_dir: Option<PathBuf>,
+    /// With --store: decrypted segment data kept in memory per volume, e.g. 256M
+    /// [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = redun_tracker::track::parse_size)]
+    cache_size: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -74,53 +88,83 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let (file, retention) = match &args.config {
+    let (file, retention, bucket_opts) = match &args.config {
         Some(p) => {
             let c = ConfigFile::load(p)?;
             c.target.validate(p)?;
             let r = c.retention.policy(p)?;
-            (c.target, r)
+            (c.target, r, c.bucket)
         }
-        None => (TargetSection::default(), Retention::default()),
+        None => (
+            TargetSection::default(),
+            Retention::default(),
+            redun_store::bucket::BucketOptions::default(),
+        ),
     };
     let missing = |flag: &str, key: &str| {
         anyhow::anyhow!(
             "{flag} is required (or target.{key} in the config file given with --config)"
         )
     };
-    let tls = TlsFiles {
-        ca: args
-            .tls_ca
-            .or(file.tls_ca)
-            .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
-        cert: args
-            .tls_cert
-            .or(file.tls_cert)
-            .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
-        key: args
-            .tls_key
-            .or(file.tls_key)
-            .ok_or_else(|| missing("--tls-key", "tls_key"))?,
-    }
-    .server_config()?;
     let data_dir = args
         .data_dir
-        .or(file.data_dir)
+        .or(file.data_dir.clone())
         .ok_or_else(|| missing("--data-dir", "data_dir"))?;
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let admin_socket = args
         .admin_socket
-        .or(file.admin_socket)
+        .or(file.admin_socket.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let listener = TcpListener::bind(&listen).with_context(|| {
-        format!("cannot listen on {listen} (choose another address with --listen)")
-    })?;
-    let local = listener.local_addr()?.to_string();
+    let store_url = args.store.or(file.store.clone());
+    // Shippers connect only when the target keeps the replicas itself.
+    let (listener, bucket) = match store_url {
+        None => {
+            let tls = TlsFiles {
+                ca: args
+                    .tls_ca
+                    .or(file.tls_ca.clone())
+                    .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
+                cert: args
+                    .tls_cert
+                    .or(file.tls_cert.clone())
+                    .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
+                key: args
+                    .tls_key
+                    .or(file.tls_key.clone())
+                    .ok_or_else(|| missing("--tls-key", "tls_key"))?,
+            }
+            .server_config()?;
+            let listen = args
+                .listen
+                .or(file.listen.clone())
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+            let listener = TcpListener::bind(&listen).with_context(|| {
+                format!("cannot listen on {listen} (choose another address with --listen)")
+            })?;
+            (Some((listener, tls)), None)
+        }
+        Some(url) => {
+            let b = redun_store::bucket::Bucket::open(&url, &bucket_opts)
+                .with_context(|| format!("cannot open the bucket {url} (--store)"))?;
+            let key_dir = args
+                .key_dir
+                .or(file.key_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(redun_store::crypt::DEFAULT_KEY_DIR));
+            let cache = match (args.cache_size, &file.cache_size) {
+                (Some(s), _) => s,
+                (None, Some(s)) => redun_tracker::track::parse_size(s)
+                    .map_err(|e| anyhow::anyhow!("target.cache_size = {s:?}: {e}"))?,
+                (None, None) => redun_store::bucket::CACHE_BYTES as u64,
+            };
+            let cache = usize::try_from(cache).unwrap_or(usize::MAX);
+            (None, Some(BucketReplicas::new(b, key_dir, cache)))
+        }
+    };
+    let local = match &listener {
+        Some((l, _)) => Some(l.local_addr()?.to_string()),
+        None => None,
+    };
     let nbd_listen = args
         .nbd_listen
         .or(file.nbd_listen)
@@ -143,7 +187,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("target.segment_size = {s:?}: {e}"))?,
         (None, None) => redun_target::store::SEAL_BYTES,
     };
-    let target = Arc::new(Target::new(data_dir.clone(), tls).with_segment_size(segment_size));
+    let (target, listener) = match (listener, bucket) {
+        (Some((l, tls)), _) => (Target::new(data_dir.clone(), tls), Some(l)),
+        (None, Some(b)) => (Target::on_bucket(data_dir.clone(), b), None),
+        (None, None) => unreachable!("a listener or a bucket"),
+    };
+    let target = Arc::new(target.with_segment_size(segment_size));
     // Every replica is opened now: damage shows at start, and retention covers them all.
     // Test failovers do not survive a restart: their overlays are scratch.
     for v in target.status() {
@@ -156,7 +205,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
             let _ = std::fs::remove_file(&scratch);
         }
-        match target.store(&v.name) {
+        match target.volume(&v.name) {
             Ok(Some(s)) => info!(
                 "replica={}: {} recovery points, latest seq {}",
                 v.name,
@@ -187,7 +236,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                     "version": env!("CARGO_PKG_VERSION"),
                     "pid": std::process::id(),
                     "uptime_seconds": started.elapsed().as_secs(),
-                    "listen": [local],
+                    "listen": local.as_slice(),
+                    "store": target.bucket().map(|b| b.url()),
                     "nbd_listen": nbd_local,
                     "volumes": target.status(),
                 }
@@ -273,28 +323,41 @@ fn run(args: Args) -> anyhow::Result<()> {
             .name("retention".into())
             .spawn(move || maintain(&target, &retention, &stop))?
     };
-    let server = {
-        let target = target.clone();
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("repl-accept".into())
-            .spawn(move || target.serve(listener, &stop))?
+    let server = match listener {
+        Some(listener) => {
+            let target = target.clone();
+            let stop = stop.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("repl-accept".into())
+                    .spawn(move || target.serve(listener, &stop))?,
+            )
+        }
+        None => None,
     };
-    service::ready(
-        "redun-target",
-        &format!(
-            "replicas in {}, NBD on {}, shippers on {local}",
-            data_dir.display(),
-            nbd_local.as_deref().unwrap_or("off")
+    let nbd_on = nbd_local.as_deref().unwrap_or("off");
+    let what = match (target.bucket(), &local) {
+        (Some(b), _) => format!(
+            "volumes in {} (shippers write there), overlays in {}, NBD on {nbd_on}",
+            b.url(),
+            data_dir.display()
         ),
-    );
+        (None, l) => format!(
+            "replicas in {}, NBD on {nbd_on}, shippers on {}",
+            data_dir.display(),
+            l.as_deref().unwrap_or("-")
+        ),
+    };
+    service::ready("redun-target", &what);
     service::wait_stop(&signals, "redun-target").context("waiting for a signal")?;
     stop.store(true, Ordering::SeqCst);
     nbd.shutdown(Duration::from_secs(5));
     if let Some(t) = nbd_thread {
         let _ = t.join();
     }
-    let _ = server.join();
+    if let Some(s) = server {
+        let _ = s.join();
+    }
     let _ = maintenance.join();
     Ok(())
 }
@@ -400,9 +463,8 @@ fn volume_arg(req: &serde_json::Value) -> Result<&str, String> {
 fn points(target: &Target, req: &serde_json::Value) -> Result<serde_json::Value, String> {
     let name = volume_arg(req)?;
     let store = target
-        .store(name)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("this target holds no replica of volume {name}"))?;
+        .volume(name)?
+        .ok_or_else(|| format!("this target holds no volume {name}"))?;
     let points: Vec<serde_json::Value> = store
         .points()
         .into_iter()

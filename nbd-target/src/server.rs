@@ -19,6 +19,7 @@ mod failback;
 
 use crate::export::Overlay;
 use crate::replica::{Refusal, Replica};
+use crate::source::{BucketReplicas, Points};
 use crate::store::{self, ReplicaState, Store, StoreError};
 
 /// How long a shipper has to complete TLS and say HELLO.
@@ -92,7 +93,11 @@ struct Slot {
 #[derive(Debug)]
 pub struct Target {
     data_dir: PathBuf,
-    tls: Arc<rustls::ServerConfig>,
+    /// Shippers are accepted only with it (not when the volumes are in a bucket).
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// `--store URL`: the volumes are read from this bucket, not from replica stores in
+    /// the data directory (which then holds only overlays and promotions).
+    bucket: Option<Arc<BucketReplicas>>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// Replica stores opened so far (by a shipper or an NBD client).
     stores: Mutex<HashMap<String, Arc<Store>>>,
@@ -148,10 +153,26 @@ pub(crate) fn now_unix() -> u64 {
 }
 
 impl Target {
+    /// A target keeping replica stores in `data_dir`, accepting shippers over `tls`.
     pub fn new(data_dir: PathBuf, tls: Arc<rustls::ServerConfig>) -> Target {
+        Target::with_source(data_dir, Some(tls), None)
+    }
+
+    /// A target serving the volumes of a bucket; `data_dir` keeps test failover overlays
+    /// and failed-over volumes.
+    pub fn on_bucket(data_dir: PathBuf, bucket: BucketReplicas) -> Target {
+        Target::with_source(data_dir, None, Some(Arc::new(bucket)))
+    }
+
+    fn with_source(
+        data_dir: PathBuf,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        bucket: Option<Arc<BucketReplicas>>,
+    ) -> Target {
         Target {
             data_dir,
             tls,
+            bucket,
             slots: Mutex::new(HashMap::new()),
             stores: Mutex::new(HashMap::new()),
             segment_size: store::SEAL_BYTES,
@@ -190,15 +211,12 @@ impl Target {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let p: Promotion = serde_json::from_str(&text)
             .map_err(|e| format!("{} is damaged: {e}", path.display()))?;
-        let store = self
-            .store(volume)
-            .map_err(|e| e.to_string())?
+        let source = self
+            .volume(volume)?
             .ok_or_else(|| format!("{} names no replica", path.display()))?;
-        let view = store
-            .view(p.point)
-            .ok_or_else(|| format!("point {} of volume {volume} cannot be read", p.point))?;
+        let view = source.image(p.point)?;
         let (img, ranges) = self.overlay_paths(volume);
-        let o = Overlay::tracked(Arc::new(view), p.point, img.clone(), ranges, false)
+        let o = Overlay::tracked(view, p.point, img.clone(), ranges, false)
             .map_err(|e| format!("cannot open {}: {e}", img.display()))?;
         if p.failback {
             o.fence()
@@ -227,9 +245,8 @@ impl Target {
         in_use: bool,
     ) -> Result<Promotion, String> {
         let store = self
-            .store(volume)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("this target holds no replica of volume {volume}"))?;
+            .volume(volume)?
+            .ok_or_else(|| self.no_replica(volume))?;
         let mut promoted = self.promoted.lock().unwrap();
         let before = promoted.get(volume).map(|(p, _)| p.clone());
         if let Some(p) = &before {
@@ -274,15 +291,13 @@ impl Target {
                 }
             },
         };
-        let view = store
-            .view(seq)
-            .ok_or_else(|| format!("volume {volume} cannot be read at seq {seq}"))?;
+        let view = store.image(seq)?;
         let generation = match &before {
             Some(p) => p.generation,
-            None => store.state().generation + 1,
+            None => store.generation() + 1,
         };
         let (img, ranges) = self.overlay_paths(volume);
-        let o = Overlay::tracked(Arc::new(view), seq, img.clone(), ranges, true)
+        let o = Overlay::tracked(view, seq, img.clone(), ranges, true)
             .map_err(|e| format!("cannot create {}: {e}", img.display()))?;
         let p = Promotion {
             point: seq,
@@ -293,9 +308,7 @@ impl Target {
             failback: false,
         };
         // The generation first: from here on the old primary is refused.
-        store
-            .set_generation(generation)
-            .map_err(|e| e.to_string())?;
+        store.set_generation(generation)?;
         store::write_json(&self.promotion_path(volume), &p).map_err(|e| e.to_string())?;
         promoted.insert(volume.to_string(), (p.clone(), Arc::new(o)));
         info!(
@@ -343,9 +356,8 @@ impl Target {
         point: Option<u64>,
     ) -> Result<Arc<Overlay>, String> {
         let store = self
-            .store(volume)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("this target holds no replica of volume {volume}"))?;
+            .volume(volume)?
+            .ok_or_else(|| self.no_replica(volume))?;
         let mut tests = self.tests.lock().unwrap();
         if let Some(o) = tests.get(volume) {
             return Err(format!(
@@ -383,11 +395,9 @@ impl Target {
                     )
                 })?,
         };
-        let view = store
-            .view(id)
-            .ok_or_else(|| format!("point {id} of volume {volume} cannot be read"))?;
+        let view = store.image(id)?;
         let path = self.data_dir.join(format!("{volume}.test.img"));
-        let o = Overlay::create(Arc::new(view), id, path.clone())
+        let o = Overlay::create(view, id, path.clone())
             .map_err(|e| format!("cannot create the scratch overlay {}: {e}", path.display()))?;
         let o = Arc::new(o);
         tests.insert(volume.to_string(), o.clone());
@@ -418,6 +428,34 @@ impl Target {
 
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
+    }
+
+    /// The points of volume `name`, from its replica store or the bucket; `None` when the
+    /// target holds no such volume.
+    pub fn volume(&self, name: &str) -> Result<Option<Arc<dyn Points>>, String> {
+        match &self.bucket {
+            Some(b) => Ok(b.volume(name)?.map(|v| v as Arc<dyn Points>)),
+            None => Ok(self
+                .store(name)
+                .map_err(|e| e.to_string())?
+                .map(|s| s as Arc<dyn Points>)),
+        }
+    }
+
+    /// The bucket the volumes are read from, if any (`--store`).
+    pub fn bucket(&self) -> Option<&Arc<BucketReplicas>> {
+        self.bucket.as_ref()
+    }
+
+    fn no_replica(&self, volume: &str) -> String {
+        match &self.bucket {
+            Some(b) => format!(
+                "{} holds no volume {volume} (`redun points --store {} {volume}` lists what                  is there)",
+                b.url(),
+                b.url()
+            ),
+            None => format!("this target holds no replica of volume {volume}"),
+        }
     }
 
     /// The store of volume `name`, opened on first use; `None` when the target holds no
@@ -570,11 +608,23 @@ impl Target {
                 ..live
             };
         }
+        if let Some(b) = &self.bucket {
+            self.bucket_status(b, &mut out);
+        }
         let mut v: Vec<_> = out.into_values().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         for st in &mut v {
-            if let Some(store) = self.stores.lock().unwrap().get(&st.name) {
-                let points = store.points();
+            let source: Option<Arc<dyn Points>> = match &self.bucket {
+                Some(b) => b.volume(&st.name).ok().flatten().map(|v| v as _),
+                None => self
+                    .stores
+                    .lock()
+                    .unwrap()
+                    .get(&st.name)
+                    .map(|s| s.clone() as _),
+            };
+            if let Some(source) = source {
+                let points = source.points();
                 st.points = points.iter().filter(|(_, ok)| *ok).count() as u64;
                 st.latest_point = points.iter().rev().find(|(_, ok)| *ok).map(|(p, _)| *p);
             }
@@ -582,6 +632,35 @@ impl Target {
             st.failed_over = self.promoted(&st.name).map(|(p, _)| p);
         }
         v
+    }
+
+    /// The volumes of the bucket, each with its size, generation, latest sequence number
+    /// and synchronisation, or the reason it cannot be read.
+    fn bucket_status(&self, b: &BucketReplicas, out: &mut HashMap<String, TargetVolumeStatus>) {
+        let names = match b.names() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("bucket={}: cannot list the volumes: {e}", b.url());
+                return;
+            }
+        };
+        for name in names {
+            let mut st = TargetVolumeStatus {
+                name: name.clone(),
+                ..Default::default()
+            };
+            match b.volume(&name) {
+                Ok(Some(v)) => {
+                    st.size = v.size();
+                    st.generation = v.generation();
+                    st.applied_seq = v.latest();
+                    st.sync = v.syncing();
+                }
+                Ok(None) => continue,
+                Err(e) => st.last_error = Some(e),
+            }
+            out.insert(name, st);
+        }
     }
 
     /// Accepts shippers until `stop`.
@@ -617,10 +696,14 @@ impl Target {
     }
 
     fn connection(&self, tcp: TcpStream, peer: SocketAddr) {
+        let Some(tls) = self.tls.clone() else {
+            warn!("peer={peer}: refused: this target reads its volumes from a bucket");
+            return;
+        };
         let _ = tcp.set_nodelay(true);
         let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let _ = tcp.set_write_timeout(Some(IDLE_TIMEOUT));
-        let conn = match rustls::ServerConnection::new(self.tls.clone()) {
+        let conn = match rustls::ServerConnection::new(tls) {
             Ok(c) => c,
             Err(e) => {
                 warn!("peer={peer}: replication: TLS set-up failed: {e}");

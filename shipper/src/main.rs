@@ -164,7 +164,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 key_dir: args
                     .key_dir
                     .or(file.key_dir.clone())
-                    .unwrap_or_else(|| PathBuf::from("/etc/redun/keys")),
+                    .unwrap_or_else(|| PathBuf::from(redun_store::crypt::DEFAULT_KEY_DIR)),
                 segment_bytes: 8 << 20,
                 uploads: 4,
                 flush_after: Duration::from_millis(flush.max(1)),

@@ -323,7 +323,7 @@ impl Bucket {
     }
 
     /// The highest manifest version of volume `name`, if any.
-    fn newest_version(&self, name: &str) -> Result<Option<u64>, BucketError> {
+    pub fn newest_version(&self, name: &str) -> Result<Option<u64>, BucketError> {
         Ok(self.versions(name)?.into_iter().max())
     }
 
@@ -700,6 +700,21 @@ impl VolumeWriter {
         self.settle()
     }
 
+    /// Makes this writer's generation the volume's: creates the next manifest version with
+    /// it and no new records. From then on a writer of an older generation is fenced at its
+    /// next append and refused when it opens the volume (the fencing of a failover).
+    pub fn claim(&mut self) -> Result<u64, BucketError> {
+        self.settle()?;
+        let mut m = self.manifest.clone();
+        m.version += 1;
+        m.writer = self.token.clone();
+        m.store.generation = m.store.generation.max(self.id.generation);
+        m.unix_ms = unix_ms();
+        self.pending = Some(m);
+        self.settle()?;
+        Ok(self.manifest.store.generation)
+    }
+
     /// Finishes an append whose manifest put had no clear answer: puts exactly the same
     /// manifest again, and accepts the version only if it is byte for byte ours. Returns
     /// [`VolumeWriter::next_seq`]; a transient error leaves the append pending.
@@ -828,13 +843,15 @@ impl ChunkCache {
     }
 }
 
-/// Reads a volume's points out of a bucket.
-#[derive(Debug)]
+/// Reads a volume's points out of a bucket. Cheap to clone: clones, views and
+/// [`VolumeReader::refresh`]ed readers share the segment indexes and the chunk cache
+/// (segment objects never change).
+#[derive(Debug, Clone)]
 pub struct VolumeReader {
     bucket: Arc<Bucket>,
     key: Arc<VolumeKey>,
-    manifest: BucketManifest,
-    segs: Mutex<HashMap<String, Arc<SegObject>>>,
+    manifest: Arc<BucketManifest>,
+    segs: Arc<Mutex<HashMap<String, Arc<SegObject>>>>,
     cache: Arc<ChunkCache>,
 }
 
@@ -856,8 +873,8 @@ impl VolumeReader {
         Ok(VolumeReader {
             bucket,
             key,
-            manifest,
-            segs: Mutex::new(HashMap::new()),
+            manifest: Arc::new(manifest),
+            segs: Arc::default(),
             cache: Arc::new(ChunkCache {
                 cap: cache_bytes,
                 inner: Mutex::default(),
@@ -865,8 +882,38 @@ impl VolumeReader {
         })
     }
 
+    /// This reader on the volume's newest manifest (the same reader when nothing changed),
+    /// sharing what was fetched so far.
+    pub fn refresh(&self) -> Result<VolumeReader, BucketError> {
+        let name = self.name();
+        let newest = self.bucket.newest_version(name)?;
+        if newest == Some(self.manifest.version) {
+            return Ok(self.clone());
+        }
+        let manifest =
+            self.bucket
+                .manifest(name, &self.key)?
+                .ok_or_else(|| BucketError::NotFound {
+                    volume: name.to_string(),
+                    url: self.bucket.url.clone(),
+                    prefix: self.bucket.path(name, "manifest/").to_string(),
+                })?;
+        Ok(VolumeReader {
+            manifest: Arc::new(manifest),
+            ..self.clone()
+        })
+    }
+
     pub fn manifest(&self) -> &BucketManifest {
         &self.manifest
+    }
+
+    pub fn bucket(&self) -> &Arc<Bucket> {
+        &self.bucket
+    }
+
+    pub fn key(&self) -> &Arc<VolumeKey> {
+        &self.key
     }
 
     fn name(&self) -> &str {
@@ -986,7 +1033,7 @@ impl VolumeReader {
     }
 
     /// The volume as of sequence number `seq` (a listed point, or [`BucketManifest::latest`]).
-    pub fn view(&self, seq: u64) -> Result<BucketView<'_>, BucketError> {
+    pub fn view(&self, seq: u64) -> Result<BucketView, BucketError> {
         let m = &self.manifest;
         if seq < m.store.base_seq || seq > m.latest() {
             return Err(BucketError::Refused {
@@ -1010,7 +1057,7 @@ impl VolumeReader {
             segs.push(s);
         }
         Ok(BucketView {
-            reader: self,
+            reader: self.clone(),
             seq,
             map,
             segs,
@@ -1020,14 +1067,33 @@ impl VolumeReader {
 
 /// A read-only image of a volume at one sequence number, read from a bucket.
 #[derive(Debug)]
-pub struct BucketView<'a> {
-    reader: &'a VolumeReader,
+pub struct BucketView {
+    reader: VolumeReader,
     seq: u64,
     map: ExtentMap,
     segs: Vec<Arc<SegObject>>,
 }
 
-impl BucketView<'_> {
+impl BucketView {
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        self.reader.name()
+    }
+
+    /// The pieces of `[offset, offset + len)` in order, each `(length, data)`: `false` for
+    /// what reads as zeroes without a fetch (zeroed, trimmed or never written).
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        self.map.walk(offset, offset + len, |s, e, src| {
+            let data = matches!(src, Some(Src::Data { .. }));
+            match out.last_mut() {
+                Some((l, d)) if *d == data => *l += e - s,
+                _ => out.push((e - s, data)),
+            }
+        });
+        out
+    }
+
     pub fn seq(&self) -> u64 {
         self.seq
     }

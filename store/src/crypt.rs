@@ -48,6 +48,9 @@ fn damaged(reason: impl Into<String>) -> CryptError {
     CryptError::Damaged(reason.into())
 }
 
+/// Where volume keys are kept unless configured otherwise: `DIR/NAME.key`.
+pub const DEFAULT_KEY_DIR: &str = "/etc/redun/keys";
+
 /// A volume's encryption key.
 pub struct VolumeKey {
     cipher: XChaCha20Poly1305,

@@ -114,7 +114,7 @@ fn batch(w: &VolumeWriter, rng: &mut Rng, model: &mut [u8], n: usize) -> (Segmen
     (seg, seq)
 }
 
-fn read_all(v: &redun_store::bucket::BucketView<'_>) -> Vec<u8> {
+fn read_all(v: &redun_store::bucket::BucketView) -> Vec<u8> {
     let mut out = vec![0u8; SIZE as usize];
     let mut pos = 0usize;
     // Odd-sized pieces: reads start and end inside extents and chunks.
