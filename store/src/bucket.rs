@@ -268,6 +268,26 @@ impl Bucket {
         self.rt.block_on(f)
     }
 
+    /// Runs `f` (an [`ObjectStore`] call on [`Bucket::store`]) on the bucket's runtime:
+    /// for tools and tests that reach objects directly.
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.run(f)
+    }
+
+    /// Every object of volume `name`, as its name below the volume and its size, in no
+    /// particular order.
+    pub fn objects(&self, name: &str) -> Result<Vec<(String, u64)>, BucketError> {
+        let dir = self.path(name, "");
+        let listed: Vec<_> = self
+            .run(self.store.list(Some(&dir)).try_collect())
+            .map_err(self.err("cannot list", &dir))?;
+        let skip = dir.as_ref().len() + 1;
+        Ok(listed
+            .into_iter()
+            .map(|m| (m.location.as_ref()[skip..].to_string(), m.size))
+            .collect())
+    }
+
     fn err<'a>(
         &'a self,
         what: &'static str,
@@ -305,7 +325,7 @@ impl Bucket {
     }
 
     /// The manifest versions of volume `name` in the bucket, in no order.
-    fn versions(&self, name: &str) -> Result<Vec<u64>, BucketError> {
+    pub fn versions(&self, name: &str) -> Result<Vec<u64>, BucketError> {
         let dir = self.path(name, "manifest");
         let metas: Vec<_> = self
             .run(self.store.list(Some(&dir)).try_collect::<Vec<_>>())

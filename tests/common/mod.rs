@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod objstore;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
