@@ -296,29 +296,20 @@ fn a_volume_replicates_into_a_bucket_and_every_point_restores_its_moment() {
         size: VOL,
         generation: r.manifest().store.generation,
     };
-    let bucket = site.bucket();
+    second_writer_appends(&site, &id);
+    site.fio("1M", 21);
+    wait_fenced(&site);
+    site.shipper.as_mut().unwrap().stop();
+}
+
+/// Another writer of volume `id` (same key) appends one 4 KiB write to the bucket.
+fn second_writer_appends(site: &Site, id: &Identity) {
     let key = VolumeKey::load(&site.keys.join(format!("{EXPORT}.key"))).unwrap();
-    let mut other = VolumeWriter::open(bucket, &id, Arc::new(key)).unwrap();
+    let mut other = VolumeWriter::open(site.bucket(), id, Arc::new(key)).unwrap();
     let seq = other.next_seq();
     let mut seg = other.segment(seq);
     seg.push(Kind::Write, seq, 0, 4096, &[0xee; 4096]);
     other.append(vec![seg]).unwrap();
-    site.fio("1M", 21);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = site.status().unwrap();
-        if st["state"] == "critical" {
-            let e = st["last_error"].as_str().unwrap();
-            assert!(e.contains("fenced") && e.contains(EXPORT), "{e}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the shipper was not fenced: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    site.shipper.as_mut().unwrap().stop();
 }
 
 #[test]
@@ -785,12 +776,7 @@ fn on_a_real_server(server: Server) {
         size: VOL,
         generation: 1,
     };
-    let key = VolumeKey::load(&site.keys.join(format!("{EXPORT}.key"))).unwrap();
-    let mut other = VolumeWriter::open(site.bucket(), &id, Arc::new(key)).unwrap();
-    let seq = other.next_seq();
-    let mut seg = other.segment(seq);
-    seg.push(Kind::Write, seq, 0, 4096, &[0xee; 4096]);
-    other.append(vec![seg]).unwrap();
+    second_writer_appends(&site, &id);
     site.fio("1M", 44);
     wait_fenced(&site);
     site.shipper.as_mut().unwrap().stop();

@@ -120,20 +120,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Shippers connect only when the target keeps the replicas itself.
     let (listener, bucket) = match store_url {
         None => {
-            let tls = TlsFiles {
-                ca: args
-                    .tls_ca
-                    .or(file.tls_ca.clone())
-                    .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
-                cert: args
-                    .tls_cert
-                    .or(file.tls_cert.clone())
-                    .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
-                key: args
-                    .tls_key
-                    .or(file.tls_key.clone())
-                    .ok_or_else(|| missing("--tls-key", "tls_key"))?,
-            }
+            let tls = TlsFiles::from_flags_or_config(
+                "target",
+                (args.tls_ca, file.tls_ca.clone()),
+                (args.tls_cert, file.tls_cert.clone()),
+                (args.tls_key, file.tls_key.clone()),
+            )
+            .map_err(anyhow::Error::msg)?
             .server_config()?;
             let listen = args
                 .listen

@@ -172,20 +172,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             (None, url, Some(Arc::new(st)))
         }
         (None, t) => {
-            let tls = TlsFiles {
-                ca: args
-                    .tls_ca
-                    .or(file.tls_ca.clone())
-                    .ok_or_else(|| missing("--tls-ca", "tls_ca"))?,
-                cert: args
-                    .tls_cert
-                    .or(file.tls_cert.clone())
-                    .ok_or_else(|| missing("--tls-cert", "tls_cert"))?,
-                key: args
-                    .tls_key
-                    .or(file.tls_key.clone())
-                    .ok_or_else(|| missing("--tls-key", "tls_key"))?,
-            }
+            let tls = TlsFiles::from_flags_or_config(
+                "shipper",
+                (args.tls_ca, file.tls_ca.clone()),
+                (args.tls_cert, file.tls_cert.clone()),
+                (args.tls_key, file.tls_key.clone()),
+            )
+            .map_err(anyhow::Error::msg)?
             .client_config()?;
             let t = t.ok_or_else(|| missing("--target (or --target-store)", "target"))?;
             (Some(tls), with_port(&t), None)

@@ -36,6 +36,33 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// The files from the flags, else from the config file's `SECTION.tls_ca`, `tls_cert`
+    /// and `tls_key`: `[flag, key]` pairs, each `(flag value, config value)`. The error names
+    /// the first one missing.
+    pub fn from_flags_or_config(
+        section: &str,
+        ca: (Option<PathBuf>, Option<PathBuf>),
+        cert: (Option<PathBuf>, Option<PathBuf>),
+        key: (Option<PathBuf>, Option<PathBuf>),
+    ) -> Result<TlsFiles, String> {
+        let pick = |(flag, file): (Option<PathBuf>, Option<PathBuf>), name: &str| {
+            flag.or(file).ok_or_else(|| {
+                format!(
+                    "--{} is required (or {section}.{name} in the config file given with \
+                     --config)",
+                    name.replace('_', "-")
+                )
+            })
+        };
+        Ok(TlsFiles {
+            ca: pick(ca, "tls_ca")?,
+            cert: pick(cert, "tls_cert")?,
+            key: pick(key, "tls_key")?,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {reason} (make the files with `redun pki init --dir DIR --name NAME`)")]
