@@ -526,6 +526,19 @@ fn the_target_runs_from_its_config_section_and_names_what_is_missing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
+        err.contains("--data-dir") && err.contains("target.data_dir"),
+        "{err}"
+    );
+    // With one, the TLS files are named next (shippers connect unless --store is given).
+    std::fs::write(&cfg, format!("[target]\ndata_dir = {:?}\n", d.join("data"))).unwrap();
+    let out = Command::new(bin("redun-target"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
         err.contains("--tls-ca") && err.contains("target.tls_ca"),
         "{err}"
     );

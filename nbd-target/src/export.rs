@@ -573,9 +573,9 @@ impl Resolve<ViewBackend> for PointExports {
             }
         };
         let seq = match which {
-            Which::Latest => match store.syncing() {
+            Which::Latest => match store.latest_image() {
                 // Mid-synchronisation, the latest state is no image of the volume.
-                Some(s) => {
+                Err(s) => {
                     warn!(
                         "nbd export={name} volume={vol}: the volume is being synchronised since seq {}: \
                          latest is not a consistent image; use a point before it",
@@ -583,7 +583,7 @@ impl Resolve<ViewBackend> for PointExports {
                     );
                     return None;
                 }
-                None => store.latest(),
+                Ok(seq) => seq,
             },
             Which::Test => return None,
             Which::Point(id) => {

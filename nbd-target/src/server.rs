@@ -265,8 +265,8 @@ impl Target {
             }
         }
         let seq = match choice {
-            Choice::Latest => match store.syncing() {
-                Some(s) => {
+            Choice::Latest => match store.latest_image() {
+                Err(s) => {
                     return Err(format!(
                         "volume {volume} is being synchronised since seq {}: its latest state \
                          is not a consistent image; choose a point (`redun points {volume}` \
@@ -274,7 +274,7 @@ impl Target {
                         s.since_seq
                     ));
                 }
-                None => store.latest(),
+                Ok(seq) => seq,
             },
             Choice::Point(id) => match store.points().iter().find(|(p, _)| p.id == id) {
                 Some((_, true)) => id,
@@ -296,6 +296,14 @@ impl Target {
             Some(p) => p.generation,
             None => store.generation() + 1,
         };
+        // The generation first: from here on the old primary is refused. (A point chosen
+        // again keeps the generation of the first choice.)
+        if store.generation() < generation {
+            store.set_generation(generation)?;
+        }
+        // What the promoted volume held is discarded from here on: its overlay is started
+        // afresh, so the old one must not be served any more.
+        promoted.remove(volume);
         let (img, ranges) = self.overlay_paths(volume);
         let o = Overlay::tracked(view, seq, img.clone(), ranges, true)
             .map_err(|e| format!("cannot create {}: {e}", img.display()))?;
@@ -307,8 +315,6 @@ impl Target {
             bytes_written: 0,
             failback: false,
         };
-        // The generation first: from here on the old primary is refused.
-        store.set_generation(generation)?;
         store::write_json(&self.promotion_path(volume), &p).map_err(|e| e.to_string())?;
         promoted.insert(volume.to_string(), (p.clone(), Arc::new(o)));
         info!(
@@ -450,7 +456,8 @@ impl Target {
     fn no_replica(&self, volume: &str) -> String {
         match &self.bucket {
             Some(b) => format!(
-                "{} holds no volume {volume} (`redun points --store {} {volume}` lists what                  is there)",
+                "{} holds no volume {volume} (`redun points --store {} {volume}` lists what \
+                 is there)",
                 b.url(),
                 b.url()
             ),

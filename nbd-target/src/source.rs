@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use redun_store::bucket::{Bucket, BucketView, VolumeReader, VolumeWriter};
+use redun_store::bucket::{Bucket, BucketError, BucketView, VolumeReader, VolumeWriter};
 use redun_store::crypt::VolumeKey;
 use redun_tracker::nbd::Extent;
 use redun_tracker::nbd::proto::{STATE_HOLE, STATE_ZERO};
@@ -37,6 +37,9 @@ pub trait Points: fmt::Debug + Send + Sync {
     fn syncing(&self) -> Option<SyncState>;
     /// The last sequence number held (0: none).
     fn latest(&self) -> u64;
+    /// What `latest` reads at, or the synchronisation that makes it no image of the volume:
+    /// both from one state of the source.
+    fn latest_image(&self) -> Result<u64, SyncState>;
     fn generation(&self) -> u64;
     /// The volume as of `seq`; a reason when it cannot be read.
     fn image(&self, seq: u64) -> Result<Arc<dyn Image>, String>;
@@ -69,6 +72,13 @@ impl Points for Store {
     }
     fn latest(&self) -> u64 {
         Store::latest(self)
+    }
+    fn latest_image(&self) -> Result<u64, SyncState> {
+        let st = self.state();
+        match st.sync {
+            Some(s) => Err(s),
+            None => Ok(st.next_seq.saturating_sub(1)),
+        }
     }
     fn generation(&self) -> u64 {
         self.state().generation
@@ -235,6 +245,13 @@ impl Points for BucketVolume {
     fn latest(&self) -> u64 {
         self.reader(false).manifest().latest()
     }
+    fn latest_image(&self) -> Result<u64, SyncState> {
+        let r = self.reader(false);
+        match r.manifest().sync {
+            Some(s) => Err(s),
+            None => Ok(r.manifest().latest()),
+        }
+    }
     fn generation(&self) -> u64 {
         self.reader(false).manifest().store.generation
     }
@@ -244,21 +261,41 @@ impl Points for BucketVolume {
     }
     fn set_generation(&self, g: u64) -> Result<(), String> {
         let r = self.reader(true);
-        let m = &r.manifest().store;
-        let id = Identity {
-            name: self.name.clone(),
-            uuid: m.uuid.clone(),
-            size: m.size,
-            generation: g,
+        let failed = |e: &dyn fmt::Display| {
+            format!(
+                "volume {}: the failover could not write generation {g} into {}: {e}; the old \
+                 primary may be fenced already: run the failover again",
+                self.name,
+                r.bucket().url()
+            )
         };
-        let mut w = VolumeWriter::open(r.bucket().clone(), &id, r.key().clone())
-            .map_err(|e| e.to_string())?;
-        let now = w.claim().map_err(|e| e.to_string())?;
-        if now != g {
-            return Err(format!(
-                "volume {}: the bucket says generation {now} after the failover wrote {g}",
-                self.name
-            ));
+        // The old primary may append between opening and claiming: then open again.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let m = &self.reader(true).manifest().store.clone();
+            if m.generation >= g {
+                return Err(format!(
+                    "volume {} is at generation {} in {} already: another target failed it \
+                     over; use that one",
+                    self.name,
+                    m.generation,
+                    r.bucket().url()
+                ));
+            }
+            let id = Identity {
+                name: self.name.clone(),
+                uuid: m.uuid.clone(),
+                size: m.size,
+                generation: g,
+            };
+            let claimed = VolumeWriter::open(r.bucket().clone(), &id, r.key().clone())
+                .and_then(|mut w| w.claim());
+            match claimed {
+                Ok(_) => break,
+                Err(BucketError::Fenced { .. }) if tries < 3 => {}
+                Err(e) => return Err(failed(&e)),
+            }
         }
         self.reader(true);
         Ok(())

@@ -43,6 +43,12 @@ impl Target {
     /// durable), so that the failback's next pass is its last: the planned failover back
     /// home. Kept across restarts.
     pub fn fence_promoted(&self, volume: &str) -> Result<Promotion, String> {
+        if let Some(b) = self.bucket() {
+            return Err(format!(
+                "volume {volume} is served from {}: failback from a bucket is not available yet",
+                b.url()
+            ));
+        }
         let mut promoted = self.promoted.lock().unwrap();
         let (p, o) = promoted
             .get_mut(volume)
