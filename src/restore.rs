@@ -8,10 +8,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use redun_store::bucket::{Bucket, BucketOptions, VolumeReader};
-use redun_store::crypt::VolumeKey;
+use redun_store::crypt::{DEFAULT_KEY_DIR, VolumeKey};
 
-/// Where a volume's key file is when `--key` is not given.
-pub use redun_store::crypt::DEFAULT_KEY_DIR;
 /// Bytes restored per read and write.
 const STEP: usize = 4 << 20;
 

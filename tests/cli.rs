@@ -516,28 +516,25 @@ fn the_target_runs_from_its_config_section_and_names_what_is_missing() {
     assert!(
         wait_timeout(&mut child, std::time::Duration::from_secs(20)).is_some_and(|s| s.success())
     );
+    // A target that refuses to start with config `text`: what it says.
+    let refused = |text: String| {
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(bin("redun-target"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     // Without a data directory anywhere, the target says which flag or key to give.
-    std::fs::write(&cfg, "[target]\nlisten = \"127.0.0.1:0\"\n").unwrap();
-    let out = Command::new(bin("redun-target"))
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = refused("[target]\nlisten = \"127.0.0.1:0\"\n".into());
     assert!(
         err.contains("--data-dir") && err.contains("target.data_dir"),
         "{err}"
     );
     // With one, the TLS files are named next (shippers connect unless --store is given).
-    std::fs::write(&cfg, format!("[target]\ndata_dir = {:?}\n", d.join("data"))).unwrap();
-    let out = Command::new(bin("redun-target"))
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = refused(format!("[target]\ndata_dir = {:?}\n", d.join("data")));
     assert!(
         err.contains("--tls-ca") && err.contains("target.tls_ca"),
         "{err}"

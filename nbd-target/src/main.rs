@@ -116,9 +116,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let segment_size = match (args.segment_size, &file.segment_size) {
+        (Some(s), _) => s,
+        (None, Some(s)) => redun_tracker::track::parse_size(s)
+            .map_err(|e| anyhow::anyhow!("target.segment_size = {s:?}: {e}"))?,
+        (None, None) => redun_target::store::SEAL_BYTES,
+    };
     let store_url = args.store.or(file.store.clone());
     // Shippers connect only when the target keeps the replicas itself.
-    let (listener, bucket) = match store_url {
+    let (target, listener) = match store_url {
         None => {
             let tls = TlsFiles::from_flags_or_config(
                 "target",
@@ -135,7 +141,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let listener = TcpListener::bind(&listen).with_context(|| {
                 format!("cannot listen on {listen} (choose another address with --listen)")
             })?;
-            (Some((listener, tls)), None)
+            (Target::new(data_dir.clone(), tls), Some(listener))
         }
         Some(url) => {
             let b = redun_store::bucket::Bucket::open(&url, &bucket_opts)
@@ -151,11 +157,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 (None, None) => redun_store::bucket::CACHE_BYTES as u64,
             };
             let cache = usize::try_from(cache).unwrap_or(usize::MAX);
-            (None, Some(BucketReplicas::new(b, key_dir, cache)))
+            let bucket = BucketReplicas::new(b, key_dir, cache);
+            (Target::on_bucket(data_dir.clone(), bucket), None)
         }
     };
     let local = match &listener {
-        Some((l, _)) => Some(l.local_addr()?.to_string()),
+        Some(l) => Some(l.local_addr()?.to_string()),
         None => None,
     };
     let nbd_listen = args
@@ -174,17 +181,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let nbd_local = nbd_listener.as_ref().map(Listener::local_addr);
     let signals = service::block_stop_signals().context("blocking SIGTERM/SIGINT")?;
-    let segment_size = match (args.segment_size, &file.segment_size) {
-        (Some(s), _) => s,
-        (None, Some(s)) => redun_tracker::track::parse_size(s)
-            .map_err(|e| anyhow::anyhow!("target.segment_size = {s:?}: {e}"))?,
-        (None, None) => redun_target::store::SEAL_BYTES,
-    };
-    let (target, listener) = match (listener, bucket) {
-        (Some((l, tls)), _) => (Target::new(data_dir.clone(), tls), Some(l)),
-        (None, Some(b)) => (Target::on_bucket(data_dir.clone(), b), None),
-        (None, None) => unreachable!("a listener or a bucket"),
-    };
     let target = Arc::new(target.with_segment_size(segment_size));
     // Every replica is opened now: damage shows at start, and retention covers them all.
     // Test failovers do not survive a restart: their overlays are scratch.

@@ -658,10 +658,12 @@ impl Target {
             };
             match b.volume(&name) {
                 Ok(Some(v)) => {
-                    st.size = v.size();
-                    st.generation = v.generation();
-                    st.applied_seq = v.latest();
-                    st.sync = v.syncing();
+                    let r = v.current();
+                    let m = r.manifest();
+                    st.size = m.store.size;
+                    st.generation = m.store.generation;
+                    st.applied_seq = m.latest();
+                    st.sync = m.sync;
                 }
                 Ok(None) => continue,
                 Err(e) => st.last_error = Some(e),

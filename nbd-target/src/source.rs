@@ -230,8 +230,9 @@ impl BucketVolume {
         g.0.clone()
     }
 
-    pub fn size(&self) -> u64 {
-        self.reader(false).manifest().store.size
+    /// The reader on the newest manifest (asked for again once older than [`FRESH_FOR`]).
+    pub fn current(&self) -> VolumeReader {
+        self.reader(false)
     }
 }
 
@@ -260,27 +261,18 @@ impl Points for BucketVolume {
         Ok(Arc::new(BucketImage(v)))
     }
     fn set_generation(&self, g: u64) -> Result<(), String> {
-        let r = self.reader(true);
-        let failed = |e: &dyn fmt::Display| {
-            format!(
-                "volume {}: the failover could not write generation {g} into {}: {e}; the old \
-                 primary may be fenced already: run the failover again",
-                self.name,
-                r.bucket().url()
-            )
-        };
         // The old primary may append between opening and claiming: then open again.
         let mut tries = 0;
         loop {
             tries += 1;
-            let m = &self.reader(true).manifest().store.clone();
+            let r = self.reader(true);
+            let m = &r.manifest().store;
+            let url = r.bucket().url();
             if m.generation >= g {
                 return Err(format!(
-                    "volume {} is at generation {} in {} already: another target failed it \
+                    "volume {} is at generation {} in {url} already: another target failed it \
                      over; use that one",
-                    self.name,
-                    m.generation,
-                    r.bucket().url()
+                    self.name, m.generation
                 ));
             }
             let id = Identity {
@@ -289,12 +281,18 @@ impl Points for BucketVolume {
                 size: m.size,
                 generation: g,
             };
-            let claimed = VolumeWriter::open(r.bucket().clone(), &id, r.key().clone())
-                .and_then(|mut w| w.claim());
-            match claimed {
+            match VolumeWriter::open(r.bucket().clone(), &id, r.key().clone())
+                .and_then(|mut w| w.claim())
+            {
                 Ok(_) => break,
                 Err(BucketError::Fenced { .. }) if tries < 3 => {}
-                Err(e) => return Err(failed(&e)),
+                Err(e) => {
+                    return Err(format!(
+                        "volume {}: the failover could not write generation {g} into {url}: \
+                         {e}; the old primary may be fenced already: run the failover again",
+                        self.name
+                    ));
+                }
             }
         }
         self.reader(true);

@@ -12,7 +12,7 @@ use clap::Parser;
 use log::{error, info, warn};
 use redun_shipper::config::{ConfigFile, ResyncSection, ShipperSection};
 use redun_shipper::heads::Heads;
-use redun_shipper::ship::{ShipOptions, ShipStatus, VolumeShipper};
+use redun_shipper::ship::{Destination, ShipOptions, ShipStatus, VolumeShipper};
 use redun_shipper::throttle::Throttle;
 use redun_shipper::tls::TlsFiles;
 use redun_tracker::admin::{AdminServer, JsonHandler};
@@ -142,7 +142,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let store_url = args.target_store.or(file.target_store.clone());
     let target_addr = args.target.or(file.target.clone());
-    let (tls, target, store) = match (store_url, target_addr) {
+    let (dest, target) = match (store_url, target_addr) {
         (Some(url), Some(t)) => anyhow::bail!(
             "give a target ({t}) or a bucket ({url}), not both (--target, --target-store, or \
              shipper.target and shipper.target_store in the config file)"
@@ -169,7 +169,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 uploads: 4,
                 flush_after: Duration::from_millis(flush.max(1)),
             };
-            (None, url, Some(Arc::new(st)))
+            (Destination::Bucket(Arc::new(st)), url)
         }
         (None, t) => {
             let tls = TlsFiles::from_flags_or_config(
@@ -181,7 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?
             .client_config()?;
             let t = t.ok_or_else(|| missing("--target (or --target-store)", "target"))?;
-            (Some(tls), with_port(&t), None)
+            (Destination::Target(tls), with_port(&t))
         }
     };
     let batch_size = match args.batch_size.or(file.batch_size.clone()) {
@@ -208,8 +208,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .or(file.target_name.clone())
             .unwrap_or_else(|| redun_shipper::tls::host_of(&target)),
         target,
-        tls,
-        store,
+        dest,
         batch_bytes: usize::try_from(batch_size).unwrap_or(usize::MAX).max(4096),
         level,
         generation: args.generation.or(file.generation).unwrap_or(1),

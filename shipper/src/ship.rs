@@ -44,6 +44,25 @@ pub fn retry_delay(n: u32, unit: Duration) -> Duration {
         .unwrap_or(RETRY_STEADY)
 }
 
+/// Where a volume is shipped.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A target, over mutual TLS with this client set-up.
+    Target(Arc<rustls::ClientConfig>),
+    /// A bucket (`--target-store`).
+    Bucket(Arc<crate::to_bucket::StoreTarget>),
+}
+
+impl ShipOptions {
+    /// The bucket the volume is shipped into, if it is not a target.
+    pub fn bucket(&self) -> Option<&Arc<crate::to_bucket::StoreTarget>> {
+        match &self.dest {
+            Destination::Bucket(b) => Some(b),
+            Destination::Target(_) => None,
+        }
+    }
+}
+
 /// How a volume is shipped.
 #[derive(Debug, Clone)]
 pub struct ShipOptions {
@@ -51,10 +70,8 @@ pub struct ShipOptions {
     pub target: String,
     /// The name the target's certificate must carry.
     pub server_name: String,
-    /// The TLS client set-up (`None` when shipping into a bucket).
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// Ship into this bucket instead of a target.
-    pub store: Option<Arc<crate::to_bucket::StoreTarget>>,
+    /// Where the volume goes.
+    pub dest: Destination,
     /// A batch closes at this many bytes of records (or when no more are waiting).
     pub batch_bytes: usize,
     pub level: i32,
@@ -339,7 +356,7 @@ impl VolumeShipper {
     /// Asks for an online verify of the volume, which starts once the volume is shipping
     /// with nothing else to do; returns its id (`status().verify.id`).
     pub fn request_verify(&self) -> Result<u64, String> {
-        if self.opts.store.is_some() {
+        if self.opts.bucket().is_some() {
             return Err(format!(
                 "volume {}: it ships to a bucket, which cannot checksum its blocks: verify \
                  by restoring a point (`redun restore`) and comparing",
@@ -420,16 +437,17 @@ impl VolumeShipper {
     }
 
     /// Starts a synchronisation when one was asked for or the tracker has dirty regions.
-    /// `replica_started`: the replica held data and no job when this session began (a
-    /// resync of it may wait for the window; an initial replication, or a job under way,
-    /// does not).
+    /// `replica` is the job (id, cursor) the replica was in when this session began, and
+    /// `next_seq` the record it needed next: a replica that held data and no job may wait
+    /// for the resync window; an initial replication, or a job under way, does not.
     pub(crate) fn maybe_sync(
         &self,
         replica: (u64, u64),
-        replica_started: bool,
+        next_seq: u64,
         size: u64,
         next_try: &mut Instant,
     ) -> Option<Sync> {
+        let replica_started = next_seq > 0 && replica.0 == 0;
         let heads = self.heads.as_ref()?;
         if Instant::now() < *next_try {
             return None;
@@ -466,7 +484,7 @@ impl VolumeShipper {
             self.opts.sync_block,
             &[
                 format!("journal {} open", self.journal.display()),
-                if self.opts.store.is_some() {
+                if self.opts.bucket().is_some() {
                     format!(
                         "bucket {} reachable, the volume's key matches",
                         self.opts.target
@@ -652,12 +670,12 @@ impl VolumeShipper {
                 self.opts.server_name
             ))
         })?;
-        let tls = self.opts.tls.clone().ok_or_else(|| {
-            ShipError::Fatal(format!(
+        let Destination::Target(tls) = self.opts.dest.clone() else {
+            return Err(ShipError::Fatal(format!(
                 "volume {}: this shipper sends to a bucket and has no TLS set-up",
                 self.name
-            ))
-        })?;
+            )));
+        };
         let conn = rustls::ClientConnection::new(tls, name)
             .map_err(|e| ShipError::Fatal(format!("TLS set-up: {e}")))?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -670,7 +688,7 @@ impl VolumeShipper {
     }
 
     fn session(&self, stop: &AtomicBool, connected: &mut bool) -> Result<(), ShipError> {
-        if let Some(st) = self.opts.store.clone() {
+        if let Some(st) = self.opts.bucket().cloned() {
             return self.bucket_session(&st, stop, connected);
         }
         let target = self.opts.target.clone();
@@ -857,12 +875,7 @@ impl VolumeShipper {
             // Caught up: nothing to send, nothing in flight. A synchronisation starts only now,
             // so that its records find room in the journal.
             if sync.is_none() && verify.is_none() {
-                sync = self.maybe_sync(
-                    replica_job,
-                    next_seq > 0 && replica_job.0 == 0,
-                    sb.volume_size,
-                    &mut next_sync_try,
-                );
+                sync = self.maybe_sync(replica_job, next_seq, sb.volume_size, &mut next_sync_try);
                 if sync.is_some() {
                     continue;
                 }

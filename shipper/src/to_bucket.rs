@@ -178,12 +178,7 @@ impl VolumeShipper {
             // Caught up: a synchronisation starts only now, so that its records find room
             // in the journal.
             if sync.is_none() && pending.since.is_none() {
-                sync = self.maybe_sync(
-                    replica_job,
-                    next_seq > 0 && replica_job.0 == 0,
-                    sb.volume_size,
-                    &mut next_sync_try,
-                );
+                sync = self.maybe_sync(replica_job, next_seq, sb.volume_size, &mut next_sync_try);
                 if sync.is_some() {
                     continue;
                 }

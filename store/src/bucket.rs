@@ -48,7 +48,7 @@ pub const CACHE_BYTES: usize = 256 << 20;
 
 /// How to reach a bucket, beside its URL: the `[bucket]` table of a config file. Unset
 /// keys come from the standard environment variables (`AWS_*`, `AZURE_*`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BucketOptions {
     /// An S3-compatible server or Azure Blob endpoint (`http://127.0.0.1:9000`).
@@ -712,6 +712,12 @@ impl VolumeWriter {
                 .map(|j| j.join().expect("an upload thread does not panic"))
                 .collect::<Result<Vec<()>, _>>()
         })?;
+        self.create_next(m)
+    }
+
+    /// Creates `m` (this writer's manifest plus what it adds) as the next version, with this
+    /// writer's token and generation. Returns [`VolumeWriter::next_seq`].
+    fn create_next(&mut self, mut m: BucketManifest) -> Result<u64, BucketError> {
         m.version += 1;
         m.writer = self.token.clone();
         m.store.generation = m.store.generation.max(self.id.generation);
@@ -725,13 +731,7 @@ impl VolumeWriter {
     /// next append and refused when it opens the volume (the fencing of a failover).
     pub fn claim(&mut self) -> Result<u64, BucketError> {
         self.settle()?;
-        let mut m = self.manifest.clone();
-        m.version += 1;
-        m.writer = self.token.clone();
-        m.store.generation = m.store.generation.max(self.id.generation);
-        m.unix_ms = unix_ms();
-        self.pending = Some(m);
-        self.settle()?;
+        self.create_next(self.manifest.clone())?;
         Ok(self.manifest.store.generation)
     }
 

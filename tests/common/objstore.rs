@@ -151,7 +151,7 @@ impl ObjServer {
         }
     }
 
-    /// The options that reach the server (what [`ObjServer::options_toml`] says).
+    /// The options that reach the server.
     pub fn options(&self) -> redun_store::bucket::BucketOptions {
         let mut o = redun_store::bucket::BucketOptions {
             allow_http: true,
@@ -173,20 +173,9 @@ impl ObjServer {
         o
     }
 
-    /// The `[bucket]` table that reaches the server.
+    /// The `[bucket]` table that reaches the server (what [`ObjServer::options`] says).
     pub fn options_toml(&self) -> String {
-        let endpoint = match self.server {
-            Server::S3 => format!("http://127.0.0.1:{}", self.port),
-            Server::Azure => format!("http://127.0.0.1:{}/{AZ_ACCOUNT}", self.port),
-        };
-        let creds = match self.server {
-            Server::S3 => format!(
-                "region = \"us-east-1\"\naccess_key_id = \"{S3_ACCESS}\"\n\
-                 secret_access_key = \"{S3_SECRET}\"\n"
-            ),
-            Server::Azure => format!("account = \"{AZ_ACCOUNT}\"\naccess_key = \"{AZ_KEY}\"\n"),
-        };
-        format!("[bucket]\nendpoint = \"{endpoint}\"\nallow_http = true\n{creds}")
+        format!("[bucket]\n{}", toml::to_string(&self.options()).unwrap())
     }
 }
 
