@@ -46,6 +46,11 @@ impl Site {
 
     /// A site shipping into a bucket on `server` (`None`: a `file://` directory).
     fn on(server: Option<Server>) -> Site {
+        Site::configured(server, "")
+    }
+
+    /// Like [`Site::on`], with `extra` appended to the config file.
+    fn configured(server: Option<Server>, extra: &str) -> Site {
         // Data that was on the volume before it was protected: the initial replication
         // must carry it.
         let tracker = Tracker::start_on("uring", VOL, &["--journal-size", "64M"], |img| {
@@ -72,7 +77,7 @@ impl Site {
             }
         };
         let config = d.join("redun.toml");
-        std::fs::write(&config, table).unwrap();
+        std::fs::write(&config, format!("{table}\n{extra}")).unwrap();
         let mut site = Site {
             url,
             keys: d.join("keys"),
@@ -793,4 +798,95 @@ fn a_volume_lives_in_s3_s3s_fs_on_loopback() {
 #[test]
 fn a_volume_lives_in_azure_blob_azurite_on_loopback() {
     on_a_real_server(Server::Azure);
+}
+
+#[test]
+fn retention_in_the_bucket_merges_pruned_points_into_base_objects() {
+    retention_merges_and_deletes(None);
+}
+
+#[test]
+fn retention_merges_and_deletes_in_s3_s3s_fs() {
+    retention_merges_and_deletes(Some(Server::S3));
+}
+
+#[test]
+fn retention_merges_and_deletes_in_azure_blob_azurite() {
+    retention_merges_and_deletes(Some(Server::Azure));
+}
+
+fn retention_merges_and_deletes(server: Option<Server>) {
+    require("fio");
+    // Keep only the newest point; merge whatever comes before it; delete unlisted objects
+    // a second after.
+    let mut site = Site::configured(
+        server,
+        "[shipper]\nstore_merge = \"0\"\nstore_grace = \"1s\"\n\n[retention]\nkeep_all = \"0\"\ntiers = []\n",
+    );
+    site.wait_caught_up();
+    site.fio("6M", 31);
+    site.point_create();
+    site.fio("6M", 32);
+    let kept = site.point_create();
+    let image = site.image();
+    // No writes after it, so no scheduled crash point comes after it either.
+    site.wait_caught_up();
+    // Within a few maintenance passes (every 5 s): one point listed, everything before it
+    // in base objects, and no object left that the manifest does not use.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let base = loop {
+        let r = site.reader();
+        let m = r.manifest();
+        let points: Vec<u64> = m.points().iter().map(|(p, _)| p.id).collect();
+        let mut used: Vec<String> = m.store.segments.iter().map(|s| s.file.clone()).collect();
+        if let Some(i) = r.base_index().unwrap() {
+            used.push(m.base.as_ref().unwrap().file.clone());
+            used.extend(i.regions.iter().map(|o| o.file.clone()));
+        }
+        let all: Vec<String> = site
+            .bucket()
+            .objects(EXPORT)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !n.starts_with("manifest/"))
+            .collect();
+        let unused = all.iter().filter(|n| !used.contains(n)).count();
+        if points == [kept] && m.store.base_seq == kept && unused == 0 {
+            break m.base.clone().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention did not run: points {points:?} (want [{kept}]), base seq {}, {unused} unused objects\n{}",
+            m.store.base_seq,
+            site.shipper.as_ref().unwrap().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(base.objects >= 1, "{base:?}");
+    let log = site.shipper.as_ref().unwrap().log_text();
+    assert!(log.contains("retention pruned"), "{log}");
+    // The kept point and latest restore from the base objects.
+    if let Some(i) = first_difference(&site.restore(&kept.to_string()), &image) {
+        panic!("point {kept} restored from base objects differs at byte {i}");
+    }
+    assert!(first_difference(&site.restore("latest"), &site.image()).is_none());
+    // A bad retention key stops the shipper at start-up, naming the key.
+    site.shipper.as_mut().unwrap().stop();
+    if server.is_some() {
+        return;
+    }
+    std::fs::write(&site.config, "[shipper]\nstore_grace = \"soon\"\n").unwrap();
+    let o = Command::new(bin("redun-shipper"))
+        .args(["--target-store", &site.url, "--journal-dir"])
+        .arg(site.tracker.journal_dir())
+        .arg("--config")
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("shipper.store_grace"),
+        "{err}"
+    );
 }

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use redun_tracker::config::{ConfigError, parse_duration};
+use redun_tracker::config::ConfigError;
 
-use crate::store::{Retention, Tier};
+pub use redun_store::retention::RetentionSection;
 use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
@@ -21,63 +21,6 @@ pub struct ConfigFile {
     /// `[bucket]`: endpoint and credentials of `target.store`.
     #[serde(default)]
     pub bucket: redun_store::bucket::BucketOptions,
-}
-
-/// `[retention]`: which recovery points the target keeps.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionSection {
-    /// Every point younger than this stays [default: 2h].
-    pub keep_all: Option<String>,
-    /// Then one point per `every` for points up to `for` old, e.g.
-    /// `tiers = [{ every = "10m", for = "24h" }, { every = "1d", for = "7d" }]`.
-    /// Absent: the default tiers; `[]`: none.
-    pub tiers: Option<Vec<TierEntry>>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TierEntry {
-    pub every: String,
-    #[serde(rename = "for")]
-    pub span: String,
-}
-
-impl RetentionSection {
-    /// The policy, or an error naming the key and the value.
-    pub fn policy(&self, path: &Path) -> Result<Retention, ConfigError> {
-        let bad = |key: String, v: &str, e: String| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: format!("{key} = {v:?}: {e}"),
-        };
-        let mut r = Retention::default();
-        if let Some(k) = &self.keep_all {
-            r.keep_all_ms =
-                parse_duration(k).map_err(|e| bad("retention.keep_all".into(), k, e))?;
-        }
-        let Some(tiers) = &self.tiers else {
-            return Ok(r);
-        };
-        r.tiers.clear();
-        for (i, t) in tiers.iter().enumerate() {
-            let every = parse_duration(&t.every)
-                .map_err(|e| bad(format!("retention.tiers[{i}].every"), &t.every, e))?;
-            let for_ms = parse_duration(&t.span)
-                .map_err(|e| bad(format!("retention.tiers[{i}].for"), &t.span, e))?;
-            if every == 0 {
-                return Err(bad(
-                    format!("retention.tiers[{i}].every"),
-                    &t.every,
-                    "must be longer than 0".into(),
-                ));
-            }
-            r.tiers.push(Tier {
-                every_ms: every,
-                for_ms,
-            });
-        }
-        Ok(r)
-    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -155,6 +98,7 @@ impl TargetSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redun_store::retention::{Retention, Tier};
 
     #[test]
     fn retention_defaults_to_tiers_that_a_section_can_replace() {

@@ -26,12 +26,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
 use redun_store::extent::{ExtentMap, Src};
+pub use redun_store::retention::{Retention, Tier};
 use redun_store::segment::{self as codec, Scanned, SegmentError, encode_entry, encode_index};
 pub use redun_store::segment::{
     Decided, ENTRY_HEADER_LEN, Entry, Identity, MANIFEST_FORMAT, Manifest, Point,
     SEGMENT_HEADER_LEN, SegmentRef, SyncState,
 };
-use redun_tracker::journal::format::{GroupDecision, Kind, PointKind, SyncInfo};
+use redun_tracker::journal::format::{GroupDecision, Kind, SyncInfo};
 use serde::{Deserialize, Serialize};
 
 /// A segment is sealed at the first commit after it holds this many bytes.
@@ -1153,70 +1154,6 @@ fn write_buf(o: &mut Open, dir: &Path) -> Result<(), StoreError> {
         o.buf.shrink_to(WRITE_BYTES);
     }
     Ok(())
-}
-
-/// Retention: every point younger than `keep_all_ms`, then one point per `every_ms` for
-/// each tier's span; the newest point is always kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Retention {
-    pub keep_all_ms: u64,
-    pub tiers: Vec<Tier>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tier {
-    pub every_ms: u64,
-    /// Points up to this age fall in the tier.
-    pub for_ms: u64,
-}
-
-impl Default for Retention {
-    /// Every point for 2 h, then one per 10 min for 24 h, then one per day for 7 days.
-    fn default() -> Retention {
-        const MIN: u64 = 60 * 1000;
-        Retention {
-            keep_all_ms: 120 * MIN,
-            tiers: vec![
-                Tier {
-                    every_ms: 10 * MIN,
-                    for_ms: 24 * 60 * MIN,
-                },
-                Tier {
-                    every_ms: 24 * 60 * MIN,
-                    for_ms: 7 * 24 * 60 * MIN,
-                },
-            ],
-        }
-    }
-}
-
-impl Retention {
-    /// The points to keep, oldest first. Within a tier the first point of each `every`
-    /// interval (by wall clock) stays; an app-consistent point is preferred to a crash one
-    /// in the same interval.
-    pub fn keep(&self, points: &[Point], now_ms: u64) -> Vec<Point> {
-        let mut keep = Vec::new();
-        let mut buckets: BTreeMap<(usize, u64), Point> = BTreeMap::new();
-        for (i, p) in points.iter().enumerate() {
-            let age = now_ms.saturating_sub(p.unix_ms);
-            if age <= self.keep_all_ms || i + 1 == points.len() {
-                keep.push(*p);
-                continue;
-            }
-            let Some(t) = self.tiers.iter().position(|t| age <= t.for_ms) else {
-                continue;
-            };
-            let bucket = p.unix_ms / self.tiers[t].every_ms.max(1);
-            let e = buckets.entry((t, bucket)).or_insert(*p);
-            if e.kind != PointKind::App && p.kind == PointKind::App {
-                *e = *p;
-            }
-        }
-        keep.extend(buckets.into_values());
-        keep.sort_by_key(|p| p.id);
-        keep.dedup_by_key(|p| p.id);
-        keep
-    }
 }
 
 /// Keeps a view's sequence number from being merged away.

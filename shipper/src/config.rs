@@ -17,6 +17,9 @@ pub struct ConfigFile {
     /// `[bucket]`: endpoint and credentials of `shipper.target_store`.
     #[serde(default)]
     pub bucket: redun_store::bucket::BucketOptions,
+    /// `[retention]`: the points kept in `shipper.target_store` (the target's keys).
+    #[serde(default)]
+    pub retention: redun_store::retention::RetentionSection,
 }
 
 /// `[resync]`: when synchronisations start by themselves.
@@ -99,6 +102,11 @@ pub struct ShipperSection {
     /// A bucket batch is uploaded at the latest this long after its first record, e.g.
     /// "2s" [default: 2s].
     pub store_flush: Option<String>,
+    /// Segments before the oldest kept point are merged into base objects once they hold
+    /// this much, e.g. "64M" [default: 64M].
+    pub store_merge: Option<String>,
+    /// Objects no manifest lists are deleted after this long, e.g. "1h" [default: 1h].
+    pub store_grace: Option<String>,
     pub target_name: Option<String>,
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,

@@ -123,15 +123,16 @@ fn with_port(target: &str) -> String {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let (file, resync, bucket_opts, cfg_path) = match &args.config {
+    let (file, resync, bucket_opts, retention, cfg_path) = match &args.config {
         Some(p) => {
             let f = ConfigFile::load(p)?;
-            (f.shipper, f.resync, f.bucket, p.clone())
+            (f.shipper, f.resync, f.bucket, f.retention, p.clone())
         }
         None => (
             ShipperSection::default(),
             ResyncSection::default(),
             redun_store::bucket::BucketOptions::default(),
+            redun_store::retention::RetentionSection::default(),
             PathBuf::from("(no config file)"),
         ),
     };
@@ -159,6 +160,21 @@ fn run(args: Args) -> anyhow::Result<()> {
                 (None, None) => 2000,
             };
             let bucket = redun_store::bucket::Bucket::open(&url, &bucket_opts)?;
+            let bad = |key: &str, v: &str, e: String| {
+                anyhow::anyhow!("config {}: shipper.{key} = {v:?}: {e}", cfg_path.display())
+            };
+            let mut gc = redun_store::bucket::Gc {
+                retention: retention.policy(&cfg_path)?,
+                ..Default::default()
+            };
+            if let Some(v) = &file.store_merge {
+                gc.merge_bytes = redun_tracker::track::parse_size(v)
+                    .map_err(|e| bad("store_merge", v, e.to_string()))?;
+            }
+            if let Some(v) = &file.store_grace {
+                gc.grace_ms = redun_tracker::config::parse_duration(v)
+                    .map_err(|e| bad("store_grace", v, e))?;
+            }
             let st = redun_shipper::to_bucket::StoreTarget {
                 bucket: Arc::new(bucket),
                 key_dir: args
@@ -168,6 +184,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 segment_bytes: 8 << 20,
                 uploads: 4,
                 flush_after: Duration::from_millis(flush.max(1)),
+                gc,
             };
             (Destination::Bucket(Arc::new(st)), url)
         }

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use redun_store::bucket::{Bucket, BucketError, VolumeWriter};
+use redun_store::bucket::{Bucket, BucketError, Gc, VolumeWriter};
 use redun_store::crypt::VolumeKey;
 use redun_store::segment::{Identity, SegmentBuf};
 use redun_tracker::journal::Record;
@@ -38,7 +38,12 @@ pub struct StoreTarget {
     pub uploads: usize,
     /// A batch is uploaded at the latest this long after its first record was read.
     pub flush_after: Duration,
+    /// Retention in the bucket, applied every [`MAINTAIN_EVERY`].
+    pub gc: Gc,
 }
+
+/// How often the writer applies retention in the bucket.
+pub const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
 
 /// Segments being filled, not yet in the bucket.
 #[derive(Debug, Default)]
@@ -116,10 +121,15 @@ impl VolumeShipper {
         let mut sync: Option<Sync> = None;
         let mut held: Option<Record> = None;
         let mut next_sync_try = Instant::now();
+        let mut next_maintain = Instant::now() + MAINTAIN_EVERY;
         loop {
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 // What is buffered was not released: the next session reads it again.
                 return Ok(());
+            }
+            if Instant::now() >= next_maintain {
+                next_maintain = Instant::now() + MAINTAIN_EVERY;
+                self.maintain(w, &st.gc)?;
             }
             if let Some(s) = sync.as_mut() {
                 if let Err(e) = pump_without_target(s) {
@@ -196,6 +206,29 @@ impl VolumeShipper {
             reader
                 .wait(wait)
                 .map_err(|e| journal_err(&self.journal, e.into()))?;
+        }
+    }
+}
+
+impl VolumeShipper {
+    /// Applies retention in the bucket. A transient failure is logged and tried again at
+    /// the next pass (shipping goes on); fencing stops the session.
+    fn maintain(&self, w: &mut VolumeWriter, gc: &Gc) -> Result<(), ShipError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let now_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+        match w.maintain(gc, now_ms) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_transient() => {
+                warn!(
+                    "volume={}: retention in the bucket: {e} (tried again in {}s)",
+                    self.name,
+                    MAINTAIN_EVERY.as_secs()
+                );
+                Ok(())
+            }
+            Err(e) => Err(bucket_err(&e)),
         }
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
@@ -36,6 +36,9 @@ use crate::segment::{
     self, Decided, Entry, Identity, Manifest, Point, SegmentBuf, SegmentError, SegmentRef,
     SyncState, TRAILER_LEN,
 };
+
+mod gc;
+pub use gc::{Gc, Maintained};
 
 /// Objects above this size are uploaded in parts of [`PART_BYTES`].
 pub const MULTIPART_BYTES: usize = 16 << 20;
@@ -119,6 +122,13 @@ pub enum BucketError {
 }
 
 impl BucketError {
+    /// True when an object the caller expected does not exist (deleted after it was
+    /// unlisted).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, BucketError::Store { source, .. }
+            if matches!(**source, object_store::Error::NotFound { .. }))
+    }
+
     /// True when trying again later may succeed (the server or the network), false when
     /// the bucket's contents or the configuration are at fault.
     pub fn is_transient(&self) -> bool {
@@ -277,14 +287,24 @@ impl Bucket {
     /// Every object of volume `name`, as its name below the volume and its size, in no
     /// particular order.
     pub fn objects(&self, name: &str) -> Result<Vec<(String, u64)>, BucketError> {
+        Ok(self
+            .listing(name)?
+            .into_iter()
+            .map(|(rel, m)| (rel, m.size))
+            .collect())
+    }
+
+    /// Every object of volume `name`, as its name below the volume and what the store
+    /// says of it.
+    fn listing(&self, name: &str) -> Result<Vec<(String, object_store::ObjectMeta)>, BucketError> {
         let dir = self.path(name, "");
-        let listed: Vec<_> = self
+        let listed: Vec<object_store::ObjectMeta> = self
             .run(self.store.list(Some(&dir)).try_collect())
             .map_err(self.err("cannot list", &dir))?;
         let skip = dir.as_ref().len() + 1;
         Ok(listed
             .into_iter()
-            .map(|m| (m.location.as_ref()[skip..].to_string(), m.size))
+            .map(|m| (m.location.as_ref()[skip..].to_string(), m))
             .collect())
     }
 
@@ -382,18 +402,32 @@ impl Bucket {
     ) -> Result<Option<BucketManifest>, BucketError> {
         let file = Self::manifest_file(v);
         let p = self.path(name, &file);
+        let Some(plain) = self.read_sealed(name, &file, key)? else {
+            return Ok(None);
+        };
+        let m: BucketManifest =
+            serde_json::from_slice(&plain).map_err(|e| self.damaged(name, &p, e.to_string()))?;
+        m.check(name, v).map_err(|e| self.damaged(name, &p, e))?;
+        Ok(Some(m))
+    }
+
+    /// Object `file` of volume `name` (a manifest version or a base index), decrypted;
+    /// `None` if it does not exist.
+    fn read_sealed(
+        &self,
+        name: &str,
+        file: &str,
+        key: &VolumeKey,
+    ) -> Result<Option<Vec<u8>>, BucketError> {
+        let p = self.path(name, file);
         let body = match self.run(async { self.store.get(&p).await?.bytes().await }) {
             Ok(b) => b,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("cannot read", &p)(e)),
         };
-        let plain = key
-            .open(&file, &body)
-            .map_err(|e| self.crypt_err(name, &p, e))?;
-        let m: BucketManifest =
-            serde_json::from_slice(&plain).map_err(|e| self.damaged(name, &p, e.to_string()))?;
-        m.check(name, v).map_err(|e| self.damaged(name, &p, e))?;
-        Ok(Some(m))
+        key.open(file, &body)
+            .map(Some)
+            .map_err(|e| self.crypt_err(name, &p, e))
     }
 
     /// The current manifest of volume `name`, if it has one; refuses a key that is not the
@@ -478,9 +512,68 @@ pub struct BucketManifest {
     pub sync: Option<SyncState>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inconsistent: Vec<[u64; 2]>,
+    /// The base: the volume as of `base_seq`, in objects listed by a base index object
+    /// (none while nothing was merged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseIndexRef>,
+    /// Objects this manifest's predecessors listed and it does not: deleted once they have
+    /// been unlisted for the writer's grace period.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub garbage: Vec<Garbage>,
     /// Base seq, segments (`file`: the object's name below the volume), points, decisions.
     #[serde(flatten)]
     pub store: Manifest,
+}
+
+/// A manifest's base index object (docs/FORMAT.md, "Base objects").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseIndexRef {
+    /// `base/index-SEQ-W-N.json.enc`, below the volume.
+    pub file: String,
+    /// How many base objects it lists, and their plaintext bytes in all.
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// The contents of a base index object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseIndex {
+    pub volume: String,
+    /// Every record up to this sequence number is in the base (the manifest's `base_seq`).
+    pub base_seq: u64,
+    /// Volume bytes per region: base object `region` holds `[region * R, (region + 1) * R)`.
+    pub region_bytes: u64,
+    /// One per region that holds data, by region; a region without one reads as zeroes.
+    pub regions: Vec<BaseObject>,
+}
+
+/// A base object: a sealed segment whose entries are the data of one region as of `seq`
+/// (each entry carries `seq`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseObject {
+    pub region: u64,
+    pub file: String,
+    pub seq: u64,
+    pub bytes: u64,
+}
+
+impl BaseObject {
+    /// As a segment of the manifest's kind (what the segment reader checks it against).
+    pub fn as_segment(&self) -> SegmentRef {
+        SegmentRef {
+            file: self.file.clone(),
+            first_seq: self.seq,
+            last_seq: self.seq,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// An object that a manifest no longer lists, since `since_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Garbage {
+    pub file: String,
+    pub since_ms: u64,
 }
 
 impl BucketManifest {
@@ -591,6 +684,8 @@ impl VolumeWriter {
                 next_seq: 0,
                 sync: None,
                 inconsistent: Vec::new(),
+                base: None,
+                garbage: Vec::new(),
                 store: Manifest::new(id),
             };
             // Another writer may create the first version at the same time: then take it.
@@ -672,11 +767,7 @@ impl VolumeWriter {
                     ),
                 });
             }
-            self.uploads += 1;
-            let file = format!(
-                "seg/{first:020}-{last:020}-{}-{}.seg",
-                self.token, self.uploads
-            );
+            let file = self.object_name("seg", &format!("{first:020}-{last:020}"), ".seg");
             for n in s.syncs() {
                 segment::follow_sync(&mut m.sync, &mut m.inconsistent, n);
             }
@@ -695,6 +786,12 @@ impl VolumeWriter {
         if objects.is_empty() {
             return Ok(m.next_seq);
         }
+        self.upload(objects)?;
+        self.create_next(m)
+    }
+
+    /// Encrypts and uploads `objects` (name below the volume, plaintext) in parallel.
+    fn upload(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), BucketError> {
         let key = &self.key;
         let bucket = &self.bucket;
         let name = &self.id.name;
@@ -712,7 +809,13 @@ impl VolumeWriter {
                 .map(|j| j.join().expect("an upload thread does not panic"))
                 .collect::<Result<Vec<()>, _>>()
         })?;
-        self.create_next(m)
+        Ok(())
+    }
+
+    /// A new object name below the volume: `DIR/STEM-W-N.seg`, unique to this writer.
+    fn object_name(&mut self, dir: &str, stem: &str, suffix: &str) -> String {
+        self.uploads += 1;
+        format!("{dir}/{stem}-{}-{}{suffix}", self.token, self.uploads)
     }
 
     /// Creates `m` (this writer's manifest plus what it adds) as the next version, with this
@@ -872,6 +975,8 @@ pub struct VolumeReader {
     key: Arc<VolumeKey>,
     manifest: Arc<BucketManifest>,
     segs: Arc<Mutex<HashMap<String, Arc<SegObject>>>>,
+    /// The base index objects read, by name.
+    bases: Arc<Mutex<HashMap<String, Arc<BaseIndex>>>>,
     cache: Arc<ChunkCache>,
 }
 
@@ -890,16 +995,81 @@ impl VolumeReader {
                 url: bucket.url.clone(),
                 prefix: bucket.path(name, "manifest/").to_string(),
             })?;
-        Ok(VolumeReader {
+        Ok(VolumeReader::at(bucket, key, manifest, cache_bytes))
+    }
+
+    /// A reader of manifest `manifest` (the writer's, for merging).
+    fn at(
+        bucket: Arc<Bucket>,
+        key: Arc<VolumeKey>,
+        manifest: BucketManifest,
+        cache_bytes: usize,
+    ) -> VolumeReader {
+        VolumeReader {
             bucket,
             key,
             manifest: Arc::new(manifest),
             segs: Arc::default(),
+            bases: Arc::default(),
             cache: Arc::new(ChunkCache {
                 cap: cache_bytes,
                 inner: Mutex::default(),
             }),
-        })
+        }
+    }
+
+    /// The manifest's base index, checked (once per reader); `None` before the first merge.
+    pub fn base_index(&self) -> Result<Option<Arc<BaseIndex>>, BucketError> {
+        let Some(b) = &self.manifest.base else {
+            return Ok(None);
+        };
+        if let Some(i) = self.bases.lock().expect("bases lock").get(&b.file) {
+            return Ok(Some(i.clone()));
+        }
+        let name = self.name();
+        let path = self.bucket.path(name, &b.file);
+        let plain = self
+            .bucket
+            .read_sealed(name, &b.file, &self.key)?
+            .ok_or_else(|| {
+                self.damaged(&path, "the manifest lists it but it does not exist".into())
+            })?;
+        let i: BaseIndex =
+            serde_json::from_slice(&plain).map_err(|e| self.damaged(&path, e.to_string()))?;
+        let m = &self.manifest;
+        let ordered = i.regions.windows(2).all(|w| w[0].region < w[1].region);
+        let fits = i.regions.iter().all(|o| {
+            o.seq <= i.base_seq
+                && o.bytes >= TRAILER_LEN as u64
+                && o.region
+                    .checked_mul(i.region_bytes)
+                    .is_some_and(|x| x < m.store.size)
+        });
+        if i.volume != name
+            || i.base_seq != m.store.base_seq
+            || i.region_bytes == 0
+            || !ordered
+            || !fits
+            || i.regions.len() as u64 != b.objects
+        {
+            return Err(self.damaged(
+                &path,
+                format!(
+                    "it does not match the manifest (volume {}, base seq {} for {}, {} objects for {}, or regions out of order)",
+                    i.volume,
+                    i.base_seq,
+                    m.store.base_seq,
+                    i.regions.len(),
+                    b.objects
+                ),
+            ));
+        }
+        let i = Arc::new(i);
+        self.bases
+            .lock()
+            .expect("bases lock")
+            .insert(b.file.clone(), i.clone());
+        Ok(Some(i))
     }
 
     /// This reader on the volume's newest manifest (the same reader when nothing changed),
@@ -1066,9 +1236,25 @@ impl VolumeReader {
                 ),
             });
         }
+        Ok(BucketView {
+            seq,
+            name: self.name().to_string(),
+            size: m.store.size,
+            now: RwLock::new(Arc::new(self.resolve(seq)?)),
+        })
+    }
+
+    /// The extent map of `seq`: the base objects, then the segments up to it.
+    fn resolve(&self, seq: u64) -> Result<Resolved, BucketError> {
+        let base: Vec<SegmentRef> = self
+            .base_index()?
+            .iter()
+            .flat_map(|b| b.regions.iter().map(BaseObject::as_segment))
+            .collect();
+        let listed = self.manifest.store.segments.iter();
         let mut map = ExtentMap::default();
         let mut segs = Vec::new();
-        for r in m.store.segments.iter().filter(|r| r.first_seq <= seq) {
+        for r in base.iter().chain(listed.filter(|r| r.first_seq <= seq)) {
             let s = self.segment(r)?;
             let file = u32::try_from(segs.len()).expect("fewer than 2^32 segments");
             for e in s.entries.iter().take_while(|e| e.seq <= seq) {
@@ -1076,9 +1262,8 @@ impl VolumeReader {
             }
             segs.push(s);
         }
-        Ok(BucketView {
+        Ok(Resolved {
             reader: self.clone(),
-            seq,
             map,
             segs,
         })
@@ -1086,10 +1271,22 @@ impl VolumeReader {
 }
 
 /// A read-only image of a volume at one sequence number, read from a bucket.
+///
+/// The writer's retention may merge the objects it reads into base objects and delete them
+/// after its grace period: a read that finds an object gone resolves the same sequence
+/// number again from the newest manifest (the same bytes, in other objects).
 #[derive(Debug)]
 pub struct BucketView {
-    reader: VolumeReader,
     seq: u64,
+    name: String,
+    size: u64,
+    now: RwLock<Arc<Resolved>>,
+}
+
+/// Where a view's bytes are, under one manifest.
+#[derive(Debug)]
+struct Resolved {
+    reader: VolumeReader,
     map: ExtentMap,
     segs: Vec<Arc<SegObject>>,
 }
@@ -1097,14 +1294,18 @@ pub struct BucketView {
 impl BucketView {
     /// The volume's name.
     pub fn name(&self) -> &str {
-        self.reader.name()
+        &self.name
+    }
+
+    fn resolved(&self) -> Arc<Resolved> {
+        self.now.read().expect("view lock").clone()
     }
 
     /// The pieces of `[offset, offset + len)` in order, each `(length, data)`: `false` for
     /// what reads as zeroes without a fetch (zeroed, trimmed or never written).
     pub fn extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let mut out: Vec<(u64, bool)> = Vec::new();
-        self.map.walk(offset, offset + len, |s, e, src| {
+        self.resolved().map.walk(offset, offset + len, |s, e, src| {
             let data = matches!(src, Some(Src::Data { .. }));
             match out.last_mut() {
                 Some((l, d)) if *d == data => *l += e - s,
@@ -1119,13 +1320,33 @@ impl BucketView {
     }
 
     pub fn size(&self) -> u64 {
-        self.reader.manifest.store.size
+        self.size
     }
 
     /// Reads `buf.len()` bytes at `offset` (within the volume).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BucketError> {
+        let r = self.resolved();
+        match r.read_at(buf, offset) {
+            Err(e) if e.is_gone() => {
+                let fresh = Arc::new(r.reader.refresh()?.resolve(self.seq)?);
+                log::info!(
+                    "volume={}: objects of the view at seq {} were merged and deleted: reading it from manifest version {}",
+                    self.name,
+                    self.seq,
+                    fresh.reader.manifest.version
+                );
+                *self.now.write().expect("view lock") = fresh.clone();
+                fresh.read_at(buf, offset)
+            }
+            r => r,
+        }
+    }
+}
+
+impl Resolved {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BucketError> {
         self.map.read(buf, offset, |out, _, src| match src {
-            // No base objects yet: what no segment covers reads as zeroes.
+            // Neither a base object nor a segment covers it: zeroes.
             None | Some(Src::Zero) => {
                 out.fill(0);
                 Ok(())

@@ -5,4 +5,5 @@
 pub mod bucket;
 pub mod crypt;
 pub mod extent;
+pub mod retention;
 pub mod segment;

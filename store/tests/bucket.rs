@@ -15,8 +15,11 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
-use redun_store::bucket::{Bucket, BucketError, BucketOptions, VolumeReader, VolumeWriter};
+use redun_store::bucket::{
+    Bucket, BucketError, BucketOptions, Gc, Maintained, VolumeReader, VolumeWriter,
+};
 use redun_store::crypt::VolumeKey;
+use redun_store::retention::Retention;
 use redun_store::segment::{Identity, SegmentBuf};
 use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind};
 
@@ -403,6 +406,9 @@ fn urls_are_checked() {
 struct Flaky {
     inner: InMemory,
     down: AtomicBool,
+    /// Puts of objects whose name contains this fail (a writer that stops there).
+    fail_puts_of: std::sync::Mutex<Option<&'static str>>,
+    fail_deletes: AtomicBool,
     fail_next_create: AtomicBool,
     lose_next_create: AtomicBool,
 }
@@ -438,6 +444,11 @@ impl ObjectStore for Flaky {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.up("put")?;
+        if let Some(f) = *self.fail_puts_of.lock().unwrap() {
+            if location.as_ref().contains(f) {
+                return Err(refused("put"));
+            }
+        }
         let create = matches!(opts.mode, PutMode::Create);
         if create && self.fail_next_create.swap(false, Ordering::SeqCst) {
             return Err(refused("create"));
@@ -474,6 +485,13 @@ impl ObjectStore for Flaky {
         &self,
         locations: BoxStream<'static, object_store::Result<ObjPath>>,
     ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        if self.fail_deletes.load(Ordering::SeqCst) {
+            return Box::pin(
+                locations
+                    .map_ok(|_| ())
+                    .and_then(|()| async { Err(refused("delete")) }),
+            );
+        }
         self.inner.delete_stream(locations)
     }
 
@@ -614,4 +632,195 @@ fn a_changed_manifest_is_damage() {
         let e = VolumeReader::open(bucket.clone(), "vol1", key(10), 1 << 20).unwrap_err();
         assert!(matches!(e, BucketError::Damaged { .. }), "{e}");
     }
+}
+
+/// The objects of volume vol1 under `dir/` ("seg", "base").
+fn names_under(bucket: &Bucket, dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = bucket
+        .objects("vol1")
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with(&format!("{dir}/")))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every segment and base object of vol1 that its newest manifest does not use.
+fn unused(bucket: &Arc<Bucket>) -> Vec<String> {
+    let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 0).unwrap();
+    let m = r.manifest();
+    let mut used: Vec<String> = m.store.segments.iter().map(|s| s.file.clone()).collect();
+    if let Some(b) = &m.base {
+        used.push(b.file.clone());
+        let i = r.base_index().unwrap().unwrap();
+        used.extend(i.regions.iter().map(|o| o.file.clone()));
+    }
+    let mut all = names_under(bucket, "seg");
+    all.extend(names_under(bucket, "base"));
+    all.retain(|n| !used.contains(n));
+    all
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Keeps the points whose marker's unix_ms (its seq, in these tests) is at least `from`.
+fn keep_from(from: u64, now: u64) -> Retention {
+    Retention {
+        keep_all_ms: now - from,
+        tiers: Vec::new(),
+    }
+}
+
+#[test]
+fn retention_merges_pruned_points_into_base_objects_and_deletes_after_grace() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+        let mut rng = Rng(0x51_7cc1_b727_220a);
+        let mut model = vec![0u8; SIZE as usize];
+        let mut images = Vec::new();
+        let mut round = |w: &mut VolumeWriter, images: &mut Vec<(u64, Vec<u8>)>| {
+            for _ in 0..4 {
+                let (seg, p) = batch(w, &mut rng, &mut model, 30);
+                w.append(vec![seg]).unwrap();
+                images.push((p, model.clone()));
+            }
+        };
+        round(&mut w, &mut images);
+        round(&mut w, &mut images);
+        let grace = 60_000;
+        // Points' unix_ms are their seqs: "now" is far after them, the grace in between.
+        let t = images.last().unwrap().0 + 1_000_000;
+        let mut gc = Gc {
+            retention: keep_from(images[5].0, t),
+            merge_bytes: 0,
+            region_bytes: 1 << 20,
+            grace_ms: grace,
+        };
+        // A reader that opened before the merge, and a view on a point that stays.
+        let before = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        let kept_view = before.view(images[6].0).unwrap();
+        let done = w.maintain(&gc, t).unwrap();
+        assert_eq!(
+            (done.pruned, done.merged_segments, done.deleted),
+            (5, 6, 0),
+            "{done:?}"
+        );
+        assert!((1..=4).contains(&done.base_objects), "{done:?}");
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        assert_eq!(r.manifest().store.base_seq, images[5].0);
+        let listed: Vec<u64> = r.manifest().points().iter().map(|(p, _)| p.id).collect();
+        let want: Vec<u64> = images[5..].iter().map(|(s, _)| *s).collect();
+        assert_eq!(listed, want);
+        for (seq, image) in &images[5..] {
+            assert!(read_all(&r.view(*seq).unwrap()) == *image, "point {seq}");
+        }
+        assert!(r.view(images[4].0).is_err(), "a pruned point is not served");
+        // Unlisted, not deleted yet: the old reader's views still read.
+        assert_eq!(unused(&bucket).len(), 6);
+        assert!(read_all(&before.view(images[2].0).unwrap()) == images[2].1);
+        // After the grace period the next pass deletes them; the view opened before the
+        // merge finds its objects gone and reads the same bytes from the base objects.
+        gc.retention = keep_from(images[5].0, t + grace);
+        let done = w.maintain(&gc, t + grace).unwrap();
+        assert_eq!(done.deleted, 6, "{done:?}");
+        assert!(unused(&bucket).is_empty());
+        assert!(read_all(&kept_view) == images[6].1);
+        assert!(w.manifest().garbage.is_empty());
+        // More rounds, then a second merge replaces the base objects of the regions it
+        // touches; the first base's objects go after the grace.
+        round(&mut w, &mut images);
+        let t2 = t + 2 * grace;
+        gc.retention = keep_from(images[10].0, t2);
+        let done = w.maintain(&gc, t2).unwrap();
+        assert_eq!((done.pruned, done.merged_segments), (5, 5), "{done:?}");
+        let old_base = unused(&bucket);
+        assert!(
+            old_base.iter().any(|n| n.starts_with("base/")),
+            "{old_base:?}"
+        );
+        gc.retention = keep_from(images[10].0, t2 + grace);
+        let done = w.maintain(&gc, t2 + grace).unwrap();
+        assert_eq!(done.deleted, old_base.len());
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        for (seq, image) in &images[10..] {
+            assert!(read_all(&r.view(*seq).unwrap()) == *image, "point {seq}");
+        }
+        assert!(unused(&bucket).is_empty());
+        // With nothing to prune and nothing new, a pass changes nothing.
+        let v = w.manifest().version;
+        assert_eq!(w.maintain(&gc, t2 + grace).unwrap(), Maintained::default());
+        assert_eq!(w.manifest().version, v);
+    }
+}
+
+#[test]
+fn an_interrupted_merge_or_delete_leaves_a_readable_volume_and_is_finished_later() {
+    let (f, bucket) = flaky();
+    let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut images = Vec::new();
+    for _ in 0..6 {
+        let (seg, p) = batch(&w, &mut rng, &mut model, 30);
+        w.append(vec![seg]).unwrap();
+        images.push((p, model.clone()));
+    }
+    let t = now_ms() + 1_000_000;
+    let gc = |now: u64| Gc {
+        retention: keep_from(images[3].0, now),
+        merge_bytes: 0,
+        region_bytes: 1 << 20,
+        grace_ms: 1000,
+    };
+    let check = |from: usize| {
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        for (seq, image) in &images[from..] {
+            assert!(read_all(&r.view(*seq).unwrap()) == *image, "point {seq}");
+        }
+    };
+    // The writer stops after uploading the base objects, before their index and the
+    // manifest: nothing changed for readers, and the base objects are orphans.
+    *f.fail_puts_of.lock().unwrap() = Some("base/index");
+    let v = w.manifest().version;
+    assert!(w.maintain(&gc(t), t).unwrap_err().is_transient());
+    assert_eq!(w.manifest().version, v);
+    assert!(!names_under(&bucket, "base").is_empty());
+    check(0);
+    // The next pass, once the orphans are older than the grace, deletes them and merges
+    // again.
+    *f.fail_puts_of.lock().unwrap() = None;
+    let orphans = names_under(&bucket, "base");
+    let done = w.maintain(&gc(t), t).unwrap();
+    assert_eq!((done.deleted, done.merged_segments), (orphans.len(), 4));
+    for o in orphans {
+        assert!(!names_under(&bucket, "base").contains(&o), "{o} deleted");
+    }
+    check(3);
+    // Deletions fail: the pass still succeeds, forgets them, and a later pass deletes them
+    // as orphans.
+    f.fail_deletes.store(true, Ordering::SeqCst);
+    w.maintain(&gc(t + 1000), t + 1000).unwrap();
+    assert_eq!(unused(&bucket).len(), 4);
+    assert!(w.manifest().garbage.is_empty());
+    f.fail_deletes.store(false, Ordering::SeqCst);
+    assert_eq!(w.maintain(&gc(t + 1000), t + 1000).unwrap().deleted, 4);
+    assert!(unused(&bucket).is_empty());
+    check(3);
+    // A fenced writer's uploads are orphans too.
+    let mut stale = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+    w.append(vec![one_write(&w, 7)]).unwrap();
+    assert!(matches!(
+        stale.append(vec![one_write(&stale, 8)]),
+        Err(BucketError::Fenced { .. })
+    ));
+    assert_eq!(unused(&bucket).len(), 1);
+    assert_eq!(w.maintain(&gc(t + 2000), t + 2000).unwrap().deleted, 1);
+    assert!(unused(&bucket).is_empty());
 }

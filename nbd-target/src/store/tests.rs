@@ -4,7 +4,7 @@
 #![allow(clippy::cast_possible_truncation)] // Test volumes are small.
 use super::*;
 use proptest::prelude::*;
-use redun_tracker::journal::format::{MarkerInfo, SyncRole};
+use redun_tracker::journal::format::{MarkerInfo, PointKind, SyncRole};
 
 const SIZE: u64 = 64 * 1024;
 

@@ -1,0 +1,266 @@
+//! Retention in a bucket (docs/FORMAT.md, "Retention in a bucket"): the volume's writer
+//! prunes points, merges the segments that no kept point needs into base objects, and
+//! deletes the objects that no manifest has listed for a grace period.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use object_store::ObjectStoreExt;
+use redun_tracker::journal::format::Kind;
+
+use super::{
+    BaseIndex, BaseIndexRef, BaseObject, BucketError, BucketManifest, Garbage, VolumeReader,
+    VolumeWriter,
+};
+use crate::retention::Retention;
+use crate::segment::SegmentBuf;
+
+/// Decrypted chunks a merge keeps in memory while it reads the objects it merges.
+const MERGE_CACHE: usize = 64 << 20;
+/// Volume bytes per entry of a base object.
+const PIECE: u64 = 4 << 20;
+/// Base objects a merge holds in memory and uploads at once.
+const PARALLEL: usize = 4;
+
+/// What a writer keeps in the bucket, and when it cleans up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gc {
+    pub retention: Retention,
+    /// The segments before the oldest kept point are merged into the base once they hold
+    /// this many bytes and a quarter of the base's (so a merge rewrites at most four times
+    /// what it merges).
+    pub merge_bytes: u64,
+    /// Volume bytes per base object, for a volume that has no base yet.
+    pub region_bytes: u64,
+    /// An object is deleted once no manifest has listed it for this long (readers of an
+    /// older manifest move on meanwhile); an object no manifest ever listed (a fenced
+    /// writer's, an upload whose manifest failed) once it is this old.
+    pub grace_ms: u64,
+}
+
+impl Default for Gc {
+    /// The default retention, merges from 64 MiB, 64 MiB regions, one hour of grace.
+    fn default() -> Gc {
+        Gc {
+            retention: Retention::default(),
+            merge_bytes: 64 << 20,
+            region_bytes: 64 << 20,
+            grace_ms: 3_600_000,
+        }
+    }
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Maintained {
+    pub pruned: usize,
+    pub merged_segments: usize,
+    pub base_objects: usize,
+    pub deleted: usize,
+}
+
+impl VolumeWriter {
+    /// One maintenance pass at `now_ms`, in this order, each step leaving a readable
+    /// volume if the writer stops there:
+    /// 1. deletes the objects unlisted for `grace_ms` and orphans as old;
+    /// 2. prunes points by the retention policy;
+    /// 3. merges the segments before the oldest kept point into new base objects (when
+    ///    there are enough of them), uploading the new objects first;
+    /// 4. creates the next manifest version with 2 and 3, the objects they unlisted
+    ///    recorded as garbage from now.
+    pub fn maintain(&mut self, gc: &Gc, now_ms: u64) -> Result<Maintained, BucketError> {
+        self.settle()?;
+        let mut done = Maintained::default();
+        let mut m = self.manifest.clone();
+        self.delete_garbage(&mut m, gc.grace_ms, now_ms, &mut done)?;
+        let keep = gc.retention.keep(&m.store.points, now_ms);
+        if keep.len() < m.store.points.len() {
+            done.pruned = m.store.points.len() - keep.len();
+            m.store.points.retain(|p| keep.iter().any(|k| k.id == p.id));
+            m.store
+                .decisions
+                .retain(|d| keep.iter().any(|k| k.group == d.decision.point));
+        }
+        let limit = m.store.points.first().map_or(u64::MAX, |p| p.id);
+        let n = m
+            .store
+            .segments
+            .iter()
+            .take_while(|s| s.last_seq <= limit)
+            .count();
+        let merging: u64 = m.store.segments[..n].iter().map(|s| s.bytes).sum();
+        let base = m.base.as_ref().map_or(0, |b| b.bytes);
+        if n > 0 && merging >= gc.merge_bytes.max(base / 4) {
+            self.merge(&mut m, n, gc.region_bytes, now_ms, &mut done)?;
+        }
+        if m != self.manifest {
+            self.create_next(m)?;
+        }
+        if done != Maintained::default() {
+            log::info!(
+                "volume={} bucket={}: retention pruned {} points, merged {} segments into {} base objects (base seq {}), deleted {} objects",
+                self.id.name,
+                self.bucket.url,
+                done.pruned,
+                done.merged_segments,
+                done.base_objects,
+                self.manifest.store.base_seq,
+                done.deleted
+            );
+        }
+        Ok(done)
+    }
+
+    /// Merges the first `n` segments of `m` into the base: every region they touch gets a
+    /// new base object holding its data as of their last record.
+    fn merge(
+        &mut self,
+        m: &mut BucketManifest,
+        n: usize,
+        region_bytes: u64,
+        now_ms: u64,
+        done: &mut Maintained,
+    ) -> Result<(), BucketError> {
+        let through = m.store.segments[n - 1].last_seq;
+        let reader = VolumeReader::at(
+            self.bucket.clone(),
+            self.key.clone(),
+            m.clone(),
+            MERGE_CACHE,
+        );
+        let old = reader.base_index()?;
+        let region = old
+            .as_ref()
+            .map_or(region_bytes.max(4096), |b| b.region_bytes);
+        let mut touched = BTreeSet::new();
+        for r in &m.store.segments[..n] {
+            for e in &reader.segment(r)?.entries {
+                if matches!(e.kind, Kind::Write | Kind::Trim | Kind::Zero) && e.length > 0 {
+                    let end = e.offset + u64::from(e.length);
+                    touched.extend(e.offset / region..=(end - 1) / region);
+                }
+            }
+        }
+        let mut regions: BTreeMap<u64, BaseObject> = old
+            .iter()
+            .flat_map(|b| b.regions.iter())
+            .map(|o| (o.region, o.clone()))
+            .collect();
+        let mut unlisted: Vec<String> = m.store.segments[..n]
+            .iter()
+            .map(|s| s.file.clone())
+            .collect();
+        unlisted.extend(m.base.iter().map(|b| b.file.clone()));
+        let view = reader.view(through)?;
+        let size = m.store.size;
+        let mut batch = Vec::new();
+        let last = touched.last().copied();
+        for g in touched {
+            unlisted.extend(regions.remove(&g).map(|o| o.file));
+            let (start, end) = (g * region, ((g + 1) * region).min(size));
+            let mut seg = SegmentBuf::new(&self.id, through);
+            let mut at = start;
+            for (len, data) in view.extents(start, end - start) {
+                let stop = at + len;
+                while data && at < stop {
+                    let l = PIECE.min(stop - at);
+                    let mut buf = vec![0u8; usize::try_from(l).expect("a piece fits in memory")];
+                    view.read_at(&mut buf, at)?;
+                    let l32 = u32::try_from(l).expect("a piece is below 4 GiB");
+                    seg.push(Kind::Write, through, at, l32, &buf);
+                    at += l;
+                }
+                at = stop;
+            }
+            if !seg.is_empty() {
+                let file = self.object_name("base", &format!("{g:012}-{through:020}"), ".seg");
+                let (bytes, _) = seg.seal();
+                regions.insert(
+                    g,
+                    BaseObject {
+                        region: g,
+                        file: file.clone(),
+                        seq: through,
+                        bytes: bytes.len() as u64,
+                    },
+                );
+                batch.push((file, bytes));
+            }
+            if batch.len() >= PARALLEL || Some(g) == last {
+                done.base_objects += batch.len();
+                self.upload(std::mem::take(&mut batch))?;
+            }
+        }
+        let index = BaseIndex {
+            volume: self.id.name.clone(),
+            base_seq: through,
+            region_bytes: region,
+            regions: regions.into_values().collect(),
+        };
+        let file = self.object_name("base", &format!("index-{through:020}"), ".json.enc");
+        let body = serde_json::to_vec_pretty(&index).expect("serializable");
+        self.upload(vec![(file.clone(), body)])?;
+        m.base = Some(BaseIndexRef {
+            file,
+            objects: index.regions.len() as u64,
+            bytes: index.regions.iter().map(|o| o.bytes).sum(),
+        });
+        m.store.base_seq = through;
+        m.store.segments.drain(..n);
+        m.garbage.extend(unlisted.into_iter().map(|file| Garbage {
+            file,
+            since_ms: now_ms,
+        }));
+        done.merged_segments = n;
+        Ok(())
+    }
+
+    /// Deletes the segment and base objects that `m` does not use and that have been
+    /// unlisted (by `m.garbage`) or, never listed, in the bucket for `grace_ms`, and drops
+    /// them from `m.garbage`. Best effort: an object whose deletion fails is an orphan the
+    /// next pass deletes.
+    fn delete_garbage(
+        &self,
+        m: &mut BucketManifest,
+        grace_ms: u64,
+        now_ms: u64,
+        done: &mut Maintained,
+    ) -> Result<(), BucketError> {
+        let due = |since: u64| since.saturating_add(grace_ms) <= now_ms;
+        let mut used: HashSet<String> = m.store.segments.iter().map(|s| s.file.clone()).collect();
+        let reader = VolumeReader::at(self.bucket.clone(), self.key.clone(), m.clone(), 0);
+        if let Some(b) = &m.base {
+            used.insert(b.file.clone());
+            let index = reader.base_index()?.expect("the manifest names a base");
+            used.extend(index.regions.iter().map(|o| o.file.clone()));
+        }
+        let unlisted: HashMap<&str, u64> = m
+            .garbage
+            .iter()
+            .map(|g| (g.file.as_str(), g.since_ms))
+            .collect();
+        let b = &self.bucket;
+        for (rel, meta) in b.listing(&self.id.name)? {
+            let ours = rel.starts_with("seg/") || rel.starts_with("base/");
+            if !ours || used.contains(&rel) {
+                continue;
+            }
+            let since = unlisted.get(rel.as_str()).copied().unwrap_or_else(|| {
+                u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0)
+            });
+            if !due(since) {
+                continue;
+            }
+            match b.run(b.store.delete(&meta.location)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => done.deleted += 1,
+                Err(e) => log::warn!(
+                    "volume={} bucket={}: cannot delete {}: {e} (deleted at a later pass)",
+                    self.id.name,
+                    b.url,
+                    meta.location
+                ),
+            }
+        }
+        m.garbage.retain(|g| !due(g.since_ms));
+        Ok(())
+    }
+}
