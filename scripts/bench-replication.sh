@@ -10,6 +10,7 @@
 # Usage: bash scripts/bench-replication.sh [SECONDS_PER_RATE] (default 8); RATES="50 100 ..." (MB/s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 secs=${1:-8}
 rates=${RATES:-"50 100 150 200 250 300 400"}
 for t in fio python3; do
@@ -67,46 +68,7 @@ EOF
 printf '%-10s %10s %12s %12s %10s %14s %9s\n' "asked MB/s" "achieved" "max RPO s" "wire/byte" "CPU s/GB" "vs reference" "RPO<=2s"
 best=0
 for r in $rates; do
-    python3 - "$work" "$spid" > sample.json <<'EOF' &
-import json, socket, sys, time
-work, spid = sys.argv[1], sys.argv[2]
-def st(p):
-    s = socket.socket(socket.AF_UNIX); s.connect(p); s.sendall(b'{"cmd":"status"}\n'); d = b''
-    while not d.endswith(b'\n'): d += s.recv(1 << 20)
-    return json.loads(d)['status']
-def cpu():
-    f = open(f'/proc/{spid}/stat').read().rsplit(')', 1)[1].split()
-    return (int(f[11]) + int(f[12])) / 100
-def ship():
-    return st(work + '/shipper.sock')['volumes'][0]
-s0, c0 = ship(), cpu()
-first_above = []   # (time, head) samples
-rpo = 0.0
-stop = time.time() + 3600
-while True:
-    now = time.time()
-    head = st(work + '/tracker.sock')['volumes'][0]['journal']['head_seq']
-    v = ship()
-    first_above.append((now, head))
-    acked = v['acked_seq']
-    # The oldest write not yet durable on the target appeared at the first sample whose head
-    # passed `acked`.
-    pending = [t for t, h in first_above if h > acked]
-    if pending:
-        rpo = max(rpo, now - pending[0])
-    first_above = [(t, h) for t, h in first_above if h > acked] or [(now, head)]
-    try:
-        open(work + '/done')
-        if acked == head:
-            break
-    except FileNotFoundError:
-        pass
-    time.sleep(0.1)
-s1, c1 = ship(), cpu()
-shipped = s1['bytes_shipped'] - s0['bytes_shipped']
-sent = s1['bytes_sent'] - s0['bytes_sent']
-print(json.dumps({'rpo': rpo, 'wire': sent / max(shipped, 1), 'cpu_per_gb': (c1 - c0) / max(shipped / 1e9, 1e-9)}))
-EOF
+    python3 "$repo/scripts/rpo-sample.py" "$work" "$spid" > sample.json &
     sampler=$!
     got=$(job "$r")
     touch done

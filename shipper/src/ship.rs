@@ -153,6 +153,10 @@ pub struct ShipStatus {
     /// The relationship's generation this shipper presents.
     #[serde(default)]
     pub generation: u64,
+    /// Into a bucket: the PUT requests this volume's writer made (objects, parts of large
+    /// ones, manifest versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket_puts: Option<u64>,
 }
 
 /// Why a session ended.

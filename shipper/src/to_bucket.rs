@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use redun_store::bucket::{Bucket, BucketError, Gc, VolumeWriter};
+use redun_store::bucket::{Bucket, BucketError, Gc, Merged, VolumeWriter};
 use redun_store::crypt::VolumeKey;
 use redun_store::segment::{Identity, SegmentBuf};
 use redun_tracker::journal::Record;
@@ -122,6 +122,7 @@ impl VolumeShipper {
         let mut held: Option<Record> = None;
         let mut next_sync_try = Instant::now();
         let mut next_maintain = Instant::now() + MAINTAIN_EVERY;
+        let mut merging: Option<Merging> = None;
         loop {
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 // What is buffered was not released: the next session reads it again.
@@ -129,7 +130,8 @@ impl VolumeShipper {
             }
             if Instant::now() >= next_maintain {
                 next_maintain = Instant::now() + MAINTAIN_EVERY;
-                self.maintain(w, &st.gc)?;
+                self.maintain(w, &st.gc, &mut merging)?;
+                self.status_mut().bucket_puts = Some(w.puts());
             }
             if let Some(s) = sync.as_mut() {
                 if let Err(e) = pump_without_target(s) {
@@ -170,7 +172,9 @@ impl VolumeShipper {
                 if !self.opts.throttle.take(sent, stop) {
                     return Ok(());
                 }
-                let next = w.append(segs).map_err(|e| bucket_err(&e))?;
+                let next = w.append(segs);
+                self.status_mut().bucket_puts = Some(w.puts());
+                let next = next.map_err(|e| bucket_err(&e))?;
                 let through = next - 1;
                 // Listed by a manifest in the bucket: durable.
                 let bytes = std::mem::take(&mut pending.bytes);
@@ -213,24 +217,72 @@ impl VolumeShipper {
 impl VolumeShipper {
     /// Applies retention in the bucket. A transient failure is logged and tried again at
     /// the next pass (shipping goes on); fencing stops the session.
-    fn maintain(&self, w: &mut VolumeWriter, gc: &Gc) -> Result<(), ShipError> {
+    ///
+    /// A merge runs on its own thread (it reads and uploads whole regions) while records
+    /// keep being shipped; a later pass lists what it uploaded.
+    fn maintain(
+        &self,
+        w: &mut VolumeWriter,
+        gc: &Gc,
+        merging: &mut Option<Merging>,
+    ) -> Result<(), ShipError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let now_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
-        match w.maintain(gc, now_ms) {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_transient() => {
+        // Fencing and refusals stop the session; anything else (the server, a damaged
+        // object) is reported and tried again while records keep being shipped.
+        let failed = |e: BucketError| match e {
+            BucketError::Fenced { .. } | BucketError::Refused { .. } => Err(bucket_err(&e)),
+            e => {
                 warn!(
                     "volume={}: retention in the bucket: {e} (tried again in {}s)",
                     self.name,
                     MAINTAIN_EVERY.as_secs()
                 );
+                if !e.is_transient() {
+                    self.status_mut().last_error = Some(format!("retention in the bucket: {e}"));
+                }
                 Ok(())
             }
-            Err(e) => Err(bucket_err(&e)),
+        };
+        if merging.as_ref().is_some_and(|m| m.thread.is_finished()) {
+            let m = merging.take().expect("checked above");
+            match m.thread.join().expect("a merge thread does not panic") {
+                Ok(done) => {
+                    if let Err(e) = w.finish_merge(done, now_ms) {
+                        return failed(e);
+                    }
+                }
+                // The job's uploads are orphans, deleted after the grace.
+                Err(e) => warn!(
+                    "volume={}: merging into the bucket's base: {e} (tried again later)",
+                    self.name
+                ),
+            }
+        }
+        let token = merging.as_ref().map(|m| m.token.clone());
+        match w.tidy(gc, now_ms, token.as_deref()) {
+            Ok((_, Some(job))) => {
+                let token = job.token().to_string();
+                let thread = std::thread::Builder::new()
+                    .name(format!("merge-{}", self.name))
+                    .spawn(move || job.run())
+                    .map_err(|e| ShipError::Retry(format!("cannot start a merge thread: {e}")))?;
+                *merging = Some(Merging { token, thread });
+                Ok(())
+            }
+            Ok((_, None)) => Ok(()),
+            Err(e) => failed(e),
         }
     }
+}
+
+/// A merge into the bucket's base running on its own thread.
+#[derive(Debug)]
+struct Merging {
+    token: String,
+    thread: std::thread::JoinHandle<Result<Merged, BucketError>>,
 }
 
 impl Pending {

@@ -38,7 +38,7 @@ use crate::segment::{
 };
 
 mod gc;
-pub use gc::{Gc, Maintained};
+pub use gc::{Gc, Maintained, MergeJob, Merged};
 
 /// Objects above this size are uploaded in parts of [`PART_BYTES`].
 pub const MULTIPART_BYTES: usize = 16 << 20;
@@ -468,8 +468,14 @@ impl Bucket {
         }
     }
 
-    /// Uploads one object, in parts when it is large.
-    fn put(&self, p: &ObjPath, bytes: Vec<u8>) -> Result<(), BucketError> {
+    /// Uploads one object, in parts when it is large. Returns the PUT requests it took (a
+    /// multipart upload's parts, its creation and its completion).
+    fn put(&self, p: &ObjPath, bytes: Vec<u8>) -> Result<u64, BucketError> {
+        let requests = if bytes.len() <= MULTIPART_BYTES {
+            1
+        } else {
+            bytes.len().div_ceil(PART_BYTES) as u64 + 2
+        };
         let r = self.run(async {
             if bytes.len() <= MULTIPART_BYTES {
                 return self.store.put(p, PutPayload::from(bytes)).await.map(|_| ());
@@ -479,7 +485,7 @@ impl Bucket {
             w.write(&bytes);
             w.finish().await.map(|_| ())
         });
-        r.map_err(self.err("cannot upload", p))
+        r.map(|()| requests).map_err(self.err("cannot upload", p))
     }
 
     fn get_range(&self, p: &ObjPath, r: std::ops::Range<u64>) -> Result<Vec<u8>, BucketError> {
@@ -611,6 +617,12 @@ impl BucketManifest {
                 self.next_seq,
             ));
         }
+        if self.base.is_none() && self.store.base_seq > 0 {
+            return Err(format!(
+                "base_seq is {} but it names no base index",
+                self.store.base_seq
+            ));
+        }
         Ok(())
     }
 
@@ -635,6 +647,39 @@ impl BucketManifest {
     }
 }
 
+/// Encrypts and uploads `objects` (name below volume `name`, plaintext) in parallel;
+/// returns the PUT requests made and the first error.
+fn upload_all(
+    bucket: &Bucket,
+    key: &VolumeKey,
+    name: &str,
+    objects: Vec<(String, Vec<u8>)>,
+) -> (u64, Result<(), BucketError>) {
+    let results = std::thread::scope(|s| {
+        let jobs: Vec<_> = objects
+            .into_iter()
+            .map(|(file, bytes)| {
+                s.spawn(move || {
+                    let sealed = key.seal(&file, &bytes);
+                    bucket.put(&bucket.path(name, &file), sealed)
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("an upload thread does not panic"))
+            .collect::<Vec<Result<u64, _>>>()
+    });
+    let mut puts = 0;
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(n) => puts += n,
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    (puts, first_err.map_or(Ok(()), Err))
+}
+
 fn random_token() -> String {
     use chacha20poly1305::XNonce;
     use chacha20poly1305::aead::Generate;
@@ -651,6 +696,8 @@ pub struct VolumeWriter {
     id: Identity,
     token: String,
     uploads: u64,
+    /// PUT requests this writer made (objects, parts, manifest versions).
+    puts: std::sync::atomic::AtomicU64,
     /// The newest version this writer knows is in the bucket.
     manifest: BucketManifest,
     /// The next version, its segments uploaded, whose creation had no clear answer.
@@ -711,6 +758,7 @@ impl VolumeWriter {
             id: id.clone(),
             token,
             uploads: 0,
+            puts: Default::default(),
             manifest,
             pending: None,
             fenced: None,
@@ -792,24 +840,19 @@ impl VolumeWriter {
 
     /// Encrypts and uploads `objects` (name below the volume, plaintext) in parallel.
     fn upload(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), BucketError> {
-        let key = &self.key;
-        let bucket = &self.bucket;
-        let name = &self.id.name;
-        std::thread::scope(|s| {
-            let jobs: Vec<_> = objects
-                .into_iter()
-                .map(|(file, bytes)| {
-                    s.spawn(move || {
-                        let sealed = key.seal(&file, &bytes);
-                        bucket.put(&bucket.path(name, &file), sealed)
-                    })
-                })
-                .collect();
-            jobs.into_iter()
-                .map(|j| j.join().expect("an upload thread does not panic"))
-                .collect::<Result<Vec<()>, _>>()
-        })?;
-        Ok(())
+        let (puts, r) = upload_all(&self.bucket, &self.key, &self.id.name, objects);
+        self.count_puts(puts);
+        r
+    }
+
+    fn count_puts(&self, n: u64) {
+        self.puts.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The PUT requests this writer made: objects (a multipart upload's parts, creation and
+    /// completion), and manifest versions (each attempt).
+    pub fn puts(&self) -> u64 {
+        self.puts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A new object name below the volume: `DIR/STEM-W-N.seg`, unique to this writer.
@@ -849,6 +892,7 @@ impl VolumeWriter {
             return Ok(self.manifest.next_seq);
         };
         let name = &self.id.name;
+        self.count_puts(1);
         if !self.bucket.create_manifest(&m, &self.key)? {
             // Ours, from an attempt whose answer was lost? Otherwise another writer's.
             if self
@@ -1225,17 +1269,6 @@ impl VolumeReader {
     /// The volume as of sequence number `seq` (a listed point, or [`BucketManifest::latest`]).
     pub fn view(&self, seq: u64) -> Result<BucketView, BucketError> {
         let m = &self.manifest;
-        if seq < m.store.base_seq || seq > m.latest() {
-            return Err(BucketError::Refused {
-                volume: self.name().to_string(),
-                url: self.bucket.url.clone(),
-                reason: format!(
-                    "seq {seq} is not held (the bucket holds {}..={})",
-                    m.store.base_seq,
-                    m.latest()
-                ),
-            });
-        }
         Ok(BucketView {
             seq,
             name: self.name().to_string(),
@@ -1244,8 +1277,22 @@ impl VolumeReader {
         })
     }
 
-    /// The extent map of `seq`: the base objects, then the segments up to it.
+    /// The extent map of `seq`: the base objects, then the segments up to it. Refuses a
+    /// seq the manifest does not hold (merged into the base, or not written yet).
     fn resolve(&self, seq: u64) -> Result<Resolved, BucketError> {
+        let m = &self.manifest;
+        if seq < m.store.base_seq || seq > m.latest() {
+            return Err(BucketError::Refused {
+                volume: self.name().to_string(),
+                url: self.bucket.url.clone(),
+                reason: format!(
+                    "seq {seq} is not held: manifest version {} holds {}..={} (a pruned point's records were merged into the base): open a newer point",
+                    m.version,
+                    m.store.base_seq,
+                    m.latest()
+                ),
+            });
+        }
         let base: Vec<SegmentRef> = self
             .base_index()?
             .iter()

@@ -786,13 +786,15 @@ fn an_interrupted_merge_or_delete_leaves_a_readable_volume_and_is_finished_later
         }
     };
     // The writer stops after uploading the base objects, before their index and the
-    // manifest: nothing changed for readers, and the base objects are orphans.
+    // manifest that lists them: only the pruning is listed, and the base objects are
+    // orphans.
     *f.fail_puts_of.lock().unwrap() = Some("base/index");
     let v = w.manifest().version;
     assert!(w.maintain(&gc(t), t).unwrap_err().is_transient());
-    assert_eq!(w.manifest().version, v);
+    assert_eq!(w.manifest().version, v + 1);
+    assert_eq!(w.manifest().store.base_seq, 0);
     assert!(!names_under(&bucket, "base").is_empty());
-    check(0);
+    check(3);
     // The next pass, once the orphans are older than the grace, deletes them and merges
     // again.
     *f.fail_puts_of.lock().unwrap() = None;
@@ -815,12 +817,21 @@ fn an_interrupted_merge_or_delete_leaves_a_readable_volume_and_is_finished_later
     check(3);
     // A fenced writer's uploads are orphans too.
     let mut stale = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+    let mut idle = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
     w.append(vec![one_write(&w, 7)]).unwrap();
     assert!(matches!(
         stale.append(vec![one_write(&stale, 8)]),
         Err(BucketError::Fenced { .. })
     ));
     assert_eq!(unused(&bucket).len(), 1);
+    // A writer that was overtaken and never wrote since deletes nothing: it finds out it is
+    // fenced first.
+    let objects = bucket.objects("vol1").unwrap().len();
+    let e = idle
+        .maintain(&gc(t + 1_000_000), t + 1_000_000)
+        .unwrap_err();
+    assert!(matches!(e, BucketError::Fenced { .. }), "{e}");
+    assert_eq!(bucket.objects("vol1").unwrap().len(), objects);
     assert_eq!(w.maintain(&gc(t + 2000), t + 2000).unwrap().deleted, 1);
     assert!(unused(&bucket).is_empty());
 }

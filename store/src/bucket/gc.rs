@@ -58,28 +58,88 @@ pub struct Maintained {
     pub deleted: usize,
 }
 
+/// A merge prepared by [`VolumeWriter::tidy`]: builds and uploads the new base objects
+/// from a snapshot of the manifest (immutable objects only), on any thread, while the writer
+/// goes on appending; [`VolumeWriter::finish_merge`] then lists them.
+#[derive(Debug)]
+pub struct MergeJob {
+    reader: VolumeReader,
+    id: crate::segment::Identity,
+    /// Names the job's objects (`base/...-TOKEN-N...`), so that the writer's deletions
+    /// leave them alone while it runs.
+    token: String,
+    uploads: u64,
+    /// The snapshot's first `n` segments are merged.
+    n: usize,
+    region_bytes: u64,
+}
+
+/// What a finished [`MergeJob`] uploaded.
+#[derive(Debug)]
+pub struct Merged {
+    through: u64,
+    /// The base index the job's snapshot had (the manifest must still name it).
+    old_base: Option<String>,
+    base: BaseIndexRef,
+    /// The snapshot's segments and base objects the new base replaces.
+    unlisted: Vec<String>,
+    merged_segments: usize,
+    base_objects: usize,
+    puts: u64,
+}
+
 impl VolumeWriter {
-    /// One maintenance pass at `now_ms`, in this order, each step leaving a readable
-    /// volume if the writer stops there:
-    /// 1. deletes the objects unlisted for `grace_ms` and orphans as old;
-    /// 2. prunes points by the retention policy;
-    /// 3. merges the segments before the oldest kept point into new base objects (when
-    ///    there are enough of them), uploading the new objects first;
-    /// 4. creates the next manifest version with 2 and 3, the objects they unlisted
-    ///    recorded as garbage from now.
+    /// One maintenance pass at `now_ms`, the merge done here and now (see
+    /// [`VolumeWriter::tidy`] and [`MergeJob`] for the steps).
     pub fn maintain(&mut self, gc: &Gc, now_ms: u64) -> Result<Maintained, BucketError> {
+        let (mut done, job) = self.tidy(gc, now_ms, None)?;
+        if let Some(job) = job {
+            let m = self.finish_merge(job.run()?, now_ms)?;
+            done.merged_segments = m.merged_segments;
+            done.base_objects = m.base_objects;
+        }
+        Ok(done)
+    }
+
+    /// The quick steps of a maintenance pass at `now_ms`, each leaving a readable volume if
+    /// the writer stops there:
+    /// 1. deletes the objects unlisted for `grace_ms` and orphans as old (not those of the
+    ///    merge job named `merging`, still running);
+    /// 2. prunes points by the retention policy, and creates the next manifest version if
+    ///    1 or 2 changed it.
+    ///
+    /// Returns the merge to run when the segments before the oldest kept point hold enough
+    /// bytes and no synchronisation is under way (its records are fresh, and points inside
+    /// it are not images anyway).
+    pub fn tidy(
+        &mut self,
+        gc: &Gc,
+        now_ms: u64,
+        merging: Option<&str>,
+    ) -> Result<(Maintained, Option<MergeJob>), BucketError> {
         self.settle()?;
         let mut done = Maintained::default();
         let mut m = self.manifest.clone();
-        self.delete_garbage(&mut m, gc.grace_ms, now_ms, &mut done)?;
+        self.delete_garbage(&mut m, gc.grace_ms, now_ms, merging, &mut done)?;
         let keep = gc.retention.keep(&m.store.points, now_ms);
-        if keep.len() < m.store.points.len() {
-            done.pruned = m.store.points.len() - keep.len();
-            m.store.points.retain(|p| keep.iter().any(|k| k.id == p.id));
-            m.store
-                .decisions
-                .retain(|d| keep.iter().any(|k| k.group == d.decision.point));
+        done.pruned = m.store.points.len() - keep.len();
+        m.store.points.retain(|p| keep.iter().any(|k| k.id == p.id));
+        m.store
+            .decisions
+            .retain(|d| keep.iter().any(|k| k.group == d.decision.point));
+        if m != self.manifest {
+            self.create_next(m)?;
         }
+        if done != Maintained::default() {
+            log::info!(
+                "volume={} bucket={}: retention pruned {} points, deleted {} objects",
+                self.id.name,
+                self.bucket.url,
+                done.pruned,
+                done.deleted
+            );
+        }
+        let m = &self.manifest;
         let limit = m.store.points.first().map_or(u64::MAX, |p| p.id);
         let n = m
             .store
@@ -87,50 +147,93 @@ impl VolumeWriter {
             .iter()
             .take_while(|s| s.last_seq <= limit)
             .count();
-        let merging: u64 = m.store.segments[..n].iter().map(|s| s.bytes).sum();
+        let merging_bytes: u64 = m.store.segments[..n].iter().map(|s| s.bytes).sum();
         let base = m.base.as_ref().map_or(0, |b| b.bytes);
-        if n > 0 && merging >= gc.merge_bytes.max(base / 4) {
-            self.merge(&mut m, n, gc.region_bytes, now_ms, &mut done)?;
-        }
-        if m != self.manifest {
-            self.create_next(m)?;
-        }
-        if done != Maintained::default() {
-            log::info!(
-                "volume={} bucket={}: retention pruned {} points, merged {} segments into {} base objects (base seq {}), deleted {} objects",
-                self.id.name,
-                self.bucket.url,
-                done.pruned,
-                done.merged_segments,
-                done.base_objects,
-                self.manifest.store.base_seq,
-                done.deleted
-            );
-        }
-        Ok(done)
+        let due = n > 0 && m.sync.is_none() && merging_bytes >= gc.merge_bytes.max(base / 4);
+        let job = (due && merging.is_none()).then(|| MergeJob {
+            reader: VolumeReader::at(
+                self.bucket.clone(),
+                self.key.clone(),
+                m.clone(),
+                MERGE_CACHE,
+            ),
+            id: self.id.clone(),
+            token: super::random_token(),
+            uploads: 0,
+            n,
+            region_bytes: gc.region_bytes,
+        });
+        Ok((done, job))
     }
 
-    /// Merges the first `n` segments of `m` into the base: every region they touch gets a
-    /// new base object holding its data as of their last record.
-    fn merge(
-        &mut self,
-        m: &mut BucketManifest,
-        n: usize,
-        region_bytes: u64,
-        now_ms: u64,
-        done: &mut Maintained,
-    ) -> Result<(), BucketError> {
-        let through = m.store.segments[n - 1].last_seq;
-        let reader = VolumeReader::at(
-            self.bucket.clone(),
-            self.key.clone(),
-            m.clone(),
-            MERGE_CACHE,
+    /// Lists what `job` uploaded: the next manifest version has the new base, without the
+    /// merged segments, and records what the new base replaces as garbage from `now_ms`.
+    /// A job whose snapshot no longer matches the manifest (another base was listed
+    /// meanwhile) is dropped: its objects are orphans.
+    pub fn finish_merge(&mut self, job: Merged, now_ms: u64) -> Result<Merged, BucketError> {
+        self.settle()?;
+        self.count_puts(job.puts);
+        let mut m = self.manifest.clone();
+        let n = m
+            .store
+            .segments
+            .iter()
+            .take_while(|s| s.last_seq <= job.through)
+            .count();
+        let same_base = m.base.as_ref().map(|b| &b.file) == job.old_base.as_ref();
+        if n != job.merged_segments || !same_base {
+            log::warn!(
+                "volume={} bucket={}: the manifest changed under a merge through seq {}: its objects are dropped",
+                self.id.name,
+                self.bucket.url,
+                job.through
+            );
+            return Ok(job);
+        }
+        m.base = Some(job.base.clone());
+        m.store.base_seq = job.through;
+        m.store.segments.drain(..n);
+        m.garbage.extend(job.unlisted.iter().map(|file| Garbage {
+            file: file.clone(),
+            since_ms: now_ms,
+        }));
+        self.create_next(m)?;
+        log::info!(
+            "volume={} bucket={}: merged {} segments into the base (seq {}), {} new base objects",
+            self.id.name,
+            self.bucket.url,
+            job.merged_segments,
+            job.through,
+            job.base_objects
         );
+        Ok(job)
+    }
+}
+
+impl MergeJob {
+    /// The token in the names of the objects this job uploads.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn object_name(&mut self, stem: &str, suffix: &str) -> String {
+        self.uploads += 1;
+        format!("base/{stem}-{}-{}{suffix}", self.token, self.uploads)
+    }
+
+    /// Builds and uploads the new base: for every region the merged segments touch, an
+    /// object holding the region's data as of their last record (the old base object's,
+    /// then theirs), then a new base index listing them and the untouched regions' old
+    /// objects.
+    pub fn run(mut self) -> Result<Merged, BucketError> {
+        let reader = self.reader.clone();
+        let m = reader.manifest();
+        let n = self.n;
+        let through = m.store.segments[n - 1].last_seq;
         let old = reader.base_index()?;
         let region = old
             .as_ref()
-            .map_or(region_bytes.max(4096), |b| b.region_bytes);
+            .map_or(self.region_bytes.max(4096), |b| b.region_bytes);
         let mut touched = BTreeSet::new();
         for r in &m.store.segments[..n] {
             for e in &reader.segment(r)?.entries {
@@ -152,7 +255,15 @@ impl VolumeWriter {
         unlisted.extend(m.base.iter().map(|b| b.file.clone()));
         let view = reader.view(through)?;
         let size = m.store.size;
+        let (bucket, key, name) = (reader.bucket(), reader.key(), &self.id.name.clone());
+        let mut puts = 0;
+        let mut upload = |batch: Vec<(String, Vec<u8>)>| {
+            let (p, r) = super::upload_all(bucket, key, name, batch);
+            puts += p;
+            r
+        };
         let mut batch = Vec::new();
+        let mut base_objects = 0;
         let last = touched.last().copied();
         for g in touched {
             unlisted.extend(regions.remove(&g).map(|o| o.file));
@@ -172,7 +283,7 @@ impl VolumeWriter {
                 at = stop;
             }
             if !seg.is_empty() {
-                let file = self.object_name("base", &format!("{g:012}-{through:020}"), ".seg");
+                let file = self.object_name(&format!("{g:012}-{through:020}"), ".seg");
                 let (bytes, _) = seg.seal();
                 regions.insert(
                     g,
@@ -186,8 +297,8 @@ impl VolumeWriter {
                 batch.push((file, bytes));
             }
             if batch.len() >= PARALLEL || Some(g) == last {
-                done.base_objects += batch.len();
-                self.upload(std::mem::take(&mut batch))?;
+                base_objects += batch.len();
+                upload(std::mem::take(&mut batch))?;
             }
         }
         let index = BaseIndex {
@@ -196,36 +307,47 @@ impl VolumeWriter {
             region_bytes: region,
             regions: regions.into_values().collect(),
         };
-        let file = self.object_name("base", &format!("index-{through:020}"), ".json.enc");
+        let file = self.object_name(&format!("index-{through:020}"), ".json.enc");
         let body = serde_json::to_vec_pretty(&index).expect("serializable");
-        self.upload(vec![(file.clone(), body)])?;
-        m.base = Some(BaseIndexRef {
-            file,
-            objects: index.regions.len() as u64,
-            bytes: index.regions.iter().map(|o| o.bytes).sum(),
-        });
-        m.store.base_seq = through;
-        m.store.segments.drain(..n);
-        m.garbage.extend(unlisted.into_iter().map(|file| Garbage {
-            file,
-            since_ms: now_ms,
-        }));
-        done.merged_segments = n;
-        Ok(())
+        upload(vec![(file.clone(), body)])?;
+        Ok(Merged {
+            through,
+            old_base: m.base.as_ref().map(|b| b.file.clone()),
+            base: BaseIndexRef {
+                file,
+                objects: index.regions.len() as u64,
+                bytes: index.regions.iter().map(|o| o.bytes).sum(),
+            },
+            unlisted,
+            merged_segments: n,
+            base_objects,
+            puts,
+        })
     }
+}
 
+impl VolumeWriter {
     /// Deletes the segment and base objects that `m` does not use and that have been
     /// unlisted (by `m.garbage`) or, never listed, in the bucket for `grace_ms`, and drops
     /// them from `m.garbage`. Best effort: an object whose deletion fails is an orphan the
     /// next pass deletes.
     fn delete_garbage(
-        &self,
+        &mut self,
         m: &mut BucketManifest,
         grace_ms: u64,
         now_ms: u64,
+        merging: Option<&str>,
         done: &mut Maintained,
     ) -> Result<(), BucketError> {
+        // A writer that another one overtook must not delete what the newer manifests use.
+        let newest = self.bucket.newest_version(&self.id.name)?;
+        if newest != Some(self.manifest.version) {
+            let v = newest.unwrap_or(0).max(self.manifest.version);
+            self.fenced = Some(v);
+            return Err(self.fenced(v));
+        }
         let due = |since: u64| since.saturating_add(grace_ms) <= now_ms;
+        let running = |rel: &str| merging.is_some_and(|t| rel.contains(&format!("-{t}-")));
         let mut used: HashSet<String> = m.store.segments.iter().map(|s| s.file.clone()).collect();
         let reader = VolumeReader::at(self.bucket.clone(), self.key.clone(), m.clone(), 0);
         if let Some(b) = &m.base {
@@ -241,7 +363,7 @@ impl VolumeWriter {
         let b = &self.bucket;
         for (rel, meta) in b.listing(&self.id.name)? {
             let ours = rel.starts_with("seg/") || rel.starts_with("base/");
-            if !ours || used.contains(&rel) {
+            if !ours || used.contains(&rel) || running(&rel) {
                 continue;
             }
             let since = unlisted.get(rel.as_str()).copied().unwrap_or_else(|| {
