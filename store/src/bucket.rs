@@ -680,6 +680,21 @@ fn upload_all(
     (puts, first_err.map_or(Ok(()), Err))
 }
 
+/// Names the objects one uploader (a writer session, a merge) writes: `DIR/STEM-TOKEN-N...`,
+/// N counting from 1, so that no two uploads share a name.
+#[derive(Debug)]
+struct ObjectNames {
+    token: String,
+    uploads: u64,
+}
+
+impl ObjectNames {
+    fn next(&mut self, dir: &str, stem: &str, suffix: &str) -> String {
+        self.uploads += 1;
+        format!("{dir}/{stem}-{}-{}{suffix}", self.token, self.uploads)
+    }
+}
+
 fn random_token() -> String {
     use chacha20poly1305::XNonce;
     use chacha20poly1305::aead::Generate;
@@ -694,10 +709,9 @@ pub struct VolumeWriter {
     bucket: Arc<Bucket>,
     key: Arc<VolumeKey>,
     id: Identity,
-    token: String,
-    uploads: u64,
+    names: ObjectNames,
     /// PUT requests this writer made (objects, parts, manifest versions).
-    puts: std::sync::atomic::AtomicU64,
+    puts: u64,
     /// The newest version this writer knows is in the bucket.
     manifest: BucketManifest,
     /// The next version, its segments uploaded, whose creation had no clear answer.
@@ -756,9 +770,8 @@ impl VolumeWriter {
             bucket,
             key,
             id: id.clone(),
-            token,
-            uploads: 0,
-            puts: Default::default(),
+            names: ObjectNames { token, uploads: 0 },
+            puts: 0,
             manifest,
             pending: None,
             fenced: None,
@@ -815,7 +828,9 @@ impl VolumeWriter {
                     ),
                 });
             }
-            let file = self.object_name("seg", &format!("{first:020}-{last:020}"), ".seg");
+            let file = self
+                .names
+                .next("seg", &format!("{first:020}-{last:020}"), ".seg");
             for n in s.syncs() {
                 segment::follow_sync(&mut m.sync, &mut m.inconsistent, n);
             }
@@ -834,38 +849,23 @@ impl VolumeWriter {
         if objects.is_empty() {
             return Ok(m.next_seq);
         }
-        self.upload(objects)?;
+        let (puts, uploaded) = upload_all(&self.bucket, &self.key, &self.id.name, objects);
+        self.puts += puts;
+        uploaded?;
         self.create_next(m)
-    }
-
-    /// Encrypts and uploads `objects` (name below the volume, plaintext) in parallel.
-    fn upload(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), BucketError> {
-        let (puts, r) = upload_all(&self.bucket, &self.key, &self.id.name, objects);
-        self.count_puts(puts);
-        r
-    }
-
-    fn count_puts(&self, n: u64) {
-        self.puts.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The PUT requests this writer made: objects (a multipart upload's parts, creation and
     /// completion), and manifest versions (each attempt).
     pub fn puts(&self) -> u64 {
-        self.puts.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// A new object name below the volume: `DIR/STEM-W-N.seg`, unique to this writer.
-    fn object_name(&mut self, dir: &str, stem: &str, suffix: &str) -> String {
-        self.uploads += 1;
-        format!("{dir}/{stem}-{}-{}{suffix}", self.token, self.uploads)
+        self.puts
     }
 
     /// Creates `m` (this writer's manifest plus what it adds) as the next version, with this
     /// writer's token and generation. Returns [`VolumeWriter::next_seq`].
     fn create_next(&mut self, mut m: BucketManifest) -> Result<u64, BucketError> {
         m.version += 1;
-        m.writer = self.token.clone();
+        m.writer = self.names.token.clone();
         m.store.generation = m.store.generation.max(self.id.generation);
         m.unix_ms = unix_ms();
         self.pending = Some(m);
@@ -892,7 +892,7 @@ impl VolumeWriter {
             return Ok(self.manifest.next_seq);
         };
         let name = &self.id.name;
-        self.count_puts(1);
+        self.puts += 1;
         if !self.bucket.create_manifest(&m, &self.key)? {
             // Ours, from an attempt whose answer was lost? Otherwise another writer's.
             if self

@@ -67,8 +67,7 @@ pub struct MergeJob {
     id: crate::segment::Identity,
     /// Names the job's objects (`base/...-TOKEN-N...`), so that the writer's deletions
     /// leave them alone while it runs.
-    token: String,
-    uploads: u64,
+    names: super::ObjectNames,
     /// The snapshot's first `n` segments are merged.
     n: usize,
     region_bytes: u64,
@@ -158,8 +157,10 @@ impl VolumeWriter {
                 MERGE_CACHE,
             ),
             id: self.id.clone(),
-            token: super::random_token(),
-            uploads: 0,
+            names: super::ObjectNames {
+                token: super::random_token(),
+                uploads: 0,
+            },
             n,
             region_bytes: gc.region_bytes,
         });
@@ -172,7 +173,7 @@ impl VolumeWriter {
     /// meanwhile) is dropped: its objects are orphans.
     pub fn finish_merge(&mut self, job: Merged, now_ms: u64) -> Result<Merged, BucketError> {
         self.settle()?;
-        self.count_puts(job.puts);
+        self.puts += job.puts;
         let mut m = self.manifest.clone();
         let n = m
             .store
@@ -213,12 +214,7 @@ impl VolumeWriter {
 impl MergeJob {
     /// The token in the names of the objects this job uploads.
     pub fn token(&self) -> &str {
-        &self.token
-    }
-
-    fn object_name(&mut self, stem: &str, suffix: &str) -> String {
-        self.uploads += 1;
-        format!("base/{stem}-{}-{}{suffix}", self.token, self.uploads)
+        &self.names.token
     }
 
     /// Builds and uploads the new base: for every region the merged segments touch, an
@@ -283,7 +279,9 @@ impl MergeJob {
                 at = stop;
             }
             if !seg.is_empty() {
-                let file = self.object_name(&format!("{g:012}-{through:020}"), ".seg");
+                let file = self
+                    .names
+                    .next("base", &format!("{g:012}-{through:020}"), ".seg");
                 let (bytes, _) = seg.seal();
                 regions.insert(
                     g,
@@ -307,7 +305,9 @@ impl MergeJob {
             region_bytes: region,
             regions: regions.into_values().collect(),
         };
-        let file = self.object_name(&format!("index-{through:020}"), ".json.enc");
+        let file = self
+            .names
+            .next("base", &format!("index-{through:020}"), ".json.enc");
         let body = serde_json::to_vec_pretty(&index).expect("serializable");
         upload(vec![(file.clone(), body)])?;
         Ok(Merged {
