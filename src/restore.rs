@@ -11,7 +11,7 @@ use redun_store::bucket::{Bucket, BucketOptions, VolumeReader};
 use redun_store::crypt::{DEFAULT_KEY_DIR, VolumeKey};
 
 /// Bytes restored per read and write.
-const STEP: usize = 4 << 20;
+const STEP: usize = 16 << 20;
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("redun: {msg}");

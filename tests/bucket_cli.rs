@@ -287,7 +287,9 @@ fn points_and_latest_inside_a_synchronisation_are_not_restored() {
         role: SyncRole::Begin,
         job: 7,
     };
-    seg.push_sync(seq, begin, (0, 0), None);
+    let mut packer = redun_store::pack::Packer::new(3, 8).unwrap();
+    seg.push_sync(seq, begin, (0, 0), None, &mut packer)
+        .unwrap();
     seg.push(Kind::Marker, seq + 1, 0, 0, &marker(seq + 1));
     w.append(vec![seg]).unwrap();
     let common = ["--store", &url, "--key", keys];

@@ -172,6 +172,9 @@ impl Site {
             &format!("--io_size={amount}"),
             &format!("--randseed={seed}"),
             "--refill_buffers",
+            // Half of each 4 KiB compresses: the bucket holds compressed entries.
+            "--buffer_compress_percentage=50",
+            "--buffer_compress_chunk=4096",
             "--thread",
         ]));
     }
@@ -292,6 +295,9 @@ fn a_volume_replicates_into_a_bucket_and_every_point_restores_its_moment() {
         "{st}"
     );
     assert!(st["bytes_shipped"].as_u64().unwrap() > 10 << 20, "{st}");
+    // fio's data is half compressible, and so is what reached the bucket.
+    let ratio = st["compression_ratio"].as_f64().unwrap();
+    assert!(ratio > 1.3, "{st}");
     // Another writer advances the volume's manifest: the shipper is fenced and stops
     // (critical) instead of writing over it, and says why.
     let r = site.reader();

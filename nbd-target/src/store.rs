@@ -235,13 +235,32 @@ fn segment_err(path: &Path) -> impl FnOnce(SegmentError) -> StoreError + '_ {
 /// Reads the entries of a segment file from its first record to `len`, checking every
 /// checksum ([`codec::scan_segment`]).
 fn scan_segment(file: &File, path: &Path, first_seq: u64, len: u64) -> Result<Scanned, StoreError> {
-    codec::scan_segment(file, first_seq, len).map_err(segment_err(path))
+    let s = codec::scan_segment(file, first_seq, len).map_err(segment_err(path))?;
+    plain_only(&s.0, path)?;
+    Ok(s)
 }
 
 /// Reads a sealed segment file's index through its trailer.
 fn read_index(file: &File, path: &Path, r: &SegmentRef) -> Result<Vec<Entry>, StoreError> {
     let len = file.metadata().map_err(io_err("cannot stat", path))?.len();
-    codec::read_index(file, len, r).map_err(segment_err(path))
+    let entries = codec::read_index(file, len, r).map_err(segment_err(path))?;
+    plain_only(&entries, path)?;
+    Ok(entries)
+}
+
+/// Refuses compressed entries: only bucket objects hold them, so that a view's extent map
+/// never has a [`Src::Packed`] piece here.
+fn plain_only(entries: &[Entry], path: &Path) -> Result<(), StoreError> {
+    match entries.iter().find(|e| e.packed > 0) {
+        Some(e) => Err(damaged(
+            path,
+            format!(
+                "the entry of seq {} at byte {} is compressed (only bucket objects hold compressed entries)",
+                e.seq, e.data
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn open_rw(path: &Path, create: bool) -> Result<File, StoreError> {
@@ -532,6 +551,7 @@ impl Store {
             data,
             length,
             kind,
+            packed: 0,
         });
         codec::note_record(kind, seq, payload, &mut o.points, &mut o.decisions);
         inner.applied = seq + 1;
@@ -986,6 +1006,7 @@ impl Store {
             let len = u32::try_from(p.end - start).expect("pieces come from records");
             let (kind, payload) = match p.src {
                 Src::Zero => (Kind::Zero, Vec::new()),
+                Src::Packed { .. } => unreachable!("plain_only refuses compressed entries"),
                 Src::Data { file: f, pos } => {
                     let s = &run[f as usize];
                     let mut b = vec![0u8; len as usize];
@@ -1003,6 +1024,7 @@ impl Store {
                 data,
                 length: len,
                 kind,
+                packed: 0,
             });
             if buf.len() >= WRITE_BYTES {
                 file.write_all_at(&buf, written)
@@ -1204,6 +1226,7 @@ impl View {
                 Ok(())
             }
             Some(Src::Data { file, pos }) => self.files[file as usize].read_exact_at(out, pos),
+            Some(Src::Packed { .. }) => unreachable!("plain_only refuses compressed entries"),
         })
     }
 
@@ -1267,7 +1290,7 @@ impl View {
             }
             match src {
                 Some(Src::Zero) => push(e - s, STATE_HOLE | STATE_ZERO),
-                Some(Src::Data { .. }) => push(e - s, 0),
+                Some(Src::Data { .. } | Src::Packed { .. }) => push(e - s, 0),
                 None => match redun_tracker::io::ops::block_status(&self.base, true, s, e - s) {
                     Ok(ext) => {
                         let mut covered = 0;

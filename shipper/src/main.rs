@@ -141,6 +141,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             "{flag} is required (or shipper.{key} in the config file given with --config)"
         )
     };
+    let level = args
+        .compression_level
+        .or(file.compression_level)
+        .unwrap_or(3);
+    if !(1..=19).contains(&level) {
+        anyhow::bail!(
+            "config {}: shipper.compression_level = {level}: use 1 to 19",
+            cfg_path.display()
+        );
+    }
     let store_url = args.target_store.or(file.target_store.clone());
     let target_addr = args.target.or(file.target.clone());
     let (dest, target) = match (store_url, target_addr) {
@@ -165,6 +175,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             let mut gc = redun_store::bucket::Gc {
                 retention: retention.policy(&cfg_path)?,
+                level,
                 ..Default::default()
             };
             if let Some(v) = &file.store_merge {
@@ -205,16 +216,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(v) => parse_size(&v).map_err(|e| anyhow::anyhow!("batch size: {e}"))?,
         None => 4 << 20,
     };
-    let level = args
-        .compression_level
-        .or(file.compression_level)
-        .unwrap_or(3);
-    if !(1..=19).contains(&level) {
-        anyhow::bail!(
-            "config {}: shipper.compression_level = {level}: use 1 to 19",
-            cfg_path.display()
-        );
-    }
     let schedule = file.schedule(&cfg_path, args.bandwidth_limit.as_deref())?;
     let resync_window = resync.window(&cfg_path, args.resync_window.as_deref())?;
     let sync_block = resync.block_size(&cfg_path, args.sync_block_size.as_deref())?;

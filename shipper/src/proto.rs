@@ -15,6 +15,7 @@
 
 use std::io::{self, Read, Write};
 
+use redun_store::pack::Packer;
 use xxhash_rust::xxh3::Xxh3;
 
 pub const MAGIC: [u8; 4] = *b"RDR1";
@@ -737,19 +738,13 @@ pub struct RecordRef<'a> {
 ///
 /// Data that does not compress (already compressed or encrypted blocks) is not worth the
 /// configured level's effort: after a batch that shrinks by less than 3%, the next
-/// [`FAST_BATCHES`] use zstd's fastest level, then the configured level is tried again.
+/// [`FAST_BATCHES`] use zstd's fastest level ([`Packer`]).
 pub struct BatchEncoder {
-    cctx: zstd::bulk::Compressor<'static>,
-    level: i32,
-    /// Batches still to go at [`FAST_LEVEL`] (0: at `level`).
-    fast_left: u32,
+    packer: Packer,
     raw: Vec<u8>,
     spare: Vec<u8>,
 }
 
-/// zstd's negative levels trade ratio for speed; this one costs little on data that does not
-/// compress, and still finds the easy redundancy (zeros) when there is some.
-const FAST_LEVEL: i32 = -7;
 const FAST_BATCHES: u32 = 32;
 
 impl std::fmt::Debug for BatchEncoder {
@@ -761,9 +756,7 @@ impl std::fmt::Debug for BatchEncoder {
 impl BatchEncoder {
     pub fn new(level: i32) -> io::Result<BatchEncoder> {
         Ok(BatchEncoder {
-            cctx: zstd::bulk::Compressor::new(level)?,
-            level,
-            fast_left: 0,
+            packer: Packer::new(level, FAST_BATCHES)?,
             raw: Vec::new(),
             spare: Vec::new(),
         })
@@ -794,20 +787,8 @@ impl BatchEncoder {
                 io::Error::other(format!("batch of {} bytes is too large", self.raw.len()))
             })?;
         let mut out = std::mem::take(&mut self.spare);
-        out.clear();
-        out.reserve(zstd::zstd_safe::compress_bound(self.raw.len()));
-        self.cctx.compress_to_buffer(&self.raw, &mut out)?;
-        let incompressible = out.len() * 100 >= self.raw.len() * 97;
-        if self.fast_left > 0 {
-            self.fast_left -= 1;
-            if self.fast_left == 0 || !incompressible {
-                self.fast_left = 0;
-                self.cctx.set_compression_level(self.level)?;
-            }
-        } else if incompressible && self.level > FAST_LEVEL {
-            self.fast_left = FAST_BATCHES;
-            self.cctx.set_compression_level(FAST_LEVEL)?;
-        }
+        // A batch is always sent compressed, even when that did not save much.
+        self.packer.compress(&self.raw, &mut out)?;
         Ok(Batch {
             first_seq: first.seq,
             last_seq: last.seq,
@@ -1137,11 +1118,11 @@ mod tests {
         };
         let b = e.encode(&[rec(1, &noise)]).unwrap();
         assert_eq!(decode_batch(&b).unwrap()[0].payload, noise);
-        assert_eq!(e.fast_left, FAST_BATCHES);
+        assert_eq!(e.packer.fast_left(), FAST_BATCHES);
         // Compressible data brings the configured level back at once.
         let b = e.encode(&[rec(2, &vec![7u8; 1 << 16])]).unwrap();
         assert!(b.compressed.len() < 1000);
-        assert_eq!(e.fast_left, 0);
+        assert_eq!(e.packer.fast_left(), 0);
         assert_eq!(decode_batch(&b).unwrap()[0].payload, vec![7u8; 1 << 16]);
     }
 

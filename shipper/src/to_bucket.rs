@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use redun_store::bucket::{Bucket, BucketError, Gc, Merged, VolumeWriter};
 use redun_store::crypt::VolumeKey;
+use redun_store::pack::{PIECE_FAST_WINDOW, Packer};
 use redun_store::segment::{Identity, SegmentBuf};
 use redun_tracker::journal::Record;
 use redun_tracker::journal::format::{Kind, SyncInfo};
@@ -118,6 +119,8 @@ impl VolumeShipper {
         );
         let mut rate = RateWindow::default();
         let mut pending = Pending::default();
+        let mut packer = Packer::new(self.opts.level, PIECE_FAST_WINDOW)
+            .map_err(|e| ShipError::Fatal(format!("volume {}: zstd: {e}", self.name)))?;
         let mut sync: Option<Sync> = None;
         let mut held: Option<Record> = None;
         let mut next_sync_try = Instant::now();
@@ -154,7 +157,7 @@ impl VolumeShipper {
             };
             let read_some = !records.is_empty();
             for r in records {
-                add(w, &mut pending, st.segment_bytes, r).map_err(|e| {
+                add(w, &mut pending, (st.segment_bytes, &mut packer), r).map_err(|e| {
                     ShipError::Fatal(format!("volume {}: journal record: {e}", self.name))
                 })?;
             }
@@ -302,7 +305,7 @@ impl Pending {
 fn add(
     w: &VolumeWriter,
     p: &mut Pending,
-    segment_bytes: usize,
+    (segment_bytes, packer): (usize, &mut Packer),
     r: WireRecord,
 ) -> Result<(), String> {
     if p.segs.last().is_none_or(|s| s.len() >= segment_bytes) {
@@ -319,9 +322,13 @@ fn add(
             let end = r.offset + u64::from(r.length);
             let blocks = proto::decode_slot(&r.payload, r.offset, end)
                 .map_err(|e| format!("seq {}: {e}", r.seq))?;
-            seg.push_sync(r.seq, info, (r.offset, r.length), blocks.as_deref());
+            seg.push_sync(r.seq, info, (r.offset, r.length), blocks.as_deref(), packer)
+                .map_err(|e| format!("seq {}: cannot compress: {e}", r.seq))?;
         }
-        Some(k @ (Kind::Write | Kind::Marker | Kind::Decision)) => {
+        Some(Kind::Write) => seg
+            .push_write(r.seq, r.offset, &r.payload, packer)
+            .map_err(|e| format!("seq {}: cannot compress: {e}", r.seq))?,
+        Some(k @ (Kind::Marker | Kind::Decision)) => {
             seg.push(k, r.seq, r.offset, r.length, &r.payload);
         }
         Some(k @ (Kind::Trim | Kind::Zero)) => seg.push(k, r.seq, r.offset, r.length, &[]),

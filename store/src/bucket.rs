@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::local::LocalFileSystem;
@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypt::{CryptError, ENC_HEADER_LEN, Header, VolumeKey};
 use crate::extent::{ExtentMap, Src};
+use crate::pack;
 use crate::segment::{
     self, Decided, Entry, Identity, Manifest, Point, SegmentBuf, SegmentError, SegmentRef,
     SyncState, TRAILER_LEN,
@@ -959,14 +960,21 @@ struct SegObject {
     entries: Vec<Entry>,
 }
 
-/// Decrypted chunks of segment objects, least recently used first out.
+/// Decrypted chunks of segment objects and decompressed entries, least recently used first
+/// out.
 #[derive(Debug)]
 struct ChunkCache {
     cap: usize,
     inner: Mutex<CacheInner>,
 }
 
-type ChunkKey = (Arc<str>, u64);
+/// An object's chunk, or the decompressed payload of the entry whose stored payload starts
+/// at a byte of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ChunkKey {
+    Chunk(Arc<str>, u64),
+    Unpacked(Arc<str>, u64),
+}
 
 #[derive(Debug, Default)]
 struct CacheInner {
@@ -977,6 +985,10 @@ struct CacheInner {
 }
 
 impl ChunkCache {
+    fn contains(&self, k: &ChunkKey) -> bool {
+        self.inner.lock().expect("cache lock").map.contains_key(k)
+    }
+
     fn get(&self, k: &ChunkKey) -> Option<Arc<Vec<u8>>> {
         let mut g = self.inner.lock().expect("cache lock");
         let g = &mut *g;
@@ -1175,7 +1187,7 @@ impl VolumeReader {
         let tag: Arc<str> = Arc::from(s.file.as_str());
         let mut chunks: Vec<Arc<Vec<u8>>> = Vec::new();
         for i in want.clone() {
-            match self.cache.get(&(tag.clone(), i)) {
+            match self.cache.get(&ChunkKey::Chunk(tag.clone(), i)) {
                 Some(c) => chunks.push(c),
                 None => break,
             }
@@ -1191,7 +1203,7 @@ impl VolumeReader {
             let step = usize::try_from(size).expect("chunks are small");
             for (i, c) in (from..).zip(plain.chunks(step)) {
                 let c = Arc::new(c.to_vec());
-                self.cache.put((tag.clone(), i), c.clone());
+                self.cache.put(ChunkKey::Chunk(tag.clone(), i), c.clone());
                 chunks.push(c);
             }
         }
@@ -1207,6 +1219,32 @@ impl VolumeReader {
         out.drain(..skip);
         out.truncate(n);
         Ok(out)
+    }
+
+    /// The decompressed payload of the compressed entry of `s` whose payload starts at byte
+    /// `data`, through the cache.
+    fn read_unpacked(&self, s: &SegObject, data: u64) -> Result<Arc<Vec<u8>>, BucketError> {
+        let key = ChunkKey::Unpacked(Arc::from(s.file.as_str()), data);
+        if let Some(c) = self.cache.get(&key) {
+            return Ok(c);
+        }
+        let e = s
+            .entries
+            .binary_search_by_key(&data, |e| e.data)
+            .map(|i| s.entries[i])
+            .map_err(|_| {
+                self.damaged(&s.path, format!("no entry's payload starts at byte {data}"))
+            })?;
+        let stored = self.read_plain(s, data..data + u64::from(e.packed))?;
+        let plain = pack::unpack(&stored, e.length as usize).map_err(|why| {
+            self.damaged(
+                &s.path,
+                format!("the entry of seq {} at byte {data}: {why}", e.seq),
+            )
+        })?;
+        let plain = Arc::new(plain);
+        self.cache.put(key, plain.clone());
+        Ok(plain)
     }
 
     /// Fetches a segment object's header and index (once per reader).
@@ -1256,7 +1294,7 @@ impl VolumeReader {
         let t = self.read_plain(&s, r.bytes - TRAILER_LEN as u64..r.bytes)?;
         let (at, _, sum) = segment::parse_trailer(&t, r.bytes).map_err(seg_err)?;
         let idx = self.read_plain(&s, at..r.bytes - TRAILER_LEN as u64)?;
-        let entries = segment::parse_index(&idx, sum, r).map_err(seg_err)?;
+        let entries = segment::parse_index(&idx, at, sum, r).map_err(seg_err)?;
         s.entries = entries;
         let s = Arc::new(s);
         self.segs
@@ -1353,7 +1391,7 @@ impl BucketView {
     pub fn extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let mut out: Vec<(u64, bool)> = Vec::new();
         self.resolved().map.walk(offset, offset + len, |s, e, src| {
-            let data = matches!(src, Some(Src::Data { .. }));
+            let data = matches!(src, Some(Src::Data { .. } | Src::Packed { .. }));
             match out.last_mut() {
                 Some((l, d)) if *d == data => *l += e - s,
                 _ => out.push((e - s, data)),
@@ -1390,8 +1428,14 @@ impl BucketView {
     }
 }
 
+/// Requests a read has in flight at once.
+const FETCH_PARALLEL: usize = 16;
+/// Chunks one request fetches at most (4 MiB).
+const FETCH_RUN: u64 = 64;
+
 impl Resolved {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BucketError> {
+        self.fetch_ahead(offset, buf.len() as u64)?;
         self.map.read(buf, offset, |out, _, src| match src {
             // Neither a base object nor a segment covers it: zeroes.
             None | Some(Src::Zero) => {
@@ -1404,6 +1448,92 @@ impl Resolved {
                 out.copy_from_slice(&d);
                 Ok(())
             }
+            Some(Src::Packed { file, data, skip }) => {
+                let seg = &self.segs[file as usize];
+                let d = self.reader.read_unpacked(seg, data)?;
+                let skip = skip as usize;
+                out.copy_from_slice(&d[skip..skip + out.len()]);
+                Ok(())
+            }
         })
+    }
+
+    /// Fetches the chunks that `[offset, offset + len)` reads and the cache lacks, before
+    /// the read takes them piece by piece: adjacent chunks of an object in one request (up
+    /// to [`FETCH_RUN`]), [`FETCH_PARALLEL`] requests at a time. A range whose object turns
+    /// out damaged is left to the read, which names it.
+    fn fetch_ahead(&self, offset: u64, len: u64) -> Result<(), BucketError> {
+        let cache = &self.reader.cache;
+        let tags: Vec<Arc<str>> = self
+            .segs
+            .iter()
+            .map(|s| Arc::from(s.file.as_str()))
+            .collect();
+        let mut want: Vec<(u32, u64)> = Vec::new();
+        self.map.walk(offset, offset + len, |s, e, src| {
+            let (file, r) = match src {
+                Some(Src::Data { file, pos }) => (file, pos..pos + (e - s)),
+                Some(Src::Packed { file, data, .. }) => {
+                    let seg = &self.segs[file as usize];
+                    let key = ChunkKey::Unpacked(tags[file as usize].clone(), data);
+                    match seg.entries.binary_search_by_key(&data, |e| e.data) {
+                        Ok(i) if !cache.contains(&key) => {
+                            (file, data..data + u64::from(seg.entries[i].packed))
+                        }
+                        _ => return,
+                    }
+                }
+                None | Some(Src::Zero) => return,
+            };
+            let h = &self.segs[file as usize].header;
+            if r.end <= h.len {
+                want.extend(h.chunks_of(r).map(|c| (file, c)));
+            }
+        });
+        want.sort_unstable();
+        want.dedup();
+        want.retain(|&(f, c)| !cache.contains(&ChunkKey::Chunk(tags[f as usize].clone(), c)));
+        let mut runs: Vec<(u32, std::ops::Range<u64>)> = Vec::new();
+        for (f, c) in want {
+            match runs.last_mut() {
+                Some((lf, r)) if *lf == f && r.end == c && r.end - r.start < FETCH_RUN => {
+                    r.end += 1;
+                }
+                _ => runs.push((f, c..c + 1)),
+            }
+        }
+        if runs.len() < 2 {
+            // One request: the read makes it.
+            return Ok(());
+        }
+        let bucket = &self.reader.bucket;
+        let fetched = bucket.run(
+            futures::stream::iter(runs.iter().map(|(f, r)| {
+                let seg = &self.segs[*f as usize];
+                let at = seg.header.chunk_bytes(r.clone());
+                async move {
+                    let raw = bucket.store.get_range(&seg.path, at).await;
+                    raw.map(|b| (seg, r.clone(), b))
+                        .map_err(bucket.err("cannot read", &seg.path))
+                }
+            }))
+            .buffer_unordered(FETCH_PARALLEL)
+            .try_collect::<Vec<_>>(),
+        )?;
+        for (seg, r, raw) in fetched {
+            let Ok(plain) = self
+                .reader
+                .key
+                .open_chunks(&seg.file, &seg.header, r.clone(), &raw)
+            else {
+                continue;
+            };
+            let tag: Arc<str> = Arc::from(seg.file.as_str());
+            let step = usize::try_from(seg.header.chunk_size()).expect("chunks are small");
+            for (i, c) in (r.start..).zip(plain.chunks(step)) {
+                cache.put(ChunkKey::Chunk(tag.clone(), i), Arc::new(c.to_vec()));
+            }
+        }
+        Ok(())
     }
 }

@@ -17,6 +17,13 @@ pub enum Src {
         file: u32,
         pos: u64,
     },
+    /// The piece starts `skip` bytes into the decompressed payload of the compressed entry
+    /// whose payload starts at `data` in segment `file`.
+    Packed {
+        file: u32,
+        data: u64,
+        skip: u32,
+    },
 }
 
 impl Src {
@@ -26,6 +33,12 @@ impl Src {
             Src::Data { file, pos } => Src::Data {
                 file,
                 pos: pos + by,
+            },
+            Src::Packed { file, data, skip } => Src::Packed {
+                file,
+                data,
+                // Within one entry, whose length is a u32.
+                skip: skip + u32::try_from(by).expect("within an entry"),
             },
         }
     }
@@ -82,6 +95,11 @@ impl ExtentMap {
     /// payload, a trim's or zeroes' read as zeroes; other kinds change no bytes.
     pub fn apply(&mut self, file: u32, e: &Entry) {
         let src = match e.kind {
+            Kind::Write if e.packed > 0 => Src::Packed {
+                file,
+                data: e.data,
+                skip: 0,
+            },
             Kind::Write => Src::Data { file, pos: e.data },
             Kind::Trim | Kind::Zero => Src::Zero,
             Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => return,

@@ -5,5 +5,6 @@
 pub mod bucket;
 pub mod crypt;
 pub mod extent;
+pub mod pack;
 pub mod retention;
 pub mod segment;

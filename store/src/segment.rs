@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use crate::pack::Packer;
 use redun_tracker::journal::format::{
     BlockExtent, GroupDecision, Kind, MarkerInfo, PointKind, SyncInfo, SyncRole,
 };
@@ -20,6 +21,11 @@ pub const ENTRY_HEADER_LEN: usize = 40;
 pub const INDEX_ENTRY_LEN: usize = 32;
 pub const TRAILER_MAGIC: [u8; 8] = *b"RDSEGEND";
 pub const TRAILER_LEN: usize = 32;
+/// Entry and index flag: the payload is one zstd frame of the entry's `length` bytes.
+pub const FLAG_PACKED: u8 = 1;
+/// Bytes of a write that one compressed entry holds at most: a reader of a few bytes
+/// fetches and decompresses at most this much.
+pub const PACKED_PIECE: usize = 64 << 10;
 pub const MANIFEST_FORMAT: u32 = 1;
 
 /// The identity a store is created with.
@@ -111,6 +117,8 @@ pub struct Entry {
     pub data: u64,
     pub length: u32,
     pub kind: Kind,
+    /// The stored payload's length when it is compressed ([`FLAG_PACKED`]), else 0.
+    pub packed: u32,
 }
 
 /// The records of one segment: its index, the points its markers place and its group
@@ -255,9 +263,23 @@ pub fn encode_entry(
     length: u32,
     payload: &[u8],
 ) {
+    encode_flagged(out, first_seq, (kind, 0), seq, offset, length, payload);
+}
+
+/// [`encode_entry`] with the entry's flags.
+fn encode_flagged(
+    out: &mut Vec<u8>,
+    first_seq: u64,
+    (kind, flags): (Kind, u8),
+    seq: u64,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) {
     let mut head = [0u8; ENTRY_HEADER_LEN];
     head[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
     head[4] = kind as u8;
+    head[5] = flags;
     head[8..16].copy_from_slice(&seq.to_le_bytes());
     head[16..24].copy_from_slice(&offset.to_le_bytes());
     head[24..28].copy_from_slice(&length.to_le_bytes());
@@ -277,7 +299,8 @@ pub fn encode_index(entries: &[Entry], at: u64) -> Vec<u8> {
         out.extend_from_slice(&e.offset.to_le_bytes());
         out.extend_from_slice(&e.data.to_le_bytes());
         out.extend_from_slice(&e.length.to_le_bytes());
-        out.extend_from_slice(&[e.kind as u8, 0, 0, 0]);
+        let flags = if e.packed > 0 { FLAG_PACKED } else { 0 };
+        out.extend_from_slice(&[e.kind as u8, flags, 0, 0]);
     }
     let sum = xxh3_64(&out);
     out.extend_from_slice(&TRAILER_MAGIC);
@@ -377,6 +400,7 @@ pub fn scan_segment<R: ReadAt + ?Sized>(
         let offset = le64(&eh[16..]);
         let length = le32(&eh[24..]);
         let plen = u64::from(le32(&eh[28..]));
+        let packed = check_flags(eh[5], kind, le32(&eh[28..])).map_err(bad)?;
         // Entries of a sync slot share its sequence number; otherwise numbers are
         // consecutive.
         if seq != next && seq + 1 != next && !(entries.is_empty() && seq >= next) {
@@ -398,11 +422,25 @@ pub fn scan_segment<R: ReadAt + ?Sized>(
             data,
             length,
             kind,
+            packed,
         });
         next = seq + 1;
         pos = data + plen;
     }
     Ok((entries, points, decisions))
+}
+
+/// The stored length of a compressed payload (0: a plain one), from an entry's flags; only
+/// a write's payload of at least one byte can be compressed.
+fn check_flags(flags: u8, kind: Kind, stored: u32) -> Result<u32, String> {
+    match flags {
+        0 => Ok(0),
+        FLAG_PACKED if kind == Kind::Write && stored > 0 => Ok(stored),
+        FLAG_PACKED => Err(format!(
+            "a {kind:?} entry of {stored} bytes marked compressed"
+        )),
+        f => Err(format!("unknown flags {f:#x}")),
+    }
 }
 
 /// Where a sealed segment of `len` bytes keeps its index: (byte offset, entry count), from
@@ -420,21 +458,41 @@ pub fn parse_trailer(t: &[u8], len: u64) -> Result<(u64, u64, u64), SegmentError
     Ok((at, count, le64(&t[24..])))
 }
 
-/// Decodes a sealed segment's index (`idx`, whose checksum the trailer gave as `sum`) and
-/// checks that it covers `first_seq..=last_seq`.
-pub fn parse_index(idx: &[u8], sum: u64, r: &SegmentRef) -> Result<Vec<Entry>, SegmentError> {
+/// Decodes a sealed segment's index (`idx`, at byte `at`, whose checksum the trailer gave
+/// as `sum`) and checks that it covers `first_seq..=last_seq`. A compressed payload's
+/// stored length is the gap to the next entry's header (to the index for the last entry).
+pub fn parse_index(
+    idx: &[u8],
+    at: u64,
+    sum: u64,
+    r: &SegmentRef,
+) -> Result<Vec<Entry>, SegmentError> {
     if xxh3_64(idx) != sum {
         return Err(damaged("the segment's index checksum does not match"));
     }
-    let mut entries = Vec::with_capacity(idx.len() / INDEX_ENTRY_LEN);
+    let mut entries: Vec<Entry> = Vec::with_capacity(idx.len() / INDEX_ENTRY_LEN);
+    let mut ends = idx
+        .chunks_exact(INDEX_ENTRY_LEN)
+        .skip(1)
+        .map(|e| le64(&e[16..]).checked_sub(ENTRY_HEADER_LEN as u64))
+        .chain(std::iter::once(Some(at)));
     for e in idx.chunks_exact(INDEX_ENTRY_LEN) {
         let kind = Kind::from_u8(e[28]).ok_or_else(|| damaged("unknown kind in index"))?;
+        let data = le64(&e[16..]);
+        let end = ends.next().flatten();
+        let stored = end
+            .and_then(|end| end.checked_sub(data))
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        let packed = check_flags(e[29], kind, stored)
+            .map_err(|why| damaged(format!("index entry at payload byte {data}: {why}")))?;
         entries.push(Entry {
             seq: le64(&e[0..]),
             offset: le64(&e[8..]),
-            data: le64(&e[16..]),
+            data,
             length: le32(&e[24..]),
             kind,
+            packed,
         });
     }
     let first = entries.first().map(|e| e.seq);
@@ -465,7 +523,7 @@ pub fn read_index<R: ReadAt + ?Sized>(
     let (at, count, sum) = parse_trailer(&t, len)?;
     let mut idx = vec![0u8; usize::try_from(count).unwrap_or(usize::MAX) * INDEX_ENTRY_LEN];
     src.read_exact_at(&mut idx, at)?;
-    parse_index(&idx, sum, r)
+    parse_index(&idx, at, sum, r)
 }
 
 /// A sealed segment built in memory (the form a bucket holds): records are pushed in
@@ -478,6 +536,8 @@ pub struct SegmentBuf {
     points: Vec<Point>,
     decisions: Vec<Decided>,
     syncs: Vec<SyncNote>,
+    /// A compressed piece, before it is appended.
+    scratch: Vec<u8>,
 }
 
 impl SegmentBuf {
@@ -489,21 +549,24 @@ impl SegmentBuf {
             points: Vec::new(),
             decisions: Vec::new(),
             syncs: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
     /// Appends a sync record: a slot's blocks (data or zeroes) as entries of its sequence
-    /// number, then the record itself, as the target's store does.
+    /// number (data compressed as [`SegmentBuf::push_write`] does), then the record itself,
+    /// as the target's store does.
     pub fn push_sync(
         &mut self,
         seq: u64,
         info: SyncInfo,
         range: (u64, u32),
         blocks: Option<&[BlockExtent<'_>]>,
-    ) {
+        packer: &mut Packer,
+    ) -> io::Result<()> {
         for b in blocks.unwrap_or_default() {
             match b.data {
-                Some(d) => self.push(Kind::Write, seq, b.offset, b.length, d),
+                Some(d) => self.push_write(seq, b.offset, d, packer)?,
                 None => self.push(Kind::Zero, seq, b.offset, b.length, &[]),
             }
         }
@@ -515,6 +578,46 @@ impl SegmentBuf {
             length: range.1,
             filled: blocks.is_some(),
         });
+        Ok(())
+    }
+
+    /// Appends a write of `data` at volume offset `offset` as entries of at most
+    /// [`PACKED_PIECE`] bytes each, every one compressed by `packer` when that saves space.
+    pub fn push_write(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        data: &[u8],
+        packer: &mut Packer,
+    ) -> io::Result<()> {
+        let mut at = offset;
+        for piece in data.chunks(PACKED_PIECE) {
+            let len = u32::try_from(piece.len()).expect("a piece is small");
+            if packer.compress(piece, &mut self.scratch)? {
+                let data = (self.bytes.len() + ENTRY_HEADER_LEN) as u64;
+                encode_flagged(
+                    &mut self.bytes,
+                    self.first_seq,
+                    (Kind::Write, FLAG_PACKED),
+                    seq,
+                    at,
+                    len,
+                    &self.scratch,
+                );
+                self.entries.push(Entry {
+                    seq,
+                    offset: at,
+                    data,
+                    length: len,
+                    kind: Kind::Write,
+                    packed: u32::try_from(self.scratch.len()).expect("a piece is small"),
+                });
+            } else {
+                self.push(Kind::Write, seq, at, len, piece);
+            }
+            at += u64::from(len);
+        }
+        Ok(())
     }
 
     /// The sync records pushed, in order.
@@ -540,6 +643,7 @@ impl SegmentBuf {
             data,
             length,
             kind,
+            packed: 0,
         });
     }
 
@@ -625,6 +729,68 @@ mod tests {
         let (bytes, _) = skip.seal();
         let e = scan_segment(&bytes[..], 5, bytes.len() as u64).unwrap_err();
         assert!(e.to_string().contains("seq 7 where 6 was expected"), "{e}");
+    }
+
+    #[test]
+    fn a_write_is_stored_in_compressed_pieces_that_read_back() {
+        let mut packer = Packer::new(3, 8).unwrap();
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..PACKED_PIECE)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        // 150 KiB of text-like data then 64 KiB of noise: three compressed pieces and a
+        // plain one.
+        let mut data: Vec<u8> = b"redun ".iter().cycle().take(150 << 10).copied().collect();
+        data.extend_from_slice(&noise);
+        let mut b = SegmentBuf::new(&id(), 3);
+        b.push(Kind::Zero, 3, 0, 4096, &[]);
+        b.push_write(4, 8192, &data, &mut packer).unwrap();
+        b.push(Kind::Marker, 5, 0, 0, &[]);
+        assert!(b.len() < 100 << 10, "{} bytes", b.len());
+        let (bytes, (entries, ..)) = b.seal();
+        let r = SegmentRef {
+            file: "s".into(),
+            first_seq: 3,
+            last_seq: 5,
+            bytes: bytes.len() as u64,
+        };
+        assert_eq!(read_index(&bytes[..], r.bytes, &r).unwrap(), entries);
+        let at = parse_trailer(&bytes[bytes.len() - TRAILER_LEN..], r.bytes)
+            .unwrap()
+            .0;
+        assert_eq!(scan_segment(&bytes[..], 3, at).unwrap().0, entries);
+        let writes: Vec<&Entry> = entries.iter().filter(|e| e.kind == Kind::Write).collect();
+        let packed: Vec<bool> = writes.iter().map(|e| e.packed > 0).collect();
+        assert_eq!(packed, [true, true, true, false]);
+        let mut back = Vec::new();
+        for e in &writes {
+            assert_eq!(e.seq, 4);
+            assert_eq!(e.offset, 8192 + back.len() as u64);
+            let stored = if e.packed > 0 { e.packed } else { e.length };
+            let mut p = vec![0u8; stored as usize];
+            bytes[..].read_exact_at(&mut p, e.data).unwrap();
+            if e.packed > 0 {
+                p = crate::pack::unpack(&p, e.length as usize).unwrap();
+            }
+            back.extend_from_slice(&p);
+        }
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn compression_flags_outside_a_write_are_damage() {
+        assert_eq!(check_flags(0, Kind::Marker, 9), Ok(0));
+        assert_eq!(check_flags(FLAG_PACKED, Kind::Write, 9), Ok(9));
+        let e = check_flags(FLAG_PACKED, Kind::Trim, 0).unwrap_err();
+        assert!(e.contains("Trim entry of 0 bytes marked compressed"), "{e}");
+        assert!(check_flags(FLAG_PACKED, Kind::Write, 0).is_err());
+        let e = check_flags(4, Kind::Write, 9).unwrap_err();
+        assert!(e.contains("unknown flags 0x4"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use redun_store::bucket::{
     Bucket, BucketError, BucketOptions, Gc, Maintained, VolumeReader, VolumeWriter,
 };
 use redun_store::crypt::VolumeKey;
+use redun_store::pack::Packer;
 use redun_store::retention::Retention;
 use redun_store::segment::{Identity, SegmentBuf};
 use redun_tracker::journal::format::{Kind, MarkerInfo, PointKind};
@@ -86,6 +87,7 @@ fn batch(w: &VolumeWriter, rng: &mut Rng, model: &mut [u8], n: usize) -> (Segmen
     let first = w.next_seq();
     let mut seg = w.segment(first);
     let mut seq = first;
+    let mut packer = Packer::new(3, 8).unwrap();
     for _ in 0..n {
         let off = (rng.next() % (SIZE / 512 - 64)) * 512;
         let len = ((rng.next() % 64) + 1) * 512;
@@ -107,7 +109,12 @@ fn batch(w: &VolumeWriter, rng: &mut Rng, model: &mut [u8], n: usize) -> (Segmen
                     .copied()
                     .collect();
                 data[0] = (seq & 0xff) as u8;
-                seg.push(Kind::Write, seq, off, len as u32, &data);
+                // Plain entries, and compressed ones as the shipper writes them.
+                if rng.next() % 2 == 0 {
+                    seg.push(Kind::Write, seq, off, len as u32, &data);
+                } else {
+                    seg.push_write(seq, off, &data, &mut packer).unwrap();
+                }
                 model[o..o + l].copy_from_slice(&data);
             }
         }
@@ -192,6 +199,62 @@ fn a_large_segment_goes_up_in_parts() {
         w.append(vec![seg]).unwrap();
         let r = VolumeReader::open(bucket, "vol1", key(2), 8 << 20).unwrap();
         assert!(read_all(&r.view(5).unwrap()) == model);
+    }
+}
+
+#[test]
+fn compressible_writes_take_less_room_and_read_back() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(3)).unwrap();
+        let mut packer = Packer::new(3, 8).unwrap();
+        let mut rng = Rng(77);
+        let noise: Vec<u8> = (0..1 << 20).map(|_| rng.next() as u8).collect();
+        let text: Vec<u8> = (0..1u32 << 20)
+            .map(|i| b"0123456789abcdef"[((i / 7) % 16) as usize])
+            .collect();
+        let mut seg = w.segment(0);
+        seg.push_write(0, 0, &text, &mut packer).unwrap();
+        // Odd offsets and lengths: pieces end inside the volume's blocks.
+        seg.push_write(1, (1 << 20) + 333, &noise[..(1 << 20) - 1000], &mut packer)
+            .unwrap();
+        seg.push_write(2, 100_000, &text[..70_000], &mut packer)
+            .unwrap();
+        seg.push(Kind::Marker, 3, 0, 0, &marker(3));
+        // 16 compressed pieces of text, 16 plain ones of noise, 2 more of text.
+        assert!(seg.len() < (1 << 20) + (256 << 10), "{} bytes", seg.len());
+        w.append(vec![seg]).unwrap();
+        let stored: u64 = objects(&bucket)
+            .iter()
+            .filter(|m| m.location.as_ref().ends_with(".seg"))
+            .map(|m| m.size)
+            .sum();
+        assert!(
+            stored < (1 << 20) + (256 << 10),
+            "{stored} bytes in the bucket"
+        );
+        let mut model = vec![0u8; SIZE as usize];
+        model[..1 << 20].copy_from_slice(&text);
+        model[(1 << 20) + 333..(2 << 20) - 667].copy_from_slice(&noise[..(1 << 20) - 1000]);
+        model[100_000..170_000].copy_from_slice(&text[..70_000]);
+        let r = VolumeReader::open(bucket, "vol1", key(3), 1 << 20).unwrap();
+        let v = r.view(3).unwrap();
+        assert!(read_all(&v) == model);
+        // A read inside one compressed piece, and one across pieces.
+        let mut b = vec![0u8; 10];
+        v.read_at(&mut b, 65_530).unwrap();
+        assert_eq!(b, model[65_530..65_540]);
+        let mut b = vec![0u8; 200_000];
+        v.read_at(&mut b, 1).unwrap();
+        assert!(b == model[1..200_001]);
+        assert_eq!(
+            v.extents(0, 3 << 20),
+            [
+                (1 << 20, true),
+                (333, false),
+                ((1 << 20) - 1000, true),
+                ((1 << 20) + 667, false)
+            ]
+        );
     }
 }
 
@@ -702,6 +765,7 @@ fn retention_merges_pruned_points_into_base_objects_and_deletes_after_grace() {
             merge_bytes: 0,
             region_bytes: 1 << 20,
             grace_ms: grace,
+            level: 3,
         };
         // A reader that opened before the merge, and a view on a point that stays.
         let before = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
@@ -778,6 +842,7 @@ fn an_interrupted_merge_or_delete_leaves_a_readable_volume_and_is_finished_later
         merge_bytes: 0,
         region_bytes: 1 << 20,
         grace_ms: 1000,
+        level: 3,
     };
     let check = |from: usize| {
         let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();

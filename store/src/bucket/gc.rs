@@ -11,6 +11,7 @@ use super::{
     BaseIndex, BaseIndexRef, BaseObject, BucketError, BucketManifest, Garbage, VolumeReader,
     VolumeWriter,
 };
+use crate::pack::{PIECE_FAST_WINDOW, Packer};
 use crate::retention::Retention;
 use crate::segment::SegmentBuf;
 
@@ -35,6 +36,8 @@ pub struct Gc {
     /// older manifest move on meanwhile); an object no manifest ever listed (a fenced
     /// writer's, an upload whose manifest failed) once it is this old.
     pub grace_ms: u64,
+    /// zstd level of base objects' payloads.
+    pub level: i32,
 }
 
 impl Default for Gc {
@@ -45,6 +48,7 @@ impl Default for Gc {
             merge_bytes: 64 << 20,
             region_bytes: 64 << 20,
             grace_ms: 3_600_000,
+            level: 3,
         }
     }
 }
@@ -71,6 +75,7 @@ pub struct MergeJob {
     /// The snapshot's first `n` segments are merged.
     n: usize,
     region_bytes: u64,
+    level: i32,
 }
 
 /// What a finished [`MergeJob`] uploaded.
@@ -163,6 +168,7 @@ impl VolumeWriter {
             },
             n,
             region_bytes: gc.region_bytes,
+            level: gc.level,
         });
         Ok((done, job))
     }
@@ -260,6 +266,12 @@ impl MergeJob {
         };
         let mut batch = Vec::new();
         let mut base_objects = 0;
+        let zstd_err = |e: std::io::Error| BucketError::Refused {
+            volume: name.clone(),
+            url: bucket.url().to_string(),
+            reason: format!("cannot compress a base object: {e}"),
+        };
+        let mut packer = Packer::new(self.level, PIECE_FAST_WINDOW).map_err(zstd_err)?;
         let last = touched.last().copied();
         for g in touched {
             unlisted.extend(regions.remove(&g).map(|o| o.file));
@@ -272,8 +284,8 @@ impl MergeJob {
                     let l = PIECE.min(stop - at);
                     let mut buf = vec![0u8; usize::try_from(l).expect("a piece fits in memory")];
                     view.read_at(&mut buf, at)?;
-                    let l32 = u32::try_from(l).expect("a piece is below 4 GiB");
-                    seg.push(Kind::Write, through, at, l32, &buf);
+                    seg.push_write(through, at, &buf, &mut packer)
+                        .map_err(zstd_err)?;
                     at += l;
                 }
                 at = stop;
