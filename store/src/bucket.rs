@@ -631,9 +631,23 @@ impl BucketManifest {
     pub fn points(&self) -> Vec<(Point, bool)> {
         let decisions: Vec<&Decided> = self.store.decisions.iter().collect();
         segment::listed(self.store.points.iter(), &decisions, |p, _| {
-            let held = p.id >= self.store.base_seq && p.id < self.next_seq;
-            Some((p, held && self.consistent_at(p.id)))
+            Some((p, self.holds(p.id) && self.consistent_at(p.id)))
         })
+    }
+
+    /// True when the volume as of `seq` can be read: `seq` is from `base_seq` to the latest
+    /// record, and not inside a compacted segment (whose records all carry its last seq:
+    /// the seqs from the previous segment's end to its own are gone).
+    pub fn holds(&self, seq: u64) -> bool {
+        let m = &self.store;
+        seq >= m.base_seq && seq <= self.latest() && {
+            let mut prev = (m.base_seq > 0).then_some(m.base_seq);
+            m.segments.iter().all(|s| {
+                let ok = prev.is_none_or(|p| seq <= p || seq >= s.first_seq);
+                prev = Some(s.last_seq);
+                ok
+            })
+        }
     }
 
     /// True when the image as of `seq` is one of the volume (no synchronisation was under
@@ -718,6 +732,8 @@ pub struct VolumeWriter {
     /// The next version, its segments uploaded, whose creation had no clear answer.
     pending: Option<BucketManifest>,
     fenced: Option<u64>,
+    /// Runs of segments a compaction found not worth rewriting (their files, joined).
+    not_worth: std::collections::HashSet<String>,
 }
 
 impl VolumeWriter {
@@ -776,6 +792,7 @@ impl VolumeWriter {
             manifest,
             pending: None,
             fenced: None,
+            not_worth: Default::default(),
         })
     }
 
@@ -1319,12 +1336,12 @@ impl VolumeReader {
     /// seq the manifest does not hold (merged into the base, or not written yet).
     fn resolve(&self, seq: u64) -> Result<Resolved, BucketError> {
         let m = &self.manifest;
-        if seq < m.store.base_seq || seq > m.latest() {
+        if !m.holds(seq) {
             return Err(BucketError::Refused {
                 volume: self.name().to_string(),
                 url: self.bucket.url.clone(),
                 reason: format!(
-                    "seq {seq} is not held: manifest version {} holds {}..={} (a pruned point's records were merged into the base): open a newer point",
+                    "seq {seq} is not held: manifest version {} holds {}..={} but the seqs that compacted segments cover (a pruned point's records were merged into the base or compacted): open a kept point",
                     m.version,
                     m.store.base_seq,
                     m.latest()

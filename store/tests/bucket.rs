@@ -900,3 +900,115 @@ fn an_interrupted_merge_or_delete_leaves_a_readable_volume_and_is_finished_later
     assert_eq!(w.maintain(&gc(t + 2000), t + 2000).unwrap().deleted, 1);
     assert!(unused(&bucket).is_empty());
 }
+
+/// One segment overwriting 256 KiB at `at` with compressible data of `byte`.
+fn overwrite(w: &VolumeWriter, model: &mut [u8], byte: u8, at: usize) -> SegmentBuf {
+    let seq = w.next_seq();
+    let mut s = w.segment(seq);
+    let data: Vec<u8> = (0..256u32 << 10)
+        .map(|i| byte ^ ((i / 1000) as u8))
+        .collect();
+    let mut packer = Packer::new(3, 8).unwrap();
+    s.push_write(seq, at as u64, &data, &mut packer).unwrap();
+    model[at..at + data.len()].copy_from_slice(&data);
+    s
+}
+
+#[test]
+fn segments_between_kept_points_are_compacted_and_every_kept_point_reads_the_same() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+        let mut model = vec![0u8; SIZE as usize];
+        let mut images: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Per round two segments and a point (its marker's unix_ms below). One point per
+        // second of unix_ms is kept: the points of rounds 1 and 3 go. Rounds 0 to 5 write
+        // the same 256 KiB over and over, round 6 two other places.
+        let unix = [1000, 1500, 2000, 2500, 3000, 4000, 5000];
+        for (r, ms) in unix.into_iter().enumerate() {
+            let (a, b) = if r == 6 { (1 << 20, 2 << 20) } else { (0, 0) };
+            let s = overwrite(&w, &mut model, (2 * r) as u8, a);
+            w.append(vec![s]).unwrap();
+            let s = overwrite(&w, &mut model, (2 * r + 1) as u8, b);
+            w.append(vec![s]).unwrap();
+            let seq = w.next_seq();
+            let mut s = w.segment(seq);
+            s.push(Kind::Marker, seq, 0, 0, &marker(ms));
+            w.append(vec![s]).unwrap();
+            images.push((seq, model.clone()));
+        }
+        let p = |r: usize| images[r].0;
+        let before = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        let old_view = before.view(p(2)).unwrap();
+        let gc = Gc {
+            retention: Retention {
+                keep_all_ms: 0,
+                tiers: vec![redun_store::retention::Tier {
+                    every_ms: 1000,
+                    for_ms: u64::MAX,
+                }],
+            },
+            merge_bytes: 0,
+            region_bytes: 1 << 20,
+            grace_ms: 0,
+            level: 3,
+        };
+        let mut passes = Vec::new();
+        for _ in 0..8 {
+            let done = w.maintain(&gc, 1_000_000).unwrap();
+            if done == Maintained::default() {
+                break;
+            }
+            passes.push(done);
+        }
+        // A merge of round 0, three compactions, then the deletions.
+        let compacted: Vec<usize> = passes.iter().map(|d| d.compacted_segments).collect();
+        assert_eq!(
+            compacted.iter().filter(|&&n| n > 0).count(),
+            3,
+            "{passes:?}"
+        );
+        assert_eq!(compacted.iter().sum::<usize>(), 6 + 6 + 3, "{passes:?}");
+        assert_eq!(passes.iter().map(|d| d.pruned).sum::<usize>(), 2);
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        let m = r.manifest();
+        assert_eq!(m.store.base_seq, p(0));
+        let segs: Vec<(u64, u64)> = m
+            .store
+            .segments
+            .iter()
+            .map(|s| (s.first_seq, s.last_seq))
+            .collect();
+        assert_eq!(
+            segs,
+            [
+                (p(2), p(2)),
+                (p(4), p(4)),
+                (p(5), p(5)),
+                (p(5) + 1, p(5) + 1),
+                (p(5) + 2, p(5) + 2),
+                (p(6), p(6)),
+            ],
+            "round 6 wrote different places: not worth compacting"
+        );
+        let ids: Vec<u64> = m.points().iter().map(|(p, _)| p.id).collect();
+        assert_eq!(ids, [p(0), p(2), p(4), p(5), p(6)]);
+        for &k in &[0, 2, 4, 5, 6] {
+            assert!(
+                read_all(&r.view(p(k)).unwrap()) == images[k].1,
+                "point {}",
+                p(k)
+            );
+        }
+        // Seqs inside a compacted segment are gone, as are pruned points.
+        for gone in [p(1), p(2) - 1, p(3), p(4) - 2] {
+            let e = r.view(gone).unwrap_err();
+            assert!(e.to_string().contains("not held"), "{e}");
+        }
+        assert!(!m.holds(p(1)) && m.holds(p(2)) && m.holds(p(5) + 1));
+        // The view opened before: its objects are deleted, it reads the kept point anew.
+        assert!(unused(&bucket).is_empty(), "{:?}", unused(&bucket));
+        assert!(read_all(&old_view) == images[2].1);
+        // Nothing left to do, and the run found not worth it is not tried again.
+        assert_eq!(w.maintain(&gc, 1_000_000).unwrap(), Maintained::default());
+    }
+}

@@ -11,9 +11,10 @@ use super::{
     BaseIndex, BaseIndexRef, BaseObject, BucketError, BucketManifest, Garbage, VolumeReader,
     VolumeWriter,
 };
+use crate::extent::{ExtentMap, Src};
 use crate::pack::{PIECE_FAST_WINDOW, Packer};
 use crate::retention::Retention;
-use crate::segment::SegmentBuf;
+use crate::segment::{SegmentBuf, SegmentRef};
 
 /// Decrypted chunks a merge keeps in memory while it reads the objects it merges.
 const MERGE_CACHE: usize = 64 << 20;
@@ -59,6 +60,8 @@ pub struct Maintained {
     pub pruned: usize,
     pub merged_segments: usize,
     pub base_objects: usize,
+    /// Segments between two kept points replaced by one.
+    pub compacted_segments: usize,
     pub deleted: usize,
 }
 
@@ -72,25 +75,54 @@ pub struct MergeJob {
     /// Names the job's objects (`base/...-TOKEN-N...`), so that the writer's deletions
     /// leave them alone while it runs.
     names: super::ObjectNames,
-    /// The snapshot's first `n` segments are merged.
-    n: usize,
+    work: Work,
     region_bytes: u64,
     level: i32,
+}
+
+/// What a [`MergeJob`] rewrites.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    /// The snapshot's first `n` segments, into the base.
+    Base { n: usize },
+    /// The snapshot's segments `at..at + n`, which hold no kept point but at the end of
+    /// their last, into one segment.
+    Compact { at: usize, n: usize },
 }
 
 /// What a finished [`MergeJob`] uploaded.
 #[derive(Debug)]
 pub struct Merged {
-    through: u64,
-    /// The base index the job's snapshot had (the manifest must still name it).
-    old_base: Option<String>,
-    base: BaseIndexRef,
-    /// The snapshot's segments and base objects the new base replaces.
-    unlisted: Vec<String>,
-    merged_segments: usize,
-    base_objects: usize,
     puts: u64,
+    outcome: Outcome,
 }
+
+#[derive(Debug)]
+enum Outcome {
+    Base {
+        through: u64,
+        /// The base index the job's snapshot had (the manifest must still name it).
+        old_base: Option<String>,
+        base: BaseIndexRef,
+        /// The snapshot's segments and base objects the new base replaces.
+        unlisted: Vec<String>,
+        merged_segments: usize,
+        base_objects: usize,
+    },
+    Compacted {
+        /// The segments compacted, in order.
+        run: Vec<String>,
+        /// The segment that replaces them; `None` when that would not save a quarter of
+        /// their data (the run is left as it is).
+        into: Option<SegmentRef>,
+    },
+}
+
+/// A compaction is worth it when it keeps at most this share of a run's data, in quarters.
+const COMPACT_KEEPS: u64 = 3;
+/// A compaction reads at most this many segment bytes (or twice `merge_bytes`): it builds
+/// its segment in memory.
+const COMPACT_MAX: u64 = 128 << 20;
 
 impl VolumeWriter {
     /// One maintenance pass at `now_ms`, the merge done here and now (see
@@ -98,9 +130,19 @@ impl VolumeWriter {
     pub fn maintain(&mut self, gc: &Gc, now_ms: u64) -> Result<Maintained, BucketError> {
         let (mut done, job) = self.tidy(gc, now_ms, None)?;
         if let Some(job) = job {
-            let m = self.finish_merge(job.run()?, now_ms)?;
-            done.merged_segments = m.merged_segments;
-            done.base_objects = m.base_objects;
+            match self.finish_merge(job.run()?, now_ms)?.outcome {
+                Outcome::Base {
+                    merged_segments,
+                    base_objects,
+                    ..
+                } => {
+                    done.merged_segments = merged_segments;
+                    done.base_objects = base_objects;
+                }
+                Outcome::Compacted { run, into } => {
+                    done.compacted_segments = into.map_or(0, |_| run.len());
+                }
+            }
         }
         Ok(done)
     }
@@ -114,7 +156,8 @@ impl VolumeWriter {
     ///
     /// Returns the merge to run when the segments before the oldest kept point hold enough
     /// bytes and no synchronisation is under way (its records are fresh, and points inside
-    /// it are not images anyway).
+    /// it are not images anyway); otherwise the compaction of a run of segments between two
+    /// kept points that hold as many bytes ([`compaction_run`]).
     pub fn tidy(
         &mut self,
         gc: &Gc,
@@ -154,7 +197,13 @@ impl VolumeWriter {
         let merging_bytes: u64 = m.store.segments[..n].iter().map(|s| s.bytes).sum();
         let base = m.base.as_ref().map_or(0, |b| b.bytes);
         let due = n > 0 && m.sync.is_none() && merging_bytes >= gc.merge_bytes.max(base / 4);
-        let job = (due && merging.is_none()).then(|| MergeJob {
+        let work = if due {
+            Some(Work::Base { n })
+        } else {
+            compaction_run(m, gc.merge_bytes, &self.not_worth)
+                .map(|(at, n)| Work::Compact { at, n })
+        };
+        let job = work.filter(|_| merging.is_none()).map(|work| MergeJob {
             reader: VolumeReader::at(
                 self.bucket.clone(),
                 self.key.clone(),
@@ -166,7 +215,7 @@ impl VolumeWriter {
                 token: super::random_token(),
                 uploads: 0,
             },
-            n,
+            work,
             region_bytes: gc.region_bytes,
             level: gc.level,
         });
@@ -180,41 +229,154 @@ impl VolumeWriter {
     pub fn finish_merge(&mut self, job: Merged, now_ms: u64) -> Result<Merged, BucketError> {
         self.settle()?;
         self.puts += job.puts;
+        let (through, old_base, base, unlisted, merged_segments, base_objects) = match &job.outcome
+        {
+            Outcome::Compacted { run, into } => {
+                self.finish_compaction(run, into.as_ref(), now_ms)?;
+                return Ok(job);
+            }
+            Outcome::Base {
+                through,
+                old_base,
+                base,
+                unlisted,
+                merged_segments,
+                base_objects,
+            } => (
+                *through,
+                old_base,
+                base,
+                unlisted,
+                *merged_segments,
+                *base_objects,
+            ),
+        };
         let mut m = self.manifest.clone();
         let n = m
             .store
             .segments
             .iter()
-            .take_while(|s| s.last_seq <= job.through)
+            .take_while(|s| s.last_seq <= through)
             .count();
-        let same_base = m.base.as_ref().map(|b| &b.file) == job.old_base.as_ref();
-        if n != job.merged_segments || !same_base {
+        let same_base = m.base.as_ref().map(|b| &b.file) == old_base.as_ref();
+        if n != merged_segments || !same_base {
             log::warn!(
-                "volume={} bucket={}: the manifest changed under a merge through seq {}: its objects are dropped",
+                "volume={} bucket={}: the manifest changed under a merge through seq {through}: its objects are dropped",
                 self.id.name,
                 self.bucket.url,
-                job.through
             );
             return Ok(job);
         }
-        m.base = Some(job.base.clone());
-        m.store.base_seq = job.through;
+        m.base = Some(base.clone());
+        m.store.base_seq = through;
         m.store.segments.drain(..n);
-        m.garbage.extend(job.unlisted.iter().map(|file| Garbage {
+        m.garbage.extend(unlisted.iter().map(|file| Garbage {
             file: file.clone(),
             since_ms: now_ms,
         }));
         self.create_next(m)?;
         log::info!(
-            "volume={} bucket={}: merged {} segments into the base (seq {}), {} new base objects",
+            "volume={} bucket={}: merged {merged_segments} segments into the base (seq {through}), {base_objects} new base objects",
             self.id.name,
             self.bucket.url,
-            job.merged_segments,
-            job.through,
-            job.base_objects
         );
         Ok(job)
     }
+
+    /// Lists the segment a compaction built in place of `run` (still listed in order), the
+    /// run as garbage from `now_ms`; or remembers a run not worth compacting.
+    fn finish_compaction(
+        &mut self,
+        run: &[String],
+        into: Option<&SegmentRef>,
+        now_ms: u64,
+    ) -> Result<(), BucketError> {
+        let Some(into) = into else {
+            self.not_worth.insert(run_key(run));
+            return Ok(());
+        };
+        let mut m = self.manifest.clone();
+        let segs = &m.store.segments;
+        let Some(at) = segs
+            .iter()
+            .position(|s| Some(&s.file) == run.first())
+            .filter(|&at| {
+                segs.len() >= at + run.len()
+                    && segs[at..at + run.len()]
+                        .iter()
+                        .map(|s| &s.file)
+                        .eq(run.iter())
+            })
+        else {
+            log::warn!(
+                "volume={} bucket={}: the manifest changed under a compaction into {}: it is dropped",
+                self.id.name,
+                self.bucket.url,
+                into.file
+            );
+            return Ok(());
+        };
+        m.store.segments.splice(at..at + run.len(), [into.clone()]);
+        m.garbage.extend(run.iter().map(|file| Garbage {
+            file: file.clone(),
+            since_ms: now_ms,
+        }));
+        self.create_next(m)?;
+        log::info!(
+            "volume={} bucket={}: compacted {} segments between kept points into {} (seq {})",
+            self.id.name,
+            self.bucket.url,
+            run.len(),
+            into.file,
+            into.last_seq
+        );
+        Ok(())
+    }
+}
+
+/// The first run of two or more segments, after the oldest kept point, whose records hold
+/// no kept point but at the very end (no point in `[first_seq, last_seq)` of the run), that
+/// a kept point follows, and that holds `min_bytes` (and at most [`COMPACT_MAX`] or twice
+/// that): (its first segment, its length). Runs found not worth it before are skipped.
+fn compaction_run(
+    m: &BucketManifest,
+    min_bytes: u64,
+    not_worth: &HashSet<String>,
+) -> Option<(usize, usize)> {
+    let points: Vec<u64> = m.store.points.iter().map(|p| p.id).collect();
+    let (Some(&oldest), Some(&newest)) = (points.first(), points.last()) else {
+        return None;
+    };
+    if m.sync.is_some() {
+        return None;
+    }
+    let segs = &m.store.segments;
+    let inside = |from: u64, to: u64| points.iter().any(|&p| from <= p && p < to);
+    let max = COMPACT_MAX.max(min_bytes.saturating_mul(2));
+    let mut at = segs.iter().position(|s| s.first_seq > oldest)?;
+    while at < segs.len() {
+        let mut end = at + 1;
+        let mut bytes = segs[at].bytes;
+        while end < segs.len()
+            && segs[end].last_seq <= newest
+            && bytes + segs[end].bytes <= max
+            && !inside(segs[at].first_seq, segs[end].last_seq)
+        {
+            bytes += segs[end].bytes;
+            end += 1;
+        }
+        let n = end - at;
+        let files: Vec<String> = segs[at..end].iter().map(|s| s.file.clone()).collect();
+        if n >= 2 && bytes >= min_bytes.max(1) && !not_worth.contains(&run_key(&files)) {
+            return Some((at, n));
+        }
+        at = end;
+    }
+    None
+}
+
+fn run_key(files: &[String]) -> String {
+    files.join(" ")
 }
 
 impl MergeJob {
@@ -223,14 +385,114 @@ impl MergeJob {
         &self.names.token
     }
 
+    /// Runs the job: a merge into the base or a compaction.
+    pub fn run(self) -> Result<Merged, BucketError> {
+        match self.work {
+            Work::Base { n } => self.merge(n),
+            Work::Compact { at, n } => self.compact(at, n),
+        }
+    }
+
+    /// Builds and uploads the segment that replaces segments `at..at + n` of the snapshot:
+    /// what a view at their last record sees of what they wrote (write data, compressed
+    /// again; trims and zeroes as zero entries), every entry at that seq. Markers and other
+    /// records go: the manifest lists the points and decisions. Nothing is uploaded when
+    /// that would keep more than [`COMPACT_KEEPS`] quarters of their data.
+    fn compact(mut self, at: usize, n: usize) -> Result<Merged, BucketError> {
+        let reader = self.reader.clone();
+        let m = reader.manifest();
+        let refs = &m.store.segments[at..at + n];
+        let last = refs[n - 1].last_seq;
+        let run: Vec<String> = refs.iter().map(|s| s.file.clone()).collect();
+        let mut map = ExtentMap::default();
+        let mut segs = Vec::with_capacity(n);
+        let mut written = 0u64;
+        for r in refs {
+            let s = reader.segment(r)?;
+            let file = u32::try_from(segs.len()).expect("a short run");
+            for e in &s.entries {
+                map.apply(file, e);
+                if e.kind == Kind::Write {
+                    written += u64::from(e.length);
+                }
+            }
+            segs.push(s);
+        }
+        let kept: u64 = map
+            .pieces
+            .iter()
+            .filter(|(_, p)| !matches!(p.src, Src::Zero))
+            .map(|(&start, p)| p.end - start)
+            .sum();
+        if kept * 4 > written * COMPACT_KEEPS {
+            return Ok(Merged {
+                puts: 0,
+                outcome: Outcome::Compacted { run, into: None },
+            });
+        }
+        let view = super::Resolved {
+            reader: reader.clone(),
+            map,
+            segs,
+        };
+        let (bucket, key, name) = (reader.bucket(), reader.key(), &self.id.name.clone());
+        let zstd_err = |e: std::io::Error| BucketError::Refused {
+            volume: name.clone(),
+            url: bucket.url().to_string(),
+            reason: format!("cannot compress a compacted segment: {e}"),
+        };
+        let mut packer = Packer::new(self.level, PIECE_FAST_WINDOW).map_err(zstd_err)?;
+        let mut seg = SegmentBuf::new(&self.id, last);
+        let pieces: Vec<(u64, u64, bool)> = view
+            .map
+            .pieces
+            .iter()
+            .map(|(&start, p)| (start, p.end, matches!(p.src, Src::Zero)))
+            .collect();
+        for (start, end, zero) in pieces {
+            if zero {
+                let len = u32::try_from(end - start).expect("pieces come from records");
+                seg.push(Kind::Zero, last, start, len, &[]);
+                continue;
+            }
+            let mut at = start;
+            while at < end {
+                let l = PIECE.min(end - at);
+                let mut buf = vec![0u8; usize::try_from(l).expect("a piece fits in memory")];
+                view.read_at(&mut buf, at)?;
+                seg.push_write(last, at, &buf, &mut packer)
+                    .map_err(zstd_err)?;
+                at += l;
+            }
+        }
+        let file = self
+            .names
+            .next("seg", &format!("{last:020}-{last:020}"), ".seg");
+        let (bytes, _) = seg.seal();
+        let into = SegmentRef {
+            file: file.clone(),
+            first_seq: last,
+            last_seq: last,
+            bytes: bytes.len() as u64,
+        };
+        let (puts, r) = super::upload_all(bucket, key, name, vec![(file, bytes)]);
+        r?;
+        Ok(Merged {
+            puts,
+            outcome: Outcome::Compacted {
+                run,
+                into: Some(into),
+            },
+        })
+    }
+
     /// Builds and uploads the new base: for every region the merged segments touch, an
     /// object holding the region's data as of their last record (the old base object's,
     /// then theirs), then a new base index listing them and the untouched regions' old
     /// objects.
-    pub fn run(mut self) -> Result<Merged, BucketError> {
+    fn merge(mut self, n: usize) -> Result<Merged, BucketError> {
         let reader = self.reader.clone();
         let m = reader.manifest();
-        let n = self.n;
         let through = m.store.segments[n - 1].last_seq;
         let old = reader.base_index()?;
         let region = old
@@ -323,17 +585,19 @@ impl MergeJob {
         let body = serde_json::to_vec_pretty(&index).expect("serializable");
         upload(vec![(file.clone(), body)])?;
         Ok(Merged {
-            through,
-            old_base: m.base.as_ref().map(|b| b.file.clone()),
-            base: BaseIndexRef {
-                file,
-                objects: index.regions.len() as u64,
-                bytes: index.regions.iter().map(|o| o.bytes).sum(),
-            },
-            unlisted,
-            merged_segments: n,
-            base_objects,
             puts,
+            outcome: Outcome::Base {
+                through,
+                old_base: m.base.as_ref().map(|b| b.file.clone()),
+                base: BaseIndexRef {
+                    file,
+                    objects: index.regions.len() as u64,
+                    bytes: index.regions.iter().map(|o| o.bytes).sum(),
+                },
+                unlisted,
+                merged_segments: n,
+                base_objects,
+            },
         })
     }
 }
