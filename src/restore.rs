@@ -5,13 +5,16 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use redun_store::bucket::{Bucket, BucketOptions, VolumeReader};
 use redun_store::crypt::{DEFAULT_KEY_DIR, VolumeKey};
 
 /// Bytes restored per read and write.
 const STEP: usize = 16 << 20;
+/// Steps restored at once.
+const WORKERS: usize = 4;
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("redun: {msg}");
@@ -171,18 +174,39 @@ fn restore_inner(src: &Source<'_>, point: &str, to: &Path, progress: bool) -> Re
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut buf = vec![0u8; STEP];
-    let mut pos = 0u64;
-    while pos < size {
-        let n = usize::try_from((size - pos).min(STEP as u64)).expect("at most STEP");
-        view.read_at(&mut buf[..n], pos)
-            .map_err(|e| e.to_string())?;
-        // A new file is sparse: zeroes stay holes. A device gets every byte.
-        if device || buf[..n].iter().any(|&b| b != 0) {
-            out.write_all_at(&buf[..n], pos).map_err(werr)?;
+    // WORKERS threads each restore one STEP at a time, the next one not taken yet: a step's
+    // fetches wait on the object server, so several are under way at once.
+    let next = AtomicU64::new(0);
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| {
+                let mut buf = vec![0u8; STEP];
+                loop {
+                    let pos = next.fetch_add(STEP as u64, Ordering::Relaxed);
+                    if pos >= size || failed.lock().expect("lock").is_some() {
+                        return;
+                    }
+                    let n = usize::try_from((size - pos).min(STEP as u64)).expect("at most STEP");
+                    let r = view.read_at(&mut buf[..n], pos).map_err(|e| e.to_string());
+                    // A new file is sparse: zeroes stay holes. A device gets every byte.
+                    let r = r.and_then(|()| {
+                        if device || buf[..n].iter().any(|&b| b != 0) {
+                            out.write_all_at(&buf[..n], pos).map_err(werr)?;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        failed.lock().expect("lock").get_or_insert(e);
+                        return;
+                    }
+                    bar.inc(n as u64);
+                }
+            });
         }
-        pos += n as u64;
-        bar.set_position(pos);
+    });
+    if let Some(e) = failed.into_inner().expect("lock") {
+        return Err(e);
     }
     out.sync_all().map_err(werr)?;
     bar.finish_and_clear();
