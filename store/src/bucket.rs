@@ -587,6 +587,13 @@ impl BucketManifest {
     /// What a manifest read as version `v` of volume `name` must hold; a reason if it does
     /// not (a writer's bug, since manifests are authenticated).
     fn check(&self, name: &str, v: u64) -> Result<(), String> {
+        if self.store.format > segment::MANIFEST_FORMAT {
+            return Err(format!(
+                "it is in format {}, this redun reads up to {}: use a newer redun",
+                self.store.format,
+                segment::MANIFEST_FORMAT
+            ));
+        }
         if self.version != v || self.store.name != name {
             return Err(format!(
                 "it says version {} of volume {}",
@@ -972,7 +979,8 @@ impl VolumeWriter {
 #[derive(Debug)]
 struct SegObject {
     path: ObjPath,
-    file: String,
+    /// Its name below the volume (also its chunks' key in the cache).
+    file: Arc<str>,
     header: Header,
     entries: Vec<Entry>,
 }
@@ -1201,7 +1209,7 @@ impl VolumeReader {
         }
         let want = s.header.chunks_of(r.clone());
         let size = s.header.chunk_size();
-        let tag: Arc<str> = Arc::from(s.file.as_str());
+        let tag = s.file.clone();
         let mut chunks: Vec<Arc<Vec<u8>>> = Vec::new();
         for i in want.clone() {
             match self.cache.get(&ChunkKey::Chunk(tag.clone(), i)) {
@@ -1241,7 +1249,7 @@ impl VolumeReader {
     /// The decompressed payload of the compressed entry of `s` whose payload starts at byte
     /// `data`, through the cache.
     fn read_unpacked(&self, s: &SegObject, data: u64) -> Result<Arc<Vec<u8>>, BucketError> {
-        let key = ChunkKey::Unpacked(Arc::from(s.file.as_str()), data);
+        let key = ChunkKey::Unpacked(s.file.clone(), data);
         if let Some(c) = self.cache.get(&key) {
             return Ok(c);
         }
@@ -1303,7 +1311,7 @@ impl VolumeReader {
         }
         let mut s = SegObject {
             path,
-            file: r.file.clone(),
+            file: Arc::from(r.file.as_str()),
             header,
             entries: Vec::new(),
         };
@@ -1481,18 +1489,13 @@ impl Resolved {
     /// out damaged is left to the read, which names it.
     fn fetch_ahead(&self, offset: u64, len: u64) -> Result<(), BucketError> {
         let cache = &self.reader.cache;
-        let tags: Vec<Arc<str>> = self
-            .segs
-            .iter()
-            .map(|s| Arc::from(s.file.as_str()))
-            .collect();
         let mut want: Vec<(u32, u64)> = Vec::new();
         self.map.walk(offset, offset + len, |s, e, src| {
             let (file, r) = match src {
                 Some(Src::Data { file, pos }) => (file, pos..pos + (e - s)),
                 Some(Src::Packed { file, data, .. }) => {
                     let seg = &self.segs[file as usize];
-                    let key = ChunkKey::Unpacked(tags[file as usize].clone(), data);
+                    let key = ChunkKey::Unpacked(seg.file.clone(), data);
                     match seg.entries.binary_search_by_key(&data, |e| e.data) {
                         Ok(i) if !cache.contains(&key) => {
                             (file, data..data + u64::from(seg.entries[i].packed))
@@ -1509,7 +1512,9 @@ impl Resolved {
         });
         want.sort_unstable();
         want.dedup();
-        want.retain(|&(f, c)| !cache.contains(&ChunkKey::Chunk(tags[f as usize].clone(), c)));
+        want.retain(|&(f, c)| {
+            !cache.contains(&ChunkKey::Chunk(self.segs[f as usize].file.clone(), c))
+        });
         let mut runs: Vec<(u32, std::ops::Range<u64>)> = Vec::new();
         for (f, c) in want {
             match runs.last_mut() {
@@ -1545,7 +1550,7 @@ impl Resolved {
             else {
                 continue;
             };
-            let tag: Arc<str> = Arc::from(seg.file.as_str());
+            let tag = seg.file.clone();
             let step = usize::try_from(seg.header.chunk_size()).expect("chunks are small");
             for (i, c) in (r.start..).zip(plain.chunks(step)) {
                 cache.put(ChunkKey::Chunk(tag.clone(), i), Arc::new(c.to_vec()));

@@ -26,7 +26,9 @@ pub const FLAG_PACKED: u8 = 1;
 /// Bytes of a write that one compressed entry holds at most: a reader of a few bytes
 /// fetches and decompresses at most this much.
 pub const PACKED_PIECE: usize = 64 << 10;
-pub const MANIFEST_FORMAT: u32 = 1;
+/// 2: segments may hold compressed entries, and a bucket's manifest compacted gaps (a
+/// reader that knows only 1 would misread both); readers refuse a newer format.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// The identity a store is created with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -590,6 +592,10 @@ impl SegmentBuf {
         data: &[u8],
         packer: &mut Packer,
     ) -> io::Result<()> {
+        if data.is_empty() {
+            self.push(Kind::Write, seq, offset, 0, &[]);
+            return Ok(());
+        }
         let mut at = offset;
         for piece in data.chunks(PACKED_PIECE) {
             let len = u32::try_from(piece.len()).expect("a piece is small");
@@ -780,6 +786,19 @@ mod tests {
             back.extend_from_slice(&p);
         }
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn an_empty_write_keeps_its_entry() {
+        let mut packer = Packer::new(3, 8).unwrap();
+        let mut b = SegmentBuf::new(&id(), 9);
+        b.push_write(9, 4096, &[], &mut packer).unwrap();
+        let (_, (entries, ..)) = b.seal();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            (entries[0].seq, entries[0].length, entries[0].packed),
+            (9, 0, 0)
+        );
     }
 
     #[test]

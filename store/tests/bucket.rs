@@ -952,7 +952,18 @@ fn segments_between_kept_points_are_compacted_and_every_kept_point_reads_the_sam
             grace_ms: 0,
             level: 3,
         };
+        // Until a kept point after a run is a grace old, the run stays: here only the
+        // point of round 0 is (the merge goes ahead).
+        let young = Gc {
+            grace_ms: 999_000,
+            ..gc.clone()
+        };
         let mut passes = Vec::new();
+        for _ in 0..2 {
+            passes.push(w.maintain(&young, 1_000_000).unwrap());
+        }
+        assert_eq!(passes[0].merged_segments, 3, "{passes:?}");
+        assert_eq!(w.manifest().store.segments.len(), 6 * 3, "{passes:?}");
         for _ in 0..8 {
             let done = w.maintain(&gc, 1_000_000).unwrap();
             if done == Maintained::default() {

@@ -186,6 +186,11 @@ impl VolumeWriter {
                 done.deleted
             );
         }
+        let listed: HashSet<&str> = (self.manifest.store.segments.iter())
+            .map(|s| s.file.as_str())
+            .collect();
+        self.not_worth
+            .retain(|k| k.split(' ').all(|f| listed.contains(f)));
         let m = &self.manifest;
         let limit = m.store.points.first().map_or(u64::MAX, |p| p.id);
         let n = m
@@ -200,7 +205,8 @@ impl VolumeWriter {
         let work = if due {
             Some(Work::Base { n })
         } else {
-            compaction_run(m, gc.merge_bytes, &self.not_worth)
+            let settled = now_ms.saturating_sub(gc.grace_ms);
+            compaction_run(m, gc.merge_bytes, settled, &self.not_worth)
                 .map(|(at, n)| Work::Compact { at, n })
         };
         let job = work.filter(|_| merging.is_none()).map(|work| MergeJob {
@@ -336,17 +342,28 @@ impl VolumeWriter {
 
 /// The first run of two or more segments, after the oldest kept point, whose records hold
 /// no kept point but at the very end (no point in `[first_seq, last_seq)` of the run), that
-/// a kept point follows, and that holds `min_bytes` (and at most [`COMPACT_MAX`] or twice
-/// that): (its first segment, its length). Runs found not worth it before are skipped.
+/// a kept point taken at or before `settled_ms` ends or follows, and that holds `min_bytes`
+/// (and at most [`COMPACT_MAX`] or twice that): (its first segment, its length). Runs found
+/// not worth it before are skipped.
+///
+/// The seqs inside a compacted run can no longer be read: waiting until a kept point after
+/// them is a grace old leaves a reader of such a seq (`latest` when it was opened) at least
+/// two graces (compaction, then deletion) from the moment a point followed it.
 fn compaction_run(
     m: &BucketManifest,
     min_bytes: u64,
+    settled_ms: u64,
     not_worth: &HashSet<String>,
 ) -> Option<(usize, usize)> {
     let points: Vec<u64> = m.store.points.iter().map(|p| p.id).collect();
-    let (Some(&oldest), Some(&newest)) = (points.first(), points.last()) else {
-        return None;
-    };
+    let oldest = *points.first()?;
+    let newest = m
+        .store
+        .points
+        .iter()
+        .rev()
+        .find(|p| p.unix_ms <= settled_ms)?
+        .id;
     if m.sync.is_some() {
         return None;
     }
@@ -443,13 +460,17 @@ impl MergeJob {
         };
         let mut packer = Packer::new(self.level, PIECE_FAST_WINDOW).map_err(zstd_err)?;
         let mut seg = SegmentBuf::new(&self.id, last);
-        let pieces: Vec<(u64, u64, bool)> = view
-            .map
-            .pieces
-            .iter()
-            .map(|(&start, p)| (start, p.end, matches!(p.src, Src::Zero)))
-            .collect();
-        for (start, end, zero) in pieces {
+        // Zero pieces as they are; adjacent data pieces read together, PIECE at a time
+        // (one read fetches its chunks in parallel).
+        let mut spans: Vec<(u64, u64, bool)> = Vec::new();
+        for (&start, p) in &view.map.pieces {
+            let zero = matches!(p.src, Src::Zero);
+            match spans.last_mut() {
+                Some((_, end, false)) if !zero && *end == start => *end = p.end,
+                _ => spans.push((start, p.end, zero)),
+            }
+        }
+        for (start, end, zero) in spans {
             if zero {
                 let len = u32::try_from(end - start).expect("pieces come from records");
                 seg.push(Kind::Zero, last, start, len, &[]);
@@ -464,6 +485,13 @@ impl MergeJob {
                     .map_err(zstd_err)?;
                 at += l;
             }
+        }
+        if seg.is_empty() {
+            // Only markers and other records: nothing to keep but what the manifest lists.
+            return Ok(Merged {
+                puts: 0,
+                outcome: Outcome::Compacted { run, into: None },
+            });
         }
         let file = self
             .names
