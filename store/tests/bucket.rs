@@ -1023,3 +1023,72 @@ fn segments_between_kept_points_are_compacted_and_every_kept_point_reads_the_sam
         assert_eq!(w.maintain(&gc, 1_000_000).unwrap(), Maintained::default());
     }
 }
+
+#[test]
+fn an_interrupted_compaction_leaves_a_readable_volume_and_is_finished_later() {
+    let (f, bucket) = flaky();
+    let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(1)).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let mut images = Vec::new();
+    for r in 0..3usize {
+        for k in 0..2 {
+            let s = overwrite(&w, &mut model, (2 * r + k) as u8, 0);
+            w.append(vec![s]).unwrap();
+        }
+        let seq = w.next_seq();
+        let mut s = w.segment(seq);
+        s.push(Kind::Marker, seq, 0, 0, &marker(1000 * (r as u64 + 1)));
+        w.append(vec![s]).unwrap();
+        images.push((seq, model.clone()));
+    }
+    let check = || {
+        let r = VolumeReader::open(bucket.clone(), "vol1", key(1), 1 << 20).unwrap();
+        for (seq, image) in &images {
+            assert!(read_all(&r.view(*seq).unwrap()) == *image, "point {seq}");
+        }
+        r.manifest().clone()
+    };
+    // Every point is kept: round 0 merges into the base, rounds 1 and 2 compact.
+    let gc = Gc {
+        retention: Retention {
+            keep_all_ms: u64::MAX,
+            tiers: Vec::new(),
+        },
+        merge_bytes: 0,
+        region_bytes: 1 << 20,
+        grace_ms: 1000,
+        level: 3,
+    };
+    let t = now_ms() + 1_000_000;
+    assert_eq!(w.maintain(&gc, t).unwrap().merged_segments, 3);
+    // The compacted segment is uploaded, the manifest that lists it is not: the volume
+    // reads as before, the new object is not used.
+    *f.fail_puts_of.lock().unwrap() = Some("manifest/");
+    let v = w.manifest().version;
+    assert!(w.maintain(&gc, t).unwrap_err().is_transient());
+    *f.fail_puts_of.lock().unwrap() = None;
+    assert_eq!(check().version, v);
+    assert_eq!(
+        unused(&bucket).len(),
+        3 + 1,
+        "round 0's garbage and the new segment"
+    );
+    // The next passes put that manifest again, compact round 2 and delete what is unused.
+    let mut compacted = 0;
+    for k in 1..6 {
+        compacted += w.maintain(&gc, t + 1000 * k).unwrap().compacted_segments;
+    }
+    assert_eq!(
+        compacted, 3,
+        "round 2 (round 1's was listed by the settled manifest)"
+    );
+    let m = check();
+    let segs: Vec<(u64, u64)> = (m.store.segments.iter())
+        .map(|s| (s.first_seq, s.last_seq))
+        .collect();
+    assert_eq!(
+        segs,
+        [(images[1].0, images[1].0), (images[2].0, images[2].0)]
+    );
+    assert!(unused(&bucket).is_empty(), "{:?}", unused(&bucket));
+}
