@@ -5,8 +5,11 @@
 # group, then with the members in one group placing a point every second. Prints write p50 and
 # p99 latency, IOPS, the added latency and the throughput ratio, and the time of one round
 # (coordinator's PREPARE to the last COMMIT answer), sampled from the coordinator's status.
+# Each repeat runs without points, with points, then without again (the A/A control):
 # ratio: mean IOPS with points over mean IOPS without; pairs: the median of each repeat's
-# ratio (with points against the run without just before it).
+# ratio (with points against the mean of the two runs around it, which cancels a steady
+# drift of the machine); A/A: the median of the second run without points over the first,
+# the noise band the ratios are read against.
 # Targets (issue 7): added p99 <= 1 ms, throughput >= 0.98x. Journals are 4 GiB so that none
 # overflows during a run (a volume that needs a resync takes no group points, and dirty
 # regions would make the baseline another workload).
@@ -61,7 +64,8 @@ EOF
 }
 
 # run N GROUP K: starts N members, runs fio on all, stops them; leaves fio's JSON and the
-# round samples in $work/result-N-GROUP-K.*
+# round samples in $work/result-N-GROUP-K.* (GROUP 1: group points; 0 and 2: none, 2 being
+# the control run after them)
 run() {
     local n=$1 group=$2 k=$3 fio_args=() i
     for i in $(seq "$n"); do
@@ -99,34 +103,39 @@ run() {
     fi
 }
 
-# Without and with group points, alternately, `repeat` times: this machine's noise is larger
-# than what is measured, so the table shows the mean of the repeats.
+# Without, with, and without group points again, `repeat` times: this machine's noise is
+# larger than what is measured, so the table shows the mean of the repeats.
 repeat="${BENCH_REPEAT:-2}"
 for n in $members_list; do
     for k in $(seq "$repeat"); do
         run "$n" 0 "$k"
         run "$n" 1 "$k"
+        run "$n" 2 "$k"
     done
 done
 
 python3 - "$members_list" "$repeat" <<'PY'
 import json, statistics, sys
-print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'ratio':>6} {'pairs':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
+print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'ratio':>6} {'pairs':>6} {'A/A':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
 for n in sys.argv[1].split():
     rows = {}
     every = {}
     repeats = range(1, int(sys.argv[2]) + 1)
-    for g in (0, 1):
+    for g in (0, 1, 2):
         runs = []
         for k in repeats:
             j = json.load(open(f"result-{n}-{g}-{k}.json"))["jobs"][0]["write"]
             pct = j["clat_ns"]["percentile"]
             runs.append((j["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000))
         every[g] = runs
+    # Without points: both runs of each repeat.
+    for g, runs in ((0, every[0] + every[2]), (1, every[1])):
         rows[g] = tuple(statistics.mean(r[i] for r in runs) for i in range(3))
-    # Each run with group points against the run without just before it: the median of
-    # these ratios is less sensitive to the machine's drift than the ratio of the means.
-    pairs = statistics.median(b[0] / a[0] for a, b in zip(every[0], every[1]))
+    # Each run with group points against the mean of the runs without around it: the median
+    # of these ratios is less sensitive to the machine's drift than the ratio of the means.
+    pairs = statistics.median(
+        b[0] / ((a[0] + c[0]) / 2) for a, b, c in zip(every[0], every[1], every[2]))
+    control = statistics.median(c[0] / a[0] for a, c in zip(every[0], every[2]))
     rounds = {}
     errors = set()
     last = [0, 0]
@@ -151,7 +160,7 @@ for n in sys.argv[1].split():
         if g:
             b = rows[0]
             us = sorted(rounds.values()) or [0]
-            extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {iops / b[0]:>5.2f}x {pairs:>5.2f}x"
+            extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {iops / b[0]:>5.2f}x {pairs:>5.2f}x {control:>5.2f}x"
                      f" {statistics.median(us):>12.0f}/{max(us):<9.0f} {last[0]:>10}/{last[1]}")
         print(f"{n:>7} {'every 1s' if g else 'none':<13} {iops:>9.0f} {p50:>8.0f} {p99:>8.0f}{extra}")
     for e in sorted(errors):
