@@ -13,7 +13,9 @@
 # Targets (issue 7): added p99 <= 1 ms, throughput >= 0.98x. Journals are 4 GiB so that none
 # overflows during a run (a volume that needs a resync takes no group points, and dirty
 # regions would make the baseline another workload).
-# Usage: scripts/bench-groups.sh [SECONDS per run, default 10]   (BENCH_MEMBERS="3 8")
+# Usage: scripts/bench-groups.sh [SECONDS per run, default 10]   (BENCH_MEMBERS="3 8",
+#        BENCH_REPEAT=2, GROUP_INTERVAL=1s: the group's point interval; "1h" measures what
+#        membership alone costs, with no round during the runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime="${1:-10}"
@@ -52,7 +54,7 @@ EOF
 name = "bench"
 id = $i
 listen = "127.0.0.1:$((base + i))"
-interval = "1s"
+interval = "${GROUP_INTERVAL:-1s}"
 timeout = "50ms"
 tls_ca = "$work/pki/ca.crt"
 tls_cert = "$work/pki/m$i.crt"
