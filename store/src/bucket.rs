@@ -1221,16 +1221,7 @@ impl VolumeReader {
         if from < want.end {
             let fetch = s.header.chunk_bytes(from..want.end);
             let raw = self.bucket.get_range(&s.path, fetch)?;
-            let plain = self
-                .key
-                .open_chunks(&s.file, &s.header, from..want.end, &raw)
-                .map_err(|e| self.crypt_err(&s.path, e))?;
-            let step = usize::try_from(size).expect("chunks are small");
-            for (i, c) in (from..).zip(plain.chunks(step)) {
-                let c = Arc::new(c.to_vec());
-                self.cache.put(ChunkKey::Chunk(tag.clone(), i), c.clone());
-                chunks.push(c);
-            }
+            chunks.extend(self.open_and_cache(s, from..want.end, &raw)?);
         }
         let skip = usize::try_from(r.start - want.start * size).expect("within a chunk");
         let n = usize::try_from(r.end - r.start).expect("a read fits in memory");
@@ -1244,6 +1235,29 @@ impl VolumeReader {
         out.drain(..skip);
         out.truncate(n);
         Ok(out)
+    }
+
+    /// Decrypts `raw`, the bytes of chunks `c` of `s`, and keeps each chunk in the cache.
+    fn open_and_cache(
+        &self,
+        s: &SegObject,
+        c: std::ops::Range<u64>,
+        raw: &[u8],
+    ) -> Result<Vec<Arc<Vec<u8>>>, BucketError> {
+        let plain = self
+            .key
+            .open_chunks(&s.file, &s.header, c.clone(), raw)
+            .map_err(|e| self.crypt_err(&s.path, e))?;
+        let step = usize::try_from(s.header.chunk_size()).expect("chunks are small");
+        Ok((c.start..)
+            .zip(plain.chunks(step))
+            .map(|(i, c)| {
+                let c = Arc::new(c.to_vec());
+                self.cache
+                    .put(ChunkKey::Chunk(s.file.clone(), i), c.clone());
+                c
+            })
+            .collect())
     }
 
     /// The decompressed payload of the compressed entry of `s` whose payload starts at byte
@@ -1543,18 +1557,8 @@ impl Resolved {
             .try_collect::<Vec<_>>(),
         )?;
         for (seg, r, raw) in fetched {
-            let Ok(plain) = self
-                .reader
-                .key
-                .open_chunks(&seg.file, &seg.header, r.clone(), &raw)
-            else {
-                continue;
-            };
-            let tag = seg.file.clone();
-            let step = usize::try_from(seg.header.chunk_size()).expect("chunks are small");
-            for (i, c) in (r.start..).zip(plain.chunks(step)) {
-                cache.put(ChunkKey::Chunk(tag.clone(), i), Arc::new(c.to_vec()));
-            }
+            // A chunk that does not decrypt is left to the read, which names it.
+            let _ = self.reader.open_and_cache(seg, r, &raw);
         }
         Ok(())
     }

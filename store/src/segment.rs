@@ -600,24 +600,9 @@ impl SegmentBuf {
         for piece in data.chunks(PACKED_PIECE) {
             let len = u32::try_from(piece.len()).expect("a piece is small");
             if packer.compress(piece, &mut self.scratch)? {
-                let data = (self.bytes.len() + ENTRY_HEADER_LEN) as u64;
-                encode_flagged(
-                    &mut self.bytes,
-                    self.first_seq,
-                    (Kind::Write, FLAG_PACKED),
-                    seq,
-                    at,
-                    len,
-                    &self.scratch,
-                );
-                self.entries.push(Entry {
-                    seq,
-                    offset: at,
-                    data,
-                    length: len,
-                    kind: Kind::Write,
-                    packed: u32::try_from(self.scratch.len()).expect("a piece is small"),
-                });
+                let stored = std::mem::take(&mut self.scratch);
+                self.push_entry((Kind::Write, FLAG_PACKED), seq, at, len, &stored);
+                self.scratch = stored;
             } else {
                 self.push(Kind::Write, seq, at, len, piece);
             }
@@ -632,24 +617,41 @@ impl SegmentBuf {
     }
 
     pub fn push(&mut self, kind: Kind, seq: u64, offset: u64, length: u32, payload: &[u8]) {
+        self.push_entry((kind, 0), seq, offset, length, payload);
+    }
+
+    /// Appends one entry with `flags` ([`FLAG_PACKED`]: `payload` is compressed).
+    fn push_entry(
+        &mut self,
+        (kind, flags): (Kind, u8),
+        seq: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
         let data = (self.bytes.len() + ENTRY_HEADER_LEN) as u64;
-        encode_entry(
+        encode_flagged(
             &mut self.bytes,
             self.first_seq,
-            kind,
+            (kind, flags),
             seq,
             offset,
             length,
             payload,
         );
-        note_record(kind, seq, payload, &mut self.points, &mut self.decisions);
+        let packed = if flags & FLAG_PACKED != 0 {
+            u32::try_from(payload.len()).expect("payloads are at most 32 MiB")
+        } else {
+            note_record(kind, seq, payload, &mut self.points, &mut self.decisions);
+            0
+        };
         self.entries.push(Entry {
             seq,
             offset,
             data,
             length,
             kind,
-            packed: 0,
+            packed,
         });
     }
 

@@ -99,16 +99,7 @@ pub struct Merged {
 
 #[derive(Debug)]
 enum Outcome {
-    Base {
-        through: u64,
-        /// The base index the job's snapshot had (the manifest must still name it).
-        old_base: Option<String>,
-        base: BaseIndexRef,
-        /// The snapshot's segments and base objects the new base replaces.
-        unlisted: Vec<String>,
-        merged_segments: usize,
-        base_objects: usize,
-    },
+    Base(NewBase),
     Compacted {
         /// The segments compacted, in order.
         run: Vec<String>,
@@ -116,6 +107,19 @@ enum Outcome {
         /// their data (the run is left as it is).
         into: Option<SegmentRef>,
     },
+}
+
+/// The base a merge uploaded.
+#[derive(Debug)]
+struct NewBase {
+    through: u64,
+    /// The base index the job's snapshot had (the manifest must still name it).
+    old_base: Option<String>,
+    base: BaseIndexRef,
+    /// The snapshot's segments and base objects the new base replaces.
+    unlisted: Vec<String>,
+    merged_segments: usize,
+    base_objects: usize,
 }
 
 /// A compaction is worth it when it keeps at most this share of a run's data, in quarters.
@@ -131,13 +135,9 @@ impl VolumeWriter {
         let (mut done, job) = self.tidy(gc, now_ms, None)?;
         if let Some(job) = job {
             match self.finish_merge(job.run()?, now_ms)?.outcome {
-                Outcome::Base {
-                    merged_segments,
-                    base_objects,
-                    ..
-                } => {
-                    done.merged_segments = merged_segments;
-                    done.base_objects = base_objects;
+                Outcome::Base(b) => {
+                    done.merged_segments = b.merged_segments;
+                    done.base_objects = b.base_objects;
                 }
                 Outcome::Compacted { run, into } => {
                     done.compacted_segments = into.map_or(0, |_| run.len());
@@ -235,58 +235,53 @@ impl VolumeWriter {
     pub fn finish_merge(&mut self, job: Merged, now_ms: u64) -> Result<Merged, BucketError> {
         self.settle()?;
         self.puts += job.puts;
-        let (through, old_base, base, unlisted, merged_segments, base_objects) = match &job.outcome
-        {
+        match &job.outcome {
+            Outcome::Base(b) => self.finish_base(b, now_ms)?,
             Outcome::Compacted { run, into } => {
                 self.finish_compaction(run, into.as_ref(), now_ms)?;
-                return Ok(job);
             }
-            Outcome::Base {
-                through,
-                old_base,
-                base,
-                unlisted,
-                merged_segments,
-                base_objects,
-            } => (
-                *through,
-                old_base,
-                base,
-                unlisted,
-                *merged_segments,
-                *base_objects,
-            ),
-        };
+        }
+        Ok(job)
+    }
+
+    /// Lists the base `b` in the next manifest version, unless the manifest's first
+    /// segments or base changed since the job's snapshot.
+    fn finish_base(&mut self, b: &NewBase, now_ms: u64) -> Result<(), BucketError> {
+        let NewBase {
+            through,
+            old_base,
+            base,
+            unlisted,
+            merged_segments,
+            base_objects,
+        } = b;
         let mut m = self.manifest.clone();
         let n = m
             .store
             .segments
             .iter()
-            .take_while(|s| s.last_seq <= through)
+            .take_while(|s| s.last_seq <= *through)
             .count();
         let same_base = m.base.as_ref().map(|b| &b.file) == old_base.as_ref();
-        if n != merged_segments || !same_base {
+        if n != *merged_segments || !same_base {
             log::warn!(
                 "volume={} bucket={}: the manifest changed under a merge through seq {through}: its objects are dropped",
                 self.id.name,
                 self.bucket.url,
             );
-            return Ok(job);
+            return Ok(());
         }
         m.base = Some(base.clone());
-        m.store.base_seq = through;
+        m.store.base_seq = *through;
         m.store.segments.drain(..n);
-        m.garbage.extend(unlisted.iter().map(|file| Garbage {
-            file: file.clone(),
-            since_ms: now_ms,
-        }));
+        unlist(&mut m, unlisted, now_ms);
         self.create_next(m)?;
         log::info!(
             "volume={} bucket={}: merged {merged_segments} segments into the base (seq {through}), {base_objects} new base objects",
             self.id.name,
             self.bucket.url,
         );
-        Ok(job)
+        Ok(())
     }
 
     /// Lists the segment a compaction built in place of `run` (still listed in order), the
@@ -323,10 +318,7 @@ impl VolumeWriter {
             return Ok(());
         };
         m.store.segments.splice(at..at + run.len(), [into.clone()]);
-        m.garbage.extend(run.iter().map(|file| Garbage {
-            file: file.clone(),
-            since_ms: now_ms,
-        }));
+        unlist(&mut m, run, now_ms);
         self.create_next(m)?;
         log::info!(
             "volume={} bucket={}: compacted {} segments between kept points into {} (seq {})",
@@ -392,6 +384,67 @@ fn compaction_run(
     None
 }
 
+/// Records `files`, no longer listed by `m`, as garbage from `now_ms`.
+fn unlist(m: &mut BucketManifest, files: &[String], now_ms: u64) {
+    m.garbage.extend(files.iter().map(|file| Garbage {
+        file: file.clone(),
+        since_ms: now_ms,
+    }));
+}
+
+/// A job's compression, started with zstd level `level`; its failures (zstd out of memory)
+/// are refusals naming the volume.
+struct Compress<'a> {
+    packer: Packer,
+    volume: &'a str,
+    url: &'a str,
+}
+
+impl<'a> Compress<'a> {
+    fn new(level: i32, volume: &'a str, url: &'a str) -> Result<Compress<'a>, BucketError> {
+        let packer =
+            Packer::new(level, PIECE_FAST_WINDOW).map_err(|e| zstd_err(volume, url, &e))?;
+        Ok(Compress {
+            packer,
+            volume,
+            url,
+        })
+    }
+
+    fn err(&self, e: &std::io::Error) -> BucketError {
+        zstd_err(self.volume, self.url, e)
+    }
+
+    /// Appends the volume's bytes `[start, end)`, as `read` reads them, to `seg` as writes
+    /// at `seq`, [`PIECE`] at a time (one read fetches its chunks in parallel).
+    fn copy_writes(
+        &mut self,
+        seg: &mut SegmentBuf,
+        seq: u64,
+        (start, end): (u64, u64),
+        read: impl Fn(&mut [u8], u64) -> Result<(), BucketError>,
+    ) -> Result<(), BucketError> {
+        let mut at = start;
+        while at < end {
+            let l = PIECE.min(end - at);
+            let mut buf = vec![0u8; usize::try_from(l).expect("a piece fits in memory")];
+            read(&mut buf, at)?;
+            seg.push_write(seq, at, &buf, &mut self.packer)
+                .map_err(|e| self.err(&e))?;
+            at += l;
+        }
+        Ok(())
+    }
+}
+
+fn zstd_err(volume: &str, url: &str, e: &std::io::Error) -> BucketError {
+    BucketError::Refused {
+        volume: volume.to_string(),
+        url: url.to_string(),
+        reason: format!("cannot compress: {e}"),
+    }
+}
+
 fn run_key(files: &[String]) -> String {
     files.join(" ")
 }
@@ -453,15 +506,9 @@ impl MergeJob {
             segs,
         };
         let (bucket, key, name) = (reader.bucket(), reader.key(), &self.id.name.clone());
-        let zstd_err = |e: std::io::Error| BucketError::Refused {
-            volume: name.clone(),
-            url: bucket.url().to_string(),
-            reason: format!("cannot compress a compacted segment: {e}"),
-        };
-        let mut packer = Packer::new(self.level, PIECE_FAST_WINDOW).map_err(zstd_err)?;
+        let mut compress = Compress::new(self.level, name, bucket.url())?;
         let mut seg = SegmentBuf::new(&self.id, last);
-        // Zero pieces as they are; adjacent data pieces read together, PIECE at a time
-        // (one read fetches its chunks in parallel).
+        // Zero pieces as they are; adjacent data pieces read together.
         let mut spans: Vec<(u64, u64, bool)> = Vec::new();
         for (&start, p) in &view.map.pieces {
             let zero = matches!(p.src, Src::Zero);
@@ -476,15 +523,7 @@ impl MergeJob {
                 seg.push(Kind::Zero, last, start, len, &[]);
                 continue;
             }
-            let mut at = start;
-            while at < end {
-                let l = PIECE.min(end - at);
-                let mut buf = vec![0u8; usize::try_from(l).expect("a piece fits in memory")];
-                view.read_at(&mut buf, at)?;
-                seg.push_write(last, at, &buf, &mut packer)
-                    .map_err(zstd_err)?;
-                at += l;
-            }
+            compress.copy_writes(&mut seg, last, (start, end), |b, at| view.read_at(b, at))?;
         }
         if seg.is_empty() {
             // Only markers and other records: nothing to keep but what the manifest lists.
@@ -556,12 +595,7 @@ impl MergeJob {
         };
         let mut batch = Vec::new();
         let mut base_objects = 0;
-        let zstd_err = |e: std::io::Error| BucketError::Refused {
-            volume: name.clone(),
-            url: bucket.url().to_string(),
-            reason: format!("cannot compress a base object: {e}"),
-        };
-        let mut packer = Packer::new(self.level, PIECE_FAST_WINDOW).map_err(zstd_err)?;
+        let mut compress = Compress::new(self.level, name, bucket.url())?;
         let last = touched.last().copied();
         for g in touched {
             unlisted.extend(regions.remove(&g).map(|o| o.file));
@@ -569,16 +603,12 @@ impl MergeJob {
             let mut seg = SegmentBuf::new(&self.id, through);
             let mut at = start;
             for (len, data) in view.extents(start, end - start) {
-                let stop = at + len;
-                while data && at < stop {
-                    let l = PIECE.min(stop - at);
-                    let mut buf = vec![0u8; usize::try_from(l).expect("a piece fits in memory")];
-                    view.read_at(&mut buf, at)?;
-                    seg.push_write(through, at, &buf, &mut packer)
-                        .map_err(zstd_err)?;
-                    at += l;
+                if data {
+                    compress.copy_writes(&mut seg, through, (at, at + len), |b, at| {
+                        view.read_at(b, at)
+                    })?;
                 }
-                at = stop;
+                at += len;
             }
             if !seg.is_empty() {
                 let file = self
@@ -614,7 +644,7 @@ impl MergeJob {
         upload(vec![(file.clone(), body)])?;
         Ok(Merged {
             puts,
-            outcome: Outcome::Base {
+            outcome: Outcome::Base(NewBase {
                 through,
                 old_base: m.base.as_ref().map(|b| b.file.clone()),
                 base: BaseIndexRef {
@@ -625,7 +655,7 @@ impl MergeJob {
                 unlisted,
                 merged_segments: n,
                 base_objects,
-            },
+            }),
         })
     }
 }
