@@ -10,11 +10,16 @@
 # a file that holds data, a new journal starts `resync-required`: the initial replication
 # tracks dirty regions only, and the bench would measure that instead). Prints IOPS, MiB/s, p99 completion latency,
 # redun's ratios to each reference, and the tracker's resident memory with a 2 TiB volume.
-# Usage: scripts/bench-nbd.sh [SECONDS, default 20]   (BENCH_BACKEND=uring|sync)
+# Each job runs BENCH_REPEAT times (default 2), the servers in one order and then in the
+# reverse order (a drift of the machine during a job then weighs on every server alike); the
+# table shows the mean of the repeats, and the spread (lowest and highest run over the mean)
+# of each server's IOPS.
+# Usage: scripts/bench-nbd.sh [SECONDS, default 20]   (BENCH_BACKEND=uring|sync, BENCH_REPEAT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime="${1:-20}"
 write_size="${BENCH_WRITE_SIZE:-3g}"
+repeat="${BENCH_REPEAT:-2}"
 backend="${BENCH_BACKEND:-uring}"
 for t in fio qemu-nbd nbdkit python3; do
     command -v "$t" >/dev/null || { echo "bench: $t missing: run scripts/install-test-deps.sh" >&2; exit 1; }
@@ -79,32 +84,39 @@ echo "bench: reads ${runtime}s, writes $write_size per job, redun backend=$backe
 for j in "${jobs[@]}"; do
     read -r rw bs qd <<<"$j"
     if [ "$rw" = randread ]; then amount=(--time_based --runtime="$runtime"); else amount=(--io_size="$write_size"); fi
-    for name in "${servers[@]}"; do
-        port=$((port + 1))
-        if [ "$rw" = randread ]; then
-            img=$data
-        else
-            # Every writer starts from the same state: a new, empty, fully allocated file, so
-            # none of it is in the page cache either (pages left cached by an earlier job can
-            # be large folios, and ext4 then walks every block of a 2 MiB folio on each 4 KiB
-            # write: measured here, 43k IOPS instead of 105k, whatever the server).
-            img=$work/write.img
-            rm -f "$img"
-            fallocate -l 1G "$img"
+    for k in $(seq "$repeat"); do
+        order=("${servers[@]}")
+        if [ $((k % 2)) = 0 ]; then
+            order=()
+            for ((i = ${#servers[@]} - 1; i >= 0; i--)); do order+=("${servers[i]}"); done
         fi
-        start_server "$name" "$port"
-        fio --name="$rw" --ioengine=nbd --uri="nbd://127.0.0.1:$port/bench" --rw="$rw" --bs="$bs" \
-            --iodepth="$qd" --size=256m "${amount[@]}" --output-format=json \
-            --output="$work/$name-$rw.json" >/dev/null
-        if [ "$name" = redun-journal ] && [ "$rw" != randread ]; then
-            state=$("$bin/redun" status --json --tracker-socket "$work/admin.sock" |
-                python3 -c 'import json,sys; print(json.load(sys.stdin)["tracker"]["status"]["volumes"][0]["state"])')
-            if [ "$state" != protected ]; then
-                echo "bench: the journaled volume is $state after $rw: its writes were not all journaled, so its figures do not measure the journal; see $work/redun.log" >&2
-                exit 1
+        for name in "${order[@]}"; do
+            port=$((port + 1))
+            if [ "$rw" = randread ]; then
+                img=$data
+            else
+                # Every writer starts from the same state: a new, empty, fully allocated file, so
+                # none of it is in the page cache either (pages left cached by an earlier job can
+                # be large folios, and ext4 then walks every block of a 2 MiB folio on each 4 KiB
+                # write: measured here, 43k IOPS instead of 105k, whatever the server).
+                img=$work/write.img
+                rm -f "$img"
+                fallocate -l 1G "$img"
             fi
-        fi
-        stop_server
+            start_server "$name" "$port"
+            fio --name="$rw" --ioengine=nbd --uri="nbd://127.0.0.1:$port/bench" --rw="$rw" --bs="$bs" \
+                --iodepth="$qd" --size=256m "${amount[@]}" --output-format=json \
+                --output="$work/$name-$rw-$k.json" >/dev/null
+            if [ "$name" = redun-journal ] && [ "$rw" != randread ]; then
+                state=$("$bin/redun" status --json --tracker-socket "$work/admin.sock" |
+                    python3 -c 'import json,sys; print(json.load(sys.stdin)["tracker"]["status"]["volumes"][0]["state"])')
+                if [ "$state" != protected ]; then
+                    echo "bench: the journaled volume is $state after $rw: its writes were not all journaled, so its figures do not measure the journal; see $work/redun.log" >&2
+                    exit 1
+                fi
+            fi
+            stop_server
+        done
     done
 done
 
@@ -118,17 +130,25 @@ rss_kib=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
 kill "$pid"; wait "$pid" || true; pid=
 echo "$rss_kib" >"$work/rss"
 
-python3 - "$work" <<'PY'
-import json, sys
+python3 - "$work" "$repeat" <<'PY'
+import json, statistics, sys
 work = sys.argv[1]
+repeats = range(1, int(sys.argv[2]) + 1)
 jobs = [("randwrite", "write", "4k randwrite qd16"), ("randread", "read", "4k randread qd16"),
         ("write", "write", "1M seqwrite qd4")]
 servers = ["redun-journal", "redun", "qemu-nbd", "nbdkit"]
-def stats(server, job, side):
-    j = json.load(open(f"{work}/{server}-{job}.json"))["jobs"][0][side]
+def run(server, job, side, k):
+    j = json.load(open(f"{work}/{server}-{job}-{k}.json"))["jobs"][0][side]
     p99 = j["clat_ns"]["percentile"].get("99.000000", 0) / 1000
     return j["iops"], j["bw_bytes"] / 2**20, p99
-print(f"{'job':<18} {'server':<14} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}  {'/qemu-nbd':>9} {'/nbdkit':>8} {'/untracked':>10}")
+def stats(server, job, side):
+    runs = [run(server, job, side, k) for k in repeats]
+    return tuple(statistics.mean(r[i] for r in runs) for i in range(3))
+def spread(server, job, side):
+    iops = [run(server, job, side, k)[0] for k in repeats]
+    m = statistics.mean(iops)
+    return f"{min(iops) / m:.2f}-{max(iops) / m:.2f}"
+print(f"{'job':<18} {'server':<14} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9} {'spread':>10}  {'/qemu-nbd':>9} {'/nbdkit':>8} {'/untracked':>10}")
 for job, side, label in jobs:
     ref = {s: stats(s, job, side)[0] for s in servers}
     for s in servers:
@@ -138,7 +158,7 @@ for job, side, label in jobs:
             ratio = f"  {iops / ref['qemu-nbd']:>8.2f}x {iops / ref['nbdkit']:>7.2f}x"
             if s == "redun-journal":
                 ratio += f" {iops / ref['redun']:>9.2f}x"
-        print(f"{label:<18} {s:<14} {iops:>10.0f} {mib:>9.1f} {p99:>9.0f}{ratio}")
+        print(f"{label:<18} {s:<14} {iops:>10.0f} {mib:>9.1f} {p99:>9.0f} {spread(s, job, side):>10}{ratio}")
 rss = int(open(f"{work}/rss").read())
 print(f"redun-tracker resident memory, 2 TiB volume with a journal: {rss / 1024:.1f} MiB")
 PY
