@@ -1169,6 +1169,21 @@ impl VolumeReader {
                     url: self.bucket.url.clone(),
                     prefix: self.bucket.path(name, "manifest/").to_string(),
                 })?;
+        // Another volume of the same name (its objects removed, a new one written there)
+        // numbers its records afresh: a seq of the old one means nothing in it.
+        let (was, now) = (&self.manifest.store, &manifest.store);
+        if (&now.uuid, now.size) != (&was.uuid, was.size) {
+            return Err(BucketError::Refused {
+                volume: name.to_string(),
+                url: self.bucket.url.clone(),
+                reason: format!(
+                    "the volume was replaced since it was opened (uuid {} of {} bytes, now uuid \
+                     {} of {} bytes): what was opened is gone; open the volume again (stop and \
+                     start the test failover, or run the restore again)",
+                    was.uuid, was.size, now.uuid, now.size
+                ),
+            });
+        }
         Ok(VolumeReader {
             manifest: Arc::new(manifest),
             ..self.clone()

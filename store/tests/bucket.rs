@@ -697,6 +697,43 @@ fn a_changed_manifest_is_damage() {
     }
 }
 
+#[test]
+fn a_view_of_a_volume_replaced_in_the_bucket_refuses_to_read() {
+    for (bucket, _dir) in stores() {
+        let mut w = VolumeWriter::open(bucket.clone(), &id(1), key(3)).unwrap();
+        let (mut rng, mut model) = (Rng(0x9e37_79b9_7f4a_7c15), vec![0u8; SIZE as usize]);
+        let (seg, p) = batch(&w, &mut rng, &mut model, 40);
+        w.append(vec![seg]).unwrap();
+        let view = VolumeReader::open(bucket.clone(), "vol1", key(3), 1 << 20)
+            .unwrap()
+            .view(p)
+            .unwrap();
+        // The operator removes the volume's objects, and another volume of the same name
+        // writes more versions (and the same seqs) there.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for o in objects(&bucket) {
+            rt.block_on(bucket.store().delete(&o.location)).unwrap();
+        }
+        let other = Identity {
+            uuid: "fedcba9876543210fedcba9876543210".into(),
+            ..id(1)
+        };
+        let mut w = VolumeWriter::open(bucket.clone(), &other, key(3)).unwrap();
+        for _ in 0..3 {
+            let (seg, _) = batch(&w, &mut rng, &mut vec![0u8; SIZE as usize], 40);
+            w.append(vec![seg]).unwrap();
+        }
+        let mut buf = vec![0u8; SIZE as usize];
+        let e = view.read_at(&mut buf, 0).unwrap_err();
+        assert!(matches!(e, BucketError::Refused { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("replaced") && msg.contains(&other.uuid),
+            "{msg}"
+        );
+    }
+}
+
 /// The objects of volume vol1 under `dir/` ("seg", "base").
 fn names_under(bucket: &Bucket, dir: &str) -> Vec<String> {
     let mut v: Vec<String> = bucket
