@@ -359,6 +359,28 @@ impl Group {
 }
 
 /// The counters of the target's exports `names`, in order (read_counters.py).
+/// (name, nice value) of each thread of process `pid`, the main thread first.
+fn thread_nice(pid: nix::unistd::Pid) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    for tid in tids {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        // After "(comm) ": the state is field 3 of stat(5), the nice value field 19.
+        let nice = stat[close + 2..].split_whitespace().nth(16).unwrap();
+        out.push((stat[open + 1..close].to_string(), nice.parse().unwrap()));
+    }
+    out
+}
+
 fn read_counters(g: &Group, names: &[String]) -> Vec<u64> {
     let sock = s(&g.dir().join("target-nbd.sock"));
     let mut args: Vec<&str> = vec![&sock];
@@ -394,6 +416,23 @@ fn group_points_are_causally_consistent_cuts_across_three_hosts() {
     let mut g = Group::start(3, "50ms");
     // Let the members find each other.
     g.wait_rounds(0, 0);
+    // The threads a round waits for run at group.nice (-10 by default: the tests run as
+    // root), the tracker's other threads as before.
+    let threads = thread_nice(g.members[0].tracker.as_ref().unwrap().pid());
+    let group: Vec<_> = threads
+        .iter()
+        .filter(|(n, _)| n.starts_with("group-"))
+        .collect();
+    assert!(
+        group.iter().any(|(n, _)| n == "group-rounds")
+            && group.iter().any(|(n, _)| n == "group-conn")
+            && group
+                .iter()
+                .filter(|(n, _)| n != "group-accept")
+                .all(|(_, v)| *v == -10),
+        "{threads:?}"
+    );
+    assert_eq!(threads[0].1, 0, "the main thread: {threads:?}");
     let uris = g.uris();
     let mut args = vec!["20"];
     args.extend(uris.iter().map(String::as_str));

@@ -30,6 +30,8 @@ use crate::track::ChangeLog;
 pub const DEFAULT_PORT: u16 = 20004;
 pub const DEFAULT_TIMEOUT_MS: u64 = 50;
 pub const DEFAULT_INTERVAL_MS: u64 = 5000;
+/// The nice value of the group's threads unless `group.nice` says otherwise.
+pub const DEFAULT_NICE: i32 = -10;
 /// Longest line a peer may send.
 const MAX_LINE: usize = 1 << 20;
 /// How long a TLS handshake and HELLO may take.
@@ -62,6 +64,10 @@ pub struct GroupSection {
     pub coordinator: Option<u32>,
     /// The volumes of this tracker in the group [default: all].
     pub volumes: Option<Vec<String>>,
+    /// The nice value (-20 to 19) of the threads that run the rounds, so that a busy host
+    /// does not stretch them, and the replies they hold; 0 leaves them at the tracker's
+    /// [default: -10].
+    pub nice: Option<i32>,
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -92,6 +98,8 @@ pub struct GroupConfig {
     pub coordinator: Option<u32>,
     /// `None`: every volume of the tracker.
     pub volumes: Option<Vec<String>>,
+    /// The nice value of the group's threads.
+    pub nice: i32,
     pub tls: TlsFiles,
     pub members: Vec<MemberEntry>,
 }
@@ -123,6 +131,12 @@ impl GroupSection {
         let app_interval_ms = ms("app_interval", &self.app_interval, 0)?;
         if timeout_ms == 0 {
             return Err("group.timeout = \"0\": the members need some time, e.g. \"50ms\"".into());
+        }
+        let nice = self.nice.unwrap_or(DEFAULT_NICE);
+        if !(-20..=19).contains(&nice) {
+            return Err(format!(
+                "group.nice = {nice}: expected a nice value from -20 (first) to 19 (last)"
+            ));
         }
         let listen = self
             .listen
@@ -178,6 +192,7 @@ impl GroupSection {
             app_interval_ms,
             coordinator: self.coordinator,
             volumes: self.volumes.clone(),
+            nice,
             tls: TlsFiles {
                 ca: file("tls_ca", &self.tls_ca)?,
                 cert: file("tls_cert", &self.tls_cert)?,
@@ -789,18 +804,17 @@ impl Group {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let m = member.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("group-timer".into())
-                .spawn(move || m.expire_loop())?,
-        );
+        let nice = cfg.nice;
+        threads.push(spawn("group-timer".into(), nice, move || m.expire_loop())?);
         let (name, id) = (cfg.name.clone(), cfg.id);
         let (m, s) = (member.clone(), stop.clone());
         let members: Vec<u32> = cfg.members.iter().map(|m| m.id).collect();
         threads.push(
             std::thread::Builder::new()
                 .name("group-accept".into())
-                .spawn(move || accept_loop(&listener, &server_tls, &name, id, &members, &m, &s))?,
+                .spawn(move || {
+                    accept_loop(&listener, &server_tls, &name, id, &members, &m, &s, nice);
+                })?,
         );
         let mut peers = Vec::new();
         for e in cfg.members.iter().filter(|m| m.id != cfg.id) {
@@ -833,11 +847,9 @@ impl Group {
                 },
                 stop: stop.clone(),
             };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("group-peer-{}", e.id))
-                    .spawn(move || link.run(&rx))?,
-            );
+            threads.push(spawn(format!("group-peer-{}", e.id), nice, move || {
+                link.run(&rx);
+            })?);
             peers.push(peer);
         }
         let group = Arc::new(Group {
@@ -856,9 +868,7 @@ impl Group {
         });
         if group.cfg.interval_ms > 0 || group.cfg.app_interval_ms > 0 {
             let g = group.clone();
-            let t = std::thread::Builder::new()
-                .name("group-rounds".into())
-                .spawn(move || g.rounds())?;
+            let t = spawn("group-rounds".into(), nice, move || g.rounds())?;
             group.threads.lock().unwrap().push(t);
         }
         info!(
@@ -1303,6 +1313,30 @@ fn exchange(c: &mut BufReader<Tls>, msg: &Msg, deadline: Instant) -> io::Result<
     })
 }
 
+/// Starts thread `name` at nice value `nice` (see [`GroupConfig::nice`]): the threads a
+/// round waits for. Hook commands they start inherit it.
+fn spawn(name: String, nice: i32, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        static TOLD: AtomicBool = AtomicBool::new(false);
+        let set = if nice == 0 {
+            Ok(())
+        } else {
+            crate::sys::set_thread_nice(nice)
+        };
+        if let Err(e) = set {
+            if !TOLD.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "group: cannot set the group threads' nice value to {nice} ({e}): they \
+                     keep the tracker's, and rounds may take longer on a busy host (run the \
+                     tracker with CAP_SYS_NICE, or set group.nice = 0)"
+                );
+            }
+        }
+        f();
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn accept_loop(
     listener: &TcpListener,
     tls: &Arc<rustls::ServerConfig>,
@@ -1311,6 +1345,7 @@ fn accept_loop(
     members: &[u32],
     member: &Arc<Member>,
     stop: &AtomicBool,
+    nice: i32,
 ) {
     let what = format!("group={group}");
     crate::service::accept_until(listener, stop, &what, |tcp, peer| {
@@ -1320,15 +1355,13 @@ fn accept_loop(
             members.to_vec(),
             member.clone(),
         );
-        let _ = std::thread::Builder::new()
-            .name("group-conn".into())
-            .spawn(move || {
-                if let Err(e) = serve(tcp, &tls, &group, id, &members, &member) {
-                    if e.kind() != io::ErrorKind::UnexpectedEof {
-                        warn!("group={group}: connection from {peer}: {e}");
-                    }
+        let _ = spawn("group-conn".into(), nice, move || {
+            if let Err(e) = serve(tcp, &tls, &group, id, &members, &member) {
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    warn!("group={group}: connection from {peer}: {e}");
                 }
-            });
+            }
+        });
     });
 }
 
@@ -1437,6 +1470,7 @@ mod tests {
             (50, 5000, 0)
         );
         assert_eq!(c.listen, "0.0.0.0:20004");
+        assert_eq!(c.nice, -10);
         let bad = |f: &dyn Fn(&mut GroupSection), want: &str| {
             let mut s = section();
             f(&mut s);
@@ -1463,5 +1497,6 @@ mod tests {
         bad(&|s| s.tls_ca = None, "group.tls_ca is missing");
         bad(&|s| s.listen = Some("x".into()), "group.listen");
         bad(&|s| s.name = "a b".into(), "group.name");
+        bad(&|s| s.nice = Some(-21), "group.nice = -21");
     }
 }

@@ -4,7 +4,8 @@
 //! `pread`/`pwrite` ([`SyncQueue`]), chosen at start-up, automatically falling back to the
 //! synchronous one when io_uring is unavailable.
 //!
-//! Architecture invariant: [`uring`] is the only module of the tracker with `unsafe` code.
+//! Architecture invariant: [`uring`] is the only module of the tracker with `unsafe` code,
+//! besides one system call in [`crate::sys`].
 
 pub mod ops;
 #[allow(unsafe_code)] // The one module allowed to: see its ownership contract.

@@ -1,0 +1,17 @@
+//! The one system call neither std nor nix wraps: a thread's scheduling priority.
+
+use std::io;
+
+/// Sets the nice value of the calling thread (Linux schedules threads one by one: the
+/// process's other threads keep theirs). Lowering it below the current value needs
+/// CAP_SYS_NICE.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    let tid = libc::id_t::try_from(nix::unistd::gettid().as_raw())
+        .map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: setpriority takes plain integers and touches no memory of this process.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
