@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # NBD server benchmark: fio's nbd engine against redun-tracker with its journal (on the same
 # disk as the backing file) and without (--no-journal), qemu-nbd (default cache) and nbdkit's
-# file plugin, one after the other on the same backing file, in one run:
+# file plugin, one after the other, in one run:
 #   4 KiB random write, iodepth 16 | 4 KiB random read, iodepth 16 | 1 MiB sequential write, iodepth 4
 # Reads run SECONDS; writes write BENCH_WRITE_SIZE (default 3g) so that the journal, which
 # nobody releases yet, never fills up during a job. Every server of a write job starts on a
@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 runtime="${1:-20}"
 write_size="${BENCH_WRITE_SIZE:-3g}"
 repeat="${BENCH_REPEAT:-2}"
+[[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "bench: BENCH_REPEAT=$repeat: expected a count of 1 or more" >&2; exit 1; }
 backend="${BENCH_BACKEND:-uring}"
 for t in fio qemu-nbd nbdkit python3; do
     command -v "$t" >/dev/null || { echo "bench: $t missing: run scripts/install-test-deps.sh" >&2; exit 1; }

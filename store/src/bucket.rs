@@ -1169,24 +1169,29 @@ impl VolumeReader {
                     url: self.bucket.url.clone(),
                     prefix: self.bucket.path(name, "manifest/").to_string(),
                 })?;
-        // Another volume of the same name (its objects removed, a new one written there)
-        // numbers its records afresh: a seq of the old one means nothing in it.
-        let (was, now) = (&self.manifest.store, &manifest.store);
-        if (&now.uuid, now.size) != (&was.uuid, was.size) {
-            return Err(BucketError::Refused {
-                volume: name.to_string(),
-                url: self.bucket.url.clone(),
-                reason: format!(
-                    "the volume was replaced since it was opened (uuid {} of {} bytes, now uuid \
-                     {} of {} bytes): what was opened is gone; open the volume again (stop and \
-                     start the test failover, or run the restore again)",
-                    was.uuid, was.size, now.uuid, now.size
-                ),
-            });
-        }
         Ok(VolumeReader {
             manifest: Arc::new(manifest),
             ..self.clone()
+        })
+    }
+
+    /// Refuses `newer` (a [`VolumeReader::refresh`] of this one) when it is of another
+    /// volume: the old one's objects were removed and a new volume of the same name written
+    /// there, which numbers its records afresh, so a seq of the old one means nothing in it.
+    fn same_volume(&self, newer: &VolumeReader) -> Result<(), BucketError> {
+        let (was, now) = (&self.manifest.store, &newer.manifest.store);
+        if (&now.uuid, now.size) == (&was.uuid, was.size) {
+            return Ok(());
+        }
+        Err(BucketError::Refused {
+            volume: self.name().to_string(),
+            url: self.bucket.url.clone(),
+            reason: format!(
+                "the volume was replaced since it was opened (uuid {} of {} bytes, now uuid {} \
+                 of {} bytes): what was opened is gone; open the volume again (stop and start \
+                 the test failover, or run the restore again)",
+                was.uuid, was.size, now.uuid, now.size
+            ),
         })
     }
 
@@ -1467,7 +1472,9 @@ impl BucketView {
         let r = self.resolved();
         match r.read_at(buf, offset) {
             Err(e) if e.is_gone() => {
-                let fresh = Arc::new(r.reader.refresh()?.resolve(self.seq)?);
+                let newer = r.reader.refresh()?;
+                r.reader.same_volume(&newer)?;
+                let fresh = Arc::new(newer.resolve(self.seq)?);
                 log::info!(
                     "volume={}: objects of the view at seq {} were merged and deleted: reading it from manifest version {}",
                     self.name,

@@ -990,6 +990,18 @@ impl Group {
         asked
     }
 
+    /// [`Group::round`] on demand (`redun point group`), in a thread at the group's nice
+    /// value like the timed rounds: the caller's thread keeps its own.
+    pub fn round_now(self: &Arc<Self>, kind: PointKind, fence: bool) -> Round {
+        let g = self.clone();
+        match spawn("group-point".into(), self.cfg.nice, move || {
+            g.round(kind, fence)
+        }) {
+            Ok(t) => t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            Err(_) => self.round(kind, fence),
+        }
+    }
+
     /// Runs one round as coordinator: FREEZE (app-consistent points), PREPARE, then
     /// COMMIT or ABORT. With `fence`, every member volume refuses writes from its marker on
     /// if the point commits (a planned failover of the whole group).
@@ -1315,7 +1327,11 @@ fn exchange(c: &mut BufReader<Tls>, msg: &Msg, deadline: Instant) -> io::Result<
 
 /// Starts thread `name` at nice value `nice` (see [`GroupConfig::nice`]): the threads a
 /// round waits for. Hook commands they start inherit it.
-fn spawn(name: String, nice: i32, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+fn spawn<T: Send + 'static>(
+    name: String,
+    nice: i32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<JoinHandle<T>> {
     std::thread::Builder::new().name(name).spawn(move || {
         static TOLD: AtomicBool = AtomicBool::new(false);
         let set = if nice == 0 {
@@ -1332,7 +1348,7 @@ fn spawn(name: String, nice: i32, f: impl FnOnce() + Send + 'static) -> io::Resu
                 );
             }
         }
-        f();
+        f()
     })
 }
 

@@ -265,7 +265,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ))
             }
             Some(g) => {
-                let r = g.round(kind, fence);
+                let r = g.round_now(kind, fence);
                 if r.committed {
                     info!(
                         "group={} point={} committed on demand volumes={} in {}us",
