@@ -359,15 +359,9 @@ impl Store {
         let dir = store_dir(data_dir, name);
         let manifest_path = dir.join("manifest.json");
         let manifest: Manifest = read_json(&manifest_path)?;
-        if manifest.format > MANIFEST_FORMAT {
-            return Err(damaged(
-                &manifest_path,
-                format!(
-                    "it is in format {}, this redun-target reads up to {MANIFEST_FORMAT}: use a newer redun",
-                    manifest.format
-                ),
-            ));
-        }
+        manifest
+            .check_format()
+            .map_err(|why| damaged(&manifest_path, why))?;
         if manifest.uuid != state.uuid || manifest.size != state.size {
             return Err(damaged(
                 &manifest_path,

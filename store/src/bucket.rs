@@ -587,13 +587,7 @@ impl BucketManifest {
     /// What a manifest read as version `v` of volume `name` must hold; a reason if it does
     /// not (a writer's bug, since manifests are authenticated).
     fn check(&self, name: &str, v: u64) -> Result<(), String> {
-        if self.store.format > segment::MANIFEST_FORMAT {
-            return Err(format!(
-                "it is in format {}, this redun reads up to {}: use a newer redun",
-                self.store.format,
-                segment::MANIFEST_FORMAT
-            ));
-        }
+        self.store.check_format()?;
         if self.version != v || self.store.name != name {
             return Err(format!(
                 "it says version {} of volume {}",
@@ -739,8 +733,8 @@ pub struct VolumeWriter {
     /// The next version, its segments uploaded, whose creation had no clear answer.
     pending: Option<BucketManifest>,
     fenced: Option<u64>,
-    /// Runs of segments a compaction found not worth rewriting (their files, joined).
-    not_worth: std::collections::HashSet<String>,
+    /// Runs of segments a compaction found not worth rewriting (their files, in order).
+    not_worth: std::collections::HashSet<Vec<String>>,
 }
 
 impl VolumeWriter {

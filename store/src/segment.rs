@@ -108,6 +108,17 @@ impl Manifest {
             decisions: Vec::new(),
         }
     }
+
+    /// A reason when this redun cannot read the manifest's format (a newer one).
+    pub fn check_format(&self) -> Result<(), String> {
+        if self.format > MANIFEST_FORMAT {
+            return Err(format!(
+                "it is in format {}, this redun reads up to {MANIFEST_FORMAT}: use a newer redun",
+                self.format
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One record of a segment, as the index keeps it.

@@ -190,7 +190,7 @@ impl VolumeWriter {
             .map(|s| s.file.as_str())
             .collect();
         self.not_worth
-            .retain(|k| k.split(' ').all(|f| listed.contains(f)));
+            .retain(|run| run.iter().all(|f| listed.contains(f.as_str())));
         let m = &self.manifest;
         let limit = m.store.points.first().map_or(u64::MAX, |p| p.id);
         let n = m
@@ -293,7 +293,7 @@ impl VolumeWriter {
         now_ms: u64,
     ) -> Result<(), BucketError> {
         let Some(into) = into else {
-            self.not_worth.insert(run_key(run));
+            self.not_worth.insert(run.to_vec());
             return Ok(());
         };
         let mut m = self.manifest.clone();
@@ -345,7 +345,7 @@ fn compaction_run(
     m: &BucketManifest,
     min_bytes: u64,
     settled_ms: u64,
-    not_worth: &HashSet<String>,
+    not_worth: &HashSet<Vec<String>>,
 ) -> Option<(usize, usize)> {
     let points: Vec<u64> = m.store.points.iter().map(|p| p.id).collect();
     let oldest = *points.first()?;
@@ -376,7 +376,7 @@ fn compaction_run(
         }
         let n = end - at;
         let files: Vec<String> = segs[at..end].iter().map(|s| s.file.clone()).collect();
-        if n >= 2 && bytes >= min_bytes.max(1) && !not_worth.contains(&run_key(&files)) {
+        if n >= 2 && bytes >= min_bytes.max(1) && !not_worth.contains(&files) {
             return Some((at, n));
         }
         at = end;
@@ -443,10 +443,6 @@ fn zstd_err(volume: &str, url: &str, e: &std::io::Error) -> BucketError {
         url: url.to_string(),
         reason: format!("cannot compress: {e}"),
     }
-}
-
-fn run_key(files: &[String]) -> String {
-    files.join(" ")
 }
 
 impl MergeJob {
