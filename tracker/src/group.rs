@@ -809,13 +809,10 @@ impl Group {
         let (name, id) = (cfg.name.clone(), cfg.id);
         let (m, s) = (member.clone(), stop.clone());
         let members: Vec<u32> = cfg.members.iter().map(|m| m.id).collect();
-        threads.push(
-            std::thread::Builder::new()
-                .name("group-accept".into())
-                .spawn(move || {
-                    accept_loop(&listener, &server_tls, &name, id, &members, &m, &s, nice);
-                })?,
-        );
+        // The coordinators' connection threads it starts inherit its nice value.
+        threads.push(spawn("group-accept".into(), nice, move || {
+            accept_loop(&listener, &server_tls, &name, id, &members, &m, &s);
+        })?);
         let mut peers = Vec::new();
         for e in cfg.members.iter().filter(|m| m.id != cfg.id) {
             let (tx, rx) = mpsc::channel();
@@ -1352,7 +1349,6 @@ fn spawn<T: Send + 'static>(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn accept_loop(
     listener: &TcpListener,
     tls: &Arc<rustls::ServerConfig>,
@@ -1361,7 +1357,6 @@ fn accept_loop(
     members: &[u32],
     member: &Arc<Member>,
     stop: &AtomicBool,
-    nice: i32,
 ) {
     let what = format!("group={group}");
     crate::service::accept_until(listener, stop, &what, |tcp, peer| {
@@ -1371,13 +1366,15 @@ fn accept_loop(
             members.to_vec(),
             member.clone(),
         );
-        let _ = spawn("group-conn".into(), nice, move || {
-            if let Err(e) = serve(tcp, &tls, &group, id, &members, &member) {
-                if e.kind() != io::ErrorKind::UnexpectedEof {
-                    warn!("group={group}: connection from {peer}: {e}");
+        let _ = std::thread::Builder::new()
+            .name("group-conn".into())
+            .spawn(move || {
+                if let Err(e) = serve(tcp, &tls, &group, id, &members, &member) {
+                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                        warn!("group={group}: connection from {peer}: {e}");
+                    }
                 }
-            }
-        });
+            });
     });
 }
 
