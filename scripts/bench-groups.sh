@@ -9,7 +9,9 @@
 # ratio: mean IOPS with points over mean IOPS without; pairs: the median of each repeat's
 # ratio (with points against the mean of the two runs around it, which cancels a steady
 # drift of the machine); A/A: the median of the second run without points over the first,
-# the noise band the ratios are read against.
+# the noise band the ratios are read against. "p99 pairs" and "p99 A/A" are the same for the
+# p99 latency, as differences in µs. Last, what the holds cost directly, counted by the
+# members' gates: the share of replies held for a decision, their average and longest wait.
 # Targets (issue 7): added p99 <= 1 ms, throughput >= 0.98x. Journals are 4 GiB so that none
 # overflows during a run (a volume that needs a resync takes no group points, and dirty
 # regions would make the baseline another workload).
@@ -95,6 +97,15 @@ run() {
         --runtime="$runtime" --group_reporting --output-format=json \
         --output="result-$n-$group-$k.json" "${fio_args[@]}" >/dev/null
     kill "$sampler"; wait "$sampler" 2>/dev/null || true
+    # What the holds cost each member's replies: held, their waits added up, the longest.
+    : >"result-$n-$group-$k.held"
+    if [ "$group" = 1 ]; then
+        for i in $(seq "$n"); do
+            "$bin/redun" status --json --tracker-socket "m$i/admin.sock" |
+                python3 -c 'import json,sys; g=json.load(sys.stdin)["tracker"]["status"]["group"]; print(g["held_replies"], g["held_wait_us"], g["held_longest_us"])' \
+                >>"result-$n-$group-$k.held"
+        done
+    fi
     for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
     pids=()  # stopped: cleanup must not signal these PIDs again
     if [ "$group" = 1 ]; then
@@ -118,7 +129,8 @@ done
 
 python3 - "$members_list" "$repeat" <<'PY'
 import json, statistics, sys
-print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'ratio':>6} {'pairs':>6} {'A/A':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
+print(f"{'members':>7} {'group points':<13} {'IOPS':>9} {'p50 us':>8} {'p99 us':>8} {'+p50 us':>8} {'+p99 us':>8} {'p99 pairs':>9} {'p99 A/A':>8} {'ratio':>6} {'pairs':>6} {'A/A':>6} {'round us (median/max)':>22} {'committed/aborted':>18}")
+held_lines = []
 for n in sys.argv[1].split():
     rows = {}
     every = {}
@@ -128,7 +140,8 @@ for n in sys.argv[1].split():
         for k in repeats:
             j = json.load(open(f"result-{n}-{g}-{k}.json"))["jobs"][0]["write"]
             pct = j["clat_ns"]["percentile"]
-            runs.append((j["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000))
+            runs.append((j["iops"], pct["50.000000"] / 1000, pct["99.000000"] / 1000,
+                         j["total_ios"]))
         every[g] = runs
     # Without points: both runs of each repeat.
     for g, runs in ((0, every[0] + every[2]), (1, every[1])):
@@ -138,6 +151,20 @@ for n in sys.argv[1].split():
     pairs = statistics.median(
         b[0] / ((a[0] + c[0]) / 2) for a, b, c in zip(every[0], every[1], every[2]))
     control = statistics.median(c[0] / a[0] for a, c in zip(every[0], every[2]))
+    # The same for p99: added against the runs around it, and the A/A difference.
+    p99_pairs = statistics.median(
+        b[2] - (a[2] + c[2]) / 2 for a, b, c in zip(every[0], every[1], every[2]))
+    p99_control = statistics.median(c[2] - a[2] for a, c in zip(every[0], every[2]))
+    # Replies the gates held, over every write of the runs with points.
+    held = [0, 0, 0]
+    for k in repeats:
+        for line in open(f"result-{n}-1-{k}.held"):
+            r, w, m = map(int, line.split())
+            held = [held[0] + r, held[1] + w, max(held[2], m)]
+    writes = sum(r[3] for r in every[1])
+    held_lines.append(
+        f"{n:>7} members: {held[0]} of {writes} replies held ({100 * held[0] / max(writes, 1):.2f}%),"
+        f" {held[1] / max(held[0], 1):.0f} us each on average, longest {held[2]} us")
     rounds = {}
     errors = set()
     last = [0, 0]
@@ -162,11 +189,14 @@ for n in sys.argv[1].split():
         if g:
             b = rows[0]
             us = sorted(rounds.values()) or [0]
-            extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {iops / b[0]:>5.2f}x {pairs:>5.2f}x {control:>5.2f}x"
+            extra = (f" {p50 - b[1]:>8.0f} {p99 - b[2]:>8.0f} {p99_pairs:>9.0f} {p99_control:>8.0f}"
+                     f" {iops / b[0]:>5.2f}x {pairs:>5.2f}x {control:>5.2f}x"
                      f" {statistics.median(us):>12.0f}/{max(us):<9.0f} {last[0]:>10}/{last[1]}")
         print(f"{n:>7} {'every 1s' if g else 'none':<13} {iops:>9.0f} {p50:>8.0f} {p99:>8.0f}{extra}")
     for e in sorted(errors):
         print(f"{'':>7} aborted round: {e}")
+print("replies held at the members' gates while a point was decided (the runs with points):")
+print("\n".join(held_lines))
 PY
 [ -s why-aborted.txt ] && { echo "aborts and lost peers as the members logged them (start-up and stop included):"; cat why-aborted.txt; }
 true

@@ -803,7 +803,8 @@ fn print_tracker(st: Daemon) {
             }
             if let Some(g) = &s.group {
                 println!(
-                    "group {}: state={} member={}{} committed={} aborted={} last_round={}us{}",
+                    "group {}: state={} member={}{} committed={} aborted={} last_round={}us \
+                     held_replies={} held_longest={}us{}",
                     g.name,
                     g.state,
                     g.id,
@@ -811,6 +812,8 @@ fn print_tracker(st: Daemon) {
                     g.committed,
                     g.aborted,
                     g.last_round_us,
+                    g.held_replies,
+                    g.held_longest_us,
                     if g.last_error.is_empty() {
                         String::new()
                     } else {

@@ -695,6 +695,15 @@ fn a_cut_off_member_aborts_points_the_others_keep_writing_and_points_resume() {
         "the write after PREPARE waited {held} ms (held until the member's 50 ms timeout)"
     );
     eprintln!("a write after a silent coordinator's PREPARE was held {held} ms");
+    // The member counts what the hold cost: that reply waited at its gate until the timeout.
+    let st = g.tracker_status(1)["group"].clone();
+    assert!(st["held_replies"].as_u64().unwrap() >= 1, "{st}");
+    let longest = st["held_longest_us"].as_u64().unwrap();
+    assert!(
+        (20_000..1_000_000).contains(&longest),
+        "member 2's longest held reply: {longest} us (its timeout is 50 ms): {st}"
+    );
+    assert!(st["held_wait_us"].as_u64().unwrap() >= longest, "{st}");
     let log = g.members[1].tracker.as_ref().unwrap().log_text();
     assert!(log.contains("point=8193: no decision within"), "{log}");
 
@@ -1023,6 +1032,10 @@ fn app_points_a_killed_coordinator_and_a_planned_failover_of_the_group() {
         1.0
     );
     assert!(series("redun_group_last_round_seconds{group=\"g\"}") > 0.0);
+    // Counted whether or not a reply waited in these rounds.
+    assert!(series("redun_group_held_replies_total{group=\"g\"}") >= 0.0);
+    assert!(series("redun_group_held_wait_seconds_total{group=\"g\"}") >= 0.0);
+    assert!(series("redun_group_held_longest_seconds{group=\"g\"}") >= 0.0);
     for m in &mut g.members {
         m.shipper.as_mut().unwrap().stop();
         m.tracker.as_mut().unwrap().stop();

@@ -736,6 +736,14 @@ pub struct GroupStatus {
     pub last_round_us: u64,
     #[serde(default)]
     pub last_error: String,
+    /// What the rounds cost this member's replies: how many waited at a gate, their waits
+    /// added up, and the longest wait (its group volumes together, since start).
+    #[serde(default)]
+    pub held_replies: u64,
+    #[serde(default)]
+    pub held_wait_us: u64,
+    #[serde(default)]
+    pub held_longest_us: u64,
     pub members: Vec<MemberStatus>,
 }
 
@@ -1024,12 +1032,6 @@ impl Group {
                 self.freeze(point, &mut involved, &mut error);
             }
             if error.is_empty() {
-                match self.member.prepare(point, kind, fence) {
-                    Ok(v) => volumes.extend(v.into_iter().map(|m| m.volume)),
-                    Err(e) => error = format!("member {}: {e}", self.cfg.id),
-                }
-            }
-            if error.is_empty() {
                 let answers = self.ask_all(
                     &|_| Some(Msg::Prepare { point, kind, fence }),
                     Instant::now() + timeout,
@@ -1043,6 +1045,15 @@ impl Group {
                     {
                         volumes.extend(v.iter().map(|m| m.volume.clone()));
                     }
+                }
+            }
+            // The coordinator marks last, once every peer has: a write after its marker can
+            // only be acknowledged after every marker is placed, so its gate closes only for
+            // the moment until its own decision (docs/PROTOCOL.md, "A round").
+            if error.is_empty() {
+                match self.member.prepare(point, kind, fence) {
+                    Ok(v) => volumes.extend(v.into_iter().map(|m| m.volume)),
+                    Err(e) => error = format!("member {}: {e}", self.cfg.id),
                 }
             }
         }
@@ -1138,6 +1149,12 @@ impl Group {
         st.coordinating = self.coordinating();
         st.committed = self.member.committed.load(Ordering::Relaxed);
         st.aborted = self.member.aborted.load(Ordering::Relaxed);
+        for gate in self.member.volumes.iter().filter_map(|(_, log)| log.gate()) {
+            let h = gate.held();
+            st.held_replies += h.replies;
+            st.held_wait_us += h.waited_us;
+            st.held_longest_us = st.held_longest_us.max(h.longest_us);
+        }
         st.members = self
             .cfg
             .members

@@ -725,6 +725,24 @@ fn metrics(st: &TrackerStatus) -> String {
                 m.counter(name, help, labels, n);
             }
         }
+        m.counter(
+            "redun_group_held_replies",
+            "Replies that waited at a group volume's gate for a point's decision.",
+            l(),
+            gs.held_replies,
+        );
+        m.counter_seconds(
+            "redun_group_held_wait_seconds",
+            "The waits of the held replies, added up.",
+            l(),
+            gs.held_wait_us,
+        );
+        m.gauge(
+            "redun_group_held_longest_seconds",
+            "The longest wait of a held reply since the tracker started.",
+            l(),
+            gs.held_longest_us as f64 / 1e6,
+        );
         m.gauge(
             "redun_group_last_round_seconds",
             "How long the last round this member coordinated took.",

@@ -37,6 +37,7 @@ type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
 /// Histograms by label set, made with [`latency_histogram`].
 pub type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 type CounterFamily = Family<Labels, Counter>;
+type SecondsFamily = Family<Labels, Counter<f64, AtomicU64>>;
 
 /// A histogram of request durations in seconds: 10 µs to about 10 s.
 pub fn latency_histogram() -> Histogram {
@@ -49,6 +50,7 @@ pub struct Scrape {
     registry: Registry,
     gauges: BTreeMap<&'static str, GaugeFamily>,
     counters: BTreeMap<&'static str, CounterFamily>,
+    seconds: BTreeMap<&'static str, SecondsFamily>,
 }
 
 impl Scrape {
@@ -76,6 +78,18 @@ impl Scrape {
             f
         });
         f.get_or_create(&labels).inc_by(v);
+    }
+
+    /// Sets counter `name{labels}` (exposed as `name_total`, a number of seconds) to `us`
+    /// microseconds.
+    pub fn counter_seconds(&mut self, name: &'static str, help: &str, labels: Labels, us: u64) {
+        let registry = &mut self.registry;
+        let f = self.seconds.entry(name).or_insert_with(|| {
+            let f = SecondsFamily::default();
+            registry.register(name, help, f.clone());
+            f
+        });
+        f.get_or_create(&labels).inc_by(us as f64 / 1e6);
     }
 
     /// A state set: `name{labels, state}` is 1 for `current` and 0 for the other `states`.
@@ -265,6 +279,7 @@ mod tests {
         s.gauge("redun_lag_bytes", "Lag.", volume("db"), 42.0);
         s.gauge("redun_lag_bytes", "Lag.", volume("web"), 7.0);
         s.counter("redun_retries", "Retries.", volume("db"), 3);
+        s.counter_seconds("redun_waited_seconds", "Waits.", volume("db"), 1_500_000);
         let h: HistogramFamily = Family::new_with_constructor(latency_histogram);
         h.get_or_create(&volume("db")).observe(0.001);
         s.histograms("redun_nbd_request_duration_seconds", "Latency.", h);
@@ -275,6 +290,10 @@ mod tests {
         );
         assert!(
             text.contains("redun_retries_total{volume=\"db\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redun_waited_seconds_total{volume=\"db\"} 1.5"),
             "{text}"
         );
         assert!(

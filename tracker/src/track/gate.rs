@@ -8,8 +8,9 @@
 //! group's timeout.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::nbd::{CompletionSink, Token};
 
@@ -20,20 +21,35 @@ pub struct Gate {
     /// always sees it.
     holding: AtomicBool,
     inner: Mutex<Inner>,
+    /// What holding cost: replies held, their waits added up, the longest wait (µs).
+    held: AtomicU64,
+    waited_us: AtomicU64,
+    longest_us: AtomicU64,
 }
 
-/// A reply waiting for the gate to open.
-struct Held {
+/// What a gate's holds have cost its replies so far (`redun status`, metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Replies that waited at the gate.
+    pub replies: u64,
+    /// Their waits added up, and the longest, in microseconds.
+    pub waited_us: u64,
+    pub longest_us: u64,
+}
+
+/// A reply waiting for the gate to open since `at`.
+struct Waiting {
     sink: Arc<dyn CompletionSink>,
     token: Token,
     result: io::Result<Vec<u8>>,
+    at: Instant,
 }
 
 #[derive(Default)]
 struct Inner {
     /// The group points whose decision is awaited.
     holds: Vec<u64>,
-    held: Vec<Held>,
+    held: Vec<Waiting>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -74,7 +90,12 @@ impl Gate {
         };
         let mut sinks: Vec<Arc<dyn CompletionSink>> = Vec::new();
         let n = held.len();
+        let now = Instant::now();
         for h in held {
+            let us = u64::try_from(now.duration_since(h.at).as_micros()).unwrap_or(u64::MAX);
+            self.held.fetch_add(1, Ordering::Relaxed);
+            self.waited_us.fetch_add(us, Ordering::Relaxed);
+            self.longest_us.fetch_max(us, Ordering::Relaxed);
             h.sink.complete(h.token, h.result);
             if !sinks.iter().any(|s| Arc::ptr_eq(s, &h.sink)) {
                 sinks.push(h.sink);
@@ -86,15 +107,25 @@ impl Gate {
         n
     }
 
+    /// What holding has cost this gate's replies so far.
+    pub fn held(&self) -> Held {
+        Held {
+            replies: self.held.load(Ordering::Relaxed),
+            waited_us: self.waited_us.load(Ordering::Relaxed),
+            longest_us: self.longest_us.load(Ordering::Relaxed),
+        }
+    }
+
     /// Sends a reply through `sink` now, or keeps it until the gate opens.
     fn pass(&self, sink: &Arc<dyn CompletionSink>, token: Token, result: io::Result<Vec<u8>>) {
         if self.holding.load(Ordering::SeqCst) {
             let mut g = self.lock();
             if !g.holds.is_empty() {
-                g.held.push(Held {
+                g.held.push(Waiting {
                     sink: sink.clone(),
                     token,
                     result,
+                    at: Instant::now(),
                 });
                 return;
             }
@@ -169,13 +200,20 @@ mod tests {
         reply();
         assert_eq!(gate.release(1), 0);
         assert_eq!(sent(), 1);
+        assert_eq!(gate.held().replies, 0);
+        std::thread::sleep(std::time::Duration::from_millis(2));
         assert_eq!(gate.release(2), 2);
         assert_eq!(sent(), 3);
+        let held = gate.held();
+        assert_eq!(held.replies, 2);
+        assert!(held.longest_us >= 2000, "{held:?}");
+        assert!(held.waited_us >= 2 * held.longest_us.min(2000), "{held:?}");
         // Two replies of one connection, one flush.
         assert_eq!(count.flushes.load(Ordering::SeqCst), 1);
         // Releasing a point that holds nothing is harmless.
         assert_eq!(gate.release(2), 0);
         reply();
         assert_eq!(sent(), 4);
+        assert_eq!(gate.held().replies, 2);
     }
 }
