@@ -356,6 +356,7 @@ pub(crate) enum JournalCommand {
 }
 
 fn main() -> ExitCode {
+    redun_tracker::sys::default_sigpipe();
     let cli = Cli::parse();
     match cli.command {
         Command::Status {

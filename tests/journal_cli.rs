@@ -146,3 +146,48 @@ fn check_names_the_offset_and_sequence_of_damage() {
         "{err}"
     );
 }
+
+/// `redun journal dump ... | head -1`: the CLI ends on SIGPIPE, as Unix tools do, instead of
+/// panicking about a broken pipe.
+#[test]
+fn a_reader_that_goes_away_ends_the_dump_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.journal");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(16 << 20).unwrap();
+    let mut j = Journal::create(f, [7; 16], VOL).unwrap();
+    // Far more lines than a pipe holds.
+    for i in 0..20_000u64 {
+        j.append(Kind::Trim, (i * 512) % VOL, 512, &[]).unwrap();
+    }
+    j.close().unwrap();
+    let mut child = Command::new(bin("redun"))
+        .args(["journal", "dump", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(!first.is_empty());
+    // The reader is gone: the next writes hit a broken pipe.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(13), // SIGPIPE
+        "{:?}: {stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,4 +1,5 @@
-//! The one system call neither std nor nix wraps: a thread's scheduling priority.
+//! The two system calls neither std nor nix wraps safely: a thread's scheduling priority, and
+//! putting SIGPIPE back to its default for a command-line tool.
 
 use std::io;
 
@@ -14,4 +15,15 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Lets SIGPIPE end the process, as it does other Unix tools: Rust ignores it, so that
+/// printing to a pipe whose reader is gone (`redun points ... | head`) panics instead. For
+/// the `redun` command line only; the daemons keep ignoring it (a peer that goes away is
+/// an error on its connection).
+pub fn default_sigpipe() {
+    // SAFETY: installs the default disposition; no handler of this process is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
