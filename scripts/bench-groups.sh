@@ -83,6 +83,9 @@ run() {
         wait_for "m$i/admin.sock"
         fio_args+=(--name="m$i" --uri="nbd+unix:///v$i?socket=$work/m$i/nbd.sock")
     done
+    # Every run starts with no dirty pages of its own making or of the run before (the
+    # journals' creation, the previous run's files), so no run pays for another's writeback.
+    sync
     sleep 2  # the members connect to each other
     : >"result-$n-$group-$k.rounds"
     (
@@ -109,6 +112,7 @@ run() {
     for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
     pids=()  # stopped: cleanup must not signal these PIDs again
     if [ "$group" = 1 ]; then
+        for i in $(seq "$n"); do cp "m$i/tracker.log" "log-$n-$k-m$i.log"; done
         # Why rounds aborted, as the members logged it.
         grep -h -o -E "aborted: [^;]*|no decision within [^:]*|is unreachable: .*" m*/tracker.log |
             sed -E 's/point=[0-9]+//; s/[0-9]+\.[0-9.]+:[0-9]+/ADDR/g' | sort | uniq -c |
@@ -200,8 +204,8 @@ print("\n".join(held_lines))
 PY
 [ -s why-aborted.txt ] && { echo "aborts and lost peers as the members logged them (start-up and stop included):"; cat why-aborted.txt; }
 true
-# BENCH_KEEP=DIR keeps fio's JSON, the round samples and the members' logs.
+# BENCH_KEEP=DIR keeps fio's JSON, the round samples and the members' logs of the runs with
+# group points (log-MEMBERS-REPEAT-mI.log).
 if [ -n "${BENCH_KEEP:-}" ]; then
-    mkdir -p "$BENCH_KEEP" && cp result-* why-aborted.txt "$BENCH_KEEP"/ 2>/dev/null || true
-    for d in m*/; do mkdir -p "$BENCH_KEEP/$d" && cp "$d"*.log "$BENCH_KEEP/$d" 2>/dev/null || true; done
+    mkdir -p "$BENCH_KEEP" && cp result-* log-* why-aborted.txt "$BENCH_KEEP"/ 2>/dev/null || true
 fi
