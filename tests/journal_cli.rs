@@ -13,18 +13,23 @@ use redun_tracker::journal::{Journal, inspect::inspect};
 
 const VOL: u64 = 1 << 20;
 
-/// A journal of writes, a trim and a zero over a 1 MiB volume, and the image they produce.
-fn make(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
-    let path = dir.join("v.journal");
+/// A new journal of `size` bytes at `path` for a 1 MiB volume.
+fn create(path: &std::path::Path, size: u64) -> Journal<std::fs::File> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(true)
         .read(true)
         .write(true)
-        .open(&path)
+        .open(path)
         .unwrap();
-    f.set_len(4 << 20).unwrap();
-    let mut j = Journal::create(f, [9; 16], VOL).unwrap();
+    f.set_len(size).unwrap();
+    Journal::create(f, [9; 16], VOL).unwrap()
+}
+
+/// A journal of writes, a trim and a zero over a 1 MiB volume, and the image they produce.
+fn make(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    let path = dir.join("v.journal");
+    let mut j = create(&path, 4 << 20);
     let mut img = vec![0u8; VOL as usize];
     for i in 0..40u64 {
         let off = (i * 7919 * 13) % (VOL - 5000);
@@ -155,15 +160,7 @@ fn a_reader_that_goes_away_ends_the_dump_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("many.journal");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(16 << 20).unwrap();
-    let mut j = Journal::create(f, [7; 16], VOL).unwrap();
+    let mut j = create(&path, 16 << 20);
     // Far more lines than a pipe holds.
     for i in 0..20_000u64 {
         j.append(Kind::Trim, (i * 512) % VOL, 512, &[]).unwrap();

@@ -4,10 +4,12 @@
 //! Every member runs a [`Member`] behind a TLS listener (port 20004 by default, mutual TLS
 //! with the replication CA). The coordinator (the configured member, or else each member
 //! that reaches no member with a lower id: [`Group::coordinating`]) runs a round every
-//! `group.interval`: PREPARE to every member, each appends the point's marker to each of its
-//! group volumes and closes their reply gates (`track::gate`), READY back; COMMIT when every
-//! member is READY within `group.timeout`, ABORT otherwise. A member decides by itself
-//! (abort) when no decision arrives within the timeout, so no reply is held longer.
+//! `group.interval`: PREPARE to every other member, each appends the point's marker to each
+//! of its group volumes and closes their reply gates (`track::gate`), READY back; when every
+//! peer is READY within `group.timeout`, the coordinator places its own markers (last, so its
+//! gates close only until its own decision) and sends COMMIT; ABORT otherwise. A member
+//! decides by itself (abort) when no decision arrives within the timeout, so no reply is held
+//! longer.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -1031,10 +1033,11 @@ impl Group {
             if kind == PointKind::App {
                 self.freeze(point, &mut involved, &mut error);
             }
+            let sent = Instant::now();
             if error.is_empty() {
                 let answers = self.ask_all(
                     &|_| Some(Msg::Prepare { point, kind, fence }),
-                    Instant::now() + timeout,
+                    sent + timeout,
                     true,
                 );
                 for p in &self.peers {
@@ -1054,6 +1057,17 @@ impl Group {
                 match self.member.prepare(point, kind, fence) {
                     Ok(v) => volumes.extend(v.into_iter().map(|m| m.volume)),
                     Err(e) => error = format!("member {}: {e}", self.cfg.id),
+                }
+                // The peers give the point up `timeout` after its PREPARE: a COMMIT sent
+                // later than that would commit here what they aborted (a fence's markers,
+                // synced, take the longest).
+                if error.is_empty() && sent.elapsed() >= timeout {
+                    error = format!(
+                        "member {}: its own markers were placed {:?} after the PREPARE, past \
+                         group.timeout ({timeout:?}); the others may have given the point up",
+                        self.cfg.id,
+                        sent.elapsed()
+                    );
                 }
             }
         }
@@ -1150,7 +1164,7 @@ impl Group {
         st.committed = self.member.committed.load(Ordering::Relaxed);
         st.aborted = self.member.aborted.load(Ordering::Relaxed);
         for gate in self.member.volumes.iter().filter_map(|(_, log)| log.gate()) {
-            let h = gate.held();
+            let h = gate.cost();
             st.held_replies += h.replies;
             st.held_wait_us += h.waited_us;
             st.held_longest_us = st.held_longest_us.max(h.longest_us);

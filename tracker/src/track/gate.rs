@@ -22,14 +22,14 @@ pub struct Gate {
     holding: AtomicBool,
     inner: Mutex<Inner>,
     /// What holding cost: replies held, their waits added up, the longest wait (µs).
-    held: AtomicU64,
+    replies_held: AtomicU64,
     waited_us: AtomicU64,
     longest_us: AtomicU64,
 }
 
 /// What a gate's holds have cost its replies so far (`redun status`, metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Held {
+pub struct HoldCost {
     /// Replies that waited at the gate.
     pub replies: u64,
     /// Their waits added up, and the longest, in microseconds.
@@ -49,7 +49,7 @@ struct Waiting {
 struct Inner {
     /// The group points whose decision is awaited.
     holds: Vec<u64>,
-    held: Vec<Waiting>,
+    waiting: Vec<Waiting>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -57,7 +57,7 @@ impl std::fmt::Debug for Gate {
         let g = self.lock();
         f.debug_struct("Gate")
             .field("holds", &g.holds)
-            .field("held", &g.held.len())
+            .field("waiting", &g.waiting.len())
             .finish()
     }
 }
@@ -86,14 +86,14 @@ impl Gate {
                 return 0;
             }
             self.holding.store(false, Ordering::SeqCst);
-            std::mem::take(&mut g.held)
+            std::mem::take(&mut g.waiting)
         };
         let mut sinks: Vec<Arc<dyn CompletionSink>> = Vec::new();
         let n = held.len();
         let now = Instant::now();
         for h in held {
             let us = u64::try_from(now.duration_since(h.at).as_micros()).unwrap_or(u64::MAX);
-            self.held.fetch_add(1, Ordering::Relaxed);
+            self.replies_held.fetch_add(1, Ordering::Relaxed);
             self.waited_us.fetch_add(us, Ordering::Relaxed);
             self.longest_us.fetch_max(us, Ordering::Relaxed);
             h.sink.complete(h.token, h.result);
@@ -108,9 +108,9 @@ impl Gate {
     }
 
     /// What holding has cost this gate's replies so far.
-    pub fn held(&self) -> Held {
-        Held {
-            replies: self.held.load(Ordering::Relaxed),
+    pub fn cost(&self) -> HoldCost {
+        HoldCost {
+            replies: self.replies_held.load(Ordering::Relaxed),
             waited_us: self.waited_us.load(Ordering::Relaxed),
             longest_us: self.longest_us.load(Ordering::Relaxed),
         }
@@ -121,7 +121,7 @@ impl Gate {
         if self.holding.load(Ordering::SeqCst) {
             let mut g = self.lock();
             if !g.holds.is_empty() {
-                g.held.push(Waiting {
+                g.waiting.push(Waiting {
                     sink: sink.clone(),
                     token,
                     result,
@@ -200,11 +200,11 @@ mod tests {
         reply();
         assert_eq!(gate.release(1), 0);
         assert_eq!(sent(), 1);
-        assert_eq!(gate.held().replies, 0);
+        assert_eq!(gate.cost().replies, 0);
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert_eq!(gate.release(2), 2);
         assert_eq!(sent(), 3);
-        let held = gate.held();
+        let held = gate.cost();
         assert_eq!(held.replies, 2);
         assert!(held.longest_us >= 2000, "{held:?}");
         assert!(held.waited_us >= 2 * held.longest_us.min(2000), "{held:?}");
@@ -214,6 +214,6 @@ mod tests {
         assert_eq!(gate.release(2), 0);
         reply();
         assert_eq!(sent(), 4);
-        assert_eq!(gate.held().replies, 2);
+        assert_eq!(gate.cost().replies, 2);
     }
 }
