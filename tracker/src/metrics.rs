@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, warn};
+use prometheus_client::encoding::EncodeMetric;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::TypedMetric;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -44,6 +46,23 @@ pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1e-5, 4.0, 11))
 }
 
+/// The family `name` of `families`, registered with `help` the first time it is asked for.
+fn family<'a, M>(
+    registry: &mut Registry,
+    families: &'a mut BTreeMap<&'static str, Family<Labels, M>>,
+    name: &'static str,
+    help: &str,
+) -> &'a Family<Labels, M>
+where
+    M: Default + EncodeMetric + TypedMetric + std::fmt::Debug + Send + Sync + 'static,
+{
+    families.entry(name).or_insert_with(|| {
+        let f = Family::default();
+        registry.register(name, help, f.clone());
+        f
+    })
+}
+
 /// The metrics of one scrape.
 #[derive(Debug, Default)]
 pub struct Scrape {
@@ -60,36 +79,24 @@ impl Scrape {
 
     /// Sets gauge `name{labels}` to `v`.
     pub fn gauge(&mut self, name: &'static str, help: &str, labels: Labels, v: f64) {
-        let registry = &mut self.registry;
-        let f = self.gauges.entry(name).or_insert_with(|| {
-            let f = GaugeFamily::default();
-            registry.register(name, help, f.clone());
-            f
-        });
-        f.get_or_create(&labels).set(v);
+        family(&mut self.registry, &mut self.gauges, name, help)
+            .get_or_create(&labels)
+            .set(v);
     }
 
     /// Sets counter `name{labels}` (exposed as `name_total`) to `v`.
     pub fn counter(&mut self, name: &'static str, help: &str, labels: Labels, v: u64) {
-        let registry = &mut self.registry;
-        let f = self.counters.entry(name).or_insert_with(|| {
-            let f = CounterFamily::default();
-            registry.register(name, help, f.clone());
-            f
-        });
-        f.get_or_create(&labels).inc_by(v);
+        family(&mut self.registry, &mut self.counters, name, help)
+            .get_or_create(&labels)
+            .inc_by(v);
     }
 
     /// Sets counter `name{labels}` (exposed as `name_total`, a number of seconds) to `us`
     /// microseconds.
     pub fn counter_seconds(&mut self, name: &'static str, help: &str, labels: Labels, us: u64) {
-        let registry = &mut self.registry;
-        let f = self.seconds.entry(name).or_insert_with(|| {
-            let f = SecondsFamily::default();
-            registry.register(name, help, f.clone());
-            f
-        });
-        f.get_or_create(&labels).inc_by(us as f64 / 1e6);
+        family(&mut self.registry, &mut self.seconds, name, help)
+            .get_or_create(&labels)
+            .inc_by(us as f64 / 1e6);
     }
 
     /// A state set: `name{labels, state}` is 1 for `current` and 0 for the other `states`.

@@ -5,7 +5,7 @@
 //! synchronous one when io_uring is unavailable.
 //!
 //! Architecture invariant: [`uring`] is the only module of the tracker with `unsafe` code,
-//! besides one system call in [`crate::sys`].
+//! besides two system calls in [`crate::sys`].
 
 pub mod ops;
 #[allow(unsafe_code)] // The one module allowed to: see its ownership contract.

@@ -1,5 +1,5 @@
 //! io_uring engine: one ring per NBD connection, driven by that connection's thread. Every
-//! `unsafe` block of redun lives here, but for one system call in [`crate::sys`].
+//! `unsafe` block of redun lives here, but for two system calls in [`crate::sys`].
 //!
 //! # Ownership contract
 //! Each submitted request is a [`Pending`] stored in the queue's slab; the SQE's `user_data`

@@ -91,11 +91,11 @@ impl Gate {
         let mut sinks: Vec<Arc<dyn CompletionSink>> = Vec::new();
         let n = held.len();
         let now = Instant::now();
+        let (mut waited, mut longest) = (0u64, 0u64);
         for h in held {
             let us = u64::try_from(now.duration_since(h.at).as_micros()).unwrap_or(u64::MAX);
-            self.replies_held.fetch_add(1, Ordering::Relaxed);
-            self.waited_us.fetch_add(us, Ordering::Relaxed);
-            self.longest_us.fetch_max(us, Ordering::Relaxed);
+            waited = waited.saturating_add(us);
+            longest = longest.max(us);
             h.sink.complete(h.token, h.result);
             if !sinks.iter().any(|s| Arc::ptr_eq(s, &h.sink)) {
                 sinks.push(h.sink);
@@ -104,6 +104,9 @@ impl Gate {
         for s in sinks {
             s.flush();
         }
+        self.replies_held.fetch_add(n as u64, Ordering::Relaxed);
+        self.waited_us.fetch_add(waited, Ordering::Relaxed);
+        self.longest_us.fetch_max(longest, Ordering::Relaxed);
         n
     }
 
