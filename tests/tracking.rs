@@ -1,6 +1,7 @@
 //! Change tracking through the real tracker: every acknowledged write is in the journal,
 //! `redun journal replay` reproduces the backing file, kill -9 loses nothing that was
-//! acknowledged, a full journal falls back to dirty regions without stalling the writer, and a
+//! acknowledged (flushed or not: start-up replays the journal and the volume stays
+//! protected), a full journal falls back to dirty regions without stalling the writer, and a
 //! damaged record in the middle of the journal turns the ranges it loses dirty.
 
 mod common;
@@ -109,31 +110,59 @@ fn kill_9_during_fio_loses_no_acknowledged_write() {
             child.wait().unwrap();
             let _ = fio.kill();
             let _ = fio.wait();
-            // The process died, the page cache did not. Records still in the journal's
-            // buffer (at most 5 ms of them) and the change being applied at the kill may be
-            // missing from the journal or from the file: every block where the replay and
-            // the file differ must lie in what the restart reports dirty (invariant J).
-            let replayed = replay(&t);
-            let image = std::fs::read(&t.image).unwrap();
-            let differing: Vec<u64> = replayed
-                .chunks(4096)
-                .zip(image.chunks(4096))
-                .enumerate()
-                .filter(|(_, (a, b))| a != b)
-                .map(|(n, _)| n as u64 * 4096)
-                .collect();
+            // The process died, the page cache did not: every acknowledged change is in the
+            // journal file, some not yet on the backing file. The restart replays them from
+            // the checkpoint: the volume stays protected and the backing file is exactly the
+            // journal replayed (invariant J, with nothing dirty).
             t.spawn(backend, &["--journal-size", "512M"]);
             let v = volume_status(&t);
-            assert_eq!(v["state"], "resync-required", "{v}");
-            let dirty: Vec<(u64, u64)> = serde_json::from_value(v["dirty_ranges"].clone()).unwrap();
-            for at in &differing {
-                assert!(
-                    dirty.iter().any(|&(o, l)| *at >= o && at + 4096 <= o + l),
-                    "{backend} trial {i}: block at {at} differs from the journal replay and is \
-                     not in a dirty range {dirty:?}"
-                );
-            }
-            assert!(t.log_text().contains("unclean stop"));
+            assert_eq!(v["state"], "protected", "{backend} trial {i}: {v}");
+            assert_eq!(v["dirty_bytes"], 0, "{backend} trial {i}: {v}");
+            assert!(t.stop().success());
+            let replayed = replay(&t);
+            let image = std::fs::read(&t.image).unwrap();
+            let differing = replayed
+                .chunks(4096)
+                .zip(image.chunks(4096))
+                .position(|(a, b)| a != b);
+            assert_eq!(
+                differing, None,
+                "{backend} trial {i}: the backing file differs from the journal replayed (block)"
+            );
+        }
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_flushed_or_not() {
+    for backend in BACKENDS {
+        // A volume bigger than the writes that are pending at once, written all over.
+        let mut t = tracked(backend, 256 * MIB, "512M");
+        let out = python("acked_then_kill.py", &[&t.uri(), &t.pid().to_string()]);
+        let mut child = t.child.take().unwrap();
+        let _ = child.wait();
+        let acked: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("acked "))
+            .map(|n| n.trim().parse().unwrap())
+            .collect();
+        assert!(
+            acked.len() >= 2000,
+            "{backend}: {} acknowledged",
+            acked.len()
+        );
+        // The restart replays what the backing file missed; the volume stays protected.
+        t.spawn(backend, &["--journal-size", "512M"]);
+        let v = volume_status(&t);
+        assert_eq!(v["state"], "protected", "{backend}: {v}");
+        let image = std::fs::read(&t.image).unwrap();
+        for i in acked {
+            let off = usize::try_from(i * 4096).unwrap();
+            let want = u8::try_from(i % 250 + 1).unwrap();
+            assert!(
+                image[off..off + 4096].iter().all(|&b| b == want),
+                "{backend}: acknowledged write {i} is lost after kill -9 and restart"
+            );
         }
     }
 }
@@ -332,4 +361,82 @@ fn full_threshold_and_region_size_are_honoured() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A journal and region map written by the previous release (journal format version 1),
+/// `tests/fixtures/v1-journals.tar.gz`: a 16 MiB volume written by that release's tracker
+/// (64 KiB of 0x11 at 0, 128 KiB of 0x22 at 5 MiB, 4 KiB of 0x33 at 9 MiB + 4 KiB, flushed),
+/// then stopped cleanly (`clean/`) or killed with kill -9 (`unclean/`, its three extents left
+/// hot). This release opens both, applies nothing from them (that release applied every write
+/// before acknowledging it), turns the hot extents dirty, and writes version 2 from then on.
+#[test]
+fn journals_of_the_previous_release_are_opened() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-journals.tar.gz");
+    for kind in ["clean", "unclean"] {
+        let prepare = |image: &std::path::Path| {
+            let dir = image.parent().unwrap();
+            sh(&format!(
+                "cd {d} && tar xzf {f} {kind} && cp {kind}/vol.img {img} && mkdir -p journal && \
+                 cp {kind}/journal/vol.journal journal/{EXPORT}.journal && \
+                 cp {kind}/journal/vol.map journal/{EXPORT}.map",
+                d = dir.display(),
+                f = fixture.display(),
+                img = image.display()
+            ));
+        };
+        let mut t = Tracker::start_on("uring", 16 * MIB, &["--journal-size", "1056K"], prepare);
+        let v = volume_status(&t);
+        assert_eq!(v["journal"]["head_seq"], 3, "{kind}: {v}");
+        if kind == "clean" {
+            assert_eq!(v["state"], "protected", "{kind}: {v}");
+        } else {
+            // The previous release's activity log: the three hot extents (4 MiB) are dirty.
+            assert_eq!(v["state"], "resync-required", "{kind}: {v}");
+            let dirty: Vec<(u64, u64)> = serde_json::from_value(v["dirty_ranges"].clone()).unwrap();
+            assert_eq!(dirty, vec![(0, 12 * MIB)], "{kind}");
+        }
+        let img = std::fs::read(&t.image).unwrap();
+        let u = |n: u64| usize::try_from(n).unwrap();
+        let at = |o: u64, l: u64| &img[u(o)..u(o + l)];
+        assert!(at(0, 64 << 10).iter().all(|&b| b == 0x11), "{kind}");
+        assert!(at(5 * MIB, 128 << 10).iter().all(|&b| b == 0x22), "{kind}");
+        assert!(
+            at(9 * MIB + 4096, 4096).iter().all(|&b| b == 0x33),
+            "{kind}"
+        );
+        // Writes go on, numbered after the old records; the superblock is version 2.
+        run(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &t.uri(),
+            "-c",
+            "write -P 0x44 1M 4k",
+            "-c",
+            "flush",
+        ]));
+        assert!(t.stop().success());
+        let check = run(Command::new(bin("redun"))
+            .args(["journal", "check"])
+            .arg(t.journal_path()));
+        let out = String::from_utf8_lossy(&check.stdout);
+        // The unclean volume waits for a resync: its write went to dirty regions.
+        let next = if kind == "clean" { 5 } else { 4 };
+        assert!(
+            out.contains(&format!("next_seq={next}")) && out.contains("clean=true"),
+            "{kind}: {out}"
+        );
+        let j = std::fs::read(t.journal_path()).unwrap();
+        let version = |slot: usize| {
+            u32::from_le_bytes(j[slot * 4096 + 8..slot * 4096 + 12].try_into().unwrap())
+        };
+        assert!(
+            version(0) == 2 || version(1) == 2,
+            "{kind}: no version 2 superblock"
+        );
+        assert!(
+            std::fs::read(&t.image).unwrap()[usize::try_from(MIB).unwrap()] == 0x44,
+            "{kind}"
+        );
+    }
 }

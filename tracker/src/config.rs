@@ -138,6 +138,8 @@ pub struct JournalSection {
     pub full_percent: Option<u8>,
     /// Dirty-region size of a new region map, e.g. "64K".
     pub region_size: Option<String>,
+    /// Most acknowledged write data held in memory until applied, e.g. "256M".
+    pub memory: Option<String>,
     /// Never journal (benchmarks only).
     pub disabled: Option<bool>,
 }
@@ -169,6 +171,8 @@ pub struct TrackerConfig {
     pub on_full: OnFull,
     pub full_percent: u8,
     pub region_size: u64,
+    /// `journal.memory`: most unapplied write data held in memory per volume.
+    pub pending_max: u64,
     /// Crash-consistent markers every this many milliseconds (0: only on demand).
     pub crash_interval_ms: u64,
     /// App-consistent points every this many milliseconds (0: only on demand).
@@ -189,6 +193,7 @@ impl TrackerConfig {
             region: self.region_size,
             full_percent: self.full_percent,
             grouped: self.group.as_ref().is_some_and(|g| g.includes(name)),
+            pending_max: self.pending_max,
         }
     }
 }
@@ -427,6 +432,18 @@ pub fn merge(
                 .and_then(crate::track::check_region)
                 .map_err(|e| ConfigError::Invalid(format!("tracker.journal.region_size: {e}")))?,
             (None, None) => crate::track::DEFAULT_REGION,
+        },
+        pending_max: match &fj.memory {
+            None => crate::track::DEFAULT_PENDING_MAX,
+            Some(m) => crate::track::parse_size(m)
+                .and_then(|m| {
+                    if m >= 1 << 20 {
+                        Ok(m)
+                    } else {
+                        Err(format!("{m} bytes: at least 1M"))
+                    }
+                })
+                .map_err(|e| ConfigError::Invalid(format!("tracker.journal.memory: {e}")))?,
         },
         volumes: all,
         listen,

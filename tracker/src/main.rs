@@ -147,11 +147,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             FileBackend::open(&v.path, engine).with_context(|| format!("volume {:?}", v.name))?;
         match &cfg.journal_dir {
             Some(dir) => {
-                let size = redun_tracker::nbd::BlockBackend::size(&b);
                 let log = ChangeLog::open_or_create(
                     dir,
                     &v.name,
-                    size,
+                    b.shared_file(),
                     &cfg.log_options(&v.name),
                     &|| b.data_ranges(),
                 )

@@ -21,6 +21,7 @@ use log::warn;
 
 use crate::nbd::{BlockBackend, Capabilities, CompletionSink, Extent, IoOp, IoQueue, IoRequest};
 use crate::track::ChangeLog;
+use crate::track::queue::TrackedQueue;
 
 /// Largest request payload we accept (and advertise as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 << 20;
@@ -168,6 +169,11 @@ impl FileBackend {
         &self.file
     }
 
+    /// The backing file, shared (the change log applies changes to it).
+    pub fn shared_file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
     /// Makes every completed write durable on the backing device.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -178,11 +184,13 @@ impl FileBackend {
     }
 }
 
-/// A connection's queue on a [`FileBackend`].
+/// A connection's queue on a [`FileBackend`]: an engine's, or on a tracked volume the
+/// tracked layer over one.
 #[derive(Debug)]
 pub enum FileQueue {
     Uring(Box<uring::UringQueue>),
     Sync(SyncQueue),
+    Tracked(Box<TrackedQueue<FileQueue>>),
 }
 
 impl IoQueue for FileQueue {
@@ -190,24 +198,28 @@ impl IoQueue for FileQueue {
         match self {
             FileQueue::Uring(q) => q.submit(req),
             FileQueue::Sync(q) => q.submit(req),
+            FileQueue::Tracked(q) => q.submit(req),
         }
     }
     fn kick(&mut self) {
         match self {
             FileQueue::Uring(q) => q.kick(),
             FileQueue::Sync(q) => q.kick(),
+            FileQueue::Tracked(q) => q.kick(),
         }
     }
     fn wait_readable(&mut self, input: Option<std::os::fd::BorrowedFd<'_>>) {
         match self {
             FileQueue::Uring(q) => q.wait_readable(input),
             FileQueue::Sync(q) => q.wait_readable(input),
+            FileQueue::Tracked(q) => q.wait_readable(input),
         }
     }
     fn drain(&mut self) {
         match self {
             FileQueue::Uring(q) => q.drain(),
             FileQueue::Sync(q) => q.drain(),
+            FileQueue::Tracked(q) => q.drain(),
         }
     }
 }
@@ -238,21 +250,36 @@ impl BlockBackend for FileBackend {
             }),
             None => sink,
         };
-        Ok(match self.engine {
+        let engine = match self.engine {
             Engine::Uring => FileQueue::Uring(Box::new(uring::UringQueue::new(
                 self.file.clone(),
-                self.log.clone(),
-                sink,
+                sink.clone(),
             )?)),
             Engine::Sync => FileQueue::Sync(SyncQueue {
                 file: self.file.clone(),
-                log: self.log.clone(),
-                sink,
+                sink: sink.clone(),
             }),
+        };
+        Ok(match &self.log {
+            Some(log) => FileQueue::Tracked(Box::new(TrackedQueue::new(
+                engine,
+                log.clone(),
+                sink,
+                self.regular,
+            ))),
+            None => engine,
         })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        // A change not yet applied is not in the file's allocation map: let it land first.
+        if let Some(log) = self
+            .log
+            .as_ref()
+            .filter(|l| l.overlaps_pending(offset, len))
+        {
+            log.settle()?;
+        }
         ops::block_status(&self.file, self.regular, offset, len)
     }
 }
@@ -260,7 +287,6 @@ impl BlockBackend for FileBackend {
 /// The synchronous engine: each request runs to completion on the reader thread.
 pub struct SyncQueue {
     file: Arc<File>,
-    log: Option<Arc<ChangeLog>>,
     sink: Arc<dyn CompletionSink>,
 }
 
@@ -273,23 +299,6 @@ impl std::fmt::Debug for SyncQueue {
 impl IoQueue for SyncQueue {
     fn submit(&mut self, req: IoRequest) {
         let f = &*self.file;
-        if let Some(log) = &self.log {
-            let tracked = match &req.op {
-                op if op.is_mutation() => Some(log.apply(f, op).and_then(|()| {
-                    if op.fua() {
-                        f.sync_data()?;
-                        log.sync()?;
-                    }
-                    Ok(Vec::new())
-                })),
-                IoOp::Flush => Some(f.sync_data().and_then(|()| log.sync()).map(|()| Vec::new())),
-                _ => None,
-            };
-            if let Some(r) = tracked {
-                self.sink.complete(req.token, r);
-                return;
-            }
-        }
         let r = match req.op {
             IoOp::Read { offset, len } => ops::read_at(f, offset, len),
             IoOp::Write { offset, data, fua } => {

@@ -33,7 +33,6 @@ use log::{error, warn};
 
 use super::ops;
 use crate::nbd::{CompletionSink, IoOp, IoQueue, IoRequest, Token};
-use crate::track::ChangeLog;
 
 /// Submission queue entries per ring; also the in-flight limit, so the SQ never overflows
 /// and the CQ (twice as big) never does either.
@@ -72,8 +71,6 @@ enum Stage {
     Cache,
     /// The fdatasync that makes a FUA trim or zero durable.
     SyncAfter,
-    /// The fdatasync of the volume's journal that completes a flush when changes are tracked.
-    SyncJournal,
 }
 
 #[derive(Debug)]
@@ -92,7 +89,6 @@ struct Pending {
 pub struct UringQueue {
     ring: IoUring,
     file: Arc<File>,
-    log: Option<Arc<ChangeLog>>,
     slab: Vec<Option<Pending>>,
     free: Vec<usize>,
     inflight: usize,
@@ -112,7 +108,7 @@ impl std::fmt::Debug for UringQueue {
 }
 
 /// Builds the SQE for the current stage of `p`.
-fn sqe(p: &mut Pending, fd: types::Fd, journal_fd: types::Fd, idx: usize) -> squeue::Entry {
+fn sqe(p: &mut Pending, fd: types::Fd, idx: usize) -> squeue::Entry {
     let off = p.offset + u64::from(p.done);
     let left = p.len - p.done;
     let e = match p.stage {
@@ -131,9 +127,6 @@ fn sqe(p: &mut Pending, fd: types::Fd, journal_fd: types::Fd, idx: usize) -> squ
                 .build()
         }
         Stage::Flush | Stage::SyncAfter => opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
-        Stage::SyncJournal => opcode::Fsync::new(journal_fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
         Stage::Trim => opcode::Fallocate::new(fd, u64::from(p.len))
@@ -159,15 +152,10 @@ fn sqe(p: &mut Pending, fd: types::Fd, journal_fd: types::Fd, idx: usize) -> squ
 }
 
 impl UringQueue {
-    pub fn new(
-        file: Arc<File>,
-        log: Option<Arc<ChangeLog>>,
-        sink: Arc<dyn CompletionSink>,
-    ) -> io::Result<UringQueue> {
+    pub fn new(file: Arc<File>, sink: Arc<dyn CompletionSink>) -> io::Result<UringQueue> {
         Ok(UringQueue {
             ring: IoUring::new(RING_ENTRIES)?,
             file,
-            log,
             slab: Vec::with_capacity(MAX_INFLIGHT),
             free: Vec::new(),
             inflight: 0,
@@ -180,15 +168,13 @@ impl UringQueue {
     /// Pushes the SQE for slot `idx`, submitting to make room if the SQ is full.
     fn push(&mut self, idx: usize) {
         let fd = types::Fd(self.file.as_raw_fd());
-        let journal_fd = types::Fd(self.log.as_ref().map_or(-1, |l| l.sync_fd()));
         let entry = match self.slab[idx].as_mut() {
-            Some(p) => sqe(p, fd, journal_fd, idx),
+            Some(p) => sqe(p, fd, idx),
             None => return,
         };
         loop {
             // SAFETY: the entry's buffer is owned by slot `idx` until its CQE is reaped
-            // (module doc); `fd` stays open as long as `self.file`, `journal_fd` as long as
-            // `self.log` (only used when there is one).
+            // (module doc); `fd` stays open as long as `self.file`.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -219,11 +205,7 @@ impl UringQueue {
                 );
                 continue;
             };
-            // After a flush of the backing file, the journal's (unless it failed: dirty
-            // regions cover what it lost). Only flushes ask, so reads never take the lock.
-            let tracked = matches!(p.stage, Stage::Flush)
-                && self.log.as_ref().is_some_and(|l| l.journal_usable());
-            match on_cqe(p, cqe.result(), &self.file, tracked) {
+            match on_cqe(p, cqe.result(), &self.file) {
                 After::Resubmit => {
                     self.push(idx);
                     resubmit = true;
@@ -262,33 +244,6 @@ impl UringQueue {
 
 impl IoQueue for UringQueue {
     fn submit(&mut self, req: IoRequest) {
-        // Tracked changes are journaled and applied inline, under the volume's lock (the
-        // page-cache copy is the whole cost, see below); FUA then waits for a flush of the
-        // backing file and the journal on the ring.
-        let req = match &self.log {
-            Some(log) if req.op.is_mutation() => {
-                if let Err(e) = log.apply(&self.file, &req.op) {
-                    self.sink.complete(req.token, Err(e));
-                    return;
-                }
-                if !req.op.fua() {
-                    self.sink.complete(req.token, Ok(Vec::new()));
-                    return;
-                }
-                IoRequest {
-                    token: req.token,
-                    op: IoOp::Flush,
-                }
-            }
-            _ => req,
-        };
-        if let (Some(log), IoOp::Flush) = (&self.log, &req.op) {
-            // The ring's fsync of the journal only covers records already in the file.
-            if let Err(e) = log.write_out() {
-                self.sink.complete(req.token, Err(e));
-                return;
-            }
-        }
         let (stage, buf, offset, len, fua) = match req.op {
             IoOp::Read { offset, len } => {
                 (Stage::Read, vec![0u8; len as usize], offset, len, false)
@@ -417,7 +372,7 @@ enum After {
     Finish(io::Result<Vec<u8>>),
 }
 
-fn on_cqe(p: &mut Pending, res: i32, file: &File, tracked: bool) -> After {
+fn on_cqe(p: &mut Pending, res: i32, file: &File) -> After {
     if res < 0 {
         let errno = -res;
         if errno == libc::EAGAIN || errno == libc::EINTR {
@@ -455,11 +410,7 @@ fn on_cqe(p: &mut Pending, res: i32, file: &File, tracked: bool) -> After {
             After::Finish(Ok(std::mem::take(&mut p.buf)))
         }
         Stage::Trim | Stage::Zero { .. } | Stage::Cache => finish_or_sync(p),
-        Stage::Flush if tracked => {
-            p.stage = Stage::SyncJournal;
-            After::Resubmit
-        }
-        Stage::Flush | Stage::SyncAfter | Stage::SyncJournal => After::Finish(Ok(Vec::new())),
+        Stage::Flush | Stage::SyncAfter => After::Finish(Ok(Vec::new())),
     }
 }
 

@@ -29,10 +29,13 @@ pub const MIN_FILE_SIZE: u64 = RING_OFFSET + (1 << 20);
 
 /// `\x89RDJ\r\n\x1a\n`: PNG-style, catches text-mode and truncation damage.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"\x89RDJ\r\n\x1a\n";
-pub const SUPERBLOCK_VERSION: u32 = 1;
+/// Version 2 adds the checkpoint (the write-ahead journal); version 1 is still read.
+pub const SUPERBLOCK_VERSION: u32 = 2;
 /// Bytes of a slot covered by the superblock encoding (the rest of the slot is zero).
-pub const SUPERBLOCK_LEN: usize = 120;
-const SUPERBLOCK_LEN_U32: u32 = 120;
+pub const SUPERBLOCK_LEN: usize = 128;
+const SUPERBLOCK_LEN_U32: u32 = 128;
+/// The encoding of a version 1 superblock (no checkpoint).
+const SUPERBLOCK_V1_LEN: u32 = 120;
 
 /// `RJR1` as little-endian bytes on disk.
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"RJR1");
@@ -312,8 +315,8 @@ impl RecordHeader {
 /// | off | size | field |
 /// | --- | --- | --- |
 /// | 0 | 8 | magic `\x89RDJ\r\n\x1a\n` |
-/// | 8 | 4 | version (1) |
-/// | 12 | 4 | length of this encoding (120) |
+/// | 8 | 4 | version (2; 1 is read too) |
+/// | 12 | 4 | length of this encoding (128; 120 in version 1) |
 /// | 16 | 8 | update counter (slot = update % 2) |
 /// | 24 | 16 | volume uuid |
 /// | 40 | 8 | volume size |
@@ -326,9 +329,12 @@ impl RecordHeader {
 /// | 96 | 4 | flags: bit 0 = closed cleanly |
 /// | 100 | 4 | epoch of records written from now on |
 /// | 104 | 8 | salt: random, chosen when the journal is created |
-/// | 112 | 8 | xxh3-64 of bytes 0..112 |
+/// | 112 | 8 | checkpoint: every record before this sequence number is durable on the backing device (version 2) |
+/// | 120 | 8 | xxh3-64 of bytes 0..120 (version 1: bytes 0..112, at 112) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Superblock {
+    /// The version this superblock was read in (written: always [`SUPERBLOCK_VERSION`]).
+    pub version: u32,
     pub update: u64,
     pub volume_uuid: [u8; 16],
     pub volume_size: u64,
@@ -341,6 +347,10 @@ pub struct Superblock {
     pub clean: bool,
     pub epoch: u32,
     pub salt: u64,
+    /// Records from this sequence number on may be missing from the backing device: start-up
+    /// replays them (the write-ahead rule, docs/FORMAT.md). A version 1 journal, whose tracker
+    /// applied every record before acknowledging it, reads as 0: nothing to replay.
+    pub checkpoint_seq: u64,
 }
 
 /// Why a superblock slot is unusable.
@@ -377,8 +387,9 @@ impl Superblock {
         b[96..100].copy_from_slice(&flags.to_le_bytes());
         b[100..104].copy_from_slice(&self.epoch.to_le_bytes());
         b[104..112].copy_from_slice(&self.salt.to_le_bytes());
-        let sum = xxhash_rust::xxh3::xxh3_64(&b[0..112]);
-        b[112..120].copy_from_slice(&sum.to_le_bytes());
+        b[112..120].copy_from_slice(&self.checkpoint_seq.to_le_bytes());
+        let sum = xxhash_rust::xxh3::xxh3_64(&b[0..120]);
+        b[120..128].copy_from_slice(&sum.to_le_bytes());
         b
     }
 
@@ -387,18 +398,21 @@ impl Superblock {
             return Err(BadSuperblock::Magic);
         }
         let version = le_u32(&b[8..12]);
-        if version != SUPERBLOCK_VERSION {
-            return Err(BadSuperblock::Version(version));
-        }
-        if le_u32(&b[12..16]) != SUPERBLOCK_LEN_U32 {
+        let (len, sum_at) = match version {
+            1 => (SUPERBLOCK_V1_LEN, 112),
+            SUPERBLOCK_VERSION => (SUPERBLOCK_LEN_U32, 120),
+            v => return Err(BadSuperblock::Version(v)),
+        };
+        if le_u32(&b[12..16]) != len {
             return Err(BadSuperblock::Inconsistent("encoding length"));
         }
-        if xxhash_rust::xxh3::xxh3_64(&b[0..112]) != le_u64(&b[112..120]) {
+        if xxhash_rust::xxh3::xxh3_64(&b[0..sum_at]) != le_u64(&b[sum_at..sum_at + 8]) {
             return Err(BadSuperblock::Checksum);
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[24..40]);
         let sb = Superblock {
+            version,
             update: le_u64(&b[16..24]),
             volume_uuid: uuid,
             volume_size: le_u64(&b[40..48]),
@@ -411,6 +425,11 @@ impl Superblock {
             clean: le_u32(&b[96..100]) & FLAG_CLEAN != 0,
             epoch: le_u32(&b[100..104]),
             salt: le_u64(&b[104..112]),
+            checkpoint_seq: if version == 1 {
+                0
+            } else {
+                le_u64(&b[112..120])
+            },
         };
         if sb.ring_offset != RING_OFFSET {
             return Err(BadSuperblock::Inconsistent("ring offset"));
@@ -768,11 +787,14 @@ mod tests {
 
         #[test]
         fn superblock_round_trip(update: u64, uuid: [u8; 16], size: u64, cap in 1u64..1_000_000,
-                                 tail in 0u64..1_000_000, clean: bool, epoch: u32, salt: u64) {
+                                 tail in 0u64..1_000_000, clean: bool, epoch: u32, salt: u64,
+                                 checkpoint: u64) {
             let sb = Superblock {
+                version: SUPERBLOCK_VERSION,
                 update, volume_uuid: uuid, volume_size: size, ring_offset: RING_OFFSET,
                 capacity: cap * RING_ALIGN, tail_pos: tail * RECORD_ALIGN, tail_seq: tail,
                 head_pos: tail * RECORD_ALIGN, head_seq: tail, clean, epoch, salt,
+                checkpoint_seq: checkpoint,
             };
             prop_assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
         }
@@ -802,6 +824,7 @@ mod tests {
     #[test]
     fn superblock_damage_is_detected() {
         let sb = Superblock {
+            version: SUPERBLOCK_VERSION,
             update: 1,
             volume_uuid: [7; 16],
             volume_size: 1 << 30,
@@ -814,6 +837,7 @@ mod tests {
             clean: true,
             epoch: 0,
             salt: SALT,
+            checkpoint_seq: 1,
         };
         let mut b = sb.encode();
         b[50] ^= 1;
@@ -822,5 +846,27 @@ mod tests {
         b[8] = 9;
         assert_eq!(Superblock::decode(&b), Err(BadSuperblock::Version(9)));
         assert_eq!(Superblock::decode(&[0u8; 120]), Err(BadSuperblock::Magic));
+    }
+
+    #[test]
+    fn version_1_superblocks_are_read_with_nothing_to_replay() {
+        // What the previous release wrote: 120 bytes, the checksum at 112.
+        let mut b = [0u8; SUPERBLOCK_LEN];
+        b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[12..16].copy_from_slice(&120u32.to_le_bytes());
+        b[16..24].copy_from_slice(&5u64.to_le_bytes());
+        b[56..64].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        b[48..56].copy_from_slice(&RING_OFFSET.to_le_bytes());
+        b[72..80].copy_from_slice(&9u64.to_le_bytes());
+        b[104..112].copy_from_slice(&SALT.to_le_bytes());
+        let sum = xxhash_rust::xxh3::xxh3_64(&b[0..112]);
+        b[112..120].copy_from_slice(&sum.to_le_bytes());
+        let sb = Superblock::decode(&b).unwrap();
+        assert_eq!((sb.version, sb.update, sb.tail_seq), (1, 5, 9));
+        assert_eq!(sb.checkpoint_seq, 0);
+        // Written back, it is version 2.
+        let again = Superblock::decode(&sb.encode()).unwrap();
+        assert_eq!(again.version, SUPERBLOCK_VERSION);
     }
 }

@@ -89,6 +89,10 @@ pub enum JournalError {
         free: u64,
         capacity: u64,
     },
+    /// The shipper released the space, but records in it are not yet applied to the backing
+    /// device and checkpointed: wait for the next checkpoint.
+    #[error("Journal space held for the checkpoint: {needed} bytes needed")]
+    Unapplied { needed: u64 },
     #[error("Journal file too small: {size} bytes, at least {min} needed")]
     TooSmall { size: u64, min: u64 },
     #[error("Record too large: {0} bytes of payload")]
@@ -290,6 +294,14 @@ pub fn read_superblock<S: Store>(store: &S) -> Result<Superblock, JournalError> 
     })
 }
 
+/// Writes `sb` to its slot and syncs: a superblock from [`Journal::stage`], through any
+/// handle on the journal's store.
+pub fn write_superblock_to<S: Store>(store: &S, sb: &Superblock) -> io::Result<()> {
+    let slot = sb.update % 2;
+    store.write_at(&[&sb.encode()], slot * SUPERBLOCK_SLOT)?;
+    store.sync()
+}
+
 /// Appended bytes are gathered in memory and reach the store in writes of at least this
 /// many bytes (group commit), or earlier through [`Journal::write_out`].
 pub const COMMIT_BYTES: usize = 256 << 10;
@@ -302,6 +314,10 @@ const BLOCK: u64 = RING_ALIGN;
 static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
 #[allow(clippy::cast_possible_truncation)] // 8 KiB.
 const ZEROS_LEN: usize = 2 * RING_ALIGN as usize;
+
+/// Record starts are remembered at least this far apart, so that the tail can move to a
+/// released or checkpointed sequence number without reading the ring.
+const INDEX_STRIDE: u64 = 64 << 10;
 
 /// The writer side of a journal, owned by the tracker.
 ///
@@ -324,6 +340,13 @@ pub struct Journal<S: Store> {
     written_pos: u64,
     /// Unreleased bytes at which the journal counts as full (its capacity unless told).
     full_limit: u64,
+    /// Sequence numbers and positions of record starts from the tail on, at least
+    /// [`INDEX_STRIDE`] apart (and the tail's own).
+    starts: std::collections::VecDeque<(u64, u64)>,
+    /// The first sequence number the shipper has not released.
+    released_next: u64,
+    /// The checkpoint of the last durable superblock.
+    durable_sb_checkpoint: u64,
 }
 
 /// Fills `buf` from the kernel's random source (left as is if it cannot be read).
@@ -372,6 +395,8 @@ impl<S: Store> Journal<S> {
             clean: false,
             epoch: 0,
             salt: random_salt(),
+            version: SUPERBLOCK_VERSION,
+            checkpoint_seq: 1,
         };
         let mut j = Journal {
             store,
@@ -382,6 +407,9 @@ impl<S: Store> Journal<S> {
             buf: Vec::with_capacity(COMMIT_BYTES),
             written_pos: 0,
             full_limit: u64::MAX,
+            starts: [(1, 0)].into(),
+            released_next: 1,
+            durable_sb_checkpoint: 1,
         };
         // Both slots, so that no superblock of an earlier journal in this file survives.
         j.write_superblock()?;
@@ -394,8 +422,17 @@ impl<S: Store> Journal<S> {
         let sb = read_superblock(&store)?;
         let mut scan = Scanner::new(&store, &sb, sb.tail_pos, sb.tail_seq);
         let mut records = 0u64;
-        while let Some(r) = scan.next_record() {
+        let mut starts = std::collections::VecDeque::from([(sb.tail_seq, sb.tail_pos)]);
+        loop {
+            // Where a scanner would start for this record: before a pad, if one precedes it.
+            let (at, seq) = scan.position();
+            let Some(r) = scan.next_record() else {
+                break;
+            };
             r?;
+            if starts.back().is_none_or(|&(_, p)| at >= p + INDEX_STRIDE) {
+                starts.push_back((seq, at));
+            }
             records += 1;
         }
         let end = scan.end().cloned().expect("scan ended");
@@ -448,7 +485,19 @@ impl<S: Store> Journal<S> {
             buf,
             written_pos: head_pos,
             full_limit: u64::MAX,
+            starts,
+            released_next: sb.tail_seq,
+            durable_sb_checkpoint: 0,
         };
+        if j.sb.version == 1 {
+            // The previous format's tracker applied every record before acknowledging it
+            // (and its region map covers what a crash left): nothing to replay.
+            j.sb.checkpoint_seq = next_seq;
+            info!(
+                "journal: format version 1 opened; written as version {SUPERBLOCK_VERSION} from now on"
+            );
+        }
+        j.sb.checkpoint_seq = j.sb.checkpoint_seq.clamp(j.sb.tail_seq, next_seq);
         // From now on the journal is open: a crash must be seen as one. After an unclean
         // stop, records beyond the recovered head may be valid leftovers: a new epoch makes
         // sure none of them is ever taken for a successor of what we write next.
@@ -466,11 +515,11 @@ impl<S: Store> Journal<S> {
     }
 
     fn write_superblock(&mut self) -> Result<(), JournalError> {
-        self.sb.update += 1;
-        let slot = self.sb.update % 2;
-        self.store
-            .write_at(&[&self.sb.encode()], slot * SUPERBLOCK_SLOT)?;
-        self.store.sync()?;
+        let mut sb = self.sb;
+        sb.update += 1;
+        write_superblock_to(&self.store, &sb)?;
+        self.sb.update = sb.update;
+        self.durable_sb_checkpoint = sb.checkpoint_seq;
         Ok(())
     }
 
@@ -482,9 +531,118 @@ impl<S: Store> Journal<S> {
         self.sb.capacity
     }
 
-    /// Bytes held by unreleased records.
+    /// Bytes held by records that are unreleased or not yet checkpointed.
     pub fn used(&self) -> u64 {
         self.head_pos - self.sb.tail_pos
+    }
+
+    /// Bytes held by records the shipper has not released (at most a few [`INDEX_STRIDE`]s
+    /// more).
+    pub fn unreleased(&self) -> u64 {
+        self.head_pos - self.start_at_or_before(self.released_next).1
+    }
+
+    /// Bytes of records from the checkpoint on: what a start-up would replay (at most a few
+    /// [`INDEX_STRIDE`]s more).
+    pub fn unchecked(&self) -> u64 {
+        self.head_pos - self.start_at_or_before(self.sb.checkpoint_seq).1
+    }
+
+    /// Bytes the next superblock write ([`Journal::stage`]) would free.
+    pub fn reclaimable(&self) -> u64 {
+        let keep = self.released_next.min(self.sb.checkpoint_seq);
+        self.start_at_or_before(keep).1 - self.sb.tail_pos
+    }
+
+    /// Where record `seq` starts (or the head, for the next one): from the last remembered
+    /// start before it, the chain is read up to it (at most [`INDEX_STRIDE`] and a record).
+    fn exact_start(&mut self, seq: u64) -> Result<(u64, u64), JournalError> {
+        let (s0, p0) = self.start_at_or_before(seq);
+        if s0 == seq {
+            return Ok((s0, p0));
+        }
+        if seq >= self.next_seq {
+            return Ok((self.next_seq, self.head_pos));
+        }
+        self.write_out()?;
+        let mut scan = Scanner::new(&self.store, &self.sb, p0, s0);
+        while scan.position().1 < seq {
+            match scan.next_record() {
+                Some(r) => {
+                    r?;
+                }
+                None => break,
+            }
+        }
+        Ok((scan.position().1, scan.position().0))
+    }
+
+    /// The last remembered record start with a sequence number up to `seq`.
+    fn start_at_or_before(&self, seq: u64) -> (u64, u64) {
+        let i = self.starts.partition_point(|&(s, _)| s <= seq);
+        self.starts
+            .get(i.saturating_sub(1))
+            .copied()
+            .unwrap_or((self.sb.tail_seq, self.sb.tail_pos))
+    }
+
+    /// The shipper released every record up to `seq` (in memory: the tail moves with the
+    /// next superblock write, [`Journal::stage`]).
+    pub fn set_released(&mut self, seq: u64) {
+        self.released_next = self
+            .released_next
+            .max(seq.saturating_add(1).min(self.next_seq));
+    }
+
+    /// Every record before `seq` is applied to the backing device and the device synced:
+    /// they need no replay (in memory, until the next [`Journal::stage`]).
+    pub fn set_checkpoint(&mut self, seq: u64) {
+        self.sb.checkpoint_seq = self.sb.checkpoint_seq.max(seq.min(self.next_seq));
+    }
+
+    /// The first sequence number a start-up would replay.
+    pub fn checkpoint_seq(&self) -> u64 {
+        self.sb.checkpoint_seq
+    }
+
+    /// The superblock that would record the released and checkpointed positions, with the
+    /// tail moved to the older of the two; `None` when nothing changed since the last one.
+    /// Write it with [`write_superblock_to`] (from any handle on the store, without holding
+    /// the journal), then [`Journal::commit`] it: only then is the freed space reused.
+    pub fn stage(&mut self) -> Option<Superblock> {
+        let keep = self.released_next.min(self.sb.checkpoint_seq);
+        let (seq, pos) = match self.exact_start(keep) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("seq={keep}: journal: cannot find the record to move the tail to: {e}");
+                self.start_at_or_before(keep)
+            }
+        };
+        let durable = self.durable_sb_checkpoint;
+        if seq <= self.sb.tail_seq && self.sb.checkpoint_seq == durable {
+            return None;
+        }
+        let mut sb = self.sb;
+        if seq > sb.tail_seq {
+            sb.tail_pos = pos;
+            sb.tail_seq = seq;
+        }
+        sb.update += 1;
+        Some(sb)
+    }
+
+    /// A superblock from [`Journal::stage`] is durable: its tail takes effect.
+    pub fn commit(&mut self, sb: Superblock) {
+        self.durable_sb_checkpoint = sb.checkpoint_seq;
+        self.sb.update = self.sb.update.max(sb.update);
+        self.sb.tail_pos = sb.tail_pos;
+        self.sb.tail_seq = sb.tail_seq;
+        while self.starts.len() > 1 && self.starts[1].0 <= sb.tail_seq {
+            self.starts.pop_front();
+        }
+        if self.starts.front().is_some_and(|&(s, _)| s < sb.tail_seq) {
+            self.starts[0] = (sb.tail_seq, sb.tail_pos);
+        }
     }
 
     /// Makes the journal count as full once `bytes` are unreleased (`journal.full_percent`),
@@ -527,7 +685,7 @@ impl<S: Store> Journal<S> {
         }
         let cap = self.sb.capacity;
         let (skip, size) = self.placement(payload_len);
-        let free = self.full_limit().saturating_sub(self.used());
+        let free = self.full_limit().saturating_sub(self.unreleased());
         if skip + size > free {
             return Err(JournalError::Full {
                 needed: skip + size,
@@ -535,8 +693,21 @@ impl<S: Store> Journal<S> {
                 capacity: self.full_limit(),
             });
         }
+        if skip + size > cap - self.used() {
+            return Err(JournalError::Unapplied {
+                needed: skip + size,
+            });
+        }
         let epoch = self.sb.epoch;
         let salt = self.sb.salt;
+        // Remembered where a scanner starts for this record: before its pad, if any.
+        if self
+            .starts
+            .back()
+            .is_none_or(|&(_, p)| self.head_pos >= p + INDEX_STRIDE)
+        {
+            self.starts.push_back((self.next_seq, self.head_pos));
+        }
         if skip > 0 {
             // The record does not fit before the ring's end: a pad (when a header fits) tells
             // readers to go on at the start of the next lap.
@@ -680,39 +851,24 @@ impl<S: Store> Journal<S> {
         Ok(())
     }
 
-    /// Releases every record with a sequence number up to `seq`: their space may be reused.
-    /// The new tail is durable when this returns.
+    /// Releases every record with a sequence number up to `seq`, for the shipper and for
+    /// the checkpoint (a caller that applies records itself, and tests): their space may be
+    /// reused. The new tail is durable when this returns.
     pub fn release(&mut self, seq: u64) -> Result<(), JournalError> {
         if seq < self.sb.tail_seq {
             return Ok(());
         }
         let upto = seq.min(self.next_seq - 1);
-        self.write_out()?;
-        let mut scan = Scanner::new(&self.store, &self.sb, self.sb.tail_pos, self.sb.tail_seq);
-        while scan.position().1 <= upto {
-            match scan.next_record() {
-                Some(r) => {
-                    r?;
-                }
-                None => {
-                    let end = scan.end().cloned().expect("scan ended");
-                    return Err(JournalError::Corruption {
-                        offset: end.file_offset,
-                        reason: format!(
-                            "releasing through seq {upto}: seq {} {}",
-                            end.seq, end.why
-                        ),
-                    });
-                }
-            }
-        }
-        let (pos, next) = scan.position();
-        self.sb.tail_pos = pos;
-        self.sb.tail_seq = next;
+        self.set_released(upto);
+        self.set_checkpoint(upto + 1);
         // The records being released must be durable before the superblock says they are
         // gone, or a crash could leave a tail pointing past records that never hit the disk.
-        self.store.sync()?;
-        self.write_superblock()
+        self.sync()?;
+        if let Some(sb) = self.stage() {
+            write_superblock_to(&self.store, &sb)?;
+            self.commit(sb);
+        }
+        Ok(())
     }
 
     /// Records from `seq` (at least the tail) to the head.

@@ -1,113 +1,274 @@
-//! Invariant J under simulated power loss: random changes, flushes and crashes over three
-//! simulated disks (backing device, journal, region map) that each lose or tear any write not
-//! yet synced. After every crash, each byte where the backing device differs from the durable
-//! journal replayed onto the initial image lies in a region the recovered map calls dirty.
+//! Invariants J and O, and durability, under simulated crashes of the write-ahead path
+//! ([`super::wal`]): random changes, flushes, checkpoints and releases over three simulated
+//! disks (backing device, journal, region map). The process dies after a random number of
+//! disk operations (in the middle of an apply, a checkpoint, a superblock write: anything),
+//! then each disk keeps, loses or tears whatever was not synced (a power loss), or keeps
+//! everything written (kill -9: the page cache survives). Start-up (region map, journal
+//! recovery, replay) may itself die part way and run again. After recovery:
+//! - every byte where the backing device differs from the recovered journal's changes,
+//!   replayed in order onto the initial image, lies in a region the map calls dirty (J);
+//! - every change a FLUSH covered is in the recovered journal (power loss), and every change
+//!   acknowledged is (kill -9).
 
-#![allow(clippy::cast_possible_truncation)] // Small simulated disks.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)] // Small simulated disks.
 
-use std::path::Path;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
+use super::OnFull;
 use super::map::RegionMap;
-use super::{Change, OnFull, Outcome};
+use super::pending::{Change, Content};
+use super::wal::{Backing, Recorded, Shared, State, replay};
 use crate::journal::crash_store::{CrashStore, Rng};
-use crate::journal::format::{Kind, RING_OFFSET};
-use crate::journal::{Journal, Policy, Scanner, Store, read_superblock};
+use crate::journal::format::RING_OFFSET;
+use crate::journal::{Journal, Policy, Store};
 
 const VOL: u64 = 8 << 20;
 const REGION: u64 = 64 << 10;
 const EXTENT: u64 = 1 << 20;
 
-fn replay(journal: &CrashStore) -> Vec<u8> {
-    let mut img = vec![0u8; VOL as usize];
-    let sb = read_superblock(journal).unwrap();
-    let mut scan = Scanner::new(journal, &sb, sb.tail_pos, sb.tail_seq);
-    while let Some(r) = scan.next_record() {
-        let r = r.unwrap();
-        let (o, l) = (r.header.offset as usize, r.header.length as usize);
-        match r.header.kind {
-            Kind::Write => img[o..o + r.payload.len()].copy_from_slice(&r.payload),
-            Kind::Trim | Kind::Zero => img[o..o + l].fill(0),
-            Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => {}
-        }
+/// A disk that stops taking writes and syncs once the process has died: after `budget`
+/// operations across every disk of the volume, nothing more reaches any of them.
+#[derive(Debug)]
+struct Mortal {
+    disk: CrashStore,
+    budget: Arc<AtomicI64>,
+}
+
+impl Mortal {
+    fn alive(&self) -> bool {
+        self.budget.fetch_sub(1, Ordering::SeqCst) > 0
     }
-    img
+}
+
+impl Store for Mortal {
+    fn size(&self) -> io::Result<u64> {
+        self.disk.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.disk.read_at(buf, off)
+    }
+    fn write_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        if self.alive() {
+            self.disk.write_at(bufs, off)?;
+        }
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        if self.alive() {
+            self.disk.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl Backing for Mortal {
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_at(&[data], offset)
+    }
+    fn zero(&self, offset: u64, len: u64, _trim: bool, _may_trim: bool) -> io::Result<()> {
+        self.write_at(&[&vec![0u8; len as usize]], offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        Store::sync(self)
+    }
+}
+
+fn mortal(disk: &CrashStore, budget: &Arc<AtomicI64>) -> Mortal {
+    Mortal {
+        disk: disk.share(),
+        budget: budget.clone(),
+    }
+}
+
+/// What the crash leaves of a disk.
+fn after_crash(disk: &CrashStore, power_loss: bool, rng: &mut Rng) -> CrashStore {
+    if power_loss {
+        disk.crash(rng)
+    } else {
+        CrashStore::from_image(disk.image())
+    }
+}
+
+/// Start-up over the crashed disks, dying after `budget` operations (or not at all).
+/// Returns the recovered journal's next sequence number and the map when it got through.
+fn start_up(
+    jdisk: &CrashStore,
+    mdisk: &CrashStore,
+    bdisk: &CrashStore,
+    budget: i64,
+) -> Option<(u64, RegionMap<CrashStore>)> {
+    let budget = Arc::new(AtomicI64::new(budget));
+    let (map, _) = RegionMap::open(mortal(mdisk, &budget), VOL).ok()?;
+    let (mut j, _) = Journal::open(mortal(jdisk, &budget), Policy::TolerateTornTail).ok()?;
+    replay(&mut j, &mortal(bdisk, &budget), &PathBuf::from("sim")).ok()?;
+    if budget.load(Ordering::SeqCst) <= 0 {
+        return None;
+    }
+    drop(map);
+    // Read what the disks hold now, as the next user of the volume would.
+    let (map, _) = RegionMap::open(mdisk.share(), VOL).ok()?;
+    Some((j.next_seq(), map))
 }
 
 fn schedule(seed: u64) {
     let mut rng = Rng::new(seed);
-    // A ring of 1 to 3 MiB: small enough to fill up (overflow) in some schedules.
+    // A ring of 1 to 3 MiB: small enough to wrap, and to fill up (overflow) when the
+    // simulated shipper falls behind.
     let ring = (1 + rng.next() % 3) << 20;
-    let jstore = CrashStore::new((RING_OFFSET + ring) as usize);
-    let mut journal = Journal::create(jstore, [1; 16], VOL).unwrap();
-    let mstore = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
-    let msync = mstore.share();
-    let mut map = RegionMap::create(mstore, VOL, REGION, EXTENT).unwrap();
-    map.set_max_hot(1 + (rng.next() % 4) as usize);
-    let backing = CrashStore::new(VOL as usize);
-    let mut overflowed = false;
-    let mut journal_failed = false;
-    let ops = 20 + rng.next() % 150;
+    let jdisk = CrashStore::new((RING_OFFSET + ring) as usize);
+    let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
+    let bdisk = CrashStore::new(VOL as usize);
+    let budget = Arc::new(AtomicI64::new(i64::MAX));
+    let journal = Journal::create(mortal(&jdisk, &budget), [1; 16], VOL).unwrap();
+    let map = RegionMap::create(mortal(&mdisk, &budget), VOL, REGION, EXTENT).unwrap();
+    let backing = mortal(&bdisk, &budget);
+    let shared = Shared::new(
+        State::new(Some(journal), Some(map), false),
+        mortal(&jdisk, &budget),
+        PathBuf::from("/nonexistent/sim.journal"),
+        u64::MAX,
+    );
+    // The process dies after this many disk operations from here on.
+    budget.store((rng.next() % 3000) as i64, Ordering::SeqCst);
+    let power_loss = rng.next() % 3 != 0;
+    let ships = rng.next() % 4 != 0;
+    // Every change journaled, by sequence number; the last sequence number a completed
+    // FLUSH covered; the last one acknowledged.
+    let mut journaled: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+    let mut flushed = 0u64;
+    let mut acknowledged = 0u64;
+    let ops = 20 + rng.next() % 200;
     for _ in 0..ops {
-        let choice = rng.next() % 10;
-        if choice >= 8 {
-            // A flush: backing device, then the journal (written out of its buffer and synced).
-            backing.sync().unwrap();
-            journal.sync().unwrap();
+        if budget.load(Ordering::SeqCst) <= 0 {
+            break;
+        }
+        let choice = rng.next() % 16;
+        if choice >= 13 {
+            // The flusher's round: a FLUSH waits for it; sometimes a checkpoint too.
+            let head = shared.lock().journal.as_ref().unwrap().next_seq() - 1;
+            let _ = shared.cycle(&backing, choice == 15);
+            if budget.load(Ordering::SeqCst) > 0 {
+                flushed = head;
+            }
+            continue;
+        }
+        if choice == 12 {
+            if ships {
+                // The shipper releases some of what is written.
+                let mut st = shared.lock();
+                let j = st.journal.as_mut().unwrap();
+                let head = j.next_seq() - 1;
+                j.set_released(head - rng.next() % 4);
+            }
             continue;
         }
         let off = (rng.next() % (VOL / 512)) * 512;
         // Mostly small changes, some of up to 512 KiB (over the journal's group-commit size).
         let sectors = if rng.next() % 8 == 0 { 1024 } else { 128 };
         let len = ((1 + rng.next() % sectors) * 512).min(VOL - off);
-        let (kind, data) = if choice == 7 {
-            (Kind::Zero, vec![0u8; len as usize])
+        let data = if choice == 11 {
+            vec![0u8; len as usize]
         } else {
-            let b = rng.next() as u8 | 1;
-            (Kind::Write, vec![b; len as usize])
+            vec![rng.next() as u8 | 1; len as usize]
         };
-        let payload: &[u8] = if kind == Kind::Write { &data } else { &[] };
-        let mut change = Change {
-            journal: Some(&mut journal),
-            overflowed: &mut overflowed,
-            map: Some(&mut map),
-            name: Path::new("sim"),
-            on_full: OnFull::Bitmap,
-            journal_failed: &mut journal_failed,
+        let content = if choice == 11 {
+            Content::Zero {
+                trim: false,
+                may_trim: false,
+            }
+        } else {
+            Content::Data(data.clone())
         };
-        change
-            .record_and_apply(
-                kind,
-                off,
-                len as u32,
-                payload,
-                &mut || backing.sync(),
-                &mut || backing.write_at(&[&data], off),
-            )
-            .unwrap();
+        // The flusher runs alongside: when the ring has no room for the change, it
+        // checkpoints (and looks at what the shipper released) first.
+        {
+            let need = 2 * (len + 4096);
+            let full = {
+                let st = shared.lock();
+                let j = st.journal.as_ref().unwrap();
+                j.used() + need > j.capacity()
+            };
+            if full {
+                let _ = shared.cycle(&backing, true);
+            }
+        }
+        let c = Change {
+            seq: 0,
+            offset: off,
+            len,
+            content,
+        };
+        match shared.record(&backing, c, OnFull::Bitmap, false) {
+            Ok(Recorded::Journaled(seq)) => {
+                // The reply leaves once the record is in the journal file.
+                shared.write_out(&mut shared.lock());
+                journaled.push((seq, off, data));
+                if budget.load(Ordering::SeqCst) > 0 {
+                    acknowledged = seq;
+                }
+            }
+            Ok(Recorded::Direct) => {}
+            // What a dead process does no longer matters.
+            Err(_) if budget.load(Ordering::SeqCst) <= 0 => break,
+            Err(e) => panic!("seed {seed}: {e}"),
+        }
     }
-    // Power loss: each disk keeps, loses or tears whatever was not synced.
-    let jc = journal.store().crash(&mut rng);
-    let mc = msync.crash(&mut rng);
-    let bc = backing.crash(&mut rng);
-    let (j2, _) = Journal::open(jc, Policy::TolerateTornTail).unwrap();
-    let (m2, _) = RegionMap::open(mc, VOL).unwrap();
-    let replayed = replay(j2.store());
+    let overflowed = shared.lock().overflowed;
+    let jc = after_crash(&jdisk, power_loss, &mut rng);
+    let mc = after_crash(&mdisk, power_loss, &mut rng);
+    let bc = after_crash(&bdisk, power_loss, &mut rng);
+    // Start-up may die part way (during replay too); then the disks crash again.
+    let (jc, mc, bc) = if rng.next() % 3 == 0 {
+        let _ = start_up(&jc, &mc, &bc, (rng.next() % 40) as i64);
+        (
+            after_crash(&jc, power_loss, &mut rng),
+            after_crash(&mc, power_loss, &mut rng),
+            after_crash(&bc, power_loss, &mut rng),
+        )
+    } else {
+        (jc, mc, bc)
+    };
+    let (next_seq, map) = start_up(&jc, &mc, &bc, i64::MAX).expect("start-up");
+    let mut model = vec![0u8; VOL as usize];
+    for (seq, off, data) in &journaled {
+        if *seq < next_seq {
+            model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+    }
     let image = bc.image();
-    for (i, (a, b)) in replayed.chunks(512).zip(image.chunks(512)).enumerate() {
+    for (i, (a, b)) in model.chunks(512).zip(image.chunks(512)).enumerate() {
         if a != b {
             let at = i as u64 * 512;
             assert!(
-                m2.is_dirty(at),
+                map.is_dirty(at),
                 "seed {seed}: byte {at} differs from the journal and is not dirty \
-                 (overflowed={overflowed})"
+                 (overflowed={overflowed} power_loss={power_loss})"
             );
         }
+    }
+    if !overflowed {
+        let must = if power_loss { flushed } else { acknowledged };
+        assert!(
+            next_seq > must,
+            "seed {seed}: the journal recovered up to seq {} but seq {must} was {} \
+             (power_loss={power_loss})",
+            next_seq - 1,
+            if power_loss {
+                "flushed"
+            } else {
+                "acknowledged"
+            }
+        );
+        assert_eq!(map.dirty_bytes(), 0, "seed {seed}: nothing overflowed");
     }
 }
 
 #[test]
-fn invariant_j_holds_over_random_crash_schedules() {
-    for seed in 1..=400u64 {
+fn invariant_j_and_durability_hold_over_random_crash_schedules() {
+    for seed in 1..=500u64 {
         schedule(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
 }
@@ -116,13 +277,13 @@ fn invariant_j_holds_over_random_crash_schedules() {
 #[derive(Debug)]
 struct FailingStore {
     inner: CrashStore,
-    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FailingStore {
-    fn check(&self) -> std::io::Result<()> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(std::io::Error::from_raw_os_error(libc::EIO))
+    fn check(&self) -> io::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
         } else {
             Ok(())
         }
@@ -130,108 +291,120 @@ impl FailingStore {
 }
 
 impl Store for FailingStore {
-    fn size(&self) -> std::io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         self.inner.size()
     }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.inner.read_at(buf, off)
     }
-    fn write_at(&self, bufs: &[&[u8]], off: u64) -> std::io::Result<()> {
+    fn write_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
         self.check()?;
         self.inner.write_at(bufs, off)
     }
-    fn sync(&self) -> std::io::Result<()> {
+    fn sync(&self) -> io::Result<()> {
         self.check()?;
         self.inner.sync()
     }
 }
 
-/// One volume over a journal disk that can be made to fail.
-struct Sim {
-    journal: Journal<FailingStore>,
-    map: RegionMap<CrashStore>,
-    backing: CrashStore,
-    overflowed: bool,
-    journal_failed: bool,
-}
-
-impl Sim {
-    /// Writes 4 KiB of 7s at `off` through the tracking steps.
-    fn write(&mut self, off: u64) -> std::io::Result<super::Outcome> {
-        let data = vec![7u8; 4096];
-        let backing = &self.backing;
-        let mut change = Change {
-            journal: Some(&mut self.journal),
-            overflowed: &mut self.overflowed,
-            map: Some(&mut self.map),
-            name: Path::new("sim"),
-            on_full: OnFull::Bitmap,
-            journal_failed: &mut self.journal_failed,
-        };
-        change.record_and_apply(
-            Kind::Write,
-            off,
-            4096,
-            &data,
-            &mut || backing.sync(),
-            &mut || backing.write_at(&[&data], off),
-        )
+fn write4k(off: u64, b: u8) -> Change {
+    Change {
+        seq: 0,
+        offset: off,
+        len: 4096,
+        content: Content::Data(vec![b; 4096]),
     }
 }
 
 #[test]
-fn a_failing_journal_turns_hot_extents_dirty_and_writes_go_on() {
-    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let jstore = FailingStore {
-        inner: CrashStore::new((RING_OFFSET + (1 << 20)) as usize),
+fn a_failing_journal_makes_pending_changes_dirty_and_writes_go_on() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jdisk = CrashStore::new((RING_OFFSET + (1 << 20)) as usize);
+    let store = |d: &CrashStore| FailingStore {
+        inner: d.share(),
         failing: failing.clone(),
     };
-    let mstore = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
-    let mut sim = Sim {
-        journal: Journal::create(jstore, [2; 16], VOL).unwrap(),
-        map: RegionMap::create(mstore, VOL, REGION, EXTENT).unwrap(),
-        backing: CrashStore::new(VOL as usize),
-        overflowed: false,
-        journal_failed: false,
+    let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
+    let backing = Mortal {
+        disk: CrashStore::new(VOL as usize),
+        budget: Arc::new(AtomicI64::new(i64::MAX)),
     };
-    sim.map.set_max_hot(1);
-    // Extent 0 hot, its record buffered; then the journal disk fails.
-    assert_eq!(sim.write(0).unwrap(), Outcome::Applied);
-    failing.store(true, std::sync::atomic::Ordering::SeqCst);
-    // Extent 1 needs extent 0 cooled, which needs the journal synced: it cannot be. The
-    // write still succeeds, and extent 0, whose record is lost, is dirty.
-    assert_eq!(sim.write(EXTENT).unwrap(), Outcome::Applied);
-    assert!(sim.overflowed && sim.journal_failed);
-    assert!(sim.map.is_dirty(0) && sim.map.is_dirty(EXTENT));
-    // Later writes to cold extents go on without touching the journal.
-    assert_eq!(sim.write(3 * EXTENT).unwrap(), Outcome::Applied);
-    assert!(sim.map.is_dirty(3 * EXTENT));
-    assert_eq!(sim.backing.image()[3 * EXTENT as usize], 7);
+    let shared = Shared::new(
+        State::new(
+            Some(Journal::create(store(&jdisk), [2; 16], VOL).unwrap()),
+            Some(RegionMap::create(mdisk.share(), VOL, REGION, EXTENT).unwrap()),
+            false,
+        ),
+        store(&jdisk),
+        PathBuf::from("/nonexistent/sim.journal"),
+        u64::MAX,
+    );
+    let r = shared.record(&backing, write4k(0, 7), OnFull::Bitmap, false);
+    assert_eq!(r.unwrap(), Recorded::Journaled(1));
+    // The journal disk fails before the flusher could sync: the pending change's range
+    // becomes durably dirty, and it still reaches the backing device.
+    failing.store(true, Ordering::SeqCst);
+    shared.cycle(&backing, false).unwrap();
+    {
+        let st = shared.lock();
+        assert!(st.journal_failed && st.overflowed);
+        assert!(st.map.as_ref().unwrap().is_dirty(0));
+    }
+    assert_eq!(backing.disk.image()[0], 7);
+    let (m, _) = RegionMap::open(CrashStore::from_image(mdisk.durable_image()), VOL).unwrap();
+    assert!(m.is_dirty(0));
+    // Later writes go straight to the backing device, their regions durably dirty first.
+    let r = shared.record(&backing, write4k(3 * EXTENT, 9), OnFull::Bitmap, false);
+    assert_eq!(r.unwrap(), Recorded::Direct);
+    assert_eq!(backing.disk.image()[3 * EXTENT as usize], 9);
+    let (m, _) = RegionMap::open(CrashStore::from_image(mdisk.durable_image()), VOL).unwrap();
+    assert!(m.is_dirty(3 * EXTENT));
 }
 
 #[test]
-fn a_failed_group_write_leaves_the_journal_as_it_was() {
-    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = FailingStore {
-        inner: CrashStore::new((RING_OFFSET + (4 << 20)) as usize),
-        failing: failing.clone(),
+fn an_acknowledged_change_is_read_before_it_is_applied() {
+    let jdisk = CrashStore::new((RING_OFFSET + (1 << 20)) as usize);
+    let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
+    let backing = Mortal {
+        disk: CrashStore::new(VOL as usize),
+        budget: Arc::new(AtomicI64::new(i64::MAX)),
     };
-    let mut j = Journal::create(store, [4; 16], VOL).unwrap();
-    j.append(Kind::Write, 0, 4096, &[1u8; 4096]).unwrap();
-    failing.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (used, next) = (j.used(), j.next_seq());
-    // Large enough to be written at once, with what is buffered.
-    let big = vec![2u8; crate::journal::COMMIT_BYTES];
-    assert!(j.append(Kind::Write, 4096, big.len() as u32, &big).is_err());
-    assert_eq!((j.used(), j.next_seq()), (used, next));
-    // Once the disk works again the same record goes in, right after the first.
-    failing.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(
-        j.append(Kind::Write, 4096, big.len() as u32, &big).unwrap(),
-        next
+    let shared = Shared::new(
+        State::new(
+            Some(Journal::create(jdisk.share(), [3; 16], VOL).unwrap()),
+            Some(RegionMap::create(mdisk.share(), VOL, REGION, EXTENT).unwrap()),
+            false,
+        ),
+        jdisk.share(),
+        PathBuf::from("/nonexistent/sim.journal"),
+        u64::MAX,
     );
-    let store = j.close().unwrap();
-    let i = crate::journal::inspect::inspect(&store).unwrap();
-    assert!(i.healthy(), "{i:?}");
-    assert_eq!(i.records.len(), 2);
+    shared
+        .record(&backing, write4k(8192, 5), OnFull::Bitmap, false)
+        .unwrap();
+    shared
+        .record(&backing, write4k(10240, 6), OnFull::Bitmap, false)
+        .unwrap();
+    // Not on the backing device yet, not even in its page cache.
+    assert!(backing.disk.image()[8192..16384].iter().all(|&b| b == 0));
+    let over = shared
+        .applied
+        .lock()
+        .unwrap()
+        .pending
+        .overlapping(8192, 8192);
+    let mut buf = vec![0u8; 8192];
+    for c in &over {
+        c.overlay(8192, &mut buf);
+    }
+    assert!(buf[..2048].iter().all(|&b| b == 5));
+    assert!(
+        buf[2048..6144].iter().all(|&b| b == 6),
+        "the later write wins"
+    );
+    assert!(buf[6144..].iter().all(|&b| b == 0));
+    // After the flusher's round they are on the device, in order, and no longer pending.
+    shared.cycle(&backing, false).unwrap();
+    assert!(shared.applied.lock().unwrap().pending.is_empty());
+    assert_eq!(&backing.disk.image()[8192..16384], &buf[..]);
 }

@@ -1,13 +1,14 @@
-//! The region map of a volume (`NAME.map` beside its journal): the activity log of hot
-//! extents and the persistent dirty-region bitmap. Format in docs/FORMAT.md ("Region map").
+//! The region map of a volume (`NAME.map` beside its journal): the persistent dirty-region
+//! bitmap, and the hot-extent bitmap (the activity log) of the previous format. Format in
+//! docs/FORMAT.md ("Region map").
 //!
-//! Invariant J rests here. Before the first change into a cold extent, the extent is marked hot
-//! and the mark is made durable; an extent only cools after the journal records of every change
-//! into it are durable and its dirty bits are on disk. So after any crash, a byte on the backing
-//! device that the durable journal does not explain lies in a hot extent or a dirty region, and
-//! opening the map after an unclean stop turns every hot extent into dirty regions.
+//! The write-ahead journal keeps invariant J without an activity log (docs/FORMAT.md, "The
+//! write-ahead rule"): this tracker never sets a hot bit. It still reads them: a map left by an
+//! unclean stop of the previous version turns its hot extents into dirty regions when opened.
+//! A change that bypasses the journal (full or failed) has its regions made durably dirty
+//! first ([`RegionMap::mark_dirty_durably`]).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::io;
 use std::path::Path;
 
@@ -23,8 +24,6 @@ const HEADER_SLOT: u64 = 4096;
 const PAGE: u64 = 4096;
 /// Size of a hot extent (the activity log's unit).
 pub const DEFAULT_EXTENT: u64 = 4 << 20;
-/// Most extents kept hot at once.
-pub const DEFAULT_MAX_HOT: usize = 256;
 
 const _: () = assert!(HEADER_LEN as u64 <= HEADER_SLOT);
 
@@ -173,19 +172,6 @@ impl Bits {
         store.write_at(&[&self.page_bytes(page)], self.at + page * PAGE)
     }
 
-    /// Writes the pages holding the given bits, each page once.
-    fn write_pages_of<S: Store>(
-        &self,
-        store: &S,
-        bits: impl IntoIterator<Item = u64>,
-    ) -> io::Result<()> {
-        let pages: std::collections::BTreeSet<u64> = bits.into_iter().map(Bits::page_of).collect();
-        for p in pages {
-            self.write_page(store, p)?;
-        }
-        Ok(())
-    }
-
     fn write_all<S: Store>(&self, store: &S) -> io::Result<()> {
         let pages = self.bytes_on_disk() / PAGE;
         for p in 0..pages {
@@ -215,9 +201,6 @@ pub struct RegionMap<S: Store> {
     header: Header,
     hot: Bits,
     dirty: Bits,
-    /// Hot extents, least recently made hot first.
-    lru: VecDeque<u64>,
-    max_hot: usize,
     /// Pages of the dirty bitmap changed in memory since they were last written.
     dirty_pages: BTreeSet<u64>,
     /// While a synchronisation runs: the regions marked dirty since it took its ranges.
@@ -266,8 +249,6 @@ impl<S: Store> RegionMap<S> {
             header,
             hot,
             dirty,
-            lru: VecDeque::new(),
-            max_hot: DEFAULT_MAX_HOT,
             dirty_pages: BTreeSet::new(),
             redirtied: None,
         })
@@ -300,8 +281,6 @@ impl<S: Store> RegionMap<S> {
             },
             hot,
             dirty,
-            lru: VecDeque::new(),
-            max_hot: DEFAULT_MAX_HOT,
             dirty_pages: BTreeSet::new(),
             redirtied: None,
         };
@@ -327,102 +306,41 @@ impl<S: Store> RegionMap<S> {
         Ok((map, rec))
     }
 
-    pub fn set_max_hot(&mut self, n: usize) {
-        self.max_hot = n.max(1);
-    }
-
     pub fn hot_extents(&self) -> u64 {
         self.hot.count
     }
 
-    /// Makes every extent that `[offset, offset+len)` touches hot, durably, before a change
-    /// goes there. `sync_all` is called (once) before cooling extents to make room: it must
-    /// make every journal record appended so far, and every change applied to the backing
-    /// device so far, durable, so that the cooled extents hold nothing the durable journal
-    /// does not explain.
-    pub fn prepare(
-        &mut self,
-        offset: u64,
-        len: u64,
-        sync_all: &mut dyn FnMut() -> io::Result<()>,
-    ) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
+    /// Marks regions dirty and makes the new marks durable before it returns (one sync when
+    /// a region was clean): what a change that bypasses the journal needs first.
+    pub fn mark_dirty_durably(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.mark_dirty(offset, len) {
+            self.write_dirty()?;
+            self.store.sync()?;
         }
-        let first = offset / self.header.extent;
-        let last = (offset + len - 1) / self.header.extent;
-        let cold: Vec<u64> = (first..=last).filter(|&e| !self.hot.get(e)).collect();
-        if cold.is_empty() {
-            return Ok(());
-        }
-        let needed = self.lru.len() + cold.len();
-        if needed > self.max_hot {
-            self.cool(needed - self.max_hot, &(first..=last), sync_all)?;
-        }
-        for &e in &cold {
-            self.hot.set(e);
-            self.lru.push_back(e);
-        }
-        self.hot.write_pages_of(&self.store, cold)?;
-        self.store.sync()
-    }
-
-    /// Cools the `n` least recently heated extents (not those in `keep`).
-    fn cool(
-        &mut self,
-        n: usize,
-        keep: &std::ops::RangeInclusive<u64>,
-        sync_all: &mut dyn FnMut() -> io::Result<()>,
-    ) -> io::Result<()> {
-        // Every change into these extents must be durable on both sides and explained by the
-        // durable journal, or by durable dirty bits, before the extents stop being hot.
-        sync_all()?;
-        let mut victims = Vec::new();
-        let mut kept = VecDeque::new();
-        while victims.len() < n {
-            let Some(e) = self.lru.pop_front() else {
-                break;
-            };
-            if keep.contains(&e) {
-                kept.push_back(e);
-            } else {
-                victims.push(e);
-            }
-        }
-        while let Some(e) = kept.pop_back() {
-            self.lru.push_front(e);
-        }
-        let per = self.header.extent / self.header.region;
-        self.dirty.write_pages_of(
-            &self.store,
-            victims.iter().flat_map(|&e| e * per..(e + 1) * per),
-        )?;
-        self.store.sync()?;
-        for &e in &victims {
-            self.hot.clear(e);
-        }
-        self.hot
-            .write_pages_of(&self.store, victims.iter().copied())?;
-        // Not synced: an extent that stays marked hot after a crash is merely resynced.
         Ok(())
     }
 
-    /// Marks regions dirty (in memory; durable before their extent cools, or at close).
-    pub fn mark_dirty(&mut self, offset: u64, len: u64) {
+    /// Marks regions dirty in memory (written to the file within the flusher's next round,
+    /// durable by [`RegionMap::persist_dirty`] or at close). Returns whether a region was
+    /// clean.
+    pub fn mark_dirty(&mut self, offset: u64, len: u64) -> bool {
         if len == 0 {
-            return;
+            return false;
         }
+        let mut new = false;
         let first = offset / self.header.region;
         let last =
             (offset + len - 1).min(self.header.volume_size.saturating_sub(1)) / self.header.region;
         for r in first..=last {
             if self.dirty.set(r) {
                 self.dirty_pages.insert(Bits::page_of(r));
+                new = true;
             }
             if let Some(again) = self.redirtied.as_mut() {
                 again.set(r);
             }
         }
+        new
     }
 
     /// A synchronisation took the dirty ranges: from now on, regions marked dirty are
@@ -532,9 +450,6 @@ impl<S: Store> RegionMap<S> {
     /// have made the journal durable first.
     pub fn close(mut self) -> io::Result<S> {
         self.dirty.write_all(&self.store)?;
-        for e in self.lru.drain(..) {
-            self.hot.clear(e);
-        }
         self.hot.write_all(&self.store)?;
         self.store.sync()?;
         self.header.clean = true;
@@ -558,17 +473,13 @@ mod tests {
     }
 
     #[test]
-    fn hot_extents_become_dirty_after_an_unclean_stop_only() {
+    fn hot_extents_of_the_previous_format_become_dirty_after_an_unclean_stop_only() {
         let mut m = new_map();
-        let mut syncs = 0;
-        m.prepare(5 << 20, 4096, &mut || {
-            syncs += 1;
-            Ok(())
-        })
-        .unwrap();
-        m.prepare((8 << 20) - 10, 20, &mut || Ok(())).unwrap();
-        assert_eq!(m.hot_extents(), 2);
-        assert_eq!(syncs, 0, "no cooling below the limit");
+        // What a tracker of the previous version left: two extents hot, durably.
+        m.hot.set(1);
+        m.hot.set(2);
+        m.hot.write_all(&m.store).unwrap();
+        m.store.sync().unwrap();
         // Unclean: reopen what is on disk now.
         let (m2, rec) = RegionMap::open(CrashStore::from_image(m.store.image()), VOL).unwrap();
         assert_eq!(rec.hot_extents, 2);
@@ -578,6 +489,15 @@ mod tests {
         let store = m.close().unwrap();
         let (m3, rec) = RegionMap::open(store, VOL).unwrap();
         assert!(rec.was_clean && m3.dirty_bytes() == 0);
+    }
+
+    #[test]
+    fn durable_marks_survive_a_crash() {
+        let mut m = new_map();
+        m.mark_dirty_durably(100, 1).unwrap();
+        let (m2, _) =
+            RegionMap::open(CrashStore::from_image(m.store.durable_image()), VOL).unwrap();
+        assert_eq!(m2.dirty_ranges(), vec![(0, 64 << 10)]);
     }
 
     #[test]
@@ -603,30 +523,6 @@ mod tests {
         m.start_sync();
         m.abort_sync();
         assert_eq!(m.dirty_bytes(), r);
-    }
-
-    #[test]
-    fn cooling_syncs_first_and_keeps_the_limit() {
-        let mut m = new_map();
-        m.set_max_hot(2);
-        let mut syncs = 0;
-        for e in 0..6u64 {
-            m.prepare(e << 22, 1, &mut || {
-                syncs += 1;
-                Ok(())
-            })
-            .unwrap();
-            assert!(m.hot_extents() <= 2);
-        }
-        assert_eq!(syncs, 4);
-        m.mark_dirty(100, 1);
-        let (m2, _) = RegionMap::open(CrashStore::from_image(m.store.image()), VOL).unwrap();
-        // Region 0 was dirtied after extent 0 cooled: only persisted at close, but the two
-        // extents still hot at the crash are dirty.
-        assert_eq!(m2.dirty_ranges(), vec![(4 << 22, 2 << 22)]);
-        let store = m.close().unwrap();
-        let (m3, _) = RegionMap::open(store, VOL).unwrap();
-        assert_eq!(m3.dirty_ranges(), vec![(0, 64 << 10)]);
     }
 
     #[test]
@@ -670,8 +566,6 @@ impl DirtyView {
             header,
             hot: Bits::new(0, 0),
             dirty,
-            lru: VecDeque::new(),
-            max_hot: DEFAULT_MAX_HOT,
             dirty_pages: BTreeSet::new(),
             redirtied: None,
         };

@@ -1,38 +1,30 @@
-//! Change tracking for one volume: every write, trim and zero the tracker acknowledges is
-//! appended to the volume's journal before it is applied to the backing file; when the
-//! journal is full the volume falls back to a dirty-region map and needs a resync.
+//! Change tracking for one volume: every write, trim and zero the tracker acknowledges is in
+//! the volume's journal before it reaches the backing device; when the journal is full the
+//! volume falls back to a dirty-region map and needs a resync.
 //!
-//! Both steps happen under one lock per volume, so writes reach the backing file in journal
-//! order (invariant O). The journal record goes first: a process that dies between the two
-//! leaves a record for a write that may not have happened, never a write without a record.
-//!
-//! Before either, the region map ([`map`]) makes the change's extents hot, durably: that is
-//! what keeps invariant J after a power loss, when the page cache of the journal and of the
-//! backing file reach the disk in any order.
-//!
-//! Records are committed to the journal file in groups: they wait in the journal's buffer until
-//! a flush, [`crate::journal::COMMIT_BYTES`] of them, or [`COMMIT_INTERVAL`] (the committer
-//! thread), so concurrent writers share one `pwrite` (docs/FORMAT.md, "How the writer writes").
+//! The journal is a write-ahead log ([`wal`], docs/FORMAT.md "The write-ahead rule"): a change
+//! is appended and made pending under the volume's lock, and its reply leaves once the record
+//! is in the journal file. The volume's flusher thread syncs the journal once for everything
+//! appended, then applies the changes to the backing device in journal order (invariant O),
+//! so no byte reaches the device before its record is durable (invariant J); it checkpoints the
+//! device before journal space is reused, and start-up replays what follows the checkpoint.
+//! No sync of any file is on the path of an ordinary write; FLUSH and FUA wait for the
+//! flusher's next journal sync, which every request waiting shares.
 //!
 //! When the journal is full, [`OnFull`] decides: dirty regions (writes go on, a resync
 //! follows) or back-pressure (writes wait, without the lock, for the shipper to release).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::io::ops;
-use crate::journal::format::{
-    Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole, record_size,
-};
+use crate::journal::format::{Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole};
 use crate::journal::inspect::find_damage;
 use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Policy, Store, read_superblock};
@@ -40,21 +32,14 @@ use crate::nbd::IoOp;
 
 pub mod gate;
 pub mod map;
+pub mod pending;
+pub mod queue;
+pub mod wal;
 
 use gate::Gate;
 use map::RegionMap;
-
-/// How many appends may pass between two looks at the release file.
-const RELEASE_CHECK_EVERY: u32 = 1024;
-/// The same once the journal is half full.
-const RELEASE_CHECK_PRESSED: u32 = 32;
-
-/// How long appended records may wait in memory before they are written to the journal file
-/// (where the shipper sees them), unless a flush or [`crate::journal::COMMIT_BYTES`] of records come first.
-pub const COMMIT_INTERVAL: Duration = Duration::from_millis(5);
-
-/// How often a write that waits for journal space looks at the release file again.
-const RELEASE_POLL: Duration = Duration::from_millis(5);
+use pending::{Change, Content};
+use wal::{Shared, State};
 
 /// Default size of a volume's dirty region.
 pub const DEFAULT_REGION: u64 = 64 * 1024;
@@ -71,7 +56,13 @@ pub struct LogOptions {
     pub full_percent: u8,
     /// The volume takes part in the tracker's consistency group: its replies pass a gate.
     pub grouped: bool,
+    /// Most bytes of acknowledged writes held in memory until the flusher applied them;
+    /// writers wait beyond (back-pressure).
+    pub pending_max: u64,
 }
+
+/// Default of [`LogOptions::pending_max`].
+pub const DEFAULT_PENDING_MAX: u64 = 128 << 20;
 
 impl Default for LogOptions {
     fn default() -> LogOptions {
@@ -81,6 +72,7 @@ impl Default for LogOptions {
             region: DEFAULT_REGION,
             full_percent: 100,
             grouped: false,
+            pending_max: DEFAULT_PENDING_MAX,
         }
     }
 }
@@ -143,32 +135,12 @@ pub struct JournalStatus {
     pub on_full: OnFull,
     /// Writes held until the shipper releases journal space (`on_full = "block"`).
     pub waiting_writes: u64,
-}
-
-#[derive(Debug)]
-struct State {
-    journal: Option<Journal<File>>,
-    /// The journal stopped taking records (full or failed) until a resync.
-    overflowed: bool,
-    map: Option<RegionMap<File>>,
-    /// Appends since the release file was last looked at.
-    since_release_check: u32,
-    /// The committer was told that records wait in memory.
-    commit_armed: bool,
-    /// Writing out failed: what was in memory is lost from the journal.
-    journal_failed: bool,
-    /// Writes waiting for journal space.
-    waiting: u64,
-    /// The tracker is stopping: writes no longer wait for journal space.
-    no_waiting: bool,
-    /// The log is closing: the committer stops, changes are refused.
-    stopping: bool,
-    /// A change was recorded since the last marker.
-    changed_since_mark: bool,
-    /// Writes are refused: the volume was (being) failed over (`NAME.fenced` exists).
-    fenced: bool,
-    /// The synchronisation the shipper runs, if any.
-    sync: Option<SyncJob>,
+    /// Bytes of acknowledged writes not yet applied to the backing device (held in memory).
+    #[serde(default)]
+    pub pending_bytes: u64,
+    /// Start-up after a crash would replay the records from this sequence number on.
+    #[serde(default)]
+    pub checkpoint_seq: u64,
 }
 
 /// A block-checksum synchronisation of a volume's dirty ranges (docs/PROTOCOL.md,
@@ -186,25 +158,16 @@ pub struct SyncJob {
     pub path: String,
 }
 
-#[derive(Debug)]
-struct Shared {
-    state: Mutex<State>,
-    /// Wakes the committer: records wait in memory, or the log is closing.
-    wake: Condvar,
-    /// Wakes writes waiting for journal space when the log is stopping.
-    stop_waiting: Condvar,
-}
-
 /// The change log of one volume.
 #[derive(Debug)]
 pub struct ChangeLog {
     path: PathBuf,
     map_path: PathBuf,
-    shared: Arc<Shared>,
-    /// A second handle on the journal file, so that syncing does not take the lock.
-    sync_file: File,
-    /// The thread that writes records out after [`COMMIT_INTERVAL`].
-    committer: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared<File, File>>,
+    /// The backing file or device the flusher applies changes to.
+    backing: Arc<File>,
+    /// The flusher (syncs the journal, applies) and the checkpointer ([`wal`]).
+    flusher: Mutex<Vec<JoinHandle<()>>>,
     on_full: OnFull,
     /// Points placed (crash, app) and app-consistent points that failed.
     points: [AtomicU64; 2],
@@ -250,140 +213,6 @@ fn random_uuid() -> [u8; 16] {
     b
 }
 
-/// The tracking state one change goes through, generic over storage so that crash tests run
-/// the very same steps over simulated disks.
-pub(crate) struct Change<'a, J: Store, M: Store> {
-    pub journal: Option<&'a mut Journal<J>>,
-    pub overflowed: &'a mut bool,
-    pub map: Option<&'a mut RegionMap<M>>,
-    /// For log messages.
-    pub name: &'a Path,
-    pub on_full: OnFull,
-    /// The journal could not be written or synced: it is left alone until a resync.
-    pub journal_failed: &'a mut bool,
-}
-
-/// What became of a change.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Recorded (journal or dirty regions) and applied.
-    Applied,
-    /// Not applied: the journal is full and `on_full = "block"`; retry once space is released.
-    MustWait,
-}
-
-impl<J: Store, M: Store> Change<'_, J, M> {
-    /// The write path of one change: its extents hot (durably), its record in the journal
-    /// (or its regions dirty when the journal is full), then `apply` on the backing device.
-    /// `sync_backing` must make the backing device durable; the region map has it and the
-    /// journal synced before cooling extents. With [`OnFull::Block`], a change that does not
-    /// fit is not applied ([`Outcome::MustWait`]) unless the journal is empty: a record that
-    /// does not fit even then never will, and goes to the dirty regions.
-    pub fn record_and_apply(
-        &mut self,
-        kind: Kind,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-        sync_backing: &mut dyn FnMut() -> io::Result<()>,
-        apply: &mut dyn FnMut() -> io::Result<()>,
-    ) -> io::Result<Outcome> {
-        let Change {
-            journal,
-            overflowed,
-            map,
-            name,
-            on_full,
-            journal_failed,
-        } = self;
-        if let Some(map) = map.as_deref_mut() {
-            // Hot before anything can reach the journal or the backing device.
-            let failed_before = **journal_failed;
-            let r = map.prepare(offset, u64::from(len), &mut || {
-                sync_backing()?;
-                match journal.as_deref_mut() {
-                    Some(j) if !**journal_failed => j.sync().map_err(|e| {
-                        **journal_failed = true;
-                        into_io(e)
-                    }),
-                    _ => Ok(()),
-                }
-            });
-            match r {
-                Err(e) if **journal_failed && !failed_before => {
-                    // The journal cannot be synced: what it holds unsynced lies in hot
-                    // extents, which become dirty; from now on extents cool without it.
-                    error!(
-                        "journal={}: the journal failed ({e}): tracking dirty regions instead; the volume \
-                         needs a resync",
-                        name.display()
-                    );
-                    **overflowed = true;
-                    map.mark_hot_dirty();
-                    map.prepare(offset, u64::from(len), sync_backing)?;
-                }
-                r => r?,
-            }
-        }
-        if !**overflowed {
-            let was_empty = journal.as_deref().is_some_and(|j| j.used() == 0);
-            match journal
-                .as_deref_mut()
-                .map(|j| j.append(kind, offset, len, payload))
-            {
-                Some(Ok(_)) => {}
-                Some(Err(JournalError::Full { .. })) if *on_full == OnFull::Block && !was_empty => {
-                    return Ok(Outcome::MustWait);
-                }
-                Some(Err(JournalError::Full { capacity, .. })) if was_empty => {
-                    warn!(
-                        "journal={}: a {len}-byte change does not fit even in the empty \
-                         journal ({capacity} bytes): tracking dirty regions instead; the volume \
-                         needs a resync (use a larger --journal-size)",
-                        name.display()
-                    );
-                    **overflowed = true;
-                }
-                Some(Err(JournalError::Full { capacity, .. })) => {
-                    warn!(
-                        "journal={}: the journal is full ({capacity} bytes unreleased): tracking dirty \
-                         regions instead; the volume needs a resync",
-                        name.display()
-                    );
-                    **overflowed = true;
-                }
-                Some(Err(e)) => {
-                    error!(
-                        "journal={}: the journal failed ({e}): tracking dirty regions instead; the volume \
-                         needs a resync",
-                        name.display()
-                    );
-                    // Records still buffered may never reach the file: their extents are hot.
-                    **overflowed = true;
-                    **journal_failed = true;
-                    if let Some(map) = map.as_deref_mut() {
-                        map.mark_hot_dirty();
-                    }
-                }
-                None => **overflowed = true,
-            }
-        }
-        if **overflowed {
-            if let Some(map) = map.as_deref_mut() {
-                map.mark_dirty(offset, u64::from(len));
-            }
-        }
-        let r = apply();
-        if r.is_err() {
-            // The journal has a record the backing device may not fully reflect.
-            if let Some(map) = map.as_deref_mut() {
-                map.mark_dirty(offset, u64::from(len));
-            }
-        }
-        r.map(|()| Outcome::Applied)
-    }
-}
-
 /// `NAME.fenced` beside `NAME.journal`.
 fn fence_path(journal: &Path) -> PathBuf {
     journal.with_extension("fenced")
@@ -407,28 +236,22 @@ pub(crate) fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn payload_len(payload: &[u8]) -> u32 {
-    u32::try_from(payload.len()).unwrap_or(u32::MAX)
-}
-
-fn into_io(e: JournalError) -> io::Error {
-    match e {
-        JournalError::Io(e) => e,
-        e => io::Error::other(e),
-    }
-}
-
 impl ChangeLog {
     /// Opens `dir/NAME.journal` and `dir/NAME.map`, or creates them (the journal with
     /// `opts.size` bytes, preallocated). A new volume's map starts with `existing_data()`
-    /// dirty, durably, before the journal exists: that is its initial replication.
+    /// dirty, durably, before the journal exists: that is its initial replication. An
+    /// existing journal's records after its checkpoint are replayed onto `backing` first.
     pub fn open_or_create(
         dir: &Path,
         name: &str,
-        volume_size: u64,
+        backing: Arc<File>,
         opts: &LogOptions,
         existing_data: &dyn Fn() -> io::Result<Vec<(u64, u64)>>,
     ) -> Result<ChangeLog, TrackError> {
+        let volume_size = Store::size(&*backing).map_err(|e| TrackError::Create {
+            path: dir.join(name),
+            source: e,
+        })?;
         let size = opts.size;
         let path = dir.join(format!("{name}.journal"));
         let map_path = map_path(&path);
@@ -551,7 +374,11 @@ impl ChangeLog {
                         },
                     );
                 }
-                let (j, _) = Journal::open(f, Policy::TolerateTornTail).map_err(jerr)?;
+                let (mut j, _) = Journal::open(f, Policy::TolerateTornTail).map_err(jerr)?;
+                if let Some(seq) = read_release(&path).map_err(|e| jerr(e.into()))? {
+                    j.set_released(seq);
+                }
+                wal::replay(&mut j, &*backing, &path).map_err(jerr)?;
                 j
             }
             None => {
@@ -560,48 +387,36 @@ impl ChangeLog {
                 Journal::create(f, random_uuid(), volume_size).map_err(jerr)?
             }
         };
-        let sync_file = journal.store().try_clone().map_err(|e| jerr(e.into()))?;
+        let jstore = journal.store().try_clone().map_err(|e| jerr(e.into()))?;
         let overflowed = map.dirty_bytes() > 0;
         let mut journal = journal;
         journal
             .set_full_limit(journal.capacity() / 100 * u64::from(opts.full_percent.clamp(1, 100)));
-        if let Some(seq) = read_release(&path).map_err(|e| jerr(e.into()))? {
-            if seq >= journal.tail_seq() {
-                journal.release(seq).map_err(jerr)?;
-            }
-        }
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                journal: Some(journal),
-                overflowed,
-                map: Some(map),
-                since_release_check: 0,
-                commit_armed: false,
-                journal_failed: false,
-                waiting: 0,
-                no_waiting: false,
-                stopping: false,
-                changed_since_mark: false,
-                fenced: fence_path(&path).exists(),
-                sync: None,
-            }),
-            wake: Condvar::new(),
-            stop_waiting: Condvar::new(),
-        });
-        let committer = {
+        let mut state = State::new(Some(journal), Some(map), overflowed);
+        state.fenced = fence_path(&path).exists();
+        let shared = Arc::new(Shared::new(state, jstore, path.clone(), opts.pending_max));
+        let flusher = {
             let shared = shared.clone();
-            let commit_path = path.clone();
+            let backing = backing.clone();
             std::thread::Builder::new()
-                .name(format!("commit-{name}"))
-                .spawn(move || commit_loop(&shared, &commit_path))
+                .name(format!("flush-{name}"))
+                .spawn(move || shared.flusher(&*backing))
+                .map_err(|e| cerr(&path, e))?
+        };
+        let checkpointer = {
+            let shared = shared.clone();
+            let backing = backing.clone();
+            std::thread::Builder::new()
+                .name(format!("ckpt-{name}"))
+                .spawn(move || shared.checkpointer(&*backing))
                 .map_err(|e| cerr(&path, e))?
         };
         Ok(ChangeLog {
             path,
             map_path,
             shared,
-            sync_file,
-            committer: Mutex::new(Some(committer)),
+            backing,
+            flusher: Mutex::new(vec![flusher, checkpointer]),
             on_full: opts.on_full,
             points: Default::default(),
             points_failed: AtomicU64::new(0),
@@ -609,146 +424,97 @@ impl ChangeLog {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap()
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<File, File>> {
+        self.shared.lock()
     }
 
-    /// The journal file's descriptor, for syncing it through io_uring.
-    pub fn sync_fd(&self) -> RawFd {
-        self.sync_file.as_raw_fd()
-    }
-
-    /// Records `op` and applies it to `backing`, both under the volume's lock. Only writes,
-    /// trims and zeroes are accepted; durability (FUA) is the caller's: sync the backing file
-    /// and [`ChangeLog::sync`].
-    pub fn apply(&self, backing: &File, op: &IoOp) -> io::Result<()> {
-        let (kind, offset, len, payload): (Kind, u64, u32, &[u8]) = match op {
-            IoOp::Write { offset, data, .. } => (
-                Kind::Write,
-                *offset,
-                u32::try_from(data.len()).unwrap_or(u32::MAX),
-                data,
-            ),
-            IoOp::Trim { offset, len, .. } => (Kind::Trim, *offset, *len, &[]),
-            IoOp::WriteZeroes { offset, len, .. } => (Kind::Zero, *offset, *len, &[]),
-            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
-        };
-        let mut write = || match op {
-            IoOp::Write { offset, data, .. } => ops::write_at(backing, *offset, data, false),
-            IoOp::Trim { offset, len, .. } => ops::trim(backing, *offset, *len, false),
+    /// Records a write, trim or zero (taking its data) and makes it pending: once this
+    /// returns, reads see it and it is in the journal's memory; its reply may leave after
+    /// [`ChangeLog::write_out`], or, with FUA, after [`ChangeLog::when_durable`].
+    pub fn record(&self, op: IoOp) -> io::Result<()> {
+        let c = match op {
+            IoOp::Write { offset, data, .. } => Change {
+                seq: 0,
+                offset,
+                len: data.len() as u64,
+                content: Content::Data(data),
+            },
+            IoOp::Trim { offset, len, .. } => Change {
+                seq: 0,
+                offset,
+                len: u64::from(len),
+                content: Content::Zero {
+                    trim: true,
+                    may_trim: true,
+                },
+            },
             IoOp::WriteZeroes {
                 offset,
                 len,
                 may_trim,
-                fast_only,
                 ..
-            } => ops::write_zeroes(backing, *offset, *len, *may_trim, *fast_only, false),
-            _ => Ok(()),
+            } => Change {
+                seq: 0,
+                offset,
+                len: u64::from(len),
+                content: Content::Zero {
+                    trim: false,
+                    may_trim,
+                },
+            },
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
-        self.record_and_write(backing, (kind, offset, len, payload), &mut write, false)
+        if c.len == 0 {
+            return Ok(());
+        }
+        self.shared
+            .record(&*self.backing, c, self.on_full, false)
+            .map(|_| ())
     }
 
-    /// Records a change (`kind`, offset, length, payload) and makes it with `write`, both
-    /// under the volume's lock; also on a fenced volume when `failback` (the blocks a
-    /// failback brings back are recorded like any write), and then only there.
-    fn record_and_write(
-        &self,
-        backing: &File,
-        (kind, offset, len, payload): (Kind, u64, u32, &[u8]),
-        write: &mut dyn FnMut() -> io::Result<()>,
-        failback: bool,
-    ) -> io::Result<()> {
-        let mut guard = self.lock();
-        let mut waited = false;
-        let r = loop {
-            let st = &mut *guard;
-            if st.stopping || st.journal.is_none() && st.map.is_none() {
-                break Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
-            }
-            // Checked on every pass: a write that waited for journal space must not land
-            // after a fence's final point.
-            // Application writes only while not fenced; a failback's only while fenced.
-            if st.fenced != failback {
-                break Err(io::Error::from_raw_os_error(libc::EPERM));
-            }
-            st.since_release_check += 1;
-            let (need, limit) = st.journal.as_ref().map_or((0, u64::MAX), |j| {
-                (j.used() + record_size(payload_len(payload)), j.full_limit())
-            });
-            // Look at the release file before the journal would count as full, and more often
-            // once it is half way there.
-            let nearly_full = need + 4096 > limit / 2;
-            let due = waited
-                || need > limit && !st.overflowed
-                || st.since_release_check >= RELEASE_CHECK_EVERY
-                || nearly_full && !st.overflowed && st.since_release_check >= RELEASE_CHECK_PRESSED;
-            if due {
-                st.since_release_check = 0;
-                self.absorb_release(st.journal.as_mut());
-            }
-            let mut change = Change {
-                journal: st.journal.as_mut(),
-                overflowed: &mut st.overflowed,
-                map: st.map.as_mut(),
-                name: &self.path,
-                on_full: self.on_full,
-                journal_failed: &mut st.journal_failed,
-            };
-            let r = change.record_and_apply(
-                kind,
-                offset,
-                len,
-                payload,
-                &mut || backing.sync_data(),
-                write,
-            );
-            match r {
-                Ok(Outcome::MustWait) if st.no_waiting => {
-                    break Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
-                }
-                Ok(Outcome::MustWait) => {
-                    if !waited {
-                        waited = true;
-                        st.waiting += 1;
-                        if st.waiting == 1 {
-                            warn!(
-                                "journal={}: the journal is full: writes wait until the shipper releases \
-                                 records (journal.on_full = \"block\")",
-                                self.path.display()
-                            );
-                        }
-                    }
-                    // The shipper can only release what it can read.
-                    write_out_or_overflow(st, &self.path)?;
-                    guard = self
-                        .shared
-                        .stop_waiting
-                        .wait_timeout(guard, RELEASE_POLL)
-                        .unwrap()
-                        .0;
-                }
-                r => break r.map(|_| ()),
-            }
-        };
-        if r.is_ok() {
-            guard.changed_since_mark = true;
+    /// Writes every record appended so far into the journal file (not durably): after this,
+    /// a killed tracker loses none of them (start-up replays them).
+    pub fn write_out(&self) {
+        let mut st = self.lock();
+        self.shared.write_out(&mut st);
+    }
+
+    /// Calls `done` once every change recorded so far is durable (group commit with every
+    /// other caller until the flusher's next journal sync).
+    pub fn when_durable(&self, done: wal::Done) {
+        self.shared.when_durable(done);
+    }
+
+    /// True when a change not yet applied to the backing device overlaps the range.
+    pub fn overlaps_pending(&self, offset: u64, len: u64) -> bool {
+        self.shared
+            .applied
+            .lock()
+            .unwrap()
+            .pending
+            .overlaps(offset, len)
+    }
+
+    /// Reads `[offset, offset + len)` as the volume holds it: the backing device with the
+    /// pending changes that overlap laid over it, oldest first.
+    pub fn read_through(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let changes = self
+            .shared
+            .applied
+            .lock()
+            .unwrap()
+            .pending
+            .overlapping(offset, u64::from(len));
+        let mut buf = crate::io::ops::read_at(&self.backing, offset, len)?;
+        for c in &changes {
+            c.overlay(offset, &mut buf);
         }
-        let st = &mut *guard;
-        if waited {
-            st.waiting -= 1;
-            if st.waiting == 0 && r.is_ok() {
-                info!(
-                    "journal={}: space released, writes resume",
-                    self.path.display()
-                );
-            }
-        }
-        let unwritten = st.journal.as_ref().is_some_and(|j| j.has_unwritten())
-            || st.map.as_ref().is_some_and(|m| m.has_unwritten_dirty());
-        if unwritten {
-            self.arm_committer(st);
-        }
-        r
+        Ok(buf)
+    }
+
+    /// Waits until every change recorded so far is applied to the backing device.
+    pub fn settle(&self) -> io::Result<()> {
+        self.shared.settle()
     }
 
     /// Refuses every write from now on (`EPERM`), durably (`NAME.fenced` beside the
@@ -761,11 +527,13 @@ impl ChangeLog {
             .mark(PointKind::Crash, false)?
             .ok_or_else(|| io::Error::other("no point placed"))?;
         self.sync()?;
+        // What the failback reads later is the backing device.
+        self.settle()?;
         Ok(seq)
     }
 
     /// Refuses writes from now on, durably. Returns whether it did not already.
-    fn set_fenced(&self, st: &mut State) -> io::Result<bool> {
+    fn set_fenced(&self, st: &mut State<File, File>) -> io::Result<bool> {
         if st.fenced {
             return Ok(false);
         }
@@ -787,7 +555,7 @@ impl ChangeLog {
         self.clear_fenced(&mut self.lock())
     }
 
-    fn clear_fenced(&self, st: &mut State) -> io::Result<()> {
+    fn clear_fenced(&self, st: &mut State<File, File>) -> io::Result<()> {
         let f = fence_path(&self.path);
         match std::fs::remove_file(&f) {
             Ok(()) => {}
@@ -830,19 +598,25 @@ impl ChangeLog {
         })?;
         let mut applied = 0;
         for x in extents {
-            let change = match x.data {
-                Some(d) => (Kind::Write, x.offset, x.length, d),
-                None => (Kind::Zero, x.offset, x.length, &[][..]),
+            let content = match x.data {
+                Some(d) => Content::Data(d.to_vec()),
+                None => Content::Zero {
+                    trim: false,
+                    may_trim: false,
+                },
             };
-            let mut write = || match x.data {
-                Some(d) => ops::write_at(backing, x.offset, d, false),
-                None => ops::write_zeroes(backing, x.offset, x.length, false, false, false),
+            let c = Change {
+                seq: 0,
+                offset: x.offset,
+                len: u64::from(x.length),
+                content,
             };
-            self.record_and_write(backing, change, &mut write, true)?;
+            self.shared.record(backing, c, self.on_full, true)?;
             applied += u64::from(x.length);
         }
-        backing.sync_data()?;
         self.sync()?;
+        self.settle()?;
+        backing.sync_data()?;
         Ok((self.head()?, applied))
     }
 
@@ -914,7 +688,7 @@ impl ChangeLog {
     /// log is stopping, or while the journal takes no records (`why`: what that prevents).
     fn append_marker(
         &self,
-        st: &mut State,
+        st: &mut State<File, File>,
         kind: PointKind,
         group_point: u64,
         why: &str,
@@ -934,7 +708,7 @@ impl ChangeLog {
 
     /// Fails, saying `why` matters, while the journal takes no records (overflow or failure:
     /// until the volume is resynced).
-    fn takes_records(&self, st: &State, why: &str) -> io::Result<()> {
+    fn takes_records(&self, st: &State<File, File>, why: &str) -> io::Result<()> {
         if st.overflowed || st.journal_failed {
             return Err(io::Error::other(format!(
                 "journal {} takes no records until the volume is resynced: {why}",
@@ -972,7 +746,7 @@ impl ChangeLog {
     /// tells the committer. An error says it could not `what`.
     fn append_note(
         &self,
-        st: &mut State,
+        st: &mut State<File, File>,
         kind: Kind,
         range: (u64, u32),
         payload: &[u8],
@@ -987,7 +761,8 @@ impl ChangeLog {
                 self.path.display()
             ))
         })?;
-        self.arm_committer(st);
+        // The flusher writes it out (where the shipper reads it) and syncs it.
+        self.shared.wake.notify_one();
         Ok(seq)
     }
 
@@ -1019,7 +794,10 @@ impl ChangeLog {
             map.dirty_ranges()
         };
         // Room the shipper released since the journal overflowed.
-        self.absorb_release(st.journal.as_mut());
+        if let (Ok(Some(seq)), Some(j)) = (read_release(&self.path), st.journal.as_mut()) {
+            j.set_released(seq);
+            st.checkpoint_wanted = true;
+        }
         let mut id = [0u8; 8];
         crate::journal::random_bytes(&mut id);
         let job = u64::from_le_bytes(id).max(1);
@@ -1077,14 +855,20 @@ impl ChangeLog {
             let what = format!("append to synchronisation {job}");
             self.append_note(st, Kind::Sync, (offset, length), &payload, &what)
         };
-        appended
+        let seq = appended
             .inspect_err(|_| {
                 st.sync = None;
                 if let Some(m) = st.map.as_mut() {
                     m.abort_sync();
                 }
             })
-            .map_err(|e| io::Error::other(format!("{e}; the job stopped, its ranges stay dirty")))
+            .map_err(|e| {
+                io::Error::other(format!("{e}; the job stopped, its ranges stay dirty"))
+            })?;
+        drop(guard);
+        // The shipper reads the slot's blocks from the backing device next.
+        self.settle()?;
+        Ok(seq)
     }
 
     /// The target holds `job`'s end record durably: the job's ranges are clean again (except
@@ -1103,57 +887,24 @@ impl ChangeLog {
         Ok(map.dirty_bytes())
     }
 
-    /// The sequence number of the last record appended: under the volume's lock, so every
-    /// change up to it has been applied to the backing device.
+    /// The sequence number of the last record appended, once every change up to it has been
+    /// applied to the backing device.
     pub fn head(&self) -> io::Result<u64> {
-        let st = self.lock();
-        st.journal
+        let head = self
+            .lock()
+            .journal
             .as_ref()
             .map(|j| j.next_seq() - 1)
-            .ok_or_else(|| io::Error::other("changes are not journaled (--no-journal)"))
-    }
-
-    /// Tells the committer that records wait in memory (once until it writes them out).
-    fn arm_committer(&self, st: &mut State) {
-        if !st.commit_armed {
-            st.commit_armed = true;
-            self.shared.wake.notify_one();
-        }
+            .ok_or_else(|| io::Error::other("changes are not journaled (--no-journal)"))?;
+        self.settle()?;
+        Ok(head)
     }
 
     /// Makes writes that wait for journal space give up (with `ESHUTDOWN`) and refuses new
     /// ones that would wait: the tracker is stopping.
     pub fn stop_waiting(&self) {
         self.lock().no_waiting = true;
-        self.shared.stop_waiting.notify_all();
-    }
-
-    /// Writes every record appended so far to the journal file (not durably): what a sync of
-    /// the file through io_uring needs first.
-    pub fn write_out(&self) -> io::Result<()> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        write_out_or_overflow(st, &self.path)
-    }
-
-    /// Moves the journal's tail to what the reader released (see
-    /// [`crate::journal::reader`]).
-    fn absorb_release(&self, journal: Option<&mut Journal<File>>) {
-        let Some(j) = journal else {
-            return;
-        };
-        match read_release(&self.path) {
-            Ok(Some(seq)) if seq >= j.tail_seq() => {
-                if let Err(e) = j.release(seq) {
-                    error!(
-                        "journal={}: cannot release through seq {seq}: {e}",
-                        self.path.display()
-                    );
-                }
-            }
-            Ok(_) => {}
-            Err(e) => warn!("journal={}: {e}; not releasing", self.path.display()),
-        }
+        self.shared.space.notify_all();
     }
 
     /// False once the journal failed (it takes no records until a resync).
@@ -1161,19 +912,9 @@ impl ChangeLog {
         !self.lock().journal_failed
     }
 
-    /// Makes every record appended so far durable. The lock is only held to write out what
-    /// waits in memory, not during the sync.
+    /// Waits until every change recorded so far is durable.
     pub fn sync(&self) -> io::Result<()> {
-        let usable = {
-            let mut st = self.lock();
-            write_out_or_overflow(&mut st, &self.path)?;
-            !st.journal_failed
-        };
-        if !usable {
-            // Its records are covered by dirty regions; the backing file is what counts.
-            return Ok(());
-        }
-        self.sync_file.sync_data()
+        self.shared.sync()
     }
 
     pub fn state(&self) -> TrackState {
@@ -1196,6 +937,7 @@ impl ChangeLog {
 
     pub fn status(&self) -> Option<JournalStatus> {
         let st = self.lock();
+        let pending_bytes = self.shared.applied.lock().unwrap().pending.bytes();
         st.journal.as_ref().map(|j| JournalStatus {
             path: self.path.display().to_string(),
             capacity: j.capacity(),
@@ -1204,29 +946,53 @@ impl ChangeLog {
             released_seq: j.tail_seq() - 1,
             on_full: self.on_full,
             waiting_writes: st.waiting,
+            pending_bytes,
+            checkpoint_seq: j.checkpoint_seq(),
         })
     }
 
-    /// Syncs and closes the journal, then the region map, cleanly (at shutdown, after the
-    /// last write). The journal goes first: the map may only forget its hot extents once
-    /// every record is durable.
+    /// Applies every pending change, checkpoints, and closes the journal, then the region
+    /// map, cleanly (at shutdown, after the last write). The journal goes first: the map may
+    /// only be marked clean once every change is durable.
     pub fn close(&self) {
-        self.stop_committer();
+        self.stop_flusher();
         let mut st = self.lock();
-        let journal_ok = match st.journal.take().map(|j| j.close()) {
-            Some(Ok(_)) => {
-                info!("journal={}: closed cleanly", self.path.display());
-                true
-            }
-            Some(Err(e)) => {
-                error!("journal={}: cannot close cleanly: {e}", self.path.display());
+        let pending = !self.shared.applied.lock().unwrap().pending.is_empty();
+        let journal_ok = match st.journal.take() {
+            Some(_) if pending => {
+                // Left unclean: start-up replays what is still pending.
+                error!(
+                    "journal={}: changes could not be applied to the backing device; the next \
+                     start replays them",
+                    self.path.display()
+                );
                 false
+            }
+            Some(mut j) => {
+                let r = self
+                    .backing
+                    .sync_data()
+                    .map_err(JournalError::Io)
+                    .and_then(|()| {
+                        j.set_checkpoint(j.next_seq());
+                        j.close()
+                    });
+                match r {
+                    Ok(_) => {
+                        info!("journal={}: closed cleanly", self.path.display());
+                        true
+                    }
+                    Err(e) => {
+                        error!("journal={}: cannot close cleanly: {e}", self.path.display());
+                        false
+                    }
+                }
             }
             None => true,
         };
         if let Some(m) = st.map.take() {
             if !journal_ok {
-                // Leave the map open: its hot extents become dirty at the next start.
+                // Leave the map open: the next start sees the unclean stop.
                 return;
             }
             if let Err(e) = m.close() {
@@ -1240,10 +1006,17 @@ impl ChangeLog {
 }
 
 impl ChangeLog {
-    fn stop_committer(&self) {
+    /// Stops the flusher once it has applied everything it can, then the checkpointer.
+    fn stop_flusher(&self) {
         self.lock().stopping = true;
         self.shared.wake.notify_all();
-        if let Some(t) = self.committer.lock().unwrap().take() {
+        self.shared.space.notify_all();
+        let mut threads = std::mem::take(&mut *self.flusher.lock().unwrap()).into_iter();
+        if let Some(t) = threads.next() {
+            let _ = t.join();
+        }
+        self.shared.stop_checkpointer();
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -1251,65 +1024,11 @@ impl ChangeLog {
 
 impl Drop for ChangeLog {
     fn drop(&mut self) {
-        self.stop_committer();
+        self.stop_flusher();
     }
 }
 
-/// Writes out what waits in memory. If the journal cannot take it, records the tracker
-/// acknowledged are lost from it: every hot extent becomes dirty and the volume needs a
-/// resync, as when the journal is full.
-fn write_out_or_overflow(st: &mut State, path: &Path) -> io::Result<()> {
-    let Some(j) = st.journal.as_mut() else {
-        return Ok(());
-    };
-    match j.write_out() {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            if !st.journal_failed {
-                error!(
-                    "journal={}: the journal failed ({e}): tracking dirty regions instead; the volume \
-                     needs a resync",
-                    path.display()
-                );
-                st.journal_failed = true;
-            }
-            st.overflowed = true;
-            if let Some(m) = st.map.as_mut() {
-                m.mark_hot_dirty();
-            }
-            Ok(())
-        }
-    }
-}
-
-/// The committer: once records (or new dirty bits) wait in memory, gives later writes
-/// [`COMMIT_INTERVAL`] to join them, then writes them out in one go.
-fn commit_loop(shared: &Shared, path: &Path) {
-    let mut st = shared.state.lock().unwrap();
-    loop {
-        while !st.stopping && !st.commit_armed {
-            st = shared.wake.wait(st).unwrap();
-        }
-        if st.stopping {
-            return;
-        }
-        drop(st);
-        std::thread::sleep(COMMIT_INTERVAL);
-        st = shared.state.lock().unwrap();
-        st.commit_armed = false;
-        let _ = write_out_or_overflow(&mut st, path);
-        // New dirty bits go to the map file too, where the shipper reads them.
-        if let Some(m) = st.map.as_mut() {
-            if let Err(e) = m.write_dirty() {
-                warn!(
-                    "journal={}: cannot write dirty bits to the region map: {e}",
-                    path.display()
-                );
-            }
-        }
-    }
-}
-
+/// Preallocates a new file of `size` bytes.
 fn create_preallocated(path: &Path, size: u64) -> io::Result<File> {
     let f = OpenOptions::new()
         .read(true)
