@@ -672,7 +672,7 @@ fn metrics(st: &TrackerStatus) -> String {
             g(
                 &mut m,
                 "redun_journal_used_bytes",
-                "Unreleased journal bytes.",
+                "Journal bytes unreleased or not yet checkpointed.",
                 j.used_bytes,
             );
             g(
@@ -698,6 +698,18 @@ fn metrics(st: &TrackerStatus) -> String {
                 "redun_journal_waiting_writes",
                 "Writes waiting for journal space.",
                 j.waiting_writes,
+            );
+            g(
+                &mut m,
+                "redun_journal_pending_bytes",
+                "Acknowledged write data not yet applied to the backing device.",
+                j.pending_bytes,
+            );
+            g(
+                &mut m,
+                "redun_journal_checkpoint_seq",
+                "A start-up after a crash replays the records from this sequence number on.",
+                j.checkpoint_seq,
             );
         }
     }

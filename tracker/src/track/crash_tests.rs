@@ -408,3 +408,74 @@ fn an_acknowledged_change_is_read_before_it_is_applied() {
     assert!(shared.applied.lock().unwrap().pending.is_empty());
     assert_eq!(&backing.disk.image()[8192..16384], &buf[..]);
 }
+
+impl Backing for FailingStore {
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_at(&[data], offset)
+    }
+    fn zero(&self, offset: u64, len: u64, _trim: bool, _may_trim: bool) -> io::Result<()> {
+        self.write_at(&[&vec![0u8; len as usize]], offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        Store::sync(self)
+    }
+}
+
+#[test]
+fn a_change_the_backing_device_refuses_stays_pending_and_visible_until_it_lands() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jdisk = CrashStore::new((RING_OFFSET + (1 << 20)) as usize);
+    let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
+    let bdisk = CrashStore::new(VOL as usize);
+    let backing = FailingStore {
+        inner: bdisk.share(),
+        failing: failing.clone(),
+    };
+    let shared = Shared::new(
+        State::new(
+            Some(Journal::create(jdisk.share(), [5; 16], VOL).unwrap()),
+            Some(RegionMap::create(mdisk.share(), VOL, REGION, EXTENT).unwrap()),
+            false,
+        ),
+        jdisk.share(),
+        PathBuf::from("/nonexistent/sim.journal"),
+        u64::MAX,
+    );
+    failing.store(true, Ordering::SeqCst);
+    shared
+        .record(&backing, write4k(4096, 8), OnFull::Bitmap, false)
+        .unwrap();
+    // A FLUSH is answered: the change is durable in the journal.
+    let (tx, rx) = std::sync::mpsc::channel();
+    shared.when_durable(Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    shared.cycle(&backing, false).unwrap();
+    assert!(rx.recv().unwrap(), "the flush failed");
+    // The device refused it: it stays pending, reads still see it, waiting for it says why.
+    let a = shared.applied.lock().unwrap();
+    assert!(
+        a.error.as_deref().is_some_and(|e| e.contains("os error 5")),
+        "{:?}",
+        a.error
+    );
+    assert_eq!(a.pending.overlapping(4096, 4096).len(), 1);
+    drop(a);
+    let e = shared.settle().unwrap_err();
+    assert!(e.to_string().contains("cannot be applied"), "{e}");
+    // The journal still holds it: a crash now replays it.
+    let (mut j, _) = Journal::open(
+        CrashStore::from_image(jdisk.durable_image()),
+        Policy::TolerateTornTail,
+    )
+    .unwrap();
+    let b2 = Mortal {
+        disk: CrashStore::new(VOL as usize),
+        budget: Arc::new(AtomicI64::new(i64::MAX)),
+    };
+    assert_eq!(replay(&mut j, &b2, &PathBuf::from("sim")).unwrap(), 1);
+    assert_eq!(b2.disk.image()[4096], 8);
+    // Once the device takes writes again, the next round applies it.
+    failing.store(false, Ordering::SeqCst);
+    shared.cycle(&backing, false).unwrap();
+    assert!(shared.settle().is_ok());
+    assert_eq!(bdisk.image()[4096], 8);
+}

@@ -166,7 +166,7 @@ pub struct ChangeLog {
     shared: Arc<Shared<File, File>>,
     /// The backing file or device the flusher applies changes to.
     backing: Arc<File>,
-    /// The flusher (syncs the journal, applies) and the checkpointer ([`wal`]).
+    /// The syncer, the applier and the checkpointer ([`wal`]), in that order.
     flusher: Mutex<Vec<JoinHandle<()>>>,
     on_full: OnFull,
     /// Points placed (crash, app) and app-consistent points that failed.
@@ -395,28 +395,25 @@ impl ChangeLog {
         let mut state = State::new(Some(journal), Some(map), overflowed);
         state.fenced = fence_path(&path).exists();
         let shared = Arc::new(Shared::new(state, jstore, path.clone(), opts.pending_max));
-        let flusher = {
+        let spawn = |what: &str, run: fn(&Shared<File, File>, &File)| {
             let shared = shared.clone();
             let backing = backing.clone();
             std::thread::Builder::new()
-                .name(format!("flush-{name}"))
-                .spawn(move || shared.flusher(&*backing))
-                .map_err(|e| cerr(&path, e))?
+                .name(format!("{what}-{name}"))
+                .spawn(move || run(&shared, &backing))
+                .map_err(|e| cerr(&path, e))
         };
-        let checkpointer = {
-            let shared = shared.clone();
-            let backing = backing.clone();
-            std::thread::Builder::new()
-                .name(format!("ckpt-{name}"))
-                .spawn(move || shared.checkpointer(&*backing))
-                .map_err(|e| cerr(&path, e))?
-        };
+        let threads = vec![
+            spawn("sync", Shared::syncer)?,
+            spawn("apply", Shared::applier)?,
+            spawn("ckpt", Shared::checkpointer)?,
+        ];
         Ok(ChangeLog {
             path,
             map_path,
             shared,
             backing,
-            flusher: Mutex::new(vec![flusher, checkpointer]),
+            flusher: Mutex::new(threads),
             on_full: opts.on_full,
             points: Default::default(),
             points_failed: AtomicU64::new(0),
@@ -1006,19 +1003,22 @@ impl ChangeLog {
 }
 
 impl ChangeLog {
-    /// Stops the flusher once it has applied everything it can, then the checkpointer.
+    /// Stops the syncer once everything is durable, then the applier once everything is
+    /// applied, then the checkpointer.
     fn stop_flusher(&self) {
         self.lock().stopping = true;
         self.shared.wake.notify_all();
         self.shared.space.notify_all();
         let mut threads = std::mem::take(&mut *self.flusher.lock().unwrap()).into_iter();
-        if let Some(t) = threads.next() {
-            let _ = t.join();
-        }
-        self.shared.stop_checkpointer();
-        for t in threads {
-            let _ = t.join();
-        }
+        let mut join = |stop: &dyn Fn()| {
+            stop();
+            if let Some(t) = threads.next() {
+                let _ = t.join();
+            }
+        };
+        join(&|| {});
+        join(&|| self.shared.stop_applier());
+        join(&|| self.shared.stop_checkpointer());
     }
 }
 

@@ -78,6 +78,11 @@ impl Pending {
         self.order.is_empty()
     }
 
+    /// The oldest change's sequence number.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.order.front().map(|c| c.seq)
+    }
+
     pub fn len(&self) -> usize {
         self.order.len()
     }

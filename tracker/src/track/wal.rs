@@ -179,8 +179,10 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct Shared<J: Store, M: Store> {
     pub state: Mutex<State<J, M>>,
-    /// Wakes the flusher.
+    /// Wakes the syncer (the flusher's first half).
     pub wake: Condvar,
+    /// Wakes the applier (its second half).
+    pub apply_wake: Condvar,
     /// Wakes writes waiting for journal space, or for the log to stop.
     pub space: Condvar,
     pub applied: Mutex<Applied>,
@@ -209,6 +211,8 @@ struct Checkpoints {
     /// A checkpointer thread takes them.
     background: bool,
     stopping: bool,
+    /// The applier ends once nothing it can apply is left.
+    apply_stop: bool,
 }
 
 /// What became of a change.
@@ -226,6 +230,7 @@ impl<J: Store, M: Store> Shared<J, M> {
         Shared {
             state: Mutex::new(state),
             wake: Condvar::new(),
+            apply_wake: Condvar::new(),
             space: Condvar::new(),
             applied: Mutex::new(Applied {
                 through,
@@ -469,24 +474,43 @@ impl<J: Store, M: Store> Shared<J, M> {
                 )));
             }
             self.wake.notify_one();
+            self.apply_wake.notify_one();
             a = self.applied_cv.wait_timeout(a, IDLE_TICK).unwrap().0;
         }
         Ok(())
     }
 
-    /// True when the flusher has something to do.
-    pub fn has_work(&self, st: &State<J, M>) -> bool {
-        !st.waiters.is_empty()
-            || st.head() > st.durable_seq
-            || st.checkpoint_wanted
-            || !self.applied.lock().unwrap().pending.is_empty()
+    /// True when the syncer has something to do.
+    fn sync_due(st: &State<J, M>) -> bool {
+        !st.waiters.is_empty() || st.head() > st.durable_seq
     }
 
-    /// One round of the flusher: the journal synced once, the changes it covers applied,
-    /// the replies waiting for it sent, and a checkpoint when one is due (or `checkpoint`).
-    /// Returns whether it checkpointed.
+    /// True when the applier has something to do: durable changes to apply, or space wanted.
+    fn apply_due(&self, st: &State<J, M>) -> bool {
+        st.checkpoint_wanted
+            || self
+                .applied
+                .lock()
+                .unwrap()
+                .pending
+                .first_seq()
+                .is_some_and(|s| s <= st.durable_seq)
+    }
+
+    /// One round of both halves of the flusher, one after the other (what the threads do
+    /// side by side; tests and the rare inline rounds call this): [`Shared::sync_round`], then
+    /// [`Shared::apply_round`]. Returns whether it checkpointed.
     pub fn cycle<B: Backing + ?Sized>(&self, backing: &B, checkpoint: bool) -> io::Result<bool> {
-        let _one = self.cycling.lock().unwrap();
+        let (head, synced) = self.sync_round(backing);
+        self.apply_round(backing, head, checkpoint, synced)
+    }
+
+    /// The syncer's round: the journal written out and synced once for every record appended
+    /// so far, then every FLUSH and FUA that was waiting answered. Those that need the backing
+    /// device too (changes went straight to it, or the journal failed) are answered after the
+    /// pending changes are applied and the device synced. Returns the head it made durable
+    /// and whether it synced the backing device.
+    pub fn sync_round<B: Backing + ?Sized>(&self, backing: &B) -> (u64, bool) {
         let (head, waiters, direct, mut failed, was_durable) = {
             let mut st = self.lock();
             self.write_out(&mut st);
@@ -506,29 +530,45 @@ impl<J: Store, M: Store> Shared<J, M> {
                 failed = true;
             }
         }
-        // Replies that only needed the journal leave now; the others once the backing device
-        // is synced below.
-        let mut waiters = Some(waiters);
+        let mut synced = false;
         if !failed && !direct {
-            for w in waiters.take().into_iter().flatten() {
+            for w in waiters {
                 (w.0)(Ok(()));
             }
-        }
-        let applied = self.apply_through(backing, head);
-        let mut synced = false;
-        if let Some(ws) = waiters.take() {
+        } else {
+            let applied = {
+                let _one = self.cycling.lock().unwrap();
+                self.apply_through(backing, head)
+            };
             let r = applied.and_then(|()| backing.sync());
             synced = r.is_ok();
-            for w in ws {
+            for w in waiters {
                 (w.0)(r.as_ref().map(|_| ()).map_err(copy_err));
             }
         }
         {
             let mut st = self.lock();
-            st.durable_seq = head;
+            st.durable_seq = st.durable_seq.max(head);
             // Without a sync of the backing device here, the next FLUSH needs one.
             st.direct_unsynced |= (direct || failed) && !synced;
         }
+        self.apply_wake.notify_one();
+        self.space.notify_all();
+        (head, synced)
+    }
+
+    /// The applier's round: the pending changes up to `durable` (the syncer made their
+    /// records durable) applied in order, then a checkpoint when one is due (or
+    /// `checkpoint`). Returns whether it checkpointed.
+    pub fn apply_round<B: Backing + ?Sized>(
+        &self,
+        backing: &B,
+        durable: u64,
+        checkpoint: bool,
+        synced: bool,
+    ) -> io::Result<bool> {
+        let _one = self.cycling.lock().unwrap();
+        let _ = self.apply_through(backing, durable);
         self.space.notify_all();
         self.maybe_checkpoint(backing, checkpoint, synced)
     }
@@ -686,41 +726,72 @@ impl<J: Store, M: Store> Shared<J, M> {
         self.ckpt_cv.notify_all();
     }
 
-    /// The flusher thread's loop: a cycle whenever there is work, a checkpoint at least every
-    /// [`CHECKPOINT_INTERVAL`] while there are changes; ends once the log is stopping and
-    /// nothing is left to do.
-    pub fn flusher<B: Backing + ?Sized>(&self, backing: &B) {
-        let mut last = Instant::now();
+    /// The syncer thread's loop (the flusher's first half): a [`Shared::sync_round`] whenever
+    /// records wait to be made durable or replies wait for it; ends once the log is stopping
+    /// and nothing is left to sync.
+    pub fn syncer<B: Backing + ?Sized>(&self, backing: &B) {
         loop {
             {
                 let mut st = self.lock();
-                loop {
-                    if self.has_work(&st) {
-                        break;
-                    }
+                while !Self::sync_due(&st) {
                     if st.stopping {
                         return;
                     }
                     st.flusher_idle = true;
-                    let (g, t) = self.wake.wait_timeout(st, IDLE_TICK).unwrap();
-                    st = g;
+                    st = self.wake.wait_timeout(st, IDLE_TICK).unwrap().0;
                     st.flusher_idle = false;
-                    if t.timed_out() && last.elapsed() >= CHECKPOINT_INTERVAL {
+                }
+            }
+            self.sync_round(backing);
+        }
+    }
+
+    /// The applier thread's loop (the flusher's second half): a [`Shared::apply_round`]
+    /// whenever durable changes wait, space is wanted, or [`CHECKPOINT_INTERVAL`] passed while
+    /// the volume changes; ends at [`Shared::stop_applier`] once nothing it can apply is left.
+    pub fn applier<B: Backing + ?Sized>(&self, backing: &B) {
+        let mut last = Instant::now();
+        loop {
+            let durable = {
+                let mut st = self.lock();
+                loop {
+                    if self.apply_due(&st) || last.elapsed() >= CHECKPOINT_INTERVAL {
                         break;
                     }
+                    if self.ckpt.lock().unwrap().apply_stop {
+                        return;
+                    }
+                    st = self.apply_wake.wait_timeout(st, IDLE_TICK).unwrap().0;
+                }
+                st.durable_seq
+            };
+            if self.applied.lock().unwrap().error.is_some() {
+                // The device refuses a change: try again now and then, not in a loop.
+                std::thread::sleep(IDLE_TICK);
+                if self.ckpt.lock().unwrap().apply_stop {
+                    return;
                 }
             }
             let periodic = last.elapsed() >= CHECKPOINT_INTERVAL;
-            match self.cycle(backing, periodic) {
+            if periodic {
+                last = Instant::now();
+            }
+            match self.apply_round(backing, durable, periodic, false) {
                 Ok(true) => last = Instant::now(),
-                Ok(false) if periodic => last = Instant::now(),
                 Ok(false) => {}
                 Err(e) => {
-                    warn!("journal={}: flusher: {e}", self.name());
+                    warn!("journal={}: applier: {e}", self.name());
                     std::thread::sleep(IDLE_TICK);
                 }
             }
         }
+    }
+
+    /// Ends the applier once it applied what it can (after the syncer ended).
+    pub fn stop_applier(&self) {
+        self.ckpt.lock().unwrap().apply_stop = true;
+        let _st = self.lock();
+        self.apply_wake.notify_all();
     }
 }
 
