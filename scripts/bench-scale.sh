@@ -4,7 +4,7 @@
 #
 # 1. fio's nbd engine, time-based (SECONDS each), every server on a new sparse backing file of
 #    BENCH_VOLUME (default 32G) and, for the journaled tracker, a new journal of
-#    BENCH_NOSHIP_JOURNAL (default 16G: nothing releases it in these runs):
+#    BENCH_NOSHIP_JOURNAL (default 8G: nothing releases it in these runs):
 #      a. 4 KiB random writes over the whole volume, iodepth 16
 #      b. 64 KiB random writes over the whole volume, iodepth 16
 #      c. 4 KiB random writes over the first 512 MiB only, iodepth 16 (the "small range")
@@ -49,8 +49,9 @@
 #   BENCH_JOURNAL_SIZE=SIZE --journal-size of the journaled trackers with a shipper (pgbench,
 #                           the shipped lines; default: the tracker's default)
 #   BENCH_NOSHIP_JOURNAL=SIZE --journal-size of the journaled trackers without a shipper
-#                           (lines 1a-1d and part 3; default 16G: nobody releases it, so it
-#                           must hold the whole run)
+#                           (lines 1a-1d and part 3; default 8G: nobody releases it, so it
+#                           must hold the whole run; read into the page cache before each run,
+#                           as a journal in service is)
 #   BENCH_SEQ_SECONDS=N     the 1 MiB sequential line runs N seconds (default 5: at 2 GB/s
 #                           its records must fit in BENCH_NOSHIP_JOURNAL)
 #   BENCH_PG_VOLUME=SIZE    volume of part 2 (default 8G)
@@ -76,7 +77,7 @@ pg_volume_bytes=$(numfmt --from=iec "$pg_volume") || { echo "bench: BENCH_PG_VOL
 journal_size=()
 [ -n "${BENCH_JOURNAL_SIZE:-}" ] && journal_size=(--journal-size "$BENCH_JOURNAL_SIZE")
 # Without a shipper nobody releases the journal: those runs get one that holds them.
-noship_journal=(--journal-size "${BENCH_NOSHIP_JOURNAL:-16G}")
+noship_journal=(--journal-size "${BENCH_NOSHIP_JOURNAL:-8G}")
 seq_seconds="${BENCH_SEQ_SECONDS:-5}"
 [[ "$seq_seconds" =~ ^[1-9][0-9]*$ ]] || { echo "bench: BENCH_SEQ_SECONDS=$seq_seconds: expected a whole number of seconds" >&2; exit 1; }
 qemu_cache=()

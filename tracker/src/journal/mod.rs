@@ -578,7 +578,7 @@ impl<S: Store> Journal<S> {
     }
 
     /// The last remembered record start with a sequence number up to `seq`.
-    fn start_at_or_before(&self, seq: u64) -> (u64, u64) {
+    pub fn start_at_or_before(&self, seq: u64) -> (u64, u64) {
         let i = self.starts.partition_point(|&(s, _)| s <= seq);
         self.starts
             .get(i.saturating_sub(1))

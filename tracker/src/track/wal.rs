@@ -807,8 +807,9 @@ fn len_u32(payload: &[u8]) -> u32 {
 }
 
 /// Start-up after an unclean stop: applies the records from the journal's checkpoint on to
-/// the backing device, in order, syncs it, and records the new checkpoint. Returns how many
-/// records were replayed.
+/// the backing device, in order. The checkpoint stays where it is until the next one (which
+/// syncs the device first): a crash before then replays them again, which gives the same
+/// bytes. Returns how many records were replayed.
 pub fn replay<J: Store, B: Backing + ?Sized>(
     journal: &mut Journal<J>,
     backing: &B,
@@ -816,7 +817,9 @@ pub fn replay<J: Store, B: Backing + ?Sized>(
 ) -> Result<u64, JournalError> {
     let from = journal.checkpoint_seq();
     let sb = *journal.superblock();
-    let mut scan = Scanner::new(journal.store(), &sb, sb.tail_pos, sb.tail_seq);
+    // From the last remembered record start before the checkpoint, not from the tail.
+    let (seq, pos) = journal.start_at_or_before(from);
+    let mut scan = Scanner::new(journal.store(), &sb, pos, seq);
     let mut n = 0u64;
     while let Some(r) = scan.next_record() {
         let r = r?;
@@ -832,12 +835,6 @@ pub fn replay<J: Store, B: Backing + ?Sized>(
             Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => continue,
         }
         n += 1;
-    }
-    backing.sync()?;
-    journal.set_checkpoint(journal.next_seq());
-    if let Some(sb) = journal.stage() {
-        write_superblock_to(journal.store(), &sb)?;
-        journal.commit(sb);
     }
     if n > 0 {
         info!(
