@@ -600,6 +600,11 @@ impl<S: Store> Journal<S> {
         self.sb.checkpoint_seq = self.sb.checkpoint_seq.max(seq.min(self.next_seq));
     }
 
+    /// The last sequence number the shipper released (0: none).
+    pub fn released_seq(&self) -> u64 {
+        self.released_next - 1
+    }
+
     /// The first sequence number a start-up would replay.
     pub fn checkpoint_seq(&self) -> u64 {
         self.sb.checkpoint_seq
@@ -888,6 +893,11 @@ impl<S: Store> Journal<S> {
     /// Syncs, marks the journal closed cleanly, and hands back its store.
     pub fn close(mut self) -> Result<S, JournalError> {
         self.sync()?;
+        // The tail moves to what is released and checkpointed, in this last write.
+        if let Some(sb) = self.stage() {
+            self.sb.tail_pos = sb.tail_pos;
+            self.sb.tail_seq = sb.tail_seq;
+        }
         self.sb.clean = true;
         self.sb.head_pos = self.head_pos;
         self.sb.head_seq = self.next_seq;

@@ -379,6 +379,12 @@ impl ChangeLog {
                     j.set_released(seq);
                 }
                 wal::replay(&mut j, &*backing, &path).map_err(jerr)?;
+                // What the shipper released since the last superblock is given up now.
+                if let Some(sb) = j.stage() {
+                    crate::journal::write_superblock_to(j.store(), &sb)
+                        .map_err(|e| jerr(e.into()))?;
+                    j.commit(sb);
+                }
                 j
             }
             None => {
@@ -940,7 +946,7 @@ impl ChangeLog {
             capacity: j.capacity(),
             used_bytes: j.used(),
             head_seq: j.next_seq() - 1,
-            released_seq: j.tail_seq() - 1,
+            released_seq: j.released_seq(),
             on_full: self.on_full,
             waiting_writes: st.waiting,
             pending_bytes,
@@ -966,6 +972,9 @@ impl ChangeLog {
                 false
             }
             Some(mut j) => {
+                if let Ok(Some(seq)) = read_release(&self.path) {
+                    j.set_released(seq);
+                }
                 let r = self
                     .backing
                     .sync_data()
