@@ -7,7 +7,9 @@ use std::io;
 use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
-use redun_tracker::journal::format::{MIN_FILE_SIZE, RING_OFFSET, SUPERBLOCK_LEN, Superblock};
+use redun_tracker::journal::format::{
+    MIN_FILE_SIZE, RING_OFFSET, SUPERBLOCK_LEN, SUPERBLOCK_VERSION, Superblock,
+};
 use redun_tracker::journal::inspect::inspect;
 use redun_tracker::journal::{Scanner, Store, read_superblock};
 
@@ -53,6 +55,8 @@ fuzz_target!(|data: &[u8]| {
         clean: false,
         epoch: u32::from(data[4]),
         salt: 0,
+        version: SUPERBLOCK_VERSION,
+        checkpoint_seq: 0,
     };
     let mut img = vec![0u8; MIN_FILE_SIZE as usize];
     img[..SUPERBLOCK_LEN].copy_from_slice(&sb.encode());
