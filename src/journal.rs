@@ -1,13 +1,12 @@
 //! `redun journal dump | check | replay`: the journal inspection tools.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use redun_tracker::journal::format::Kind;
 use redun_tracker::journal::inspect::{Inspection, find_damage, inspect};
 use redun_tracker::journal::{Scanner, read_superblock};
+use redun_tracker::track::wal::apply_records;
 
 use crate::JournalCommand;
 
@@ -94,31 +93,12 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot open {}", out.display()))?;
             let sb = read_superblock(&jf)?;
             let mut scan = Scanner::new(&jf, &sb, sb.tail_pos, sb.tail_seq);
-            let mut n = 0u64;
-            let zeroes = vec![0u8; 1 << 20];
-            while let Some(r) = scan.next_record() {
-                let r = r?;
-                let h = r.header;
-                match h.kind {
-                    Kind::Write => img.write_all_at(&r.payload, h.offset)?,
-                    Kind::Trim | Kind::Zero => {
-                        let mut left = h.length as usize;
-                        let mut at = h.offset;
-                        while left > 0 {
-                            let k = left.min(zeroes.len());
-                            img.write_all_at(&zeroes[..k], at)?;
-                            left -= k;
-                            at += k as u64;
-                        }
-                    }
-                    Kind::Marker | Kind::Pad | Kind::Sync | Kind::Decision => {}
-                }
-                n += 1;
-            }
+            // The tracker's own replay, onto the copy.
+            let n = apply_records(&mut scan, 0, &img)?;
             img.sync_all()?;
             let end = scan.end().cloned();
             println!(
-                "replayed {n} records (through seq {}) onto {}{}",
+                "replayed {n} changes (through seq {}) onto {}{}",
                 scan.position().1 - 1,
                 out.display(),
                 end.filter(|e| !e.is_clean())

@@ -133,19 +133,38 @@ fn kill_9_during_fio_loses_no_acknowledged_write() {
     }
 }
 
+/// Runs `script` (tests/scripts), which writes block N with `N % 250 + 1`, prints "`what` N"
+/// for each block it counts, and kills the tracker with SIGKILL; returns those blocks once the
+/// tracker is dead.
+fn written_then_killed(t: &mut Tracker, script: &str, what: &str) -> Vec<u64> {
+    let out = python(script, &[&t.uri(), &t.pid().to_string()]);
+    let _ = t.child.take().unwrap().wait();
+    let prefix = format!("{what} ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|n| n.trim().parse().unwrap())
+        .collect()
+}
+
+/// Asserts that `image` holds each of `blocks` as the kill scripts wrote it.
+fn assert_blocks(image: &[u8], blocks: &[u64], what: &str) {
+    for &i in blocks {
+        let off = usize::try_from(i * 4096).unwrap();
+        let want = u8::try_from(i % 250 + 1).unwrap();
+        assert!(
+            image[off..off + 4096].iter().all(|&b| b == want),
+            "{what} {i}"
+        );
+    }
+}
+
 #[test]
 fn acknowledged_writes_survive_kill_9_flushed_or_not() {
     for backend in BACKENDS {
         // A volume bigger than the writes that are pending at once, written all over.
         let mut t = tracked(backend, 256 * MIB, "512M");
-        let out = python("acked_then_kill.py", &[&t.uri(), &t.pid().to_string()]);
-        let mut child = t.child.take().unwrap();
-        let _ = child.wait();
-        let acked: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("acked "))
-            .map(|n| n.trim().parse().unwrap())
-            .collect();
+        let acked = written_then_killed(&mut t, "acked_then_kill.py", "acked");
         assert!(
             acked.len() >= 2000,
             "{backend}: {} acknowledged",
@@ -156,14 +175,8 @@ fn acknowledged_writes_survive_kill_9_flushed_or_not() {
         let v = volume_status(&t);
         assert_eq!(v["state"], "protected", "{backend}: {v}");
         let image = std::fs::read(&t.image).unwrap();
-        for i in acked {
-            let off = usize::try_from(i * 4096).unwrap();
-            let want = u8::try_from(i % 250 + 1).unwrap();
-            assert!(
-                image[off..off + 4096].iter().all(|&b| b == want),
-                "{backend}: acknowledged write {i} is lost after kill -9 and restart"
-            );
-        }
+        let what = format!("{backend}: lost after kill -9 and restart: acknowledged write");
+        assert_blocks(&image, &acked, &what);
     }
 }
 
@@ -171,24 +184,11 @@ fn acknowledged_writes_survive_kill_9_flushed_or_not() {
 fn flushed_writes_survive_kill_9_in_the_journal() {
     for backend in BACKENDS {
         let mut t = tracked(backend, 64 * MIB, "64M");
-        let out = python("flushed_then_kill.py", &[&t.uri(), &t.pid().to_string()]);
-        let mut child = t.child.take().unwrap();
-        let _ = child.wait();
-        let flushed: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("flushed "))
-            .map(|n| n.trim().parse().unwrap())
-            .collect();
+        let flushed = written_then_killed(&mut t, "flushed_then_kill.py", "flushed");
         assert!(flushed.len() >= 50, "{backend}: {flushed:?}");
         let replayed = replay(&t);
-        for i in flushed {
-            let off = usize::try_from(i * 4096).unwrap();
-            let want = u8::try_from(i % 250 + 1).unwrap();
-            assert!(
-                replayed[off..off + 4096].iter().all(|&b| b == want),
-                "{backend}: flushed write {i} is not in the journal"
-            );
-        }
+        let what = format!("{backend}: not in the journal: flushed write");
+        assert_blocks(&replayed, &flushed, &what);
     }
 }
 

@@ -290,8 +290,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         AdminRequest::Fence { volume } => fence(&status_server, &volume, true),
         AdminRequest::Unfence { volume } => fence(&status_server, &volume, false),
-        AdminRequest::FailbackApply { volume } => on_tracked(&status_server, &volume, |e, log| {
-            let (seq, bytes) = log.apply_failback(e.backend.file())?;
+        AdminRequest::FailbackApply { volume } => on_tracked(&status_server, &volume, |_, log| {
+            let (seq, bytes) = log.apply_failback()?;
             log::debug!("volume {volume}: failback applied {bytes} bytes through seq {seq}");
             Ok(AdminResponse {
                 seq: Some(seq),

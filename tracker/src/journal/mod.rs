@@ -869,6 +869,12 @@ impl<S: Store> Journal<S> {
         // The records being released must be durable before the superblock says they are
         // gone, or a crash could leave a tail pointing past records that never hit the disk.
         self.sync()?;
+        self.move_tail()
+    }
+
+    /// Stages, writes and commits the superblock through this journal's own store (the
+    /// caller holds it; the tracker's checkpointer writes through a second handle instead).
+    pub fn move_tail(&mut self) -> Result<(), JournalError> {
         if let Some(sb) = self.stage() {
             write_superblock_to(&self.store, &sb)?;
             self.commit(sb);

@@ -64,16 +64,35 @@ impl Store for Mortal {
     }
 }
 
-impl Backing for Mortal {
+/// A simulated disk as a volume's backing device.
+#[derive(Debug)]
+struct Disk<S>(S);
+
+impl<S: Store + Send + Sync> Backing for Disk<S> {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.write_at(&[data], offset)
+        self.0.write_at(&[data], offset)
     }
     fn zero(&self, offset: u64, len: u64, _trim: bool, _may_trim: bool) -> io::Result<()> {
-        self.write_at(&[&vec![0u8; len as usize]], offset)
+        self.0.write_at(&[&vec![0u8; len as usize]], offset)
     }
     fn sync(&self) -> io::Result<()> {
-        Store::sync(self)
+        self.0.sync()
     }
+}
+
+/// A volume over a new journal on `journal` (`jstore`: another handle on it) and a new region
+/// map on `map`.
+fn volume<J: Store, M: Store>(journal: J, jstore: J, map: M, uuid: u8) -> Shared<J, M> {
+    Shared::new(
+        State::new(
+            Some(Journal::create(journal, [uuid; 16], VOL).unwrap()),
+            Some(RegionMap::create(map, VOL, REGION, EXTENT).unwrap()),
+            false,
+        ),
+        jstore,
+        PathBuf::from("/nonexistent/sim.journal"),
+        u64::MAX,
+    )
 }
 
 fn mortal(disk: &CrashStore, budget: &Arc<AtomicI64>) -> Mortal {
@@ -103,7 +122,7 @@ fn start_up(
     let budget = Arc::new(AtomicI64::new(budget));
     let (map, _) = RegionMap::open(mortal(mdisk, &budget), VOL).ok()?;
     let (mut j, _) = Journal::open(mortal(jdisk, &budget), Policy::TolerateTornTail).ok()?;
-    replay(&mut j, &mortal(bdisk, &budget), &PathBuf::from("sim")).ok()?;
+    replay(&mut j, &Disk(mortal(bdisk, &budget)), &PathBuf::from("sim")).ok()?;
     if budget.load(Ordering::SeqCst) <= 0 {
         return None;
     }
@@ -122,15 +141,13 @@ fn schedule(seed: u64) {
     let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
     let bdisk = CrashStore::new(VOL as usize);
     let budget = Arc::new(AtomicI64::new(i64::MAX));
-    let journal = Journal::create(mortal(&jdisk, &budget), [1; 16], VOL).unwrap();
-    let map = RegionMap::create(mortal(&mdisk, &budget), VOL, REGION, EXTENT).unwrap();
-    let backing = mortal(&bdisk, &budget);
-    let shared = Shared::new(
-        State::new(Some(journal), Some(map), false),
+    let shared = volume(
         mortal(&jdisk, &budget),
-        PathBuf::from("/nonexistent/sim.journal"),
-        u64::MAX,
+        mortal(&jdisk, &budget),
+        mortal(&mdisk, &budget),
+        1,
     );
+    let backing = Disk(mortal(&bdisk, &budget));
     // The process dies after this many disk operations from here on.
     budget.store((rng.next() % 3000) as i64, Ordering::SeqCst);
     let power_loss = rng.next() % 3 != 0;
@@ -325,20 +342,8 @@ fn a_failing_journal_makes_pending_changes_dirty_and_writes_go_on() {
         failing: failing.clone(),
     };
     let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
-    let backing = Mortal {
-        disk: CrashStore::new(VOL as usize),
-        budget: Arc::new(AtomicI64::new(i64::MAX)),
-    };
-    let shared = Shared::new(
-        State::new(
-            Some(Journal::create(store(&jdisk), [2; 16], VOL).unwrap()),
-            Some(RegionMap::create(mdisk.share(), VOL, REGION, EXTENT).unwrap()),
-            false,
-        ),
-        store(&jdisk),
-        PathBuf::from("/nonexistent/sim.journal"),
-        u64::MAX,
-    );
+    let backing = Disk(CrashStore::new(VOL as usize));
+    let shared = volume(store(&jdisk), store(&jdisk), mdisk.share(), 2);
     let r = shared.record(&backing, write4k(0, 7), OnFull::Bitmap, false);
     assert_eq!(r.unwrap(), Recorded::Journaled(1));
     // The journal disk fails before the flusher could sync: the pending change's range
@@ -350,13 +355,13 @@ fn a_failing_journal_makes_pending_changes_dirty_and_writes_go_on() {
         assert!(st.journal_failed && st.overflowed);
         assert!(st.map.as_ref().unwrap().is_dirty(0));
     }
-    assert_eq!(backing.disk.image()[0], 7);
+    assert_eq!(backing.0.image()[0], 7);
     let (m, _) = RegionMap::open(CrashStore::from_image(mdisk.durable_image()), VOL).unwrap();
     assert!(m.is_dirty(0));
     // Later writes go straight to the backing device, their regions durably dirty first.
     let r = shared.record(&backing, write4k(3 * EXTENT, 9), OnFull::Bitmap, false);
     assert_eq!(r.unwrap(), Recorded::Direct);
-    assert_eq!(backing.disk.image()[3 * EXTENT as usize], 9);
+    assert_eq!(backing.0.image()[3 * EXTENT as usize], 9);
     let (m, _) = RegionMap::open(CrashStore::from_image(mdisk.durable_image()), VOL).unwrap();
     assert!(m.is_dirty(3 * EXTENT));
 }
@@ -365,20 +370,8 @@ fn a_failing_journal_makes_pending_changes_dirty_and_writes_go_on() {
 fn an_acknowledged_change_is_read_before_it_is_applied() {
     let jdisk = CrashStore::new((RING_OFFSET + (1 << 20)) as usize);
     let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
-    let backing = Mortal {
-        disk: CrashStore::new(VOL as usize),
-        budget: Arc::new(AtomicI64::new(i64::MAX)),
-    };
-    let shared = Shared::new(
-        State::new(
-            Some(Journal::create(jdisk.share(), [3; 16], VOL).unwrap()),
-            Some(RegionMap::create(mdisk.share(), VOL, REGION, EXTENT).unwrap()),
-            false,
-        ),
-        jdisk.share(),
-        PathBuf::from("/nonexistent/sim.journal"),
-        u64::MAX,
-    );
+    let backing = Disk(CrashStore::new(VOL as usize));
+    let shared = volume(jdisk.share(), jdisk.share(), mdisk.share(), 3);
     shared
         .record(&backing, write4k(8192, 5), OnFull::Bitmap, false)
         .unwrap();
@@ -386,7 +379,7 @@ fn an_acknowledged_change_is_read_before_it_is_applied() {
         .record(&backing, write4k(10240, 6), OnFull::Bitmap, false)
         .unwrap();
     // Not on the backing device yet, not even in its page cache.
-    assert!(backing.disk.image()[8192..16384].iter().all(|&b| b == 0));
+    assert!(backing.0.image()[8192..16384].iter().all(|&b| b == 0));
     let over = shared
         .applied
         .lock()
@@ -406,19 +399,7 @@ fn an_acknowledged_change_is_read_before_it_is_applied() {
     // After the flusher's round they are on the device, in order, and no longer pending.
     shared.cycle(&backing, false).unwrap();
     assert!(shared.applied.lock().unwrap().pending.is_empty());
-    assert_eq!(&backing.disk.image()[8192..16384], &buf[..]);
-}
-
-impl Backing for FailingStore {
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.write_at(&[data], offset)
-    }
-    fn zero(&self, offset: u64, len: u64, _trim: bool, _may_trim: bool) -> io::Result<()> {
-        self.write_at(&[&vec![0u8; len as usize]], offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        Store::sync(self)
-    }
+    assert_eq!(&backing.0.image()[8192..16384], &buf[..]);
 }
 
 #[test]
@@ -427,20 +408,11 @@ fn a_change_the_backing_device_refuses_stays_pending_and_visible_until_it_lands(
     let jdisk = CrashStore::new((RING_OFFSET + (1 << 20)) as usize);
     let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
     let bdisk = CrashStore::new(VOL as usize);
-    let backing = FailingStore {
+    let backing = Disk(FailingStore {
         inner: bdisk.share(),
         failing: failing.clone(),
-    };
-    let shared = Shared::new(
-        State::new(
-            Some(Journal::create(jdisk.share(), [5; 16], VOL).unwrap()),
-            Some(RegionMap::create(mdisk.share(), VOL, REGION, EXTENT).unwrap()),
-            false,
-        ),
-        jdisk.share(),
-        PathBuf::from("/nonexistent/sim.journal"),
-        u64::MAX,
-    );
+    });
+    let shared = volume(jdisk.share(), jdisk.share(), mdisk.share(), 5);
     failing.store(true, Ordering::SeqCst);
     shared
         .record(&backing, write4k(4096, 8), OnFull::Bitmap, false)
@@ -467,12 +439,9 @@ fn a_change_the_backing_device_refuses_stays_pending_and_visible_until_it_lands(
         Policy::TolerateTornTail,
     )
     .unwrap();
-    let b2 = Mortal {
-        disk: CrashStore::new(VOL as usize),
-        budget: Arc::new(AtomicI64::new(i64::MAX)),
-    };
+    let b2 = Disk(CrashStore::new(VOL as usize));
     assert_eq!(replay(&mut j, &b2, &PathBuf::from("sim")).unwrap(), 1);
-    assert_eq!(b2.disk.image()[4096], 8);
+    assert_eq!(b2.0.image()[4096], 8);
     // Once the device takes writes again, the next round applies it.
     failing.store(false, Ordering::SeqCst);
     shared.cycle(&backing, false).unwrap();

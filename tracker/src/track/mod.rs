@@ -167,7 +167,7 @@ pub struct ChangeLog {
     /// The backing file or device the flusher applies changes to.
     backing: Arc<File>,
     /// The syncer, the applier and the checkpointer ([`wal`]), in that order.
-    flusher: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     on_full: OnFull,
     /// Points placed (crash, app) and app-consistent points that failed.
     points: [AtomicU64; 2],
@@ -380,11 +380,7 @@ impl ChangeLog {
                 }
                 wal::replay(&mut j, &*backing, &path).map_err(jerr)?;
                 // What the shipper released since the last superblock is given up now.
-                if let Some(sb) = j.stage() {
-                    crate::journal::write_superblock_to(j.store(), &sb)
-                        .map_err(|e| jerr(e.into()))?;
-                    j.commit(sb);
-                }
+                j.move_tail().map_err(jerr)?;
                 j
             }
             None => {
@@ -419,7 +415,7 @@ impl ChangeLog {
             map_path,
             shared,
             backing,
-            flusher: Mutex::new(threads),
+            threads: Mutex::new(threads),
             on_full: opts.on_full,
             points: Default::default(),
             points_failed: AtomicU64::new(0),
@@ -577,7 +573,7 @@ impl ChangeLog {
     /// written by the shipper; docs/FORMAT.md) to the fenced volume: each is
     /// recorded in the journal like a write, then the backing file and the journal are made
     /// durable. Returns the last record's sequence number and the bytes applied.
-    pub fn apply_failback(&self, backing: &File) -> io::Result<(u64, u64)> {
+    pub fn apply_failback(&self) -> io::Result<(u64, u64)> {
         if !self.fenced() {
             return Err(io::Error::other(
                 "the volume takes writes: a failback only writes to a fenced (failed over) \
@@ -614,12 +610,12 @@ impl ChangeLog {
                 len: u64::from(x.length),
                 content,
             };
-            self.shared.record(backing, c, self.on_full, true)?;
+            self.shared.record(&*self.backing, c, self.on_full, true)?;
             applied += u64::from(x.length);
         }
         self.sync()?;
         self.settle()?;
-        backing.sync_data()?;
+        self.backing.sync_data()?;
         Ok((self.head()?, applied))
     }
 
@@ -799,7 +795,7 @@ impl ChangeLog {
         // Room the shipper released since the journal overflowed.
         if let (Ok(Some(seq)), Some(j)) = (read_release(&self.path), st.journal.as_mut()) {
             j.set_released(seq);
-            st.checkpoint_wanted = true;
+            self.shared.want_checkpoint(st);
         }
         let mut id = [0u8; 8];
         crate::journal::random_bytes(&mut id);
@@ -1018,7 +1014,7 @@ impl ChangeLog {
         self.lock().stopping = true;
         self.shared.wake.notify_all();
         self.shared.space.notify_all();
-        let mut threads = std::mem::take(&mut *self.flusher.lock().unwrap()).into_iter();
+        let mut threads = std::mem::take(&mut *self.threads.lock().unwrap()).into_iter();
         let mut join = |stop: &dyn Fn()| {
             stop();
             if let Some(t) = threads.next() {

@@ -132,8 +132,10 @@ pub struct State<J: Store, M: Store> {
     pub direct_unsynced: bool,
     /// A write waits for space that a checkpoint (or a release) would free.
     pub checkpoint_wanted: bool,
-    /// The flusher sleeps until woken (or its idle tick).
-    pub flusher_idle: bool,
+    /// The syncer sleeps until woken (or its idle tick).
+    pub syncer_idle: bool,
+    /// The applier ends once nothing it can apply is left (the syncer ended).
+    pub apply_stop: bool,
 }
 
 impl<J: Store, M: Store> State<J, M> {
@@ -154,7 +156,8 @@ impl<J: Store, M: Store> State<J, M> {
             durable_seq,
             direct_unsynced: false,
             checkpoint_wanted: false,
-            flusher_idle: false,
+            syncer_idle: false,
+            apply_stop: false,
         }
     }
 
@@ -201,6 +204,8 @@ pub struct Shared<J: Store, M: Store> {
     /// without it (tests), the flusher's round checkpoints itself.
     ckpt: Mutex<Checkpoints>,
     ckpt_cv: Condvar,
+    /// Held for a whole [`Shared::checkpoint`]: one superblock write at a time.
+    checkpointing: Mutex<()>,
 }
 
 /// The checkpointer's queue.
@@ -211,8 +216,6 @@ struct Checkpoints {
     /// A checkpointer thread takes them.
     background: bool,
     stopping: bool,
-    /// The applier ends once nothing it can apply is left.
-    apply_stop: bool,
 }
 
 /// What became of a change.
@@ -243,6 +246,7 @@ impl<J: Store, M: Store> Shared<J, M> {
             cycling: Mutex::new(()),
             ckpt: Mutex::default(),
             ckpt_cv: Condvar::new(),
+            checkpointing: Mutex::new(()),
         }
     }
 
@@ -300,32 +304,27 @@ impl<J: Store, M: Store> Shared<J, M> {
                 Content::Zero { .. } => &[],
             };
             let j = st.journal.as_mut().expect("checked");
-            let too_big = record_size(len_u32(payload)) > j.full_limit();
+            let too_big = record_size(if payload.is_empty() { 0 } else { len }) > j.full_limit();
             match j.append(kind, c.offset, len, payload) {
                 Ok(seq) => {
                     c.seq = seq;
                     self.applied.lock().unwrap().pending.push(c);
                     // A wake-up is a system call: only for a flusher that sleeps.
-                    if std::mem::take(&mut st.flusher_idle) {
+                    if std::mem::take(&mut st.syncer_idle) {
                         self.wake.notify_one();
                     }
                     break Ok(Recorded::Journaled(seq));
                 }
                 Err(JournalError::Unapplied { .. }) => {
-                    // The shipper released the space; a checkpoint frees it. The flusher
-                    // checkpoints long before this (a quarter of the ring); a ring this full
-                    // of unapplied changes checkpoints here.
+                    // The shipper released the space; a checkpoint frees it. The applier asks
+                    // for one long before this (a quarter of the ring); a ring this full of
+                    // unapplied changes is applied and checkpointed here, by the writer.
                     let used = j.used();
                     drop(st);
-                    self.cycle(backing, true)?;
+                    self.cycle(backing, false)?;
+                    let through = self.applied.lock().unwrap().through;
+                    self.checkpoint(backing, through, false)?;
                     st = self.lock();
-                    if self.ckpt.lock().unwrap().background
-                        && self.applied.lock().unwrap().error.is_none()
-                    {
-                        // The checkpointer frees it.
-                        st = self.space.wait_timeout(st, SPACE_POLL).unwrap().0;
-                        continue;
-                    }
                     if st.journal.as_ref().is_some_and(|j| j.used() >= used) {
                         let why = self.applied.lock().unwrap().error.clone();
                         break Err(io::Error::other(format!(
@@ -351,9 +350,8 @@ impl<J: Store, M: Store> Shared<J, M> {
                             );
                         }
                     }
-                    // The flusher looks at the release file and moves the tail.
-                    st.checkpoint_wanted = true;
-                    self.wake.notify_one();
+                    // The applier looks at the release file and moves the tail.
+                    self.want_checkpoint(&mut st);
                     st = self.space.wait_timeout(st, SPACE_POLL).unwrap().0;
                 }
                 Err(JournalError::Full { capacity, .. }) if too_big => {
@@ -390,12 +388,25 @@ impl<J: Store, M: Store> Shared<J, M> {
         r
     }
 
+    /// Asks the applier for a checkpoint (a writer waits for the space it frees, or the
+    /// shipper released some).
+    pub fn want_checkpoint(&self, st: &mut State<J, M>) {
+        st.checkpoint_wanted = true;
+        self.apply_wake.notify_one();
+    }
+
+    /// Wakes the syncer and the applier: someone waits for changes to be durable and applied.
+    fn kick(&self) {
+        self.wake.notify_one();
+        self.apply_wake.notify_one();
+    }
+
     /// Holds a writer while the changes waiting to be applied hold more than
     /// `pending_max` bytes (back-pressure: memory stays bounded).
     fn wait_for_memory(&self) {
         let mut a = self.applied.lock().unwrap();
         while a.pending.bytes() > self.pending_max {
-            self.wake.notify_one();
+            self.kick();
             a = self.applied_cv.wait_timeout(a, IDLE_TICK).unwrap().0;
         }
     }
@@ -473,8 +484,7 @@ impl<J: Store, M: Store> Shared<J, M> {
                     self.name()
                 )));
             }
-            self.wake.notify_one();
-            self.apply_wake.notify_one();
+            self.kick();
             a = self.applied_cv.wait_timeout(a, IDLE_TICK).unwrap().0;
         }
         Ok(())
@@ -673,6 +683,7 @@ impl<J: Store, M: Store> Shared<J, M> {
         through: u64,
         synced: bool,
     ) -> io::Result<bool> {
+        let _one = self.checkpointing.lock().unwrap();
         if !synced {
             backing.sync()?;
         }
@@ -737,9 +748,9 @@ impl<J: Store, M: Store> Shared<J, M> {
                     if st.stopping {
                         return;
                     }
-                    st.flusher_idle = true;
+                    st.syncer_idle = true;
                     st = self.wake.wait_timeout(st, IDLE_TICK).unwrap().0;
-                    st.flusher_idle = false;
+                    st.syncer_idle = false;
                 }
             }
             self.sync_round(backing);
@@ -758,7 +769,7 @@ impl<J: Store, M: Store> Shared<J, M> {
                     if self.apply_due(&st) || last.elapsed() >= CHECKPOINT_INTERVAL {
                         break;
                     }
-                    if self.ckpt.lock().unwrap().apply_stop {
+                    if st.apply_stop {
                         return;
                     }
                     st = self.apply_wake.wait_timeout(st, IDLE_TICK).unwrap().0;
@@ -768,7 +779,7 @@ impl<J: Store, M: Store> Shared<J, M> {
             if self.applied.lock().unwrap().error.is_some() {
                 // The device refuses a change: try again now and then, not in a loop.
                 std::thread::sleep(IDLE_TICK);
-                if self.ckpt.lock().unwrap().apply_stop {
+                if self.lock().apply_stop {
                     return;
                 }
             }
@@ -789,8 +800,7 @@ impl<J: Store, M: Store> Shared<J, M> {
 
     /// Ends the applier once it applied what it can (after the syncer ended).
     pub fn stop_applier(&self) {
-        self.ckpt.lock().unwrap().apply_stop = true;
-        let _st = self.lock();
+        self.lock().apply_stop = true;
         self.apply_wake.notify_all();
     }
 }
@@ -802,24 +812,13 @@ fn copy_err(e: &io::Error) -> io::Error {
     }
 }
 
-fn len_u32(payload: &[u8]) -> u32 {
-    u32::try_from(payload.len()).unwrap_or(u32::MAX)
-}
-
-/// Start-up after an unclean stop: applies the records from the journal's checkpoint on to
-/// the backing device, in order. The checkpoint stays where it is until the next one (which
-/// syncs the device first): a crash before then replays them again, which gives the same
-/// bytes. Returns how many records were replayed.
-pub fn replay<J: Store, B: Backing + ?Sized>(
-    journal: &mut Journal<J>,
+/// Applies the change records that `scan` reads, from sequence number `from` on, to
+/// `backing` in order, until the chain ends (`scan.end()` says why). Returns how many.
+pub fn apply_records<S: Store, B: Backing + ?Sized>(
+    scan: &mut Scanner<'_, S>,
+    from: u64,
     backing: &B,
-    name: &Path,
 ) -> Result<u64, JournalError> {
-    let from = journal.checkpoint_seq();
-    let sb = *journal.superblock();
-    // From the last remembered record start before the checkpoint, not from the tail.
-    let (seq, pos) = journal.start_at_or_before(from);
-    let mut scan = Scanner::new(journal.store(), &sb, pos, seq);
     let mut n = 0u64;
     while let Some(r) = scan.next_record() {
         let r = r?;
@@ -836,6 +835,24 @@ pub fn replay<J: Store, B: Backing + ?Sized>(
         }
         n += 1;
     }
+    Ok(n)
+}
+
+/// Start-up after an unclean stop: applies the records from the journal's checkpoint on to
+/// the backing device, in order. The checkpoint stays where it is until the next one (which
+/// syncs the device first): a crash before then replays them again, which gives the same
+/// bytes. Returns how many records were replayed.
+pub fn replay<J: Store, B: Backing + ?Sized>(
+    journal: &mut Journal<J>,
+    backing: &B,
+    name: &Path,
+) -> Result<u64, JournalError> {
+    let from = journal.checkpoint_seq();
+    let sb = *journal.superblock();
+    // From the last remembered record start before the checkpoint, not from the tail.
+    let (seq, pos) = journal.start_at_or_before(from);
+    let mut scan = Scanner::new(journal.store(), &sb, pos, seq);
+    let n = apply_records(&mut scan, from, backing)?;
     if n > 0 {
         info!(
             "journal={}: replayed {n} changes from seq {from} onto the backing device",
