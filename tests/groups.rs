@@ -305,25 +305,27 @@ impl Group {
             .clone()
     }
 
-    /// Waits until every member's shipper has the target acknowledge its whole journal.
+    /// Waits until every member's shipper has the target acknowledge every record its journal
+    /// held when the wait began (group points go on adding records meanwhile, and the target
+    /// commits a trickle of small batches a few times a second, so the head itself is a
+    /// moving mark).
     fn wait_caught_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         for m in &self.members {
+            let head = request_json(&m.admin, &serde_json::json!({"cmd": "status"}))
+                .ok()
+                .and_then(|v| v["status"]["volumes"][0]["journal"]["head_seq"].as_u64())
+                .expect("the tracker's status has a journal head");
             loop {
-                let head = request_json(&m.admin, &serde_json::json!({"cmd": "status"}))
-                    .ok()
-                    .and_then(|v| v["status"]["volumes"][0]["journal"]["head_seq"].as_u64());
                 let acked = request_json(&m.shipper_admin, &serde_json::json!({"cmd": "status"}))
                     .ok()
                     .and_then(|v| v["status"]["volumes"][0]["acked_seq"].as_u64());
-                if let (Some(h), Some(a)) = (head, acked) {
-                    if a >= h {
-                        break;
-                    }
+                if acked.is_some_and(|a| a >= head) {
+                    break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "member {} did not catch up: head {head:?} acked {acked:?}\n{}",
+                    "member {} did not catch up: head {head} acked {acked:?}\n{}",
                     m.name,
                     m.shipper.as_ref().map(Daemon::log_text).unwrap_or_default()
                 );

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
 use redun_shipper::proto::{self, Frame, ProtoError, RefuseCode};
@@ -840,12 +840,17 @@ impl Target {
 
     /// Applies batches until the shipper leaves or something is refused. Batches that arrive
     /// back to back are committed together (one image sync, one state update), up to
-    /// [`GROUP_BYTES`]; the ACK then covers them all. A hash request is answered as of every
-    /// record before it, committed or not, and does not end a group.
+    /// [`GROUP_BYTES`]; the ACK then covers them all. A group of less than [`SMALL_GROUP`]
+    /// waits until [`COMMIT_GAP`] has passed since the previous commit for more batches to
+    /// join it, so that a trickle of small batches costs a few commits a second, not one per
+    /// batch (each is several syncs of a disk that may be shared with the protected
+    /// application). A hash request is answered as of every record before it, committed or
+    /// not, and does not end a group.
     fn stream(&self, tls: &mut Tls, replica: &mut Replica, slot: &Slot) -> Result<(), StreamEnd> {
         let mut decoder = proto::BatchDecoder::new().map_err(StreamEnd::Io)?;
         // Batches were received since the last ACK.
         let mut ack_owed = false;
+        let mut last_commit: Option<Instant> = None;
         loop {
             match proto::read_frame(tls) {
                 Ok(Frame::Batch(batch)) => {
@@ -896,10 +901,25 @@ impl Target {
                 }
                 Err(e) => return Err(e.into()),
             }
-            if !ack_owed || replica.uncommitted() < GROUP_BYTES && more_input(tls) {
+            if !ack_owed {
                 continue;
             }
+            let group = replica.uncommitted();
+            if group < GROUP_BYTES {
+                let wait = match last_commit {
+                    Some(t) if group > 0 && group < SMALL_GROUP => {
+                        COMMIT_GAP.saturating_sub(t.elapsed())
+                    }
+                    _ => Duration::ZERO,
+                };
+                if input_within(tls, wait) {
+                    continue;
+                }
+            }
             let through = replica.commit().map_err(StreamEnd::Refused)?;
+            if group > 0 {
+                last_commit = Some(Instant::now());
+            }
             {
                 let mut s = slot.status.lock().unwrap();
                 s.applied_seq = through;
@@ -931,9 +951,17 @@ pub(crate) type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
 /// Applied bytes after which a commit is due even while batches keep coming.
 const GROUP_BYTES: u64 = 64 << 20;
 
-/// True when another frame has (begun to) arrive: decrypted bytes wait in rustls, or the socket
-/// is readable.
-fn more_input(tls: &mut Tls) -> bool {
+/// A group of fewer applied bytes than this waits for [`COMMIT_GAP`] (a full batch of the
+/// shipper's default size is committed at once).
+const SMALL_GROUP: u64 = 1 << 20;
+
+/// How long after a commit a small group waits for more batches: at most this much is added
+/// to the RPO, and a trickle costs at most 1 s / COMMIT_GAP commits a second.
+const COMMIT_GAP: Duration = Duration::from_millis(50);
+
+/// True when another frame has (begun to) arrive within `wait`: decrypted bytes wait in
+/// rustls, or the socket becomes readable.
+fn input_within(tls: &mut Tls, wait: Duration) -> bool {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
     if tls
@@ -943,8 +971,9 @@ fn more_input(tls: &mut Tls) -> bool {
     {
         return true;
     }
+    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
     let mut fds = [PollFd::new(tls.sock.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
 }
 
 /// Why a connection's stream (replication or failback) ended.
