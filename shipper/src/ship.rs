@@ -31,6 +31,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// How long to wait for new records before looking again.
 pub(crate) const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// The release file is written at most this often while acknowledgements stream in: each
+/// write is two syncs of the disk the protected application writes to.
+const RELEASE_GAP: Duration = Duration::from_millis(100);
 
 /// Back-off after the first failure, in retry units; then every [`RETRY_STEADY`] units.
 const RETRY_SCHEDULE: [u32; 5] = [1, 2, 4, 8, 10];
@@ -279,6 +282,37 @@ pub(crate) struct InFlight {
 
 /// Batches the shipper sends ahead of their acknowledgements.
 const WINDOW: usize = 4;
+
+/// A release position acknowledged by the target and not yet written to the release file:
+/// written at once when the last write is [`RELEASE_GAP`] old, else when the shipper next
+/// finds time (a later acknowledgement, idling, stopping). One lost in a crash only means
+/// its records are read and shipped again; the target knows what it has.
+#[derive(Debug, Default)]
+struct OwedRelease {
+    owed: Option<u64>,
+    written_at: Option<Instant>,
+}
+
+impl OwedRelease {
+    fn owe(&mut self, seq: u64) {
+        self.owed = Some(seq);
+    }
+
+    /// The position to write now: one is owed and the last write is old enough.
+    fn due(&mut self) -> Option<u64> {
+        if self.written_at.is_some_and(|t| t.elapsed() < RELEASE_GAP) {
+            return None;
+        }
+        self.take()
+    }
+
+    /// The position owed, to write now whatever the time.
+    fn take(&mut self) -> Option<u64> {
+        let seq = self.owed.take()?;
+        self.written_at = Some(Instant::now());
+        Some(seq)
+    }
+}
 
 impl VolumeShipper {
     pub fn new(name: String, journal: PathBuf, opts: ShipOptions) -> VolumeShipper {
@@ -738,12 +772,16 @@ impl VolumeShipper {
         let mut held: Option<Record> = None;
         let mut next_sync_try = Instant::now();
         let mut acked = start - 1;
+        let mut release = OwedRelease::default();
         // The online verify under way, the last record sent, the source's path.
         let mut verify: Option<Verify> = None;
         let mut last_sent = start - 1;
         let mut source_path: Option<String> = None;
         loop {
             if stop.load(Ordering::SeqCst) {
+                if let Some(seq) = release.take() {
+                    self.write_release(&reader, seq)?;
+                }
                 return Ok(());
             }
             if let Some(s) = sync.as_mut() {
@@ -863,7 +901,11 @@ impl VolumeShipper {
                     let b = window.pop_front().expect("checked");
                     done = (done.0 + 1, done.1 + b.bytes, done.2 + b.sent);
                 }
-                self.durable(&mut reader, through, done, &mut rate)?;
+                release.owe(through);
+                if let Some(seq) = release.due() {
+                    self.write_release(&reader, seq)?;
+                }
+                self.count_durable(through, done, &mut rate);
                 self.note_lag(&window);
                 continue;
             }
@@ -899,8 +941,11 @@ impl VolumeShipper {
                     .map_err(|e| ShipError::Retry(e.0))?;
                 continue;
             }
+            if let Some(seq) = release.due() {
+                self.write_release(&reader, seq)?;
+            }
             reader
-                .wait(IDLE_WAIT)
+                .wait(IDLE_WAIT.min(RELEASE_GAP))
                 .map_err(|e| journal_err(&self.journal, e.into()))?;
         }
     }
@@ -1002,12 +1047,23 @@ impl VolumeShipper {
         done: (u64, u64, u64),
         rate: &mut RateWindow,
     ) -> Result<(), ShipError> {
-        reader.release(through).map_err(|e| {
+        self.write_release(reader, through)?;
+        self.count_durable(through, done, rate);
+        Ok(())
+    }
+
+    /// Tells the tracker that the journal may reuse the space of every record through `seq`.
+    fn write_release(&self, reader: &JournalReader, seq: u64) -> Result<(), ShipError> {
+        reader.release(seq).map_err(|e| {
             ShipError::Retry(format!(
                 "cannot record the release of journal {}: {e}",
                 self.journal.display()
             ))
-        })?;
+        })
+    }
+
+    /// Counts in status what became durable on the other side (see [`Self::durable`]).
+    fn count_durable(&self, through: u64, done: (u64, u64, u64), rate: &mut RateWindow) {
         let mut s = self.status.lock().unwrap();
         s.acked_seq = through;
         s.batches += done.0;
@@ -1015,7 +1071,6 @@ impl VolumeShipper {
         s.bytes_sent += done.2;
         s.compression_ratio = s.bytes_shipped as f64 / s.bytes_sent.max(1) as f64;
         s.throughput_bytes_per_second = rate.per_second(done.1);
-        Ok(())
     }
 
     /// Records through `through` are durable on the other side: a synchronisation whose end
