@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use redun_shipper::tls::TlsFiles;
 use redun_target::config::{
     ConfigFile, DEFAULT_ADMIN_SOCKET, DEFAULT_LISTEN, DEFAULT_NBD_LISTEN, TargetSection,
@@ -351,8 +351,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies the retention policy to every open store every few seconds.
+/// Applies the retention policy to every open store every few seconds, at a low priority.
 fn maintain(target: &Target, retention: &Retention, stop: &AtomicBool) {
+    yield_to_others();
     let mut last = Instant::now() - MAINTENANCE_EVERY;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
@@ -372,6 +373,17 @@ fn maintain(target: &Target, retention: &Retention, stop: &AtomicBool) {
 }
 
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
+
+/// Lowers the calling thread's CPU priority (nice 10) and I/O priority (the lowest of the
+/// best-effort class). Merging and compacting segments copies every replicated byte once
+/// more; it is work that can wait, and it should not take the CPU or the disk from the
+/// batches being applied or from an application sharing the machine.
+fn yield_to_others() {
+    use redun_tracker::sys;
+    if let Err(e) = sys::set_thread_nice(10).and_then(|()| sys::set_thread_io_lowest()) {
+        debug!("retention: cannot lower the maintenance thread's priority: {e}");
+    }
+}
 
 /// The target's metrics (docs/OPERATIONS.md lists them).
 fn metrics(target: &Target) -> String {
