@@ -283,7 +283,7 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
     .replace("/dev/sdb", &img.display().to_string())
     .replace("/etc/redun/pki", &d.join("pki").display().to_string())
     .replace("/var/lib/redun", &d.display().to_string())
-    .replace("size = \"1G\"", "size = \"64M\"");
+    .replace("size = \"4G\"", "size = \"64M\"");
     let check = |text: &str| {
         let f = d.join("redun.toml");
         std::fs::write(&f, text).unwrap();

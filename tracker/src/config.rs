@@ -199,7 +199,7 @@ impl TrackerConfig {
 }
 
 /// Default size of a volume's journal.
-pub const DEFAULT_JOURNAL_SIZE: u64 = 1 << 30;
+pub const DEFAULT_JOURNAL_SIZE: u64 = 4 << 30;
 
 /// Journal flags, merged like the others.
 #[derive(Debug, Clone, Default)]

@@ -46,7 +46,7 @@ struct Args {
     /// Journal every change of each volume in DIR/NAME.journal [default: /var/lib/redun/journal].
     #[arg(long, value_name = "DIR")]
     journal_dir: Option<PathBuf>,
-    /// Size of each journal (created preallocated), e.g. 1G [default: 1G].
+    /// Size of each journal (created preallocated), e.g. 4G [default: 4G].
     #[arg(long, value_name = "SIZE", value_parser = redun_tracker::track::parse_size)]
     journal_size: Option<u64>,
     /// What a full journal does: bitmap (writes go on, dirty regions, resync) or block
