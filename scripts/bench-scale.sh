@@ -4,7 +4,7 @@
 #
 # 1. fio's nbd engine, time-based (SECONDS each), every server on a new sparse backing file of
 #    BENCH_VOLUME (default 32G) and, for the journaled tracker, a new journal of
-#    BENCH_NOSHIP_JOURNAL (default 8G: nothing releases it in these runs):
+#    BENCH_NOSHIP_JOURNAL (default 12G: nothing releases it in these runs):
 #      a. 4 KiB random writes over the whole volume, iodepth 16
 #      b. 64 KiB random writes over the whole volume, iodepth 16
 #      c. 4 KiB random writes over the first 512 MiB only, iodepth 16 (the "small range")
@@ -25,7 +25,9 @@
 #    and target running, the export mounted through nbdfuse + `losetup --direct-io=on` +
 #    mkfs.ext4 + mount, `pgbench -i -s BENCH_PG_SCALE` (default 150: about 2.2 GiB), CHECKPOINT,
 #    then `pgbench -c 8 -j 2 -T SECONDS`; the same on nbdkit. Prints TPS, p99 transaction
-#    latency (from pgbench's per-transaction log) and the ratio. BENCH_SKIP_PG=1 skips it.
+#    latency (from pgbench's per-transaction log) and the ratio. BENCH_PG_SERVERS chooses the
+#    servers (default "redun+ship nbdkit"; also redun-journal, the tracker without a shipper,
+#    and redun, --no-journal).
 # 3. Restart after kill -9: the journaled tracker alone (no shipper) takes SECONDS of fio 4 KiB
 #    random writes over the whole volume, is killed with SIGKILL once fio is done, and is started
 #    again on the same journal directory: the time until its NBD port accepts a connection (the
@@ -49,14 +51,17 @@
 #   BENCH_JOURNAL_SIZE=SIZE --journal-size of the journaled trackers with a shipper (pgbench,
 #                           the shipped lines; default: the tracker's default)
 #   BENCH_NOSHIP_JOURNAL=SIZE --journal-size of the journaled trackers without a shipper
-#                           (lines 1a-1d and part 3; default 8G: nobody releases it, so it
+#                           (lines 1a-1d and part 3; default 12G: nobody releases it, so it
 #                           must hold the whole run; read into the page cache before each run,
-#                           as a journal in service is)
+#                           as a journal in service is, when memory allows)
 #   BENCH_SEQ_SECONDS=N     the 1 MiB sequential line runs N seconds (default 5: at 2 GB/s
 #                           its records must fit in BENCH_NOSHIP_JOURNAL)
 #   BENCH_PG_VOLUME=SIZE    volume of part 2 (default 8G)
 #   BENCH_PG_SCALE=N        pgbench scale (default 150)
-#   BENCH_SKIP_PG=1         skip part 2
+#   BENCH_PARTS="1 2 3"     the parts to run (default all three)
+#   BENCH_SKIP_PG=1         skip part 2 (as BENCH_PARTS without 2)
+#   BENCH_PG_SERVERS="..."  the servers of part 2 (default "redun+ship nbdkit")
+#   BENCH_SHIPPER_ARGS="..." more arguments of redun-shipper (e.g. "--compression-level 1")
 #   BENCH_QEMU_CACHE=none   qemu-nbd with --cache=none --aio=threads
 #   BENCH_KEEP=DIR          copy the results, fio's JSON and every daemon's log to DIR at exit
 # Needs root (loop devices, mount), fio, nbdkit, qemu-nbd, nbdfuse, nbdinfo, python3 and
@@ -68,7 +73,11 @@ runtime="${1:-20}"
 volume="${BENCH_VOLUME:-32G}"
 pg_volume="${BENCH_PG_VOLUME:-8G}"
 pg_scale="${BENCH_PG_SCALE:-150}"
+parts=" ${BENCH_PARTS:-1 2 3} "
 skip_pg="${BENCH_SKIP_PG:-0}"
+[[ "$parts" = *" 2 "* ]] || skip_pg=1
+read -r -a pg_servers <<<"${BENCH_PG_SERVERS:-redun+ship nbdkit}"
+read -r -a shipper_args <<<"${BENCH_SHIPPER_ARGS:-}"
 pgbin=/usr/lib/postgresql/15/bin
 volume_bytes=$(numfmt --from=iec "$volume") || { echo "bench: BENCH_VOLUME=$volume: not a size" >&2; exit 1; }
 pg_volume_bytes=$(numfmt --from=iec "$pg_volume") || { echo "bench: BENCH_PG_VOLUME=$pg_volume: not a size" >&2; exit 1; }
@@ -77,7 +86,7 @@ pg_volume_bytes=$(numfmt --from=iec "$pg_volume") || { echo "bench: BENCH_PG_VOL
 journal_size=()
 [ -n "${BENCH_JOURNAL_SIZE:-}" ] && journal_size=(--journal-size "$BENCH_JOURNAL_SIZE")
 # Without a shipper nobody releases the journal: those runs get one that holds them.
-noship_journal=(--journal-size "${BENCH_NOSHIP_JOURNAL:-8G}")
+noship_journal=(--journal-size "${BENCH_NOSHIP_JOURNAL:-12G}")
 seq_seconds="${BENCH_SEQ_SECONDS:-5}"
 [[ "$seq_seconds" =~ ^[1-9][0-9]*$ ]] || { echo "bench: BENCH_SEQ_SECONDS=$seq_seconds: expected a whole number of seconds" >&2; exit 1; }
 qemu_cache=()
@@ -103,6 +112,7 @@ done
 
 work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/redun-bench-scale.XXXXXX")
 mkdir -p "$work/res" "$work/logs"
+: >"$work/res/runs.tsv"
 # PostgreSQL (user postgres) reaches its data directory and sockets inside the work directory.
 chmod 755 "$work"
 
@@ -460,14 +470,14 @@ start_server() {
         local journal_kib avail_kib
         journal_kib=$(du -k --apparent-size "$d/journal/bench.journal" 2>/dev/null | cut -f1)
         avail_kib=$(awk '/^MemAvailable/ {print $2}' /proc/meminfo)
-        if [ "${journal_kib:-0}" -le $((avail_kib / 2)) ]; then
+        if [ "${journal_kib:-0}" -le $((avail_kib - 6 * 1024 * 1024)) ]; then
             dd if="$d/journal/bench.journal" of=/dev/null bs=1M status=none
         fi
         if [ "$name" = redun+ship ]; then
             shp=$d/shipper.sock
             "$bin/redun-shipper" --journal-dir "$d/journal" --target "localhost:$tport" \
                 --tls-ca "$work/pki/ca.crt" --tls-cert "$work/pki/shipper.crt" --tls-key "$work/pki/shipper.key" \
-                --admin-socket "$shp" --tracker-socket "$adm" 2>"$work/logs/$tag-shipper.log" &
+                --admin-socket "$shp" --tracker-socket "$adm" "${shipper_args[@]}" 2>"$work/logs/$tag-shipper.log" &
             srv_pids+=($!); live+=($!)
             wait_file "$shp" "$!" "$work/logs/$tag-shipper.log"
             py wait-shipping "$adm" "$shp" 60
@@ -556,6 +566,7 @@ jobs=(
     "4k randwrite 512M qd16|--rw=randwrite --bs=4k --iodepth=16 --size=512m"
     "1M seqwrite $vol_label qd4 ${seq_seconds}s|--rw=write --bs=1m --iodepth=4 --size=$volume_bytes --runtime=$seq_seconds"
 )
+[[ "$parts" = *" 1 "* ]] || jobs=()
 for j in "${jobs[@]}"; do
     read -r -a args <<<"${j#*|}"
     for s in "${servers[@]}"; do fio_run "${j%%|*}" "${j%%|*}" "$s" "${args[@]}"; done
@@ -614,11 +625,11 @@ pg_run() { # SERVER
     printf '%s\t-\t%s\tpg\t%s\t%s\t%s\t%s\n' "$job" "$server" "$work/res/$tag.out" "$rss" "$chk" "$note" >>"$work/res/runs.tsv"
 }
 if [ "$skip_pg" != 1 ]; then
-    pg_run redun+ship
-    pg_run nbdkit
+    for s in "${pg_servers[@]}"; do pg_run "$s"; done
 fi
 
 # 3. Restart after kill -9: how long until the tracker serves again on a journal full of records.
+if [[ "$parts" = *" 3 "* ]]; then
 echo "bench: restart after kill -9 (${runtime}s of 4k random writes first)" >&2
 rm -f "$work/vol.img"
 truncate -s "$volume_bytes" "$work/vol.img"
@@ -656,11 +667,12 @@ replayed=$(grep -o 'replayed [0-9]* changes' "$srv_log" | tail -1 | cut -d' ' -f
 printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$accept" "$handshake" "$records" "$used" "$state_after" "${replayed:-0}" >"$work/res/restart.tsv"
 stop_server
 rm -rf "$work/srv" "$work/vol.img"
+fi
 
 echo
 py table "$work" || true
 rows=$(wc -l <"$work/res/runs.tsv")
-[ -s "$work/res/restart.tsv" ] || failures+=("the restart after kill -9 was not measured")
+[[ "$parts" != *" 3 "* || -s "$work/res/restart.tsv" ]] || failures+=("the restart after kill -9 was not measured")
 [ "$rows" = "$expected" ] || failures+=("only $rows of $expected runs completed")
 if [ ${#failures[@]} -gt 0 ]; then
     echo >&2
