@@ -198,8 +198,7 @@ impl TrackerConfig {
     }
 }
 
-/// Default size of a volume's journal.
-pub const DEFAULT_JOURNAL_SIZE: u64 = 4 << 30;
+pub use crate::track::DEFAULT_JOURNAL_SIZE;
 
 /// Journal flags, merged like the others.
 #[derive(Debug, Clone, Default)]

@@ -34,6 +34,7 @@ pub mod gate;
 pub mod map;
 pub mod pending;
 pub mod queue;
+pub mod volume;
 pub mod wal;
 
 use gate::Gate;
@@ -61,13 +62,16 @@ pub struct LogOptions {
     pub pending_max: u64,
 }
 
+/// Default of [`LogOptions::size`] (docs/CONFIG.md: what a larger or smaller journal costs).
+pub const DEFAULT_JOURNAL_SIZE: u64 = 4 << 30;
+
 /// Default of [`LogOptions::pending_max`].
 pub const DEFAULT_PENDING_MAX: u64 = 128 << 20;
 
 impl Default for LogOptions {
     fn default() -> LogOptions {
         LogOptions {
-            size: 1 << 30,
+            size: DEFAULT_JOURNAL_SIZE,
             on_full: OnFull::Bitmap,
             region: DEFAULT_REGION,
             full_percent: 100,
