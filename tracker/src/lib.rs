@@ -2,7 +2,7 @@
 //!
 //! - [`nbd`]: our NBD protocol implementation, generic over a block backend;
 //! - [`io`]: the backing file / block device backend with its io_uring and synchronous
-//!   engines (the only `unsafe` code is in [`io::uring`], and two system calls in [`sys`]);
+//!   engines (the only `unsafe` code is in [`io::uring`], and three system calls in [`sys`]);
 //! - [`admin`]: the admin socket protocol, shared with the `redun` CLI;
 //! - [`config`]: flags and the TOML config file.
 
@@ -17,7 +17,7 @@ pub mod journal;
 pub mod metrics;
 pub mod nbd;
 pub mod service;
-#[allow(unsafe_code)] // Two system calls: see the module.
+#[allow(unsafe_code)] // Three system calls: see the module.
 pub mod sys;
 pub mod tls;
 pub mod track;

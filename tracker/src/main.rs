@@ -19,6 +19,7 @@ use redun_tracker::hooks::Hooks;
 use redun_tracker::io::{Engine, EngineChoice, FileBackend};
 use redun_tracker::journal::format::PointKind;
 use redun_tracker::nbd::{Export, Exports, Listener, Server};
+use redun_tracker::track::volume::VolumeBackend;
 use redun_tracker::track::{ChangeLog, OnFull, TrackState};
 
 /// How long a stop waits for connections to finish their in-flight requests.
@@ -143,9 +144,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut list = Vec::new();
     for v in &cfg.volumes {
-        let mut b =
+        let b =
             FileBackend::open(&v.path, engine).with_context(|| format!("volume {:?}", v.name))?;
-        match &cfg.journal_dir {
+        let b = match &cfg.journal_dir {
             Some(dir) => {
                 let log = ChangeLog::open_or_create(
                     dir,
@@ -155,13 +156,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     &|| b.data_ranges(),
                 )
                 .with_context(|| format!("volume {:?}", v.name))?;
-                b = b.with_log(Arc::new(log));
+                VolumeBackend::tracked(b, Arc::new(log))
             }
-            None => warn!(
-                "volume={}: changes are not tracked (--no-journal): the replica cannot follow",
-                v.name
-            ),
-        }
+            None => {
+                warn!(
+                    "volume={}: changes are not tracked (--no-journal): the replica cannot follow",
+                    v.name
+                );
+                VolumeBackend::untracked(b)
+            }
+        };
         info!(
             "volume={} path={} size={} engine={}",
             v.name,
@@ -301,7 +305,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         AdminRequest::SyncBegin { volume, full } => {
             on_tracked(&status_server, &volume, |e, log| {
                 let mut job = log.sync_begin(full)?;
-                job.path = e.backend.path().display().to_string();
+                job.path = e.backend.backing().path().display().to_string();
                 info!(
                     "volume={volume}: synchronisation {} of {} bytes begins at seq {}",
                     job.job,
@@ -423,9 +427,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// The export and change log of `volume`, or why there is none.
 fn tracked<'a>(
-    server: &'a Server<FileBackend>,
+    server: &'a Server<VolumeBackend>,
     volume: &str,
-) -> Result<(&'a Arc<Export<FileBackend>>, &'a Arc<ChangeLog>), String> {
+) -> Result<(&'a Arc<Export<VolumeBackend>>, &'a Arc<ChangeLog>), String> {
     let Some(e) = server.exports().iter().find(|e| e.name == volume) else {
         return Err(format!(
             "no volume named {volume:?} on this tracker (redun status lists them)"
@@ -442,7 +446,7 @@ fn tracked<'a>(
 
 /// Places a recovery point in `volume`'s journal.
 fn place_point(
-    server: &Server<FileBackend>,
+    server: &Server<VolumeBackend>,
     volume: &str,
     kind: PointKind,
     hooks: &HashMap<String, Hooks>,
@@ -479,9 +483,9 @@ fn place_point(
 
 /// Runs `f` on a tracked volume; errors name the volume.
 fn on_tracked(
-    server: &Server<FileBackend>,
+    server: &Server<VolumeBackend>,
     volume: &str,
-    f: impl FnOnce(&Export<FileBackend>, &ChangeLog) -> std::io::Result<AdminResponse>,
+    f: impl FnOnce(&Export<VolumeBackend>, &ChangeLog) -> std::io::Result<AdminResponse>,
 ) -> AdminResponse {
     match tracked(server, volume) {
         Ok((e, log)) => {
@@ -492,7 +496,7 @@ fn on_tracked(
 }
 
 /// Fences `volume` (refuses writes, flushes, places the final point) or takes writes again.
-fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse {
+fn fence(server: &Server<VolumeBackend>, volume: &str, on: bool) -> AdminResponse {
     let (e, log) = match tracked(server, volume) {
         Ok(t) => t,
         Err(e) => return AdminResponse::error(e),
@@ -508,7 +512,10 @@ fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse 
     }
     // Fenced first, so that nothing is written after the final point; then what was
     // written before it is made durable.
-    match log.fence().and_then(|id| e.backend.sync().map(|()| id)) {
+    match log
+        .fence()
+        .and_then(|id| e.backend.backing().sync().map(|()| id))
+    {
         Ok(id) => {
             info!("volume={volume} point={id}: fenced; this is the final point");
             AdminResponse::placed(PlacedPoint {
@@ -524,7 +531,7 @@ fn fence(server: &Server<FileBackend>, volume: &str, on: bool) -> AdminResponse 
 /// Takes an app-consistent point in every volume that has hooks and was written since its
 /// last point, every `every`, until `stop`.
 fn app_points(
-    server: &Server<FileBackend>,
+    server: &Server<VolumeBackend>,
     hooks: &HashMap<String, Hooks>,
     every: Duration,
     stop: &std::sync::atomic::AtomicBool,
@@ -552,7 +559,7 @@ fn app_points(
 /// Places a crash-consistent point in every volume written since its last point, every
 /// `every`, until `stop`.
 fn crash_points(
-    server: &Server<FileBackend>,
+    server: &Server<VolumeBackend>,
     every: Duration,
     stop: &std::sync::atomic::AtomicBool,
 ) {
@@ -793,7 +800,7 @@ fn metrics(st: &TrackerStatus) -> String {
 }
 
 fn status(
-    server: &Server<FileBackend>,
+    server: &Server<VolumeBackend>,
     listen: &[String],
     started: Instant,
     group: Option<&redun_tracker::group::Group>,
@@ -806,9 +813,9 @@ fn status(
             let s = &e.stats;
             VolumeStatus {
                 name: e.name.clone(),
-                path: e.backend.path().display().to_string(),
+                path: e.backend.backing().path().display().to_string(),
                 size: redun_tracker::nbd::BlockBackend::size(&e.backend),
-                engine: e.backend.engine().name().to_string(),
+                engine: e.backend.backing().engine().name().to_string(),
                 connections: s.connections.load(Relaxed),
                 total_connections: s.total_connections.load(Relaxed),
                 reads: s.reads.load(Relaxed),

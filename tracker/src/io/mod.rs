@@ -2,10 +2,11 @@
 //!
 //! Two engines share one backend: io_uring ([`uring`], the default) and plain synchronous
 //! `pread`/`pwrite` ([`SyncQueue`]), chosen at start-up, automatically falling back to the
-//! synchronous one when io_uring is unavailable.
+//! synchronous one when io_uring is unavailable. This module only does file I/O and knows
+//! nothing of change tracking: [`crate::track::volume`] layers a tracked volume over it.
 //!
 //! Architecture invariant: [`uring`] is the only module of the tracker with `unsafe` code,
-//! besides two system calls in [`crate::sys`].
+//! besides three system calls in [`crate::sys`].
 
 pub mod ops;
 #[allow(unsafe_code)] // The one module allowed to: see its ownership contract.
@@ -20,8 +21,6 @@ use std::sync::Arc;
 use log::warn;
 
 use crate::nbd::{BlockBackend, Capabilities, CompletionSink, Extent, IoOp, IoQueue, IoRequest};
-use crate::track::ChangeLog;
-use crate::track::queue::TrackedQueue;
 
 /// Largest request payload we accept (and advertise as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 << 20;
@@ -94,7 +93,6 @@ pub struct FileBackend {
     size: u64,
     regular: bool,
     engine: Engine,
-    log: Option<Arc<ChangeLog>>,
 }
 
 /// Why a backing path cannot be served.
@@ -142,18 +140,12 @@ impl FileBackend {
             size,
             regular,
             engine,
-            log: None,
         })
     }
 
-    /// Records every change in `log` from now on.
-    pub fn with_log(mut self, log: Arc<ChangeLog>) -> Self {
-        self.log = Some(log);
-        self
-    }
-
-    pub fn log(&self) -> Option<&Arc<ChangeLog>> {
-        self.log.as_ref()
+    /// A regular file (not a block device): holes can be punched and fast zeroes honoured.
+    pub fn is_regular(&self) -> bool {
+        self.regular
     }
 
     /// The ranges of the backing file that may hold data (holes left out).
@@ -184,13 +176,11 @@ impl FileBackend {
     }
 }
 
-/// A connection's queue on a [`FileBackend`]: an engine's, or on a tracked volume the
-/// tracked layer over one.
+/// A connection's queue on a [`FileBackend`]: the engine's.
 #[derive(Debug)]
 pub enum FileQueue {
     Uring(Box<uring::UringQueue>),
     Sync(SyncQueue),
-    Tracked(Box<TrackedQueue<FileQueue>>),
 }
 
 impl IoQueue for FileQueue {
@@ -198,28 +188,24 @@ impl IoQueue for FileQueue {
         match self {
             FileQueue::Uring(q) => q.submit(req),
             FileQueue::Sync(q) => q.submit(req),
-            FileQueue::Tracked(q) => q.submit(req),
         }
     }
     fn kick(&mut self) {
         match self {
             FileQueue::Uring(q) => q.kick(),
             FileQueue::Sync(q) => q.kick(),
-            FileQueue::Tracked(q) => q.kick(),
         }
     }
     fn wait_readable(&mut self, input: Option<std::os::fd::BorrowedFd<'_>>) {
         match self {
             FileQueue::Uring(q) => q.wait_readable(input),
             FileQueue::Sync(q) => q.wait_readable(input),
-            FileQueue::Tracked(q) => q.wait_readable(input),
         }
     }
     fn drain(&mut self) {
         match self {
             FileQueue::Uring(q) => q.drain(),
             FileQueue::Sync(q) => q.drain(),
-            FileQueue::Tracked(q) => q.drain(),
         }
     }
 }
@@ -242,44 +228,18 @@ impl BlockBackend for FileBackend {
     }
 
     fn open_queue(&self, sink: Arc<dyn CompletionSink>) -> io::Result<FileQueue> {
-        // Replies of a volume of the consistency group pass its gate.
-        let sink: Arc<dyn CompletionSink> = match self.log.as_ref().and_then(|l| l.gate()) {
-            Some(gate) => Arc::new(crate::track::gate::GateSink {
-                inner: sink,
-                gate: gate.clone(),
-            }),
-            None => sink,
-        };
-        let engine = match self.engine {
-            Engine::Uring => FileQueue::Uring(Box::new(uring::UringQueue::new(
-                self.file.clone(),
-                sink.clone(),
-            )?)),
+        Ok(match self.engine {
+            Engine::Uring => {
+                FileQueue::Uring(Box::new(uring::UringQueue::new(self.file.clone(), sink)?))
+            }
             Engine::Sync => FileQueue::Sync(SyncQueue {
                 file: self.file.clone(),
-                sink: sink.clone(),
-            }),
-        };
-        Ok(match &self.log {
-            Some(log) => FileQueue::Tracked(Box::new(TrackedQueue::new(
-                engine,
-                log.clone(),
                 sink,
-                self.regular,
-            ))),
-            None => engine,
+            }),
         })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        // A change not yet applied is not in the file's allocation map: let it land first.
-        if let Some(log) = self
-            .log
-            .as_ref()
-            .filter(|l| l.overlaps_pending(offset, len))
-        {
-            log.settle()?;
-        }
         ops::block_status(&self.file, self.regular, offset, len)
     }
 }

@@ -1,7 +1,7 @@
 //! The block backend trait the NBD server is generic over.
 //!
 //! The server owns the protocol; a backend owns the bytes. The tracker serves a backing file
-//! or block device ([`crate::io::FileBackend`]); the master target will serve a recovery point
+//! or block device ([`crate::io::FileBackend`], tracked by [`crate::track::volume::VolumeBackend`]); the master target will serve a recovery point
 //! of its replica store through the same trait.
 //!
 //! Requests are asynchronous: the server hands each one to the connection's [`IoQueue`] and
