@@ -24,7 +24,9 @@
 # 2. PostgreSQL 15 pgbench on ext4 on a BENCH_PG_VOLUME (default 8G) export: tracker, shipper
 #    and target running, the export mounted through nbdfuse + `losetup --direct-io=on` +
 #    mkfs.ext4 + mount, `pgbench -i -s BENCH_PG_SCALE` (default 150: about 2.2 GiB), CHECKPOINT,
-#    then `pgbench -c 8 -j 2 -T SECONDS`; the same on nbdkit. Prints TPS, p99 transaction
+#    then (with a shipper) a wait until the target acknowledged the bulk load, as a database in
+#    service is caught up (BENCH_PG_SETTLE=0 starts at once: the run then competes with shipping
+#    and merging the bulk load), then `pgbench -c 8 -j 2 -T SECONDS`; the same on nbdkit. Prints TPS, p99 transaction
 #    latency (from pgbench's per-transaction log) and the ratio. BENCH_PG_SERVERS chooses the
 #    servers (default "redun+ship nbdkit"; also redun-journal, the tracker without a shipper,
 #    and redun, --no-journal).
@@ -61,6 +63,7 @@
 #   BENCH_PARTS="1 2 3"     the parts to run (default all three)
 #   BENCH_SKIP_PG=1         skip part 2 (as BENCH_PARTS without 2)
 #   BENCH_PG_SERVERS="..."  the servers of part 2 (default "redun+ship nbdkit")
+#   BENCH_PG_SETTLE=0       part 2 starts pgbench's timed run without waiting for the shipper
 #   BENCH_SHIPPER_ARGS="..." more arguments of redun-shipper (e.g. "--compression-level 1")
 #   BENCH_QEMU_CACHE=none   qemu-nbd with --cache=none --aio=threads
 #   BENCH_KEEP=DIR          copy the results, fio's JSON and every daemon's log to DIR at exit
@@ -73,6 +76,7 @@ runtime="${1:-20}"
 volume="${BENCH_VOLUME:-32G}"
 pg_volume="${BENCH_PG_VOLUME:-8G}"
 pg_scale="${BENCH_PG_SCALE:-150}"
+pg_settle="${BENCH_PG_SETTLE:-1}"
 parts=" ${BENCH_PARTS:-1 2 3} "
 skip_pg="${BENCH_SKIP_PG:-0}"
 [[ "$parts" = *" 2 "* ]] || skip_pg=1
@@ -606,6 +610,11 @@ pg_run() { # SERVER
     pgu "$pgbin/psql" -h "$work/pg/run" -p "$pgport" -q -c CHECKPOINT postgres
     t1=$(date +%s.%N)
     sync
+    local settled=''
+    if [ "$pg_settle" = 1 ] && [ "$shp" != - ]; then
+        echo "bench: waiting for the shipper to catch up with the bulk load on $server" >&2
+        settled=$(py catchup "$adm" "$shp" 900)
+    fi
     echo "bench: pgbench -c 8 -j 2 -T $runtime on $server" >&2
     pgu "$pgbin/pgbench" -h "$work/pg/run" -p "$pgport" -c 8 -j 2 -T "$runtime" \
         -l --log-prefix="$work/pg/run/tx" postgres >"$work/res/$tag.out" 2>"$work/logs/$tag-run.log" ||
@@ -615,6 +624,7 @@ pg_run() { # SERVER
     pg_teardown
     rm -rf "$work/pg"
     note="init+checkpoint $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", b - a }')s"
+    [ -n "$settled" ] && note="$note, shipped ${settled}s after"
     if [ -n "$adm" ]; then
         note="$note, caught up $(py catchup "$adm" "$shp" 120)s after"
         verdict "$tag" -
