@@ -27,6 +27,19 @@ fn code_lines(path: &Path) -> Vec<(usize, String)> {
         .collect()
 }
 
+/// Every code line of `files` that `matches`, as `path:line: text`.
+fn code_matching(files: &[PathBuf], matches: impl Fn(&str) -> bool) -> Vec<String> {
+    files
+        .iter()
+        .flat_map(|f| {
+            code_lines(f)
+                .into_iter()
+                .filter(|(_, line)| matches(line))
+                .map(move |(n, line)| format!("{}:{n}: {}", f.display(), line.trim()))
+        })
+        .collect()
+}
+
 fn tracker_src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tracker/src")
 }
@@ -36,14 +49,9 @@ fn the_io_engines_know_nothing_of_change_tracking() {
     let io = tracker_src().join("io");
     let files = rust_files(&io);
     assert!(files.len() >= 3, "{files:?}");
-    let mut found = Vec::new();
-    for f in files {
-        for (n, line) in code_lines(&f) {
-            if line.contains("crate::track") || line.contains("ChangeLog") {
-                found.push(format!("{}:{n}: {}", f.display(), line.trim()));
-            }
-        }
-    }
+    let found = code_matching(&files, |l| {
+        l.contains("crate::track") || l.contains("ChangeLog")
+    });
     assert!(
         found.is_empty(),
         "tracker/src/io must not use the tracking layer (track::volume layers it):\n{}",
@@ -55,17 +63,11 @@ fn the_io_engines_know_nothing_of_change_tracking() {
 fn unsafe_code_lives_only_in_the_uring_engine_and_sys() {
     let src = tracker_src();
     let allowed = [src.join("io/uring.rs"), src.join("sys.rs")];
-    let mut found = Vec::new();
-    for f in rust_files(&src) {
-        if allowed.contains(&f) {
-            continue;
-        }
-        for (n, line) in code_lines(&f) {
-            if line.contains("unsafe ") || line.contains("unsafe{") {
-                found.push(format!("{}:{n}: {}", f.display(), line.trim()));
-            }
-        }
-    }
+    let others: Vec<PathBuf> = rust_files(&src)
+        .into_iter()
+        .filter(|f| !allowed.contains(f))
+        .collect();
+    let found = code_matching(&others, |l| l.contains("unsafe ") || l.contains("unsafe{"));
     assert!(
         found.is_empty(),
         "unsafe outside uring.rs and sys.rs:\n{}",
