@@ -17,7 +17,7 @@
 //! drops them from the manifest, then deletes their files: a crash anywhere in between
 //! leaves a store that reads the same.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -157,8 +157,9 @@ pub struct Store {
     inner: Mutex<Inner>,
     /// Sequence numbers that open views read at: merging stops below the lowest.
     pins: Arc<Mutex<BTreeMap<u64, usize>>>,
-    /// One retention pass at a time.
-    maintenance: Mutex<()>,
+    /// One retention pass at a time; it holds the runs of sealed segments (by file name)
+    /// found not worth compacting, so that later passes do not read their indexes again.
+    maintenance: Mutex<HashSet<Vec<String>>>,
     /// The open segment is sealed once it holds this many bytes.
     seal_bytes: u64,
 }
@@ -464,7 +465,7 @@ impl Store {
             state_path,
             inner: Mutex::new(inner),
             pins: Arc::default(),
-            maintenance: Mutex::new(()),
+            maintenance: Mutex::default(),
             seal_bytes: SEAL_BYTES,
         }
     }
@@ -809,10 +810,10 @@ impl Store {
     /// that no remaining point and no open view needs into the base image, then compacts the
     /// runs of segments between two needed points into one.
     pub fn maintain(&self, retention: &Retention, now_ms: u64) -> Result<Maintained, StoreError> {
-        let _one = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        let mut not_worth = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = Maintained::default();
         self.prune_and_merge(retention, now_ms, &mut done)?;
-        self.compact(&mut done)?;
+        self.compact(&mut not_worth, &mut done)?;
         Ok(done)
     }
 
@@ -930,10 +931,16 @@ impl Store {
 
     /// Replaces each run of two or more sealed segments that lie between two needed sequence
     /// numbers (kept points and open views) by one segment holding only what the later of the
-    /// two sees: the last data of every range. Its entries all carry the run's last sequence
-    /// number. The new file is complete and synced before the manifest names it; the old files
-    /// go after.
-    fn compact(&self, done: &mut Maintained) -> Result<(), StoreError> {
+    /// two sees: the last data of every range, when that drops at least a quarter of the
+    /// run's write data ([`ExtentMap::worth_compacting`]; a run that is not worth it is
+    /// remembered in `not_worth` and left as it is). Its entries all carry the run's last
+    /// sequence number. The new file is complete and synced before the manifest names it; the
+    /// old files go after.
+    fn compact(
+        &self,
+        not_worth: &mut HashSet<Vec<String>>,
+        done: &mut Maintained,
+    ) -> Result<(), StoreError> {
         let (runs, id) = {
             let g = self.lock();
             let mut needed: Vec<u64> = g
@@ -968,28 +975,40 @@ impl Store {
             let id = g.state.identity();
             (runs, id)
         };
+        // Forget the runs that no longer exist (a point was pruned, or they were merged).
+        not_worth.retain(|names| runs.iter().any(|r| same_files(r, names)));
         for run in runs {
-            self.compact_run(&run, &id, done)?;
+            if not_worth.iter().any(|names| same_files(&run, names)) {
+                continue;
+            }
+            if !self.compact_run(&run, &id, done)? {
+                not_worth.insert(run.iter().map(|s| s.r.file.clone()).collect());
+            }
         }
         Ok(())
     }
 
+    /// Compacts `run`; false when that is not worth it (nothing is written then).
     fn compact_run(
         &self,
         run: &[Arc<Sealed>],
         id: &Identity,
         done: &mut Maintained,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let last = run.last().expect("a run").r.last_seq;
         let mut map = ExtentMap::default();
+        let mut written = 0u64;
         for (i, s) in run.iter().enumerate() {
             let file = u32::try_from(i).expect("a short run");
             for e in &s.entries {
                 map.apply(file, e);
+                if e.kind == Kind::Write {
+                    written += u64::from(e.length);
+                }
             }
         }
-        if map.pieces.is_empty() {
-            return Ok(());
+        if map.pieces.is_empty() || !map.worth_compacting(written) {
+            return Ok(false);
         }
         let mut n = 1;
         let name = loop {
@@ -1086,7 +1105,7 @@ impl Store {
             r.file,
             old_bytes.saturating_sub(r.bytes)
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Moves the replication relationship to generation `g` (a failover): shippers of the
@@ -1121,6 +1140,11 @@ pub struct Maintained {
     /// Segments replaced by compaction, and the bytes that saved.
     pub compacted_segments: usize,
     pub compacted_bytes_freed: u64,
+}
+
+/// Whether `run` is the run of segment files `names`.
+fn same_files(run: &[Arc<Sealed>], names: &[String]) -> bool {
+    run.len() == names.len() && run.iter().zip(names).all(|(s, n)| s.r.file == *n)
 }
 
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {

@@ -44,6 +44,10 @@ impl Src {
     }
 }
 
+/// A compaction is worth it when it keeps at most this share of a run's data, in quarters
+/// (the bucket's and the target's stores follow the same rule).
+pub const COMPACT_KEEPS: u64 = 3;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Piece {
     pub end: u64,
@@ -107,6 +111,23 @@ impl ExtentMap {
         if e.length > 0 {
             self.insert(e.offset, e.offset + u64::from(e.length), src);
         }
+    }
+
+    /// The bytes of write data the map still reads from segments (zeroes hold none).
+    pub fn data_bytes(&self) -> u64 {
+        self.pieces
+            .iter()
+            .filter(|(_, p)| !matches!(p.src, Src::Zero))
+            .map(|(&start, p)| p.end - start)
+            .sum()
+    }
+
+    /// Whether compacting the run of segments this map was built from, which wrote
+    /// `written` bytes of write data, is worth rewriting it: only when at most
+    /// [`COMPACT_KEEPS`] quarters of that data survive. A run whose writes barely overlap
+    /// would be copied whole to free almost nothing.
+    pub fn worth_compacting(&self, written: u64) -> bool {
+        self.data_bytes() * 4 <= written * COMPACT_KEEPS
     }
 
     /// Fills `buf`, the volume's bytes from `offset`, piece by piece: `f(out, start, src)`

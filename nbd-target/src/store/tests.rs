@@ -246,6 +246,50 @@ fn segments_between_kept_points_compact_into_one() {
 }
 
 #[test]
+fn a_run_that_would_free_little_is_not_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path(), &id()).unwrap().with_seal_bytes(1);
+    let mut seq = 1;
+    let mut put = |store: &Store, kind: Kind, off: u64, data: &[u8]| {
+        let len = u32::try_from(data.len()).unwrap();
+        store.append(kind, seq, off, len, data).unwrap();
+        seq += 1;
+        store.commit().unwrap();
+        seq - 1
+    };
+    let p1 = put(&store, Kind::Marker, 0, &marker(0));
+    // Four segments writing four different 8 KiB ranges, one overwriting half of another:
+    // compacting would keep 28 of their 32 KiB.
+    for (b, off) in [(1u8, 0u64), (2, 8192), (3, 16384), (4, 20480)] {
+        put(&store, Kind::Write, off, &[b; 8192]);
+    }
+    let p2 = put(&store, Kind::Marker, 0, &marker(1));
+    put(&store, Kind::Write, 4096, &[9u8; 100]);
+    let r = Retention {
+        keep_all_ms: 10,
+        tiers: vec![],
+    };
+    let before = store.layout().0;
+    let m = store.maintain(&r, 5).unwrap();
+    assert_eq!(m.compacted_segments, 0, "{m:?}");
+    // Only p1's own segment merged into the base.
+    assert_eq!(store.layout().0, before - 1);
+    let m = store.maintain(&r, 6).unwrap();
+    assert_eq!((m.compacted_segments, m.merged_segments), (0, 0), "{m:?}");
+    assert_eq!(store.layout().0, before - 1);
+    let mut b = vec![0u8; 32768];
+    store.view(p2).unwrap().read_at(&mut b, 0).unwrap();
+    let mut want = vec![1u8; 8192];
+    want.extend([2u8; 8192]);
+    want.extend([3u8; 4096]);
+    want.extend([4u8; 8192]);
+    want.extend([0u8; 4096]);
+    assert_eq!(b, want);
+    store.view(p1).unwrap().read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}
+
+#[test]
 fn a_pinned_view_keeps_its_segments_from_merging() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path(), &id()).unwrap().with_seal_bytes(1);

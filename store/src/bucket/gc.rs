@@ -122,8 +122,6 @@ struct NewBase {
     base_objects: usize,
 }
 
-/// A compaction is worth it when it keeps at most this share of a run's data, in quarters.
-const COMPACT_KEEPS: u64 = 3;
 /// A compaction reads at most this many segment bytes (or twice `merge_bytes`): it builds
 /// its segment in memory.
 const COMPACT_MAX: u64 = 128 << 20;
@@ -463,7 +461,7 @@ impl MergeJob {
     /// what a view at their last record sees of what they wrote (write data, compressed
     /// again; trims and zeroes as zero entries), every entry at that seq. Markers and other
     /// records go: the manifest lists the points and decisions. Nothing is uploaded when
-    /// that would keep more than [`COMPACT_KEEPS`] quarters of their data.
+    /// that would keep more than [`COMPACT_KEEPS`](crate::extent::COMPACT_KEEPS) quarters of their data.
     fn compact(mut self, at: usize, n: usize) -> Result<Merged, BucketError> {
         let reader = self.reader.clone();
         let m = reader.manifest();
@@ -484,13 +482,7 @@ impl MergeJob {
             }
             segs.push(s);
         }
-        let kept: u64 = map
-            .pieces
-            .iter()
-            .filter(|(_, p)| !matches!(p.src, Src::Zero))
-            .map(|(&start, p)| p.end - start)
-            .sum();
-        if kept * 4 > written * COMPACT_KEEPS {
+        if !map.worth_compacting(written) {
             return Ok(Merged {
                 puts: 0,
                 outcome: Outcome::Compacted { run, into: None },
