@@ -546,7 +546,7 @@ fn main() -> ExitCode {
         Command::Journal(cmd) => match journal::run(cmd) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("redun journal: {e:#}");
+                eprintln!("redun journal: {}", redun_tracker::service::error_line(&e));
                 ExitCode::from(2)
             }
         },

@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            error!("{}", redun_tracker::service::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            error!("{}", redun_tracker::service::error_line(&e));
             ExitCode::FAILURE
         }
     }

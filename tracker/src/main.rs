@@ -88,8 +88,9 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(code) => code,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("redun-tracker: {e:#}");
+            let line = redun_tracker::service::error_line(&e);
+            error!("{line}");
+            eprintln!("redun-tracker: {line}");
             ExitCode::from(1)
         }
     }

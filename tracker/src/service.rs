@@ -1,6 +1,7 @@
 //! systemd service integration shared by the three daemons: `READY=1` once a daemon serves
 //! (units use `Type=notify`), watchdog pings while it runs, `STOPPING=1` when it stops.
-//! Without `NOTIFY_SOCKET` (not started by systemd) every call does nothing.
+//! Without `NOTIFY_SOCKET` (not started by systemd) every call does nothing. Also the line a
+//! daemon (or the CLI) ends with when it fails ([`error_line`]).
 
 use std::time::Duration;
 
@@ -62,6 +63,25 @@ pub fn stopping() {
     }
 }
 
+/// `e` and its causes on one line, as `{:#}` prints them, but without a cause that a message
+/// before it already quotes: our errors put their cause in their message and also name it as
+/// the `#[source]`, so `{:#}` says it twice ("...: No such file or directory (os error 2):
+/// No such file or directory (os error 2)").
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Accepts on the non-blocking `listener` until `stop`, handing every connection to `conn`;
 /// `what` names the listener in the log. A stop is seen within 50 ms.
 pub fn accept_until(
@@ -81,5 +101,33 @@ pub fn accept_until(
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("Cannot open backing /x: {source}")]
+    struct Quoting {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_quotes_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(Quoting { source: io }).context("volume \"x\"");
+        assert_eq!(
+            error_line(&e),
+            "volume \"x\": Cannot open backing /x: No such file or directory (os error 2)"
+        );
+        // A cause the message does not quote is kept.
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(13)).context("journal /j");
+        assert_eq!(
+            error_line(&e),
+            "journal /j: Permission denied (os error 13)"
+        );
     }
 }
