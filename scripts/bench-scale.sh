@@ -65,6 +65,8 @@
 #   BENCH_PG_SERVERS="..."  the servers of part 2 (default "redun+ship nbdkit")
 #   BENCH_PG_SETTLE=0       part 2 starts pgbench's timed run without waiting for the shipper
 #   BENCH_SHIPPER_ARGS="..." more arguments of redun-shipper (e.g. "--compression-level 1")
+#   BENCH_TRACKER_ARGS="..." more arguments of the journaled redun-trackers (e.g. "--config
+#                           FILE" with `[tracker] journal.memory = "1G"`)
 #   BENCH_QEMU_CACHE=none   qemu-nbd with --cache=none --aio=threads
 #   BENCH_KEEP=DIR          copy the results, fio's JSON and every daemon's log to DIR at exit
 # Needs root (loop devices, mount), fio, nbdkit, qemu-nbd, nbdfuse, nbdinfo, python3 and
@@ -82,6 +84,7 @@ skip_pg="${BENCH_SKIP_PG:-0}"
 [[ "$parts" = *" 2 "* ]] || skip_pg=1
 read -r -a pg_servers <<<"${BENCH_PG_SERVERS:-redun+ship nbdkit}"
 read -r -a shipper_args <<<"${BENCH_SHIPPER_ARGS:-}"
+read -r -a tracker_args <<<"${BENCH_TRACKER_ARGS:-}"
 pgbin=/usr/lib/postgresql/15/bin
 volume_bytes=$(numfmt --from=iec "$volume") || { echo "bench: BENCH_VOLUME=$volume: not a size" >&2; exit 1; }
 pg_volume_bytes=$(numfmt --from=iec "$pg_volume") || { echo "bench: BENCH_PG_VOLUME=$pg_volume: not a size" >&2; exit 1; }
@@ -464,7 +467,7 @@ start_server() {
         local js=("${journal_size[@]}")
         [ "$name" = redun-journal ] && js=("${noship_journal[@]}")
         "$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$port" --admin-socket "$adm" \
-            --journal-dir "$d/journal" "${js[@]}" 2>"$srv_log" &
+            --journal-dir "$d/journal" "${js[@]}" "${tracker_args[@]}" 2>"$srv_log" &
         srv_pid=$!; srv_pids+=($!); live+=($!)
         wait_port "$port" "$srv_pid" "$srv_log"
         wait_file "$adm" "$srv_pid" "$srv_log"
