@@ -4,7 +4,7 @@
 #
 # 1. fio's nbd engine, time-based (SECONDS each), every server on a new sparse backing file of
 #    BENCH_VOLUME (default 32G) and, for the journaled tracker, a new journal of
-#    BENCH_NOSHIP_JOURNAL (default 12G: nothing releases it in these runs):
+#    BENCH_NOSHIP_JOURNAL (default 24G: nothing releases it in these runs):
 #      a. 4 KiB random writes over the whole volume, iodepth 16
 #      b. 64 KiB random writes over the whole volume, iodepth 16
 #      c. 4 KiB random writes over the first 512 MiB only, iodepth 16 (the "small range")
@@ -15,7 +15,12 @@
 #    with `--cache=none --aio=threads` instead) and nbdkit (`nbdkit -f file FILE`);
 #      e. a and b again on the journaled tracker while redun-shipper and redun-target run on
 #         loopback (mutual TLS, certificates from `redun pki init`) and release the journal
-#         (`redun+ship`); nbdkit's figure of a and b is the reference.
+#         (`redun+ship`); nbdkit's figure of a and b is the reference. Their journal is of
+#         BENCH_SHIP_JOURNAL (default 16G): fio writes faster than a shipper and a target on
+#         the same 2 cores and disk can drain (the 64 KiB line: about 290 MB/s, so a 4 GiB
+#         journal fills in 15 s), and the journal must hold the run's backlog for the line to
+#         measure journaling while the shipper releases, not the dirty-region mode an overflow
+#         falls back to.
 #    fio writes incompressible data (--refill_buffers). Each line prints IOPS, MiB/s, p99
 #    completion latency, the ratio to nbdkit (redun lines: to qemu-nbd and to the untracked
 #    tracker too) and each server's peak RSS (VmHWM). The journaled lines also print the
@@ -25,11 +30,15 @@
 #    and target running, the export mounted through nbdfuse + `losetup --direct-io=on` +
 #    mkfs.ext4 + mount, `pgbench -i -s BENCH_PG_SCALE` (default 150: about 2.2 GiB), CHECKPOINT,
 #    then (with a shipper) a wait until the target acknowledged the bulk load, as a database in
-#    service is caught up (BENCH_PG_SETTLE=0 starts at once: the run then competes with shipping
-#    and merging the bulk load), then `pgbench -c 8 -j 2 -T SECONDS`; the same on nbdkit. Prints TPS, p99 transaction
-#    latency (from pgbench's per-transaction log) and the ratio. BENCH_PG_SERVERS chooses the
-#    servers (default "redun+ship nbdkit"; also redun-journal, the tracker without a shipper,
-#    and redun, --no-journal).
+#    service is caught up (BENCH_PG_SETTLE=0 does not wait: the first round then competes with
+#    shipping and merging the bulk load); the same on nbdkit. Then BENCH_PG_ROUNDS (default 3) rounds in
+#    which the servers take turns: each is started again on its image (and journal and replica),
+#    PostgreSQL is started, `pgbench -c 8 -j 2 -T SECONDS` runs, and everything stops again, so
+#    that only one server runs at a time and a drift of the machine falls on all alike. Prints
+#    the median TPS of the rounds, each round's TPS and ratio, p99 transaction latency over all
+#    rounds (from pgbench's per-transaction log) and the ratio of the medians. BENCH_PG_SERVERS
+#    chooses the servers (default "redun+ship nbdkit"; also redun-journal, the tracker without
+#    a shipper, and redun, --no-journal).
 # 3. Restart after kill -9: the journaled tracker alone (no shipper) takes SECONDS of fio 4 KiB
 #    random writes over the whole volume, is killed with SIGKILL once fio is done, and is started
 #    again on the same journal directory: the time until its NBD port accepts a connection (the
@@ -50,10 +59,11 @@
 #   BENCH_DIR=DIR           where the work directory (backing files, journals, replicas) goes
 #                           (default /var/tmp); it is removed at exit
 #   BENCH_VOLUME=SIZE       volume of part 1 and 3 (default 32G, sparse)
-#   BENCH_JOURNAL_SIZE=SIZE --journal-size of the journaled trackers with a shipper (pgbench,
-#                           the shipped lines; default: the tracker's default)
+#   BENCH_JOURNAL_SIZE=SIZE --journal-size of the tracker with a shipper in part 2 (pgbench;
+#                           default: the tracker's default, which a database load must fit)
+#   BENCH_SHIP_JOURNAL=SIZE --journal-size of the shipped fio lines (1e; default 16G)
 #   BENCH_NOSHIP_JOURNAL=SIZE --journal-size of the journaled trackers without a shipper
-#                           (lines 1a-1d and part 3; default 12G: nobody releases it, so it
+#                           (lines 1a-1d and part 3; default 24G: nobody releases it, so it
 #                           must hold the whole run; read into the page cache before each run,
 #                           as a journal in service is, when memory allows)
 #   BENCH_SEQ_SECONDS=N     the 1 MiB sequential line runs N seconds (default 5: at 2 GB/s
@@ -63,7 +73,8 @@
 #   BENCH_PARTS="1 2 3"     the parts to run (default all three)
 #   BENCH_SKIP_PG=1         skip part 2 (as BENCH_PARTS without 2)
 #   BENCH_PG_SERVERS="..."  the servers of part 2 (default "redun+ship nbdkit")
-#   BENCH_PG_SETTLE=0       part 2 starts pgbench's timed run without waiting for the shipper
+#   BENCH_PG_SETTLE=0       part 2 does not wait for the shipper after the bulk load
+#   BENCH_PG_ROUNDS=N       timed pgbench runs per server in part 2 (default 3)
 #   BENCH_SHIPPER_ARGS="..." more arguments of redun-shipper (e.g. "--compression-level 1")
 #   BENCH_TRACKER_ARGS="..." more arguments of the journaled redun-trackers (e.g. "--config
 #                           FILE" with `[tracker] journal.memory = "1G"`)
@@ -79,6 +90,8 @@ volume="${BENCH_VOLUME:-32G}"
 pg_volume="${BENCH_PG_VOLUME:-8G}"
 pg_scale="${BENCH_PG_SCALE:-150}"
 pg_settle="${BENCH_PG_SETTLE:-1}"
+pg_rounds="${BENCH_PG_ROUNDS:-3}"
+[[ "$pg_rounds" =~ ^[1-9][0-9]*$ ]] || { echo "bench: BENCH_PG_ROUNDS=$pg_rounds: expected a positive number" >&2; exit 1; }
 parts=" ${BENCH_PARTS:-1 2 3} "
 skip_pg="${BENCH_SKIP_PG:-0}"
 [[ "$parts" = *" 2 "* ]] || skip_pg=1
@@ -92,8 +105,10 @@ pg_volume_bytes=$(numfmt --from=iec "$pg_volume") || { echo "bench: BENCH_PG_VOL
 [[ "$pg_scale" =~ ^[1-9][0-9]*$ ]] || { echo "bench: BENCH_PG_SCALE=$pg_scale: expected a positive number" >&2; exit 1; }
 journal_size=()
 [ -n "${BENCH_JOURNAL_SIZE:-}" ] && journal_size=(--journal-size "$BENCH_JOURNAL_SIZE")
+ship_journal=(--journal-size "${BENCH_SHIP_JOURNAL:-16G}")
+fio_shipped=0  # 1 while the shipped fio lines run: their tracker takes ship_journal
 # Without a shipper nobody releases the journal: those runs get one that holds them.
-noship_journal=(--journal-size "${BENCH_NOSHIP_JOURNAL:-12G}")
+noship_journal=(--journal-size "${BENCH_NOSHIP_JOURNAL:-24G}")
 seq_seconds="${BENCH_SEQ_SECONDS:-5}"
 [[ "$seq_seconds" =~ ^[1-9][0-9]*$ ]] || { echo "bench: BENCH_SEQ_SECONDS=$seq_seconds: expected a whole number of seconds" >&2; exit 1; }
 qemu_cache=()
@@ -282,7 +297,7 @@ def check(status_file, sample_file, log, written, out):
     if why and cap:
         released = 'released by the shipper' if d.get('shipper', {}).get('running') else 'that nobody released'
         why.append(f"fio wrote {gib(int(written))} through a {gib(cap)} journal {released}"
-                   f" (peak use {gib(used)}; BENCH_JOURNAL_SIZE sets the journal's size)")
+                   f" (peak use {gib(used)}; BENCH_JOURNAL_SIZE, BENCH_SHIP_JOURNAL and BENCH_NOSHIP_JOURNAL set the journal's size)")
     r = {'ok': not why, 'why': '; '.join(why), 'state': state, 'capacity': cap,
          'peak_used': used, 'head_seq': j.get('head_seq'), 'max_rpo': s.get('max_rpo'),
          'max_lag': s.get('max_lag')}
@@ -334,20 +349,23 @@ def fio_row(path):
     j = json.load(open(path))['jobs'][0]['write']
     return j['iops'], j['bw_bytes'] / 2**20, j['clat_ns']['percentile'].get('99.000000', 0) / 1000
 
-def pg_row(out, logs):
-    tps = None
-    for line in open(out):
-        if line.startswith('tps = '):
-            tps = float(line.split()[2])
+def pg_row(prefix):
+    """Median TPS of the rounds PREFIX-rN.out, p99 latency over all their transactions, and
+    each round's TPS in order."""
+    rounds = []
+    for out in sorted(glob.glob(prefix + '-r*.out'), key=lambda f: int(f.rsplit('-r', 1)[1][:-4])):
+        for line in open(out):
+            if line.startswith('tps = '):
+                rounds.append(float(line.split()[2]))
     lat = []
-    for f in glob.glob(logs + '*'):
+    for f in glob.glob(prefix + '-r*.out.log'):
         for line in open(f):
             p = line.split()
             if len(p) >= 3:
                 lat.append(int(p[2]))
     lat.sort()
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0
-    return tps, p99
+    return (statistics.median(rounds) if rounds else None), p99, rounds
 
 def table(work):
     rows = [l.rstrip('\n').split('\t') for l in open(f"{work}/res/runs.tsv")]
@@ -386,12 +404,16 @@ def table(work):
             n = ratio('nbdkit') if server != 'nbdkit' else ''
             print(f"{label:<30} {server:<14} {iops:>9.0f} {mib:>8.1f} {p99:>9.0f} {n:>8} {q:>9} {u:>10} {rss_s:>9}  {', '.join(extra)}")
         else:
-            tps, p99 = pg_row(f, f + '.log')
+            tps, p99, rounds = pg_row(f)
             nk = [r for r in rows if r[0] == job and r[2] == 'nbdkit']
             n = ''
             if server != 'nbdkit' and nk:
-                t, _ = pg_row(nk[0][4], nk[0][4] + '.log')
-                n = f"{tps / t:.2f}x" if t else '-'
+                t, _, nk_rounds = pg_row(nk[0][4])
+                n = f"{tps / t:.2f}x" if t and tps else '-'
+                if len(nk_rounds) == len(rounds) and all(nk_rounds):
+                    extra.append('round ratios ' + '/'.join(f"{a / b:.2f}" for a, b in zip(rounds, nk_rounds)))
+            extra.insert(0, f"median of {len(rounds)} rounds: " + '/'.join(f"{r:.0f}" for r in rounds) + ' TPS')
+            extra += [open(n_).read().strip() for n_ in sorted(glob.glob(f + '-r*.note'))][-1:]
             print(f"{label:<30} {server:<14} {tps or 0:>9.0f} {'':>8} {p99:>9.0f} {n:>8} {'':>9} {'':>10} {rss_s:>9}  {', '.join(extra)}")
     if os.path.exists(f"{work}/res/restart.tsv"):
         for l in open(f"{work}/res/restart.tsv"):
@@ -443,13 +465,15 @@ wait_file() { # PATH PID LOG
     exit 1
 }
 
-# start_server NAME IMG TAG: starts NAME (redun-journal, redun, qemu-nbd, nbdkit, redun+ship)
-# on a new port serving IMG as export `bench`; sets srv_pid (the NBD server's PID), srv_pids
-# (every process of this server, in start order), srv_log and, for the journaled tracker, adm
-# (its admin socket) and shp (the shipper's, or -).
+# start_server NAME IMG TAG [DIR]: starts NAME (redun-journal, redun, qemu-nbd, nbdkit,
+# redun+ship) on a new port serving IMG as export `bench`; sets srv_pid (the NBD server's PID),
+# srv_pids (every process of this server, in start order), srv_log and, for the journaled
+# tracker, adm (its admin socket) and shp (the shipper's, or -). The journal, replica and sockets
+# go to DIR: a new $work/srv by default; a DIR given is kept (a restart on the same journal).
 start_server() {
-    local name=$1 img=$2 tag=$3 d=$work/srv
-    rm -rf "$d"; mkdir -p "$d"
+    local name=$1 img=$2 tag=$3 d=${4:-$work/srv}
+    [ -n "${4:-}" ] || rm -rf "$d"
+    mkdir -p "$d"
     port=$((port + 1))
     srv_log=$work/logs/$tag.log
     srv_pids=() adm='' shp=-
@@ -465,6 +489,7 @@ start_server() {
             wait_file "$d/target.sock" "$!" "$work/logs/$tag-target.log"
         fi
         local js=("${journal_size[@]}")
+        [ "$fio_shipped" = 1 ] && js=("${ship_journal[@]}")
         [ "$name" = redun-journal ] && js=("${noship_journal[@]}")
         "$bin/redun-tracker" --volume bench="$img" --listen "127.0.0.1:$port" --admin-socket "$adm" \
             --journal-dir "$d/journal" "${js[@]}" "${tracker_args[@]}" 2>"$srv_log" &
@@ -564,7 +589,7 @@ fio_run() {
     printf '%s\t%s\t%s\tfio\t%s\t%s\t%s\t%s\n' "$job" "$ref" "$server" "$work/res/$tag.fio.json" "$rss" "$chk" "$note" >>"$work/res/runs.tsv"
 }
 
-echo "bench: ${runtime}s per run, volume $volume (sparse), journal size ${BENCH_JOURNAL_SIZE:-default}, files on $(df --output=fstype "$work" | tail -1) in $work" >&2
+echo "bench: ${runtime}s per run, volume $volume (sparse), journal size ${BENCH_JOURNAL_SIZE:-default} (pgbench), ${BENCH_SHIP_JOURNAL:-16G} (shipped fio), ${BENCH_NOSHIP_JOURNAL:-24G} (no shipper), files on $(df --output=fstype "$work" | tail -1) in $work" >&2
 servers=(redun-journal redun qemu-nbd nbdkit)
 vol_label=$volume
 jobs=(
@@ -578,67 +603,101 @@ for j in "${jobs[@]}"; do
     read -r -a args <<<"${j#*|}"
     for s in "${servers[@]}"; do fio_run "${j%%|*}" "${j%%|*}" "$s" "${args[@]}"; done
 done
+fio_shipped=1
 for j in "${jobs[@]:0:2}"; do
     read -r -a args <<<"${j#*|}"
     fio_run "${j%%|*} shipped" "${j%%|*}" redun+ship "${args[@]}"
 done
+fio_shipped=0
 
 # 2. PostgreSQL on ext4 on the export.
-pg_run() { # SERVER
-    local server=$1 tag=pgbench-$1 job="pgbench s$pg_scale c8 ext4" rss chk=- note pgport t0 t1
-    expected=$((expected + 1))
-    rm -f "$work/vol.img"
-    truncate -s "$pg_volume_bytes" "$work/vol.img"
-    start_server "$server" "$work/vol.img" "$tag"
-    [ -n "$adm" ] && sampler_start "$tag"
+# Part 2 runs in rounds: each server first gets its own database (pg_setup), then the timed run
+# is repeated BENCH_PG_ROUNDS times, the servers taking turns (pg_round), each round on its server
+# started again on the same image (and journal, and replica) with nothing else running, so that
+# a drift of the machine (the disk's write-back, the page cache) falls on every server alike.
+# pg_mount TAG [new]: nbdfuse + a loop device on the running server's export, mounted on
+# $work/pg/mnt (mkfs.ext4 first with `new`).
+pg_mount() {
     mkdir -p "$work/pg/fuse" "$work/pg/mnt" "$work/pg/run"
-    nbdfuse "$work/pg/fuse" "nbd://127.0.0.1:$port/bench" 2>"$work/logs/$tag-nbdfuse.log" &
+    nbdfuse "$work/pg/fuse" "nbd://127.0.0.1:$port/bench" 2>"$work/logs/$1-nbdfuse.log" &
     pg_fuse_pid=$!; live+=($!); pg_fuse=$work/pg/fuse
-    wait_file "$work/pg/fuse/nbd" "$pg_fuse_pid" "$work/logs/$tag-nbdfuse.log"
+    wait_file "$work/pg/fuse/nbd" "$pg_fuse_pid" "$work/logs/$1-nbdfuse.log"
     pg_loop=$(losetup -f --show --direct-io=on "$work/pg/fuse/nbd")
-    mkfs.ext4 -F -q "$pg_loop"
+    if [ "${2:-}" = new ]; then mkfs.ext4 -F -q "$pg_loop"; fi
     mount "$pg_loop" "$work/pg/mnt"; pg_mnt=$work/pg/mnt
-    mkdir -p "$work/pg/mnt/data"
-    chown postgres: "$work/pg/mnt/data" "$work/pg/run"
-    chmod 700 "$work/pg/mnt/data"
-    pgu "$pgbin/initdb" -D "$work/pg/mnt/data" -A trust --no-instructions >"$work/logs/$tag-initdb.log" 2>&1
-    pgport=$((port + 2000))
+    chown postgres: "$work/pg/run"
     pg_data=$work/pg/mnt/data
+    pgport=$((port + 2000))
+}
+pg_start() {
     pgu "$pgbin/pg_ctl" -D "$pg_data" -l "$work/pg/run/postgres.log" -w -t 120 \
         -o "-p $pgport -k $work/pg/run -c listen_addresses=''" start >/dev/null
+}
+pg_setup() { # SERVER
+    local server=$1 tag=pgbench-$1-init t0 t1 note
+    expected=$((expected + 1))
+    rm -rf "$work/pg-$server.img" "$work/srv-$server"
+    truncate -s "$pg_volume_bytes" "$work/pg-$server.img"
+    start_server "$server" "$work/pg-$server.img" "$tag" "$work/srv-$server"
+    [ -n "$adm" ] && sampler_start "$tag"
+    pg_mount "$tag" new
+    mkdir -p "$pg_data"
+    chown postgres: "$pg_data"
+    chmod 700 "$pg_data"
+    pgu "$pgbin/initdb" -D "$pg_data" -A trust --no-instructions >"$work/logs/$tag-initdb.log" 2>&1
+    pg_start
     echo "bench: pgbench -i -s $pg_scale on $server" >&2
     t0=$(date +%s.%N)
     pgu "$pgbin/pgbench" -h "$work/pg/run" -p "$pgport" -i -s "$pg_scale" -q postgres \
-        >"$work/logs/$tag-init.log" 2>&1 || { echo "bench: pgbench -i failed on $server:" >&2; tail -5 "$work/logs/$tag-init.log" >&2; exit 1; }
+        >"$work/logs/$tag.log" 2>&1 || { echo "bench: pgbench -i failed on $server:" >&2; tail -5 "$work/logs/$tag.log" >&2; exit 1; }
     pgu "$pgbin/psql" -h "$work/pg/run" -p "$pgport" -q -c CHECKPOINT postgres
     t1=$(date +%s.%N)
+    note="init+checkpoint $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", b - a }')s"
+    pg_teardown
+    rm -rf "$work/pg"
     sync
-    local settled=''
     if [ "$pg_settle" = 1 ] && [ "$shp" != - ]; then
         echo "bench: waiting for the shipper to catch up with the bulk load on $server" >&2
-        settled=$(py catchup "$adm" "$shp" 900)
+        note="$note, shipped $(py catchup "$adm" "$shp" 900)s after"
     fi
-    echo "bench: pgbench -c 8 -j 2 -T $runtime on $server" >&2
+    if [ -n "$adm" ]; then verdict "$tag" -; fi
+    stop_server
+    echo "$note" >"$work/res/pgbench-$server.init"
+}
+pg_round() { # SERVER ROUND
+    local server=$1 tag=pgbench-$1-r$2 rss
+    start_server "$server" "$work/pg-$server.img" "$tag" "$work/srv-$server"
+    [ -n "$adm" ] && sampler_start "$tag"
+    pg_mount "$tag"
+    pg_start
+    echo "bench: pgbench -c 8 -j 2 -T $runtime on $server (round $2 of $pg_rounds)" >&2
     pgu "$pgbin/pgbench" -h "$work/pg/run" -p "$pgport" -c 8 -j 2 -T "$runtime" \
-        -l --log-prefix="$work/pg/run/tx" postgres >"$work/res/$tag.out" 2>"$work/logs/$tag-run.log" ||
-        { echo "bench: pgbench failed on $server:" >&2; tail -5 "$work/logs/$tag-run.log" >&2; exit 1; }
+        -l --log-prefix="$work/pg/run/tx" postgres >"$work/res/$tag.out" 2>"$work/logs/$tag.log" ||
+        { echo "bench: pgbench failed on $server:" >&2; tail -5 "$work/logs/$tag.log" >&2; exit 1; }
     cat "$work"/pg/run/tx* >"$work/res/$tag.out.log"
     rss=$(peak_rss "$srv_pid")
     pg_teardown
     rm -rf "$work/pg"
-    note="init+checkpoint $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", b - a }')s"
-    [ -n "$settled" ] && note="$note, shipped ${settled}s after"
     if [ -n "$adm" ]; then
-        note="$note, caught up $(py catchup "$adm" "$shp" 120)s after"
+        if [ "$shp" != - ]; then echo "caught up $(py catchup "$adm" "$shp" 120)s after" >"$work/res/$tag.note"; fi
         verdict "$tag" -
-        chk=$work/res/$tag.check
     fi
+    echo "$rss" >"$work/res/$tag.rss"
     stop_server
-    rm -rf "$work/srv" "$work/vol.img"
-    printf '%s\t-\t%s\tpg\t%s\t%s\t%s\t%s\n' "$job" "$server" "$work/res/$tag.out" "$rss" "$chk" "$note" >>"$work/res/runs.tsv"
 }
 if [ "$skip_pg" != 1 ]; then
-    for s in "${pg_servers[@]}"; do pg_run "$s"; done
+    for s in "${pg_servers[@]}"; do pg_setup "$s"; done
+    for r in $(seq "$pg_rounds"); do
+        for s in "${pg_servers[@]}"; do pg_round "$s" "$r"; done
+    done
+    for s in "${pg_servers[@]}"; do
+        chk=-
+        [ -f "$work/res/pgbench-$s-r$pg_rounds.check" ] && chk=$work/res/pgbench-$s-r$pg_rounds.check
+        printf '%s\t-\t%s\tpg\t%s\t%s\t%s\t%s\n' "pgbench s$pg_scale c8 ext4" "$s" "$work/res/pgbench-$s" \
+            "$(sort -n "$work"/res/pgbench-"$s"-r*.rss | tail -1)" "$chk" "$(cat "$work/res/pgbench-$s.init")" >>"$work/res/runs.tsv"
+        rm -f "$work/pg-$s.img"
+        rm -rf "$work/srv-$s"
+    done
 fi
 
 # 3. Restart after kill -9: how long until the tracker serves again on a journal full of records.
