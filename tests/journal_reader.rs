@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use redun_tracker::journal::format::Kind;
+use redun_tracker::journal::mark::durable_path;
 use redun_tracker::journal::reader::{JournalReader, read_release};
 
 const MIB: u64 = 1 << 20;
@@ -83,6 +84,13 @@ fn a_follower_ships_and_releases_while_the_tracker_writes() {
     assert_eq!(v["state"], "protected", "the journal overflowed: {v}");
     assert!(v["journal"]["released_seq"].as_u64().unwrap() > 500, "{v}");
     assert_eq!(v["journal"]["head_seq"].as_u64().unwrap() + 1, next, "{v}");
+    // The follower got every record because the syncer marked them durable once idle.
+    let mark = std::fs::File::open(durable_path(&jpath)).unwrap();
+    assert_eq!(
+        redun_tracker::journal::mark::read(&mark).unwrap(),
+        v["journal"]["head_seq"].as_u64(),
+        "the durable mark, once writes stopped"
+    );
     assert!(
         std::fs::read(&t.image).unwrap() == img,
         "followed records differ from the volume"

@@ -998,12 +998,22 @@ impl VolumeShipper {
 
     /// Opens the volume's journal for a session.
     pub(crate) fn open_journal(&self) -> Result<JournalReader, ShipError> {
-        JournalReader::open(&self.journal).map_err(|e| {
+        let reader = JournalReader::open(&self.journal).map_err(|e| {
             ShipError::Retry(format!(
                 "cannot open journal {}: {e} (is the tracker running with this --journal-dir?)",
                 self.journal.display()
             ))
-        })
+        })?;
+        if !reader.follows_durable_mark() {
+            warn!(
+                "volume={}: journal {} has no durable mark (written by an older tracker): \
+                 records are shipped as soon as they are written, and a power loss on this \
+                 host could leave the replica ahead of the volume; upgrade the tracker",
+                self.name,
+                self.journal.display()
+            );
+        }
+        Ok(reader)
     }
 
     /// Positions `reader` where the replica (`who`, for messages) needs the next record:

@@ -14,6 +14,7 @@
 
 pub mod format;
 pub mod inspect;
+pub mod mark;
 pub mod reader;
 
 use std::fs::File;

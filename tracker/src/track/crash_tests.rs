@@ -8,7 +8,8 @@
 //! - every byte where the backing device differs from the recovered journal's changes,
 //!   replayed in order onto the initial image, lies in a region the map calls dirty (J);
 //! - every change a FLUSH covered is in the recovered journal (power loss), and every change
-//!   acknowledged is (kill -9).
+//!   acknowledged is (kill -9);
+//! - the durable mark the shipper reads never said more than the recovered journal holds.
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)] // Small simulated disks.
 
@@ -23,6 +24,7 @@ use super::pending::{Change, Content};
 use super::wal::{Backing, Recorded, Shared, State, replay};
 use crate::journal::crash_store::{CrashStore, Rng};
 use crate::journal::format::RING_OFFSET;
+use crate::journal::mark::{self, DurableMark};
 use crate::journal::{Journal, Policy, Store};
 
 const VOL: u64 = 8 << 20;
@@ -141,12 +143,18 @@ fn schedule(seed: u64) {
     let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
     let bdisk = CrashStore::new(VOL as usize);
     let budget = Arc::new(AtomicI64::new(i64::MAX));
+    // The durable mark, on a disk of its own that dies with the others.
+    let markdisk = CrashStore::new(4096);
     let shared = volume(
         mortal(&jdisk, &budget),
         mortal(&jdisk, &budget),
         mortal(&mdisk, &budget),
         1,
-    );
+    )
+    .with_durable_mark(DurableMark::in_store(
+        mortal(&markdisk, &budget),
+        "sim.journal.durable".into(),
+    ));
     let backing = Disk(mortal(&bdisk, &budget));
     // The process dies after this many disk operations from here on.
     budget.store((rng.next() % 3000) as i64, Ordering::SeqCst);
@@ -249,6 +257,15 @@ fn schedule(seed: u64) {
         (jc, mc, bc)
     };
     let (next_seq, map) = start_up(&jc, &mc, &bc, i64::MAX).expect("start-up");
+    // The mark is written without a sync: the worst case is that its last write reached the
+    // disk while the journal's unsynced records did not.
+    let marked = mark::decode(&markdisk.image()).unwrap_or(0);
+    assert!(
+        marked < next_seq,
+        "seed {seed}: the durable mark said seq {marked} but the journal recovered up to seq {} \
+         (power_loss={power_loss})",
+        next_seq - 1
+    );
     let mut model = vec![0u8; VOL as usize];
     for (seq, off, data) in &journaled {
         if *seq < next_seq {

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::format::{Kind, MIN_FILE_SIZE, MarkerInfo, PointKind, SyncInfo, SyncRole};
 use crate::journal::inspect::find_damage;
+use crate::journal::mark::{DurableMark, durable_path};
 use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Policy, Store, read_superblock};
 use crate::nbd::IoOp;
@@ -345,6 +346,13 @@ impl ChangeLog {
             }
             m
         };
+        // The mark exists before a new journal does, and says nothing beyond what the
+        // journal opened below holds until it is published again.
+        let mark_path = durable_path(&path);
+        let mark = DurableMark::open(&path).map_err(|e| cerr(&mark_path, e))?;
+        if existing.is_none() {
+            mark.publish(0).map_err(|e| cerr(&mark_path, e))?;
+        }
         let journal = match existing {
             Some((f, damage)) => {
                 if let Some(d) = damage {
@@ -398,9 +406,14 @@ impl ChangeLog {
         let mut journal = journal;
         journal
             .set_full_limit(journal.capacity() / 100 * u64::from(opts.full_percent.clamp(1, 100)));
+        let head = journal.next_seq() - 1;
         let mut state = State::new(Some(journal), Some(map), overflowed);
         state.fenced = fence_path(&path).exists();
-        let shared = Arc::new(Shared::new(state, jstore, path.clone(), opts.pending_max));
+        // Every record the journal kept is durable now: opening it synced them.
+        let shared =
+            Shared::new(state, jstore, path.clone(), opts.pending_max).with_durable_mark(mark);
+        shared.publish_durable(head);
+        let shared = Arc::new(shared);
         let spawn = |what: &str, run: fn(&Shared<File, File>, &File)| {
             let shared = shared.clone();
             let backing = backing.clone();
@@ -975,6 +988,7 @@ impl ChangeLog {
                 if let Ok(Some(seq)) = read_release(&self.path) {
                     j.set_released(seq);
                 }
+                let head = j.next_seq() - 1;
                 let r = self
                     .backing
                     .sync_data()
@@ -985,6 +999,8 @@ impl ChangeLog {
                     });
                 match r {
                     Ok(_) => {
+                        // Closing synced every record: the shipper may take the last ones.
+                        self.shared.publish_durable(head);
                         info!("journal={}: closed cleanly", self.path.display());
                         true
                     }

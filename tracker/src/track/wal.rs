@@ -23,6 +23,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use super::map::RegionMap;
 use super::pending::{Change, Content, Pending};
 use super::{OnFull, SyncJob};
 use crate::journal::format::{Kind, record_size};
+use crate::journal::mark::DurableMark;
 use crate::journal::reader::read_release;
 use crate::journal::{Journal, JournalError, Scanner, Store, write_superblock_to};
 
@@ -206,6 +208,11 @@ pub struct Shared<J: Store, M: Store> {
     ckpt_cv: Condvar,
     /// Held for a whole [`Shared::checkpoint`]: one superblock write at a time.
     checkpointing: Mutex<()>,
+    /// Where the syncer publishes the durable head for the shipper (none in tests), and the
+    /// head it says: held while writing, so that two rounds never leave the lower head.
+    mark: Option<Mutex<(DurableMark<J>, u64)>>,
+    /// Set once a write of the mark failed (logged once).
+    mark_failed: AtomicBool,
 }
 
 /// The checkpointer's queue.
@@ -247,6 +254,50 @@ impl<J: Store, M: Store> Shared<J, M> {
             ckpt: Mutex::default(),
             ckpt_cv: Condvar::new(),
             checkpointing: Mutex::new(()),
+            mark: None,
+            mark_failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Publishes the durable head in `mark` after every sync of the journal
+    /// ([`crate::journal::mark`]).
+    pub fn with_durable_mark(mut self, mark: DurableMark<J>) -> Self {
+        self.mark = Some(Mutex::new((mark, u64::MAX)));
+        self
+    }
+
+    /// Tells readers that every record through `seq` is durable. The mark never goes back:
+    /// a `seq` at or below what it says already is not written.
+    pub fn publish_durable(&self, seq: u64) {
+        let Some(m) = &self.mark else { return };
+        let mut m = m.lock().unwrap();
+        let (mark, said) = &mut *m;
+        // u64::MAX: not written since the tracker started; the first write is always made.
+        if *said != u64::MAX && seq <= *said {
+            return;
+        }
+        match mark.publish(seq) {
+            Ok(()) => {
+                *said = seq;
+                if self.mark_failed.swap(false, Ordering::Relaxed) {
+                    info!(
+                        "journal={}: durable mark {} written again (seq {seq})",
+                        self.name(),
+                        mark.path().display()
+                    );
+                }
+            }
+            Err(e) => {
+                if !self.mark_failed.swap(true, Ordering::Relaxed) {
+                    error!(
+                        "journal={}: cannot write its durable mark {}: {e}; the shipper ships \
+                         nothing beyond what it said last until it can (check the disk of the \
+                         journal directory)",
+                        self.name(),
+                        mark.path().display()
+                    );
+                }
+            }
         }
     }
 
@@ -561,6 +612,9 @@ impl<J: Store, M: Store> Shared<J, M> {
             st.durable_seq = st.durable_seq.max(head);
             // Without a sync of the backing device here, the next FLUSH needs one.
             st.direct_unsynced |= (direct || failed) && !synced;
+        }
+        if !failed && head > was_durable {
+            self.publish_durable(head);
         }
         self.apply_wake.notify_one();
         self.space.notify_all();
