@@ -140,6 +140,8 @@ pub struct JournalSection {
     pub region_size: Option<String>,
     /// Most acknowledged write data held in memory until applied, e.g. "256M".
     pub memory: Option<String>,
+    /// Longest a record waits for its journal sync while nobody waits for one, e.g. "100ms".
+    pub sync_interval: Option<String>,
     /// Never journal (benchmarks only).
     pub disabled: Option<bool>,
 }
@@ -173,6 +175,8 @@ pub struct TrackerConfig {
     pub region_size: u64,
     /// `journal.memory`: most unapplied write data held in memory per volume.
     pub pending_max: u64,
+    /// `journal.sync_interval`, in milliseconds.
+    pub sync_interval_ms: u64,
     /// Crash-consistent markers every this many milliseconds (0: only on demand).
     pub crash_interval_ms: u64,
     /// App-consistent points every this many milliseconds (0: only on demand).
@@ -194,6 +198,7 @@ impl TrackerConfig {
             full_percent: self.full_percent,
             grouped: self.group.as_ref().is_some_and(|g| g.includes(name)),
             pending_max: self.pending_max,
+            sync_interval: std::time::Duration::from_millis(self.sync_interval_ms),
         }
     }
 }
@@ -444,6 +449,20 @@ pub fn merge(
                 })
                 .map_err(|e| ConfigError::Invalid(format!("tracker.journal.memory: {e}")))?,
         },
+        sync_interval_ms: match &fj.sync_interval {
+            None => crate::track::DEFAULT_SYNC_INTERVAL_MS,
+            Some(s) => parse_duration(s)
+                .and_then(|ms| {
+                    if ms <= 10_000 {
+                        Ok(ms)
+                    } else {
+                        Err("at most 10s: the shipper and the applier wait that long".into())
+                    }
+                })
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("tracker.journal.sync_interval = {s:?}: {e}"))
+                })?,
+        },
         volumes: all,
         listen,
         admin_socket: admin_socket
@@ -606,5 +625,32 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn journal_sync_interval_is_a_bounded_duration() {
+        let interval = |toml_text: &str| {
+            let f: ConfigFile = toml::from_str(toml_text).unwrap();
+            let vols = vec![parse_volume_flag("a=/x").unwrap()];
+            merge(f, vols, vec![], None, None, JournalFlags::default())
+                .map(|c| c.log_options("a").sync_interval)
+        };
+        assert_eq!(
+            interval("").unwrap(),
+            std::time::Duration::from_millis(crate::track::DEFAULT_SYNC_INTERVAL_MS)
+        );
+        let set = "[tracker.journal]\nsync_interval = ";
+        assert_eq!(
+            interval(&format!("{set}\"250ms\"")).unwrap(),
+            std::time::Duration::from_millis(250)
+        );
+        assert!(interval(&format!("{set}\"0\"")).unwrap().is_zero());
+        let e = interval(&format!("{set}\"100\"")).unwrap_err().to_string();
+        assert!(
+            e.contains("tracker.journal.sync_interval") && e.contains("no unit"),
+            "{e}"
+        );
+        let e = interval(&format!("{set}\"1m\"")).unwrap_err().to_string();
+        assert!(e.contains("at most 10s"), "{e}");
     }
 }

@@ -465,3 +465,85 @@ fn a_change_the_backing_device_refuses_stays_pending_and_visible_until_it_lands(
     assert!(shared.settle().is_ok());
     assert_eq!(bdisk.image()[4096], 8);
 }
+
+#[test]
+fn the_syncer_paces_its_syncs_unless_someone_waits() {
+    use std::time::{Duration, Instant};
+    let jdisk = CrashStore::new((RING_OFFSET + (4 << 20)) as usize);
+    let mdisk = CrashStore::new(RegionMap::<CrashStore>::file_size(VOL, REGION, EXTENT) as usize);
+    let backing = Disk(CrashStore::new(VOL as usize));
+    let shared = Shared::new(
+        State::new(
+            Some(Journal::create(jdisk.share(), [6; 16], VOL).unwrap()),
+            Some(RegionMap::create(mdisk.share(), VOL, REGION, EXTENT).unwrap()),
+            false,
+        ),
+        jdisk.share(),
+        PathBuf::from("/nonexistent/sim.journal"),
+        64 << 10,
+    )
+    .with_sync_interval(Duration::from_secs(3600));
+    let durable = || shared.lock().durable_seq;
+    let head = || shared.lock().journal.as_ref().unwrap().next_seq() - 1;
+    std::thread::scope(|s| {
+        s.spawn(|| shared.syncer(&backing));
+        // The syncer ends however the checks below end.
+        let checks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // The first records are synced at once (no sync yet to pace from).
+            shared
+                .record(&backing, write4k(0, 1), OnFull::Bitmap, false)
+                .unwrap();
+            let until = |what: &dyn Fn() -> bool| {
+                let t = Instant::now();
+                while !what() {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(10),
+                        "the syncer never synced"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            };
+            until(&|| durable() == head());
+            // Later ones wait for the interval while nobody waits for them...
+            shared
+                .record(&backing, write4k(4096, 2), OnFull::Bitmap, false)
+                .unwrap();
+            // The connection thread writes the record out before it replies.
+            shared.write_out(&mut shared.lock());
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                durable() < head(),
+                "synced before the interval with nobody waiting"
+            );
+            assert!(
+                jdisk.durable_image() != jdisk.image(),
+                "the journal was synced with nobody waiting"
+            );
+            // ...until a FLUSH does: it is answered at once.
+            let t = Instant::now();
+            shared.sync().unwrap();
+            assert!(t.elapsed() < Duration::from_secs(10));
+            assert!(
+                jdisk.durable_image() == jdisk.image(),
+                "the FLUSH was answered before the journal's sync"
+            );
+            // A writer holding half of journal.memory hurries the syncer too.
+            for i in 0..9u8 {
+                shared
+                    .record(
+                        &backing,
+                        write4k(8192 * u64::from(i), i),
+                        OnFull::Bitmap,
+                        false,
+                    )
+                    .unwrap();
+            }
+            until(&|| durable() == head());
+        }));
+        shared.lock().stopping = true;
+        shared.wake.notify_all();
+        if let Err(p) = checks {
+            std::panic::resume_unwind(p);
+        }
+    });
+}

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
@@ -61,6 +62,9 @@ pub struct LogOptions {
     /// Most bytes of acknowledged writes held in memory until the flusher applied them;
     /// writers wait beyond (back-pressure).
     pub pending_max: u64,
+    /// Longest a record waits for the journal's sync while nobody waits for one
+    /// ([`wal::Shared::with_sync_interval`]).
+    pub sync_interval: Duration,
 }
 
 /// Default of [`LogOptions::size`] (docs/CONFIG.md: what a larger or smaller journal costs).
@@ -68,6 +72,9 @@ pub const DEFAULT_JOURNAL_SIZE: u64 = 4 << 30;
 
 /// Default of [`LogOptions::pending_max`].
 pub const DEFAULT_PENDING_MAX: u64 = 128 << 20;
+
+/// Default of [`LogOptions::sync_interval`], in milliseconds (docs/CONFIG.md).
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 100;
 
 impl Default for LogOptions {
     fn default() -> LogOptions {
@@ -78,6 +85,7 @@ impl Default for LogOptions {
             full_percent: 100,
             grouped: false,
             pending_max: DEFAULT_PENDING_MAX,
+            sync_interval: Duration::from_millis(DEFAULT_SYNC_INTERVAL_MS),
         }
     }
 }
@@ -410,8 +418,9 @@ impl ChangeLog {
         let mut state = State::new(Some(journal), Some(map), overflowed);
         state.fenced = fence_path(&path).exists();
         // Every record the journal kept is durable now: opening it synced them.
-        let shared =
-            Shared::new(state, jstore, path.clone(), opts.pending_max).with_durable_mark(mark);
+        let shared = Shared::new(state, jstore, path.clone(), opts.pending_max)
+            .with_durable_mark(mark)
+            .with_sync_interval(opts.sync_interval);
         shared.publish_durable(head);
         let shared = Arc::new(shared);
         let spawn = |what: &str, run: fn(&Shared<File, File>, &File)| {

@@ -213,6 +213,11 @@ pub struct Shared<J: Store, M: Store> {
     mark: Option<Mutex<(DurableMark<J>, u64)>>,
     /// Set once a write of the mark failed (logged once).
     mark_failed: AtomicBool,
+    /// The syncer syncs at most once per this long while nobody waits for it
+    /// ([`Shared::with_sync_interval`]; zero: as soon as records wait).
+    sync_interval: Duration,
+    /// Someone needs the syncer now: memory or journal space runs short, or the volume stops.
+    hurry: AtomicBool,
 }
 
 /// The checkpointer's queue.
@@ -256,7 +261,19 @@ impl<J: Store, M: Store> Shared<J, M> {
             checkpointing: Mutex::new(()),
             mark: None,
             mark_failed: AtomicBool::new(false),
+            sync_interval: Duration::ZERO,
+            hurry: AtomicBool::new(false),
         }
+    }
+
+    /// Lets records wait up to `interval` for their journal sync while nobody waits for one
+    /// (no FLUSH or FUA, memory and journal space to spare): fewer, larger syncs. What an
+    /// acknowledged write risks is unchanged (its record is in the journal file, which a
+    /// kill -9 keeps; a power loss takes what no FLUSH covered, as with any disk's write
+    /// cache); the shipper and the applier see it up to `interval` later.
+    pub fn with_sync_interval(mut self, interval: Duration) -> Self {
+        self.sync_interval = interval;
+        self
     }
 
     /// Publishes the durable head in `mark` after every sync of the journal
@@ -443,19 +460,34 @@ impl<J: Store, M: Store> Shared<J, M> {
     /// shipper released some).
     pub fn want_checkpoint(&self, st: &mut State<J, M>) {
         st.checkpoint_wanted = true;
+        // The checkpoint frees only what is applied, and only durable records are.
+        self.hurry.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
         self.apply_wake.notify_one();
     }
 
     /// Wakes the syncer and the applier: someone waits for changes to be durable and applied.
     fn kick(&self) {
+        self.hurry.store(true, Ordering::Relaxed);
         self.wake.notify_one();
         self.apply_wake.notify_one();
+    }
+
+    /// True while the changes waiting to be applied hold more than half of `pending_max`:
+    /// the syncer does not pace its syncs then (the applier applies only durable changes).
+    fn memory_short(&self) -> bool {
+        self.applied.lock().unwrap().pending.bytes() > self.pending_max / 2
     }
 
     /// Holds a writer while the changes waiting to be applied hold more than
     /// `pending_max` bytes (back-pressure: memory stays bounded).
     fn wait_for_memory(&self) {
         let mut a = self.applied.lock().unwrap();
+        // Half the memory held: the syncer stops pacing ([`Shared::memory_short`]); one
+        // wake-up per sync.
+        if a.pending.bytes() > self.pending_max / 2 && !self.hurry.swap(true, Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
         while a.pending.bytes() > self.pending_max {
             self.kick();
             a = self.applied_cv.wait_timeout(a, IDLE_TICK).unwrap().0;
@@ -792,9 +824,11 @@ impl<J: Store, M: Store> Shared<J, M> {
     }
 
     /// The syncer thread's loop (the flusher's first half): a [`Shared::sync_round`] whenever
-    /// records wait to be made durable or replies wait for it; ends once the log is stopping
-    /// and nothing is left to sync.
+    /// records wait to be made durable or replies wait for it, at most once per sync interval
+    /// unless someone waits for it (a FLUSH or FUA, a writer short of memory or journal
+    /// space, the volume stopping); ends once the log is stopping and nothing is left to sync.
     pub fn syncer<B: Backing + ?Sized>(&self, backing: &B) {
+        let mut last: Option<Instant> = None;
         loop {
             {
                 let mut st = self.lock();
@@ -806,7 +840,22 @@ impl<J: Store, M: Store> Shared<J, M> {
                     st = self.wake.wait_timeout(st, IDLE_TICK).unwrap().0;
                     st.syncer_idle = false;
                 }
+                while let Some(left) = last
+                    .map(|t| self.sync_interval.saturating_sub(t.elapsed()))
+                    .filter(|left| !left.is_zero())
+                {
+                    if !st.waiters.is_empty()
+                        || st.stopping
+                        || self.hurry.load(Ordering::Relaxed)
+                        || self.memory_short()
+                    {
+                        break;
+                    }
+                    st = self.wake.wait_timeout(st, left).unwrap().0;
+                }
             }
+            self.hurry.store(false, Ordering::Relaxed);
+            last = Some(Instant::now());
             self.sync_round(backing);
         }
     }
