@@ -366,6 +366,30 @@ pub enum BadSuperblock {
     Inconsistent(&'static str),
 }
 
+/// Length of a sequence file beside the journal (the release file, the durable mark):
+/// an 8-byte magic, a sequence number, and xxh3-64 of the first 16 bytes.
+pub const SEQ_FILE_LEN: usize = 24;
+
+/// The bytes of a sequence file saying `seq`.
+pub fn encode_seq_file(magic: &[u8; 8], seq: u64) -> [u8; SEQ_FILE_LEN] {
+    let mut b = [0u8; SEQ_FILE_LEN];
+    b[0..8].copy_from_slice(magic);
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[0..16]);
+    b[16..24].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
+/// The sequence number in a sequence file's bytes, or `None` when they are not a whole one
+/// with `magic` (damaged, or a write in progress).
+pub fn decode_seq_file(magic: &[u8; 8], b: &[u8]) -> Option<u64> {
+    if b.len() != SEQ_FILE_LEN || b[0..8] != magic[..] {
+        return None;
+    }
+    let word = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    (xxhash_rust::xxh3::xxh3_64(&b[0..16]) == word(16)).then(|| word(8))
+}
+
 pub const FLAG_CLEAN: u32 = 1;
 
 impl Superblock {

@@ -18,37 +18,25 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use xxhash_rust::xxh3::xxh3_64;
-
 use super::Store;
+use super::format::{SEQ_FILE_LEN, decode_seq_file, encode_seq_file};
 
 const MAGIC: [u8; 8] = *b"RDNDUR1\0";
-const LEN: usize = 24;
+const LEN: usize = SEQ_FILE_LEN;
 
 /// Where the durable mark of the journal at `journal` lives.
 pub fn durable_path(journal: &Path) -> PathBuf {
-    let mut p = journal.as_os_str().to_owned();
-    p.push(".durable");
-    PathBuf::from(p)
+    super::beside_journal(journal, ".durable")
 }
 
 /// The mark's bytes for `seq`.
 pub fn encode(seq: u64) -> [u8; LEN] {
-    let mut b = [0u8; LEN];
-    b[0..8].copy_from_slice(&MAGIC);
-    b[8..16].copy_from_slice(&seq.to_le_bytes());
-    let sum = xxh3_64(&b[0..16]);
-    b[16..24].copy_from_slice(&sum.to_le_bytes());
-    b
+    encode_seq_file(&MAGIC, seq)
 }
 
 /// The sequence number in a mark's bytes, or `None` when they are not a whole mark.
 pub fn decode(b: &[u8]) -> Option<u64> {
-    if b.len() < LEN || b[0..8] != MAGIC {
-        return None;
-    }
-    let word = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-    (xxh3_64(&b[0..16]) == word(16)).then(|| word(8))
+    decode_seq_file(&MAGIC, b)
 }
 
 /// Reads the mark from `store` (an open file): `None` while it is empty or being written.

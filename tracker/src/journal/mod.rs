@@ -20,6 +20,7 @@ pub mod reader;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 
@@ -274,6 +275,14 @@ impl<'a, S: Store> Scanner<'a, S> {
             return Some(Ok(rec));
         }
     }
+}
+
+/// `journal`'s path with `suffix` appended: the files that go with a journal
+/// (`NAME.journal.release`, `NAME.journal.durable`).
+pub fn beside_journal(journal: &Path, suffix: &str) -> PathBuf {
+    let mut p = journal.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 /// Reads the newest valid superblock.

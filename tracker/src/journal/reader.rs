@@ -19,20 +19,16 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use xxhash_rust::xxh3::xxh3_64;
 
-use super::format::Superblock;
+use super::format::{Superblock, decode_seq_file, encode_seq_file};
 use super::mark::{self, durable_path};
 use super::{JournalError, Record, Scanner, read_superblock};
 
 const RELEASE_MAGIC: [u8; 8] = *b"RDNREL1\0";
-const RELEASE_LEN: usize = 24;
 
 /// Where the release position of the journal at `journal` lives.
 pub fn release_path(journal: &Path) -> PathBuf {
-    let mut p = journal.as_os_str().to_owned();
-    p.push(".release");
-    PathBuf::from(p)
+    super::beside_journal(journal, ".release")
 }
 
 /// Reads the released sequence number (`None` if nothing was ever released). A damaged file
@@ -44,34 +40,21 @@ pub fn read_release(journal: &Path) -> io::Result<Option<u64>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let bad = || {
-        io::Error::new(
+    match decode_seq_file(&RELEASE_MAGIC, &b) {
+        Some(seq) => Ok(Some(seq)),
+        None => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("release file {} is damaged", path.display()),
-        )
-    };
-    if b.len() != RELEASE_LEN || b[0..8] != RELEASE_MAGIC {
-        return Err(bad());
+        )),
     }
-    let word = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
-    if xxh3_64(&b[0..16]) != word(16) {
-        return Err(bad());
-    }
-    Ok(Some(word(8)))
 }
 
 /// Durably records that every record up to `seq` may be released.
 pub fn write_release(journal: &Path, seq: u64) -> io::Result<()> {
-    let mut b = [0u8; RELEASE_LEN];
-    b[0..8].copy_from_slice(&RELEASE_MAGIC);
-    b[8..16].copy_from_slice(&seq.to_le_bytes());
-    let sum = xxh3_64(&b[0..16]);
-    b[16..24].copy_from_slice(&sum.to_le_bytes());
-    replace_durably(&release_path(journal), &b)
+    replace_durably(
+        &release_path(journal),
+        &encode_seq_file(&RELEASE_MAGIC, seq),
+    )
 }
 
 /// Replaces `path` with `bytes` atomically and durably: a temporary file beside it, synced,
