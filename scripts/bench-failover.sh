@@ -20,7 +20,7 @@ in_workdir "${BENCH_DIR:-/var/tmp}/redun-failover-bench.XXXXXX"
 "$bin/redun" pki init --dir pki --name localhost --name shipper >/dev/null
 truncate -s 1G small.img
 truncate -s 64G big.img
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 10000)) # below the ephemeral range (32768 and up)
 "$bin/redun-target" --data-dir data --listen "127.0.0.1:$port" --tls-ca pki/ca.crt \
     --tls-cert pki/localhost.crt --tls-key pki/localhost.key --admin-socket target.sock \
     --nbd-listen "unix:$work/target-nbd.sock" --segment-size 4M 2>target.log &

@@ -33,7 +33,7 @@ names=()
 for i in $(seq 8); do names+=(--name "m$i"); done
 "$bin/redun" pki init --dir pki "${names[@]}" >/dev/null
 
-base=$((21000 + RANDOM % 20000))
+base=$((21000 + RANDOM % 8000)) # below the ephemeral range (32768 and up)
 # config N I GROUP(0|1): member I of N.
 config() {
     local n=$1 i=$2 group=$3 d=m$2

@@ -40,7 +40,7 @@ data=$work/data.img
 fallocate -l 1G "$data"
 dd if=/dev/urandom of="$data" bs=1M count=256 conv=notrunc,fsync status=none
 
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 8000)) # below the ephemeral range (32768 and up)
 wait_port() {
     for _ in $(seq 200); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0

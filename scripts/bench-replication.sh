@@ -26,7 +26,7 @@ in_workdir "${BENCH_DIR:-/var/tmp}/redun-repl-bench.XXXXXX"
 dd if=/dev/zero of=vol.img bs=1M count=2048 status=none
 cp vol.img data-seed.img 2>/dev/null || true
 rm -f data-seed.img
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 10000)) # below the ephemeral range (32768 and up)
 "$bin/redun-target" --data-dir data --listen "127.0.0.1:$port" --tls-ca pki/ca.crt \
     --tls-cert pki/localhost.crt --tls-key pki/localhost.key --admin-socket target.sock \
     --nbd-listen off 2>target.log &

@@ -443,7 +443,9 @@ failures=()
 
 "$bin/redun" pki init --dir "$work/pki" --name localhost --name shipper >/dev/null
 
-port=$((20000 + RANDOM % 20000))
+# Below the kernel's ephemeral range (32768 and up), where an outgoing connection can hold a port;
+# each run takes the next port, a target that one plus 1000.
+port=$((20000 + RANDOM % 8000))
 wait_port() { # PORT PID LOG
     for _ in $(seq 600); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0

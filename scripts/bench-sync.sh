@@ -47,7 +47,7 @@ sync
 "$bin/redun" pki init --dir pki --name localhost --name shipper >/dev/null
 
 start_target() {
-    port=$((20000 + RANDOM % 20000))
+    port=$((20000 + RANDOM % 10000)) # below the ephemeral range (32768 and up)
     "$bin/redun-target" --data-dir data --listen "127.0.0.1:$port" --tls-ca pki/ca.crt \
         --tls-cert pki/localhost.crt --tls-key pki/localhost.key --admin-socket target.sock \
         --nbd-listen off 2>>target.log &
