@@ -22,7 +22,6 @@ use super::Store;
 use super::format::{SEQ_FILE_LEN, decode_seq_file, encode_seq_file};
 
 const MAGIC: [u8; 8] = *b"RDNDUR1\0";
-const LEN: usize = SEQ_FILE_LEN;
 
 /// Where the durable mark of the journal at `journal` lives.
 pub fn durable_path(journal: &Path) -> PathBuf {
@@ -30,7 +29,7 @@ pub fn durable_path(journal: &Path) -> PathBuf {
 }
 
 /// The mark's bytes for `seq`.
-pub fn encode(seq: u64) -> [u8; LEN] {
+pub fn encode(seq: u64) -> [u8; SEQ_FILE_LEN] {
     encode_seq_file(&MAGIC, seq)
 }
 
@@ -41,7 +40,7 @@ pub fn decode(b: &[u8]) -> Option<u64> {
 
 /// Reads the mark from `store` (an open file): `None` while it is empty or being written.
 pub fn read<S: Store + ?Sized>(store: &S) -> io::Result<Option<u64>> {
-    let mut b = [0u8; LEN];
+    let mut b = [0u8; SEQ_FILE_LEN];
     match store.read_at(&mut b, 0) {
         Ok(()) => Ok(decode(&b)),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),

@@ -208,16 +208,24 @@ pub struct Shared<J: Store, M: Store> {
     ckpt_cv: Condvar,
     /// Held for a whole [`Shared::checkpoint`]: one superblock write at a time.
     checkpointing: Mutex<()>,
-    /// Where the syncer publishes the durable head for the shipper (none in tests), and the
-    /// head it says: held while writing, so that two rounds never leave the lower head.
-    mark: Option<Mutex<(DurableMark<J>, u64)>>,
-    /// Set once a write of the mark failed (logged once).
-    mark_failed: AtomicBool,
+    /// Where the syncer publishes the durable head for the shipper (none in tests): held
+    /// while writing, so that two rounds never leave the lower head.
+    mark: Option<Mutex<Published<J>>>,
     /// The syncer syncs at most once per this long while nobody waits for it
     /// ([`Shared::with_sync_interval`]; zero: as soon as records wait).
     sync_interval: Duration,
     /// Someone needs the syncer now: memory or journal space runs short, or the volume stops.
     hurry: AtomicBool,
+}
+
+/// The durable mark and what the syncer last wrote into it.
+#[derive(Debug)]
+struct Published<J> {
+    mark: DurableMark<J>,
+    /// `None` until the first write since the tracker started.
+    said: Option<u64>,
+    /// A write failed (logged once, until one succeeds again).
+    failed: bool,
 }
 
 /// The checkpointer's queue.
@@ -260,7 +268,6 @@ impl<J: Store, M: Store> Shared<J, M> {
             ckpt_cv: Condvar::new(),
             checkpointing: Mutex::new(()),
             mark: None,
-            mark_failed: AtomicBool::new(false),
             sync_interval: Duration::ZERO,
             hurry: AtomicBool::new(false),
         }
@@ -279,39 +286,42 @@ impl<J: Store, M: Store> Shared<J, M> {
     /// Publishes the durable head in `mark` after every sync of the journal
     /// ([`crate::journal::mark`]).
     pub fn with_durable_mark(mut self, mark: DurableMark<J>) -> Self {
-        self.mark = Some(Mutex::new((mark, u64::MAX)));
+        self.mark = Some(Mutex::new(Published {
+            mark,
+            said: None,
+            failed: false,
+        }));
         self
     }
 
     /// Tells readers that every record through `seq` is durable. The mark never goes back:
     /// a `seq` at or below what it says already is not written.
     pub fn publish_durable(&self, seq: u64) {
-        let Some(m) = &self.mark else { return };
-        let mut m = m.lock().unwrap();
-        let (mark, said) = &mut *m;
-        // u64::MAX: not written since the tracker started; the first write is always made.
-        if *said != u64::MAX && seq <= *said {
+        let Some(p) = &self.mark else { return };
+        let mut p = p.lock().unwrap();
+        // Not written since the tracker started: the first write is always made.
+        if p.said.is_some_and(|said| seq <= said) {
             return;
         }
-        match mark.publish(seq) {
+        match p.mark.publish(seq) {
             Ok(()) => {
-                *said = seq;
-                if self.mark_failed.swap(false, Ordering::Relaxed) {
+                p.said = Some(seq);
+                if std::mem::take(&mut p.failed) {
                     info!(
                         "journal={}: durable mark {} written again (seq {seq})",
                         self.name(),
-                        mark.path().display()
+                        p.mark.path().display()
                     );
                 }
             }
             Err(e) => {
-                if !self.mark_failed.swap(true, Ordering::Relaxed) {
+                if !std::mem::replace(&mut p.failed, true) {
                     error!(
                         "journal={}: cannot write its durable mark {}: {e}; the shipper ships \
                          nothing beyond what it said last until it can (check the disk of the \
                          journal directory)",
                         self.name(),
-                        mark.path().display()
+                        p.mark.path().display()
                     );
                 }
             }
